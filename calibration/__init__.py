@@ -1,0 +1,1 @@
+"""Calibration text: sources, sampling, tokenization (installed as quantizer.calibration)."""

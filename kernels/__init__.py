@@ -1,0 +1,1 @@
+"""Triton W4A16 kernels, the packing layouts, and QuantLinear (installed as quantizer.kernels)."""

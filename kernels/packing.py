@@ -1,0 +1,179 @@
+"""THE definition of every on-disk integer layout layerquant reads or writes.
+
+Everything else (exporters, loaders, Triton kernels, tests) imports from here, so a packing
+order is written down exactly once.
+
+Canonical in-memory form (`QuantizedWeight`): integer codes (out, in) in [0, 2^bits - 1],
+per-group scales and zero points (out, n_groups), optional act-order `g_idx` (in,).
+    W[o, i] = (codes[o, i] - zeros[o, g(i)]) * scales[o, g(i)],  g(i) = g_idx[i] or i // group_size
+
+Layouts:
+- AutoAWQ GEMM ("awq", version gemm): qweight int32 (in, out/8), each word holds 8 *output*
+  channels in the interleaved nibble order AWQ_ORDER; qzeros int32 (in/G, out/8) same order,
+  raw zero points; scales fp16 (in/G, out).
+- GPTQ ("gptq"): qweight int32 (in*bits/32, out) packed sequentially along the *input* dim
+  (value j of a word at bits j*b); qzeros int32 (in/G, out*bits/32) sequential along output;
+  scales (in/G, out); g_idx int32 (in,). 3-bit packs 32 values into 3 words across word
+  boundaries. Checkpoint format "gptq" stores zero-1 (the historic off-by-one), "gptq_v2" raw.
+- compressed-tensors "pack-quantized": weight_packed int32 (out, in*bits/32) sequential along
+  input; weight_scale (out, in/G); weight_zero_point int32 (out*bits/32, in/G) sequential along
+  output (only when asymmetric); weight_shape int64 [out, in]; optional weight_g_idx (in,).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Nibble k of an AWQ word holds output column AWQ_ORDER[k] of its group of 8.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Output column c of a group of 8 lives in nibble AWQ_REVERSE_ORDER[c].
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight in canonical form (see module docstring)."""
+
+    codes: torch.Tensor  # uint8 / int (out, in)
+    scales: torch.Tensor  # float (out, n_groups)
+    zeros: torch.Tensor  # int (out, n_groups); symmetric schemes store the fixed mid-point
+    bits: int
+    group_size: int  # -1 = per output channel
+    g_idx: torch.Tensor | None = None  # int32 (in,), act-order group of each input channel
+    symmetric: bool = False
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        return torch.arange(self.in_features, device=self.codes.device) // gs
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_index()
+        s = self.scales.to(dtype)[:, g]
+        z = self.zeros.to(dtype)[:, g]
+        return (self.codes.to(dtype) - z) * s
+
+    def storage_bits(self) -> int:
+        """Bits on disk: codes + fp16 scales + packed zeros (+ g_idx when present)."""
+        n_groups = self.scales.shape[1]
+        total = self.codes.numel() * self.bits + self.scales.numel() * 16
+        if not self.symmetric:
+            total += self.out_features * n_groups * self.bits
+        if self.g_idx is not None:
+            total += self.in_features * 32
+        return total
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+
+
+# ----------------------------------------------------------------------------------------
+# Sequential packing along one dimension (GPTQ, compressed-tensors): value j -> bits j*b.
+# ----------------------------------------------------------------------------------------
+def pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack integer codes along `dim` into int32 words, value j of a run at bit offset j*bits.
+
+    For bits that do not divide 32 (3, 5, 6, 7) values straddle word boundaries: the run of
+    32 values fills `bits` words exactly, as GPTQ's 3-bit layout does.
+    """
+    _check_codes(codes, bits)
+    x = codes.movedim(dim, 0).to(torch.int64)
+    n = x.shape[0]
+    if (n * bits) % 32:
+        raise ValueError(f"cannot pack {n} values of {bits} bits into whole int32 words")
+    n_words = n * bits // 32
+    flat = x.reshape(n, -1)
+    out = torch.zeros((n_words, flat.shape[1]), dtype=torch.int64, device=codes.device)
+    for j in range(n):
+        bit = j * bits
+        w, off = divmod(bit, 32)
+        out[w] |= (flat[j] << off) & 0xFFFFFFFF
+        if off + bits > 32:  # straddles into the next word
+            out[w + 1] |= flat[j] >> (32 - off)
+    out = _to_int32(out)
+    return out.reshape((n_words,) + x.shape[1:]).movedim(0, dim).contiguous()
+
+
+def unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int) -> torch.Tensor:
+    """Inverse of pack_sequential: `size` codes along `dim` (int32 output)."""
+    x = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
+    flat = x.reshape(x.shape[0], -1)
+    mask = (1 << bits) - 1
+    out = torch.empty((size, flat.shape[1]), dtype=torch.int64, device=packed.device)
+    for j in range(size):
+        w, off = divmod(j * bits, 32)
+        v = flat[w] >> off
+        if off + bits > 32:
+            v = v | (flat[w + 1] << (32 - off))
+        out[j] = v & mask
+    return out.to(torch.int32).reshape((size,) + x.shape[1:]).movedim(0, dim).contiguous()
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    x = x & 0xFFFFFFFF
+    return torch.where(x >= (1 << 31), x - (1 << 32), x).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# AutoAWQ GEMM: 4-bit only, 8 output channels per word in AWQ_ORDER.
+# ----------------------------------------------------------------------------------------
+def pack_awq(intweight: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) 4-bit codes -> (rows, cols/8) int32, nibble k = column AWQ_ORDER[k]."""
+    _check_codes(intweight, 4)
+    rows, cols = intweight.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 output channels, got {cols}")
+    x = intweight.to(torch.int64).reshape(rows, cols // 8, 8)
+    out = torch.zeros((rows, cols // 8), dtype=torch.int64, device=intweight.device)
+    for k, c in enumerate(AWQ_ORDER):
+        out |= x[:, :, c] << (4 * k)
+    return _to_int32(out)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, cols/8) int32 -> (rows, cols) int32 codes in natural column order."""
+    x = packed.to(torch.int64) & 0xFFFFFFFF
+    rows, words = x.shape
+    out = torch.empty((rows, words, 8), dtype=torch.int64, device=packed.device)
+    for k, c in enumerate(AWQ_ORDER):
+        out[:, :, c] = (x >> (4 * k)) & 0xF
+    return out.reshape(rows, words * 8).to(torch.int32)
+
+
+def awq_pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """Canonical -> AutoAWQ GEMM tensors {qweight, qzeros, scales} (scales fp16)."""
+    if q.bits != 4:
+        raise ValueError(f"the AWQ GEMM layout holds 4-bit weights only (got {q.bits}-bit); "
+                         "use the GPTQ or compressed-tensors export")
+    if q.g_idx is not None:
+        raise ValueError("the AWQ GEMM layout has no g_idx: act-order needs the GPTQ export")
+    return {
+        "qweight": pack_awq(q.codes.t().contiguous()),
+        "qzeros": pack_awq(q.zeros.t().contiguous()),
+        "scales": q.scales.t().contiguous().to(torch.float16),
+    }
+
+
+def awq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      group_size: int) -> QuantizedWeight:
+    codes = unpack_awq(qweight).t().contiguous()
+    zeros = unpack_awq(qzeros).t().contiguous()
+    return QuantizedWeight(codes=codes, scales=scales.t().contiguous(), zeros=zeros, bits=4,
+                           group_size=group_size)

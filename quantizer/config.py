@@ -1,0 +1,93 @@
+"""Every setting of a run in one place, and the fingerprint of those that change the result."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import InputError
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+@dataclass
+class CalibSettings:
+    source: str = "builtin"  # "builtin", a local .txt/.jsonl path, or pileval / wikitext2 / c4
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass
+class QuantSettings:
+    bits: float = 4  # fractional targets (3.5) mean adaptive bit allocation
+    group_size: int | str = "auto"  # int, -1 (per channel) or "auto"
+    method: str = "rtn"
+    symmetric: bool = False
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    dtype: str = "auto"  # working dtype: auto = fp16/bf16 on GPU (model's), float32 on CPU
+    device: str = "auto"
+    export_format: str = "auto"  # auto: awq for uniform 4-bit awq/rtn, gptq for gptq
+    out_dtype: str = "float16"  # dtype of non-quantized tensors and scales in the export
+    chunk_size: int = 8  # calibration samples per forward
+    hidden_device: str = "auto"  # where layer inputs/outputs live between layers
+    method_options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if isinstance(self.bits, float) and self.bits.is_integer():
+            self.bits = int(self.bits)
+        if isinstance(self.bits, int) and not 2 <= self.bits <= 8:
+            raise InputError(f"--bits must be between 2 and 8, got {self.bits}")
+        if isinstance(self.group_size, str) and self.group_size != "auto":
+            try:
+                self.group_size = int(self.group_size)
+            except ValueError:
+                raise InputError(f"--group-size must be an integer, -1 or auto, "
+                                 f"got {self.group_size!r}") from None
+        if isinstance(self.group_size, int) and self.group_size != -1 and (
+                self.group_size < 1):
+            raise InputError(f"--group-size must be positive, -1 or auto, got {self.group_size}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def working_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device().type == "cpu":
+            return torch.float32  # CPU half matmuls are slow and sometimes missing
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the output (device and chunking do not)."""
+        d = self.to_dict()
+        for k in ("device", "chunk_size", "hidden_device"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_group_size(requested: int | str, widths: dict[str, int]) -> tuple[int, str]:
+    """Pick the group size for all quantized linears. `widths` maps module names to in_features.
+
+    auto: the largest of 128/64/32 that divides every width, else per channel (-1)."""
+    if requested == "auto":
+        for g in AUTO_GROUP_SIZES:
+            if all(w % g == 0 for w in widths.values()):
+                return g, f"group size auto -> {g} (divides every quantized input width)"
+        bad = sorted({w for w in widths.values() if w % 32})
+        return -1, (f"group size auto -> per-channel (-1): input widths {bad} are not "
+                    f"multiples of 32")
+    g = int(requested)
+    if g != -1:
+        for name, w in widths.items():
+            if w % g:
+                raise InputError(f"group size {g} does not divide in_features={w} of {name}; "
+                                 f"use --group-size auto or a divisor of {w}")
+    return g, f"group size {g}"

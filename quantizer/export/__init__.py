@@ -1,0 +1,1 @@
+"""Exporters: AutoAWQ GEMM, GPTQ, compressed-tensors; the sharded writer."""

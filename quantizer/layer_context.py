@@ -1,0 +1,101 @@
+"""What a method sees of one decoder layer: the module on its device, the calibration inputs
+entering it, and helpers to run it and watch its linears' inputs. Methods never touch files."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from quantizer.kernels.packing import QuantizedWeight
+
+from .arch import ArchSpec
+from .config import QuantSettings
+from .skeleton import layer_output
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerContext:
+    index: int
+    layer: nn.Module  # transformers' decoder layer, float weights on `device`
+    arch: ArchSpec
+    model_config: object
+    settings: QuantSettings
+    inputs: list[torch.Tensor]  # hidden-state chunks (batch, seq, hidden) entering the layer
+    layer_kwargs: dict  # position embeddings / mask / position ids for one chunk
+    device: torch.device
+    dtype: torch.dtype
+    log: Callable[[str], None] = print
+    stats: dict = field(default_factory=dict)  # method-specific numbers for the report
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def full_name(self, name: str) -> str:
+        return f"{self.arch.layer_prefix(self.index)}.{name}"
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        for x in self.inputs:
+            yield x.to(self.device, self.dtype, non_blocking=True)
+
+    def kwargs_for(self, module_kwargs: dict | None = None) -> dict:
+        return dict(self.layer_kwargs if module_kwargs is None else module_kwargs)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_output(self.layer(x, **self.layer_kwargs))
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's output for every calibration chunk, on each chunk's storage device."""
+        return [self.forward(x).to(src.device) for x, src in zip(self.chunks(), self.inputs)]
+
+    @torch.no_grad()
+    def capture(self, names: Sequence[str], with_kwargs: bool = False
+                ) -> Iterator[dict[str, object]]:
+        """For every calibration chunk, run the layer just far enough to see the inputs of the
+        named submodules; yield {name: input tensor} (or {name: (input, kwargs)}).
+
+        The forward stops as soon as the last named module has been reached, so capturing the
+        inputs of q/k/v costs only the attention's input norm."""
+        handles = []
+        pending: set[str] = set()
+        seen: dict[str, object] = {}
+
+        def make_hook(name):
+            def hook(mod, args, kwargs):
+                x = args[0] if args else kwargs.get("hidden_states")
+                seen[name] = (x, dict(kwargs)) if with_kwargs else x
+                pending.discard(name)
+                if not pending:
+                    raise _StopForward
+            return hook
+
+        for name in names:
+            handles.append(self.module(name).register_forward_pre_hook(make_hook(name),
+                                                                       with_kwargs=True))
+        try:
+            for x in self.chunks():
+                pending.clear()
+                pending.update(names)
+                seen.clear()
+                try:
+                    self.layer(x, **self.layer_kwargs)
+                except _StopForward:
+                    pass
+                yield dict(seen)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def set_quantized(self, name: str, q: QuantizedWeight) -> None:
+        """Replace a linear's float weight by its dequantized value (what the next modules and
+        layers must see: errors propagate, as llm-compressor's propagate stage does)."""
+        lin = self.module(name)
+        lin.weight.data = q.dequantize(torch.float32).to(lin.weight.device, lin.weight.dtype)

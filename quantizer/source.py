@@ -1,0 +1,155 @@
+"""A checkpoint on disk: config.json + safetensors shards, read one tensor group at a time.
+
+Nothing here ever holds more than the tensors asked for: shards are opened with safetensors'
+mmap reader per request and closed again, so the process's resident memory stays bounded by
+the request, not by the model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .arch import ArchSpec, get_arch
+from .errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointSource:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"model path does not exist: {self.path}")
+        if not self.path.is_dir():
+            raise InputError(f"model path is not a directory: {self.path}")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise InputError(f"no config.json in {self.path}")
+        try:
+            self.raw_config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        model_type = self.raw_config.get("model_type")
+        if not model_type:
+            raise InputError(f"{cfg_file} has no model_type")
+        self.arch: ArchSpec = get_arch(model_type)
+        self.weight_map = self._read_weight_map()
+        self._shapes: dict[str, tuple[list[int], str]] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            self._shapes.update(read_header(self.path / shard))
+        missing = [n for n in self.weight_map if n not in self._shapes]
+        if missing:
+            raise InputError(f"index lists tensors missing from their shards: {missing[:3]}")
+
+    # ---- index -------------------------------------------------------------------------
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise InputError(f"{index}: not a safetensors index ({e})") from None
+            for shard in set(weight_map.values()):
+                if not (self.path / shard).is_file():
+                    raise InputError(f"{index} names a missing shard: {shard}")
+            return weight_map
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            return {name: SINGLE_NAME for name in read_header(single)}
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise InputError(f"no safetensors weights in {self.path}")
+        return {name: s.name for s in shards for name in read_header(s)}
+
+    # ---- queries -----------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.raw_config["num_hidden_layers"])
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> list[int]:
+        return self._shapes[name][0]
+
+    def layer_names(self, index: int) -> list[str]:
+        prefix = self.arch.layer_prefix(index) + "."
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def non_layer_names(self) -> list[str]:
+        prefix = self.arch.layers_prefix + "."
+        return [n for n in self.weight_map if not n.startswith(prefix)]
+
+    def nbytes(self, names=None) -> int:
+        names = self.weight_map if names is None else names
+        total = 0
+        for n in names:
+            shape, dtype = self._shapes[n]
+            total += math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+        return total
+
+    def total_bytes(self) -> int:
+        return sum((self.path / s).stat().st_size for s in set(self.weight_map.values()))
+
+    # ---- loading -----------------------------------------------------------------------
+    def load(self, names, device="cpu", dtype: torch.dtype | None = None,
+             check_finite: bool = True) -> dict[str, torch.Tensor]:
+        """Read the named tensors (shard by shard, each shard mapped only while read)."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            if n not in self.weight_map:
+                raise InputError(f"tensor {n} not found in {self.path}")
+            by_shard[self.weight_map[n]].append(n)
+        out = {}
+        for shard, shard_names in by_shard.items():
+            try:
+                with safe_open(self.path / shard, framework="pt", device="cpu") as f:
+                    for n in shard_names:
+                        t = f.get_tensor(n)
+                        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+                            raise InputError(f"tensor {n} in {shard} contains NaN or inf")
+                        if dtype is not None and t.is_floating_point():
+                            t = t.to(dtype)
+                        out[n] = t.to(device)
+            except InputError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for bad files
+                raise InputError(f"cannot read {self.path / shard}: {e}") from None
+        return out
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Parse a safetensors header without mapping the data; a clear error if it is corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        end = 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            out[name] = (list(meta["shape"]), meta["dtype"])
+            end = max(end, meta["data_offsets"][1])
+        if 8 + n + end > size:
+            raise ValueError("tensor data runs past the end of the file (truncated?)")
+        return out
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt safetensors file {path}: {e}") from None
