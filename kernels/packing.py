@@ -177,3 +177,232 @@ def awq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     zeros = unpack_awq(qzeros).t().contiguous()
     return QuantizedWeight(codes=codes, scales=scales.t().contiguous(), zeros=zeros, bits=4,
                            group_size=group_size)
+
+
+# ----------------------------------------------------------------------------------------
+# GPTQ (qweight sequential along input, qzeros sequential along output).
+# ----------------------------------------------------------------------------------------
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def _gptq_stored_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str, to_disk: bool):
+    """"gptq" (v1) stores zero-1; we wrap modulo 2^bits so a zero point of 0 round-trips here
+    (other v1 readers would read it as 2^bits, so exporters should avoid zero 0 for v1)."""
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, "
+                         f"got {checkpoint_format!r}")
+    if checkpoint_format == "gptq_v2":
+        return zeros
+    mask = (1 << bits) - 1
+    return ((zeros.to(torch.int64) + (-1 if to_disk else 1)) & mask).to(torch.int32)
+
+
+def gptq_pack_linear(q: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """Canonical -> GPTQ tensors {qweight, qzeros, scales, g_idx} (scales fp16)."""
+    n_groups = q.scales.shape[1]
+    g_idx = q.group_index().to(torch.int32)
+    zeros = _gptq_stored_zeros(q.zeros, q.bits, checkpoint_format, to_disk=True)
+    return {
+        "qweight": pack_sequential(q.codes.t().contiguous(), q.bits, dim=0),
+        "qzeros": pack_sequential(zeros.t().contiguous().reshape(n_groups, -1), q.bits, dim=1),
+        "scales": q.scales.t().contiguous().to(torch.float16),
+        "g_idx": g_idx.contiguous(),
+    }
+
+
+def gptq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       g_idx: torch.Tensor | None, bits: int, group_size: int,
+                       checkpoint_format: str = "gptq") -> QuantizedWeight:
+    """GPTQ tensors -> canonical. A g_idx equal to arange(in) // group_size is dropped."""
+    in_features = qweight.shape[0] * 32 // bits
+    out_features = qweight.shape[1]
+    codes = unpack_sequential(qweight, bits, dim=0, size=in_features).t().contiguous()
+    zeros = unpack_sequential(qzeros, bits, dim=1, size=out_features)
+    zeros = _gptq_stored_zeros(zeros, bits, checkpoint_format, to_disk=False).t().contiguous()
+    gs = in_features if group_size == -1 else group_size
+    if g_idx is not None:
+        trivial = torch.arange(in_features, device=g_idx.device) // gs
+        g_idx = None if torch.equal(g_idx.long(), trivial) else g_idx.to(torch.int32)
+    return QuantizedWeight(codes=codes, scales=scales.t().contiguous(), zeros=zeros, bits=bits,
+                           group_size=group_size, g_idx=g_idx)
+
+
+# ----------------------------------------------------------------------------------------
+# compressed-tensors "pack-quantized" (weight_packed sequential along input).
+# Stored nibble = canonical code (CT's signed value + 2^(bits-1) offset is the same number
+# when the canonical zero point is the mid-point 2^(bits-1), as symmetric schemes use).
+# ----------------------------------------------------------------------------------------
+def ct_pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """Canonical -> {weight_packed, weight_scale, [weight_zero_point], weight_shape,
+    [weight_g_idx]}; the zero point is stored only for asymmetric weights."""
+    out = {
+        "weight_packed": pack_sequential(q.codes.contiguous(), q.bits, dim=1),
+        "weight_scale": q.scales.contiguous().to(torch.float16),
+        "weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64),
+    }
+    if not q.symmetric:
+        out["weight_zero_point"] = pack_sequential(q.zeros.contiguous(), q.bits, dim=0)
+    if q.g_idx is not None:
+        out["weight_g_idx"] = q.g_idx.to(torch.int32).contiguous()
+    return out
+
+
+def ct_unpack_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_shape: torch.Tensor | tuple[int, int], bits: int, group_size: int,
+                     weight_zero_point: torch.Tensor | None = None,
+                     weight_g_idx: torch.Tensor | None = None) -> QuantizedWeight:
+    out_features, in_features = (int(v) for v in weight_shape)
+    codes = unpack_sequential(weight_packed, bits, dim=1, size=in_features)
+    n_groups = weight_scale.shape[1]
+    if weight_zero_point is None:
+        zeros = torch.full((out_features, n_groups), 1 << (bits - 1), dtype=torch.int32,
+                           device=weight_packed.device)
+    else:
+        zeros = unpack_sequential(weight_zero_point, bits, dim=0, size=out_features)
+    return QuantizedWeight(codes=codes, scales=weight_scale.contiguous(), zeros=zeros, bits=bits,
+                           group_size=group_size, g_idx=weight_g_idx,
+                           symmetric=weight_zero_point is None)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel layout (in memory only, built at first use by QuantLinear; never written to disk):
+# codes transposed to (in, out) and packed along the *input* dim into int32 words, value j
+# of a word at bits j*cb, where the container width cb is 2, 4 or 8 (3-bit codes sit in
+# 4-bit containers, 5..7-bit in 8-bit ones) so every word holds a whole number of values.
+# ----------------------------------------------------------------------------------------
+def kernel_container_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_kernel(codes_out_in: torch.Tensor, bits: int) -> torch.Tensor:
+    """(out, in) codes -> (in * cb / 32, out) int32 words (vectorised; no per-row loop)."""
+    _check_codes(codes_out_in, bits)
+    cb = kernel_container_bits(bits)
+    per_word = 32 // cb
+    out_f, in_f = codes_out_in.shape
+    if in_f % per_word:
+        raise ValueError(f"in_features={in_f} is not a multiple of {per_word} ({bits}-bit)")
+    x = codes_out_in.t().to(torch.int64).reshape(in_f // per_word, per_word, out_f)
+    shifts = (torch.arange(per_word, device=x.device) * cb).view(1, per_word, 1)
+    return _to_int32((x << shifts).sum(dim=1))
+
+
+def unpack_kernel(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """(in * cb / 32, out) int32 words -> (in, out) int32 codes."""
+    cb = kernel_container_bits(bits)
+    per_word = 32 // cb
+    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int32) * cb)
+    vals = (words.unsqueeze(1) >> shifts.view(1, per_word, 1)) & ((1 << cb) - 1)
+    return vals.reshape(words.shape[0] * per_word, words.shape[1])
+
+
+# ----------------------------------------------------------------------------------------
+# GPTQ (AutoGPTQ / vLLM / transformers): input-dim sequential qweight, output-dim qzeros.
+# ----------------------------------------------------------------------------------------
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def _trivial_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    gs = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features, device=device) // gs).to(torch.int32)
+
+
+def gptq_pack_linear(q: QuantizedWeight, checkpoint_format: str = "gptq"
+                     ) -> dict[str, torch.Tensor]:
+    """Canonical -> GPTQ tensors {qweight, qzeros, scales, g_idx}; g_idx is always written
+    (i // G without act-order), as AutoGPTQ and vLLM expect.
+
+    checkpoint_format "gptq" stores zero-1 (AutoGPTQ's historic off-by-one that every v1
+    loader adds back); a zero point of 0 cannot be stored there, so it is refused."""
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}")
+    zeros = q.zeros.to(torch.int64)
+    if checkpoint_format == "gptq":
+        if zeros.numel() and int(zeros.min()) < 1:
+            raise ValueError("a zero point of 0 cannot be stored in checkpoint_format 'gptq' "
+                             "(it stores zero-1); use 'gptq_v2' or quantize with zero >= 1")
+        zeros = zeros - 1
+    g_idx = q.g_idx if q.g_idx is not None else _trivial_g_idx(q.in_features, q.group_size,
+                                                                q.codes.device)
+    return {
+        "qweight": pack_sequential(q.codes.t().contiguous(), q.bits, dim=0),
+        "qzeros": pack_sequential(zeros.t().contiguous(), q.bits, dim=1),
+        "scales": q.scales.t().contiguous().to(torch.float16),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def gptq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       g_idx: torch.Tensor | None, bits: int, group_size: int,
+                       checkpoint_format: str = "gptq", symmetric: bool = False
+                       ) -> QuantizedWeight:
+    """Inverse of gptq_pack_linear. A g_idx equal to i // G comes back as None."""
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}")
+    in_features = qweight.shape[0] * 32 // bits
+    out_features = qweight.shape[1]
+    codes = unpack_sequential(qweight, bits, dim=0, size=in_features).t().contiguous()
+    zeros = unpack_sequential(qzeros, bits, dim=1, size=out_features).t().contiguous()
+    if checkpoint_format == "gptq":
+        zeros = (zeros + 1) & ((1 << bits) - 1) if False else zeros + 1
+    if g_idx is not None and torch.equal(g_idx.to(torch.int32).cpu(),
+                                         _trivial_g_idx(in_features, group_size)):
+        g_idx = None
+    return QuantizedWeight(codes=codes, scales=scales.t().contiguous(), zeros=zeros,
+                           bits=bits, group_size=group_size,
+                           g_idx=None if g_idx is None else g_idx.to(torch.int32),
+                           symmetric=symmetric)
+
+
+# ----------------------------------------------------------------------------------------
+# compressed-tensors "pack-quantized" (vLLM CompressedTensorsWNA16): dense LSB-first packing
+# along the packed dim, ceil(n*bits/32) words (values straddle words for 3/5/6/7 bits, as
+# compressed-tensors' pack_to_int32 does). Codes are stored offset by 2^(bits-1) from the
+# signed values compressed-tensors works with, which is exactly our unsigned code.
+# ----------------------------------------------------------------------------------------
+def _pack_dense(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    n = codes.shape[dim]
+    pad = (-n) % 32
+    if pad:
+        shape = list(codes.shape)
+        shape[dim] = pad
+        codes = torch.cat([codes, codes.new_zeros(shape)], dim=dim)
+    words = -(-n * bits // 32)
+    return pack_sequential(codes, bits, dim).narrow(dim, 0, words).contiguous()
+
+
+def ct_pack_linear(q: QuantizedWeight, scale_dtype: torch.dtype = torch.float16
+                   ) -> dict[str, torch.Tensor]:
+    """Canonical -> {weight_packed, weight_scale, weight_shape[, weight_zero_point]
+    [, weight_g_idx]}. Symmetric weights carry no zero point (it is fixed at 2^(bits-1))."""
+    out = {
+        "weight_packed": _pack_dense(q.codes, q.bits, dim=1),
+        "weight_scale": q.scales.contiguous().to(scale_dtype),
+        "weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64),
+    }
+    if not q.symmetric:
+        out["weight_zero_point"] = _pack_dense(q.zeros, q.bits, dim=0)
+    elif q.zeros.numel() and not bool((q.zeros == (1 << (q.bits - 1))).all()):
+        raise ValueError("symmetric compressed-tensors weights need zero point 2^(bits-1)")
+    if q.g_idx is not None:
+        out["weight_g_idx"] = q.g_idx.to(torch.int32).contiguous()
+    return out
+
+
+def ct_unpack_linear(tensors: dict[str, torch.Tensor], bits: int, group_size: int,
+                     symmetric: bool) -> QuantizedWeight:
+    """Inverse of ct_pack_linear (names without the module prefix)."""
+    out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
+    codes = unpack_sequential(tensors["weight_packed"], bits, dim=1, size=in_features)
+    scales = tensors["weight_scale"]
+    if symmetric:
+        zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = unpack_sequential(tensors["weight_zero_point"], bits, dim=0, size=out_features)
+    g_idx = tensors.get("weight_g_idx")
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits,
+                           group_size=group_size,
+                           g_idx=None if g_idx is None else g_idx.to(torch.int32),
+                           symmetric=symmetric)
