@@ -180,3 +180,15 @@ def capture_layer0_inputs(model: nn.Module, input_ids: torch.Tensor):
 def layer_output(out):
     """Decoder layers return a tensor (transformers 5) or a tuple (4.x)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def to_device(obj, device, dtype):
+    """Move tensors in nested kwargs (position embeddings, masks) to a device; floating
+    tensors also take `dtype`, integer ones (position ids) keep theirs."""
+    if torch.is_tensor(obj):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    return obj

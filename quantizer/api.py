@@ -1,0 +1,45 @@
+"""The Python API: `quantize`, `evaluate`, `load` — the same code paths as the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import CalibSettings, QuantSettings
+from .errors import InputError
+from .evaluate import EvalResult, evaluate
+from .load import load
+from .pipeline import run_quantize
+from .report import QuantResult
+
+
+def resolve_model(path_or_id: str) -> Path:
+    """A local directory, or a hub id fetched with huggingface_hub (weights + configs only)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(path_or_id, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "merges.txt"]))
+        except Exception as e:  # offline, unknown repo, no access
+            raise InputError(f"model path does not exist and {path_or_id!r} could not be "
+                             f"fetched from the hub ({type(e).__name__}); pass a local "
+                             "directory") from None
+    raise InputError(f"model path does not exist: {p}")
+
+
+def quantize(model: str, output: str, bits: float = 4, group_size="auto", method: str = "rtn",
+             symmetric: bool = False, calib_data: str = "builtin", calib_samples: int = 128,
+             calib_seqlen: int = 512, seed: int = 0, device: str = "auto", dtype: str = "auto",
+             export_format: str = "auto", overwrite: bool = False, progress: bool = True,
+             max_shard_bytes: int = 1 << 30, log=None, **method_options) -> QuantResult:
+    """Quantize `model` into `output`; returns a result that renders as a per-layer table."""
+    settings = QuantSettings(
+        bits=bits, group_size=group_size, method=method, symmetric=symmetric,
+        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed), device=device,
+        dtype=dtype, export_format=export_format, method_options=method_options)
+    return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
+                        overwrite=overwrite, max_shard_bytes=max_shard_bytes, log=log)
+
+
+__all__ = ["quantize", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]

@@ -1,0 +1,155 @@
+"""`quantize` command line. Exit codes: 0 ok, 2 bad input, 3 out of memory, 1 other."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import InputError, OutOfMemory, QuantizerError
+
+SUBCOMMANDS = ("eval", "plan", "demo")
+
+
+def _size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def _bits(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits must be a number, got {text!r}") from None
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantize", description=(
+        "Quantize a model layer by layer. Subcommands: quantize eval OUT | quantize plan "
+        "MODEL | quantize demo"))
+    p.add_argument("model", help="model directory (config.json + safetensors) or hub id")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--bits", type=_bits, default=4.0)
+    p.add_argument("--group-size", default="auto", help="128, 64, 32, -1 (per channel) or auto")
+    p.add_argument("--method", default=None, help="rtn, awq or gptq (default: awq when "
+                   "available, else rtn)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    p.add_argument("--format", dest="export_format", default="auto",
+                   help="awq, gptq or compressed-tensors (default: by method and bits)")
+    p.add_argument("--calib-data", default="builtin",
+                   help="builtin, a .txt/.jsonl file, or pileval / wikitext2 / c4")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="working dtype: auto, float16, bfloat16, "
+                   "float32")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
+                   "mean diagonal)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--max-shard-size", type=_size, default=_size("1G"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantize eval", description=(
+        "Perplexity of a quantized checkpoint (and of its original, with KL), streamed layer by "
+        "layer"))
+    p.add_argument("model", help="quantized (or any) checkpoint directory")
+    p.add_argument("--base", default=None, help="original model (default: recorded in the "
+                   "export's layerquant.json)")
+    p.add_argument("--data", default="wikitext2", help="wikitext2, builtin, or a text file")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def default_method() -> str:
+    from .methods import available
+    return "awq" if "awq" in available() else "rtn"
+
+
+def run_quantize_cli(argv) -> int:
+    a = quantize_parser().parse_args(argv)
+    from .api import quantize
+    options = {}
+    if a.damp is not None:
+        options["damp"] = a.damp
+    if a.act_order:
+        options["act_order"] = True
+    log = (lambda m: print(m, file=sys.stderr)) if not a.json else None
+    result = quantize(a.model, a.output, bits=a.bits, group_size=a.group_size,
+                      method=a.method or default_method(), symmetric=a.sym,
+                      calib_data=a.calib_data, calib_samples=a.calib_samples,
+                      calib_seqlen=a.calib_seqlen, seed=a.seed, device=a.device, dtype=a.dtype,
+                      export_format=a.export_format, overwrite=a.overwrite,
+                      progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
+                      log=log, **options)
+    print(result.to_json() if a.json else result)
+    return 0
+
+
+def run_eval_cli(argv) -> int:
+    a = eval_parser().parse_args(argv)
+    from .evaluate import evaluate
+    result = evaluate(a.model, base=a.base, data=a.data, seqlen=a.seqlen,
+                      max_windows=a.max_windows, device=a.device,
+                      progress=not (a.no_progress or a.json))
+    print(result.to_json() if a.json else result)
+    return 0
+
+
+def run_demo_cli(argv) -> int:
+    from .demo import main as demo_main
+    return demo_main(argv)
+
+
+def run_plan_cli(argv) -> int:
+    from .plan_cli import main as plan_main
+    return plan_main(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    handlers = {"eval": run_eval_cli, "plan": run_plan_cli, "demo": run_demo_cli}
+    handler = run_quantize_cli
+    if argv and argv[0] in handlers:
+        handler = handlers[argv.pop(0)]
+    debug = bool(os.environ.get("LAYERQUANT_DEBUG"))
+    try:
+        return handler(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (OutOfMemory, MemoryError) as e:
+        print(f"error: out of memory: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 3
+        if debug:
+            raise
+        code = e.exit_code if isinstance(e, QuantizerError) else 1
+        print(f"error: {type(e).__name__}: {e} (set LAYERQUANT_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Streamed evaluation: perplexity and next-token KL, computed layer-major (every window through
+layer i, then i+1), so neither the original nor the quantized model is ever loaded whole."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .load import LayerLoader
+from .skeleton import capture_layer0_inputs, layer_output, to_device
+
+
+@dataclass
+class EvalResult:
+    data: str
+    windows: int
+    seqlen: int
+    tokens: int
+    base_ppl: float | None
+    quant_ppl: float
+    kl: float | None  # mean KL(P_base || P_quant) per token, nats
+    seconds: float
+    base: str | None
+    quantized: str
+
+    def __str__(self) -> str:
+        lines = [f"perplexity on {self.data}: {self.windows} windows x {self.seqlen} tokens"]
+        if self.base_ppl is not None:
+            lines.append(f"  original  : {self.base_ppl:.4f}   ({self.base})")
+        lines.append(f"  quantized : {self.quant_ppl:.4f}   ({self.quantized})")
+        if self.kl is not None:
+            lines.append(f"  KL(original || quantized): {self.kl:.5f} nats/token")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@torch.no_grad()
+def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
+                 progress: bool = False, desc: str = "eval") -> list[torch.Tensor]:
+    """Hidden states after the last decoder layer for every window, kept on the CPU."""
+    from tqdm.auto import tqdm
+
+    model = loader.model
+    _, kwargs = capture_layer0_inputs(model, windows[:1])
+    kwargs = to_device(kwargs, device, loader.dtype)
+    embed = model.get_input_embeddings()
+    hs = [embed(windows[i:i + chunk]).to("cpu", loader.dtype) for i in range(0, len(windows), chunk)]
+    for i in tqdm(range(loader.num_layers), desc=desc, unit="layer", disable=not progress):
+        layer = loader.load(i)
+        hs = [layer_output(layer(h.to(device), **kwargs)).to("cpu") for h in hs]
+        loader.release(i)
+    return hs
+
+
+@torch.no_grad()
+def _log_probs(loader: LayerLoader, h: torch.Tensor, device) -> torch.Tensor:
+    model = loader.model
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    norm, head = inner.norm.to(device), model.get_output_embeddings().to(device)
+    logits = head(norm(h.to(device))).float()
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
+             max_windows: int | None = 40, device: str = "auto", chunk: int = 4,
+             progress: bool = True) -> EvalResult:
+    """Perplexity of `quantized` (any checkpoint we can read) and, when `base` is given or
+    recorded in the export's layerquant.json, of the original and the KL between them."""
+    t0 = time.perf_counter()
+    quantized = Path(quantized)
+    if base is None and (quantized / "layerquant.json").is_file():
+        recorded = json.loads((quantized / "layerquant.json").read_text()).get("source")
+        base = recorded if recorded and Path(recorded).is_dir() else None
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
+                       else device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    q_loader = LayerLoader(quantized, dtype, dev)
+    windows = eval_tokens(q_loader, data, seqlen, max_windows)
+    q_hidden = final_hidden(q_loader, windows, dev, chunk, progress, "eval quantized")
+    b_loader = LayerLoader(base, dtype, dev) if base is not None else None
+    b_hidden = (final_hidden(b_loader, windows, dev, chunk, progress, "eval original")
+                if b_loader else None)
+    nll_q = nll_b = kl = 0.0
+    count = 0
+    for k, start in enumerate(range(0, len(windows), chunk)):
+        ids = windows[start:start + chunk].to(dev)
+        target = ids[:, 1:].reshape(-1)
+        lq = _log_probs(q_loader, q_hidden[k], dev)[:, :-1].reshape(-1, _vocab(q_loader))
+        nll_q += float(F.nll_loss(lq, target, reduction="sum"))
+        if b_loader is not None:
+            lb = _log_probs(b_loader, b_hidden[k], dev)[:, :-1].reshape(-1, _vocab(b_loader))
+            nll_b += float(F.nll_loss(lb, target, reduction="sum"))
+            kl += float((lb.exp() * (lb - lq)).sum())
+        count += target.numel()
+    return EvalResult(data=data, windows=len(windows), seqlen=seqlen, tokens=count,
+                      base_ppl=math.exp(nll_b / count) if b_loader else None,
+                      quant_ppl=math.exp(nll_q / count), kl=kl / count if b_loader else None,
+                      seconds=time.perf_counter() - t0, base=str(base) if base else None,
+                      quantized=str(quantized))
+
+
+def eval_tokens(loader: LayerLoader, data: str, seqlen: int, max_windows) -> torch.Tensor:
+    from .tokens import tokenizer_or_bytes
+    from quantizer.calibration import eval_windows
+
+    tok, _ = tokenizer_or_bytes(loader.source)
+    windows = eval_windows(tok, source=data, seqlen=seqlen, max_windows=max_windows)
+    if len(windows) == 0:
+        raise InputError(f"evaluation text {data!r} is shorter than one {seqlen}-token window")
+    return windows
+
+
+def _vocab(loader: LayerLoader) -> int:
+    return loader.model.get_output_embeddings().weight.shape[0]
+
+

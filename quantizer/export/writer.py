@@ -1,0 +1,109 @@
+"""Assemble the final checkpoint from per-layer files: sharded safetensors + index, config.json
+with quantization_config, tokenizer files; staged in a temporary directory and renamed into
+place only when complete, so a half-written model never appears under the output name."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+class ShardWriter:
+    """Streams tensors into shards of at most `max_shard_bytes` (a single larger tensor gets
+    its own shard). Only the current shard is ever held in memory."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 1 << 30):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.weight_map: dict[str, int] = {}
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if self.buffer and self.buffer_bytes + nbytes > self.max:
+                self._flush()
+            self.buffer[name] = t.contiguous()
+            self.buffer_bytes += nbytes
+            self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        index = len(self.shards)
+        save_file(self.buffer, str(self.dir / f"shard-{index:05d}.tmp"),
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        for name in self.buffer:
+            self.weight_map[name] = index
+        self.buffer = {}
+        self.buffer_bytes = 0
+
+    def finish(self) -> dict[str, str]:
+        """Name the shards model-0000i-of-0000n.safetensors and write the index."""
+        self._flush()
+        n = len(self.shards)
+        names = ([f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1
+                 else ["model.safetensors"])
+        for i, final in enumerate(names):
+            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / final)
+        weight_map = {t: names[i] for t, i in sorted(self.weight_map.items())}
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return weight_map
+
+
+def write_config(src_dir: Path, dst_dir: Path, updates: dict) -> dict:
+    config = json.loads((Path(src_dir) / "config.json").read_text())
+    config.update(updates)
+    (Path(dst_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staged: Path, output: Path) -> None:
+    """Move a complete staged directory to its final name (atomic on one filesystem)."""
+    for f in staged.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(staged)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staged, output)
+    fsync_dir(output.parent)

@@ -1,0 +1,40 @@
+"""Measured memory: per-layer GPU peaks (allocator and driver view) or host RSS on CPU."""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class MemoryMeter:
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {"allocated": torch.cuda.max_memory_allocated(self.device),
+                    "reserved": torch.cuda.max_memory_reserved(self.device)}
+        return {"rss": rss_peak_bytes()}
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)

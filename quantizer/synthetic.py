@@ -1,0 +1,87 @@
+"""Random-weight checkpoints of real architectures, written shard by shard without ever
+building the model in memory: test models here, and 7B/70B-width benchmark models on a GPU box
+that has no hub access."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .export.writer import ShardWriter
+
+# Published shapes (config.json values) for benchmark checkpoints.
+PRESETS = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      num_hidden_layers=32),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      num_hidden_layers=32, rope_theta=500000.0),
+    "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                       num_hidden_layers=80),
+    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       num_hidden_layers=2),
+    "tiny-mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         num_hidden_layers=2, sliding_window=64),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       num_hidden_layers=2),
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       num_hidden_layers=2, head_dim=32),
+}
+
+
+def make_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    base = dict(max_position_embeddings=4096, tie_word_embeddings=False)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.float16,
+                     seed: int = 0, std: float = 0.02, max_shard_bytes: int = 1 << 30,
+                     outlier_channels: int = 0, **overrides) -> Path:
+    """Write a random checkpoint of `config` (or a preset with overrides) to `out`.
+
+    Weights ~ N(0, std); norms = 1. `outlier_channels` > 0 gives that many hidden channels a
+    large norm weight, so activations carry outliers as real LLMs' do (AWQ tests use it)."""
+    from transformers import AutoModelForCausalLM
+
+    if config is None:
+        params = dict(PRESETS[preset]) if preset else {}
+        params.update(overrides)
+        config = make_config(params.pop("model_type"), **params)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(out, max_shard_bytes)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    outliers = torch.randperm(config.hidden_size, generator=gen)[:outlier_channels]
+    for name, p in model.named_parameters():
+        if tied and name.endswith("lm_head.weight"):
+            continue
+        if name.endswith("norm.weight") or p.dim() == 1 and "norm" in name:
+            t = torch.ones(p.shape)
+            if outlier_channels and t.shape[0] == config.hidden_size and "layernorm" in name:
+                t[outliers] = 20.0
+        elif p.dim() == 1:  # biases
+            t = torch.randn(p.shape, generator=gen) * std
+        else:
+            t = torch.randn(p.shape, generator=gen) * std
+        writer.add({name: t.to(dtype)})
+    writer.finish()
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return out
