@@ -1,0 +1,173 @@
+"""Will a quantized checkpoint load under tensor parallelism of size N? Checked before any work.
+
+What a TP-N deployment does to each linear (vLLM's column/row parallel layers): a
+column-parallel layer (q/k/v, gate/up) keeps its full input and gives each GPU out/N output
+rows; a row-parallel layer (o_proj, down_proj) keeps its full output and gives each GPU in/N
+input columns. The Marlin kernels that serve 4-bit GPTQ/AWQ checkpoints then require, per GPU:
+  input features  % 128 (GPTQ_MARLIN_MIN_THREAD_K) and % group size,
+  output features % 64  (GPTQ_MARLIN_MIN_THREAD_N);
+fused-MoE Marlin requires expert intermediate per GPU % max(64, group size) and hidden % 128.
+Attention heads must split evenly; KV heads must split evenly or be replicated (N a multiple of
+the KV-head count, which vLLM handles by giving each GPU a copy).
+
+Only the MLP intermediate width can be fixed after the fact: zero rows of gate/up and zero
+columns of down add nothing to the output, so padding it is exact (--pad-for-tp N)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InputError
+from .plan import Linear, ModelShapes, _layer_kinds, layer_groups
+
+MARLIN_MIN_THREAD_K = 128
+MARLIN_MIN_THREAD_N = 64
+
+
+@dataclass(frozen=True)
+class Problem:
+    module: str  # module name in a decoder layer, "attention" for head counts
+    message: str
+    fixable_by_padding: bool
+
+
+def _alignment(group_size: int) -> int:
+    return math.lcm(group_size, MARLIN_MIN_THREAD_K) if group_size > 0 else MARLIN_MIN_THREAD_K
+
+
+def padded_intermediate(intermediate: int, tp_size: int, group_size: int) -> int:
+    """The smallest width ≥ `intermediate` whose per-GPU share (width / tp_size) is a multiple
+    of lcm(group size, 128). Already aligned widths come back unchanged."""
+    if intermediate <= 0 or tp_size <= 0:
+        raise InputError(f"padded_intermediate needs positive sizes, got {intermediate}, "
+                         f"TP {tp_size}")
+    unit = _alignment(group_size) * tp_size
+    return -(-intermediate // unit) * unit
+
+
+def intermediate_keys(config: dict) -> dict[str, int]:
+    """The config.json keys that hold MLP widths TP splits (and --pad-for-tp may change)."""
+    if config.get("num_local_experts"):  # Mixtral: intermediate_size is the expert width
+        keys = ["intermediate_size"]
+    elif config.get("num_experts") and config.get("moe_intermediate_size"):
+        keys = ["moe_intermediate_size", "shared_expert_intermediate_size"]
+        shapes = ModelShapes.from_config(config)
+        if shapes.layers > shapes.moe_layers:
+            keys.append("intermediate_size")  # dense layers among the MoE ones
+    else:
+        keys = ["intermediate_size"]
+    return {k: config[k] for k in keys if config.get(k)}
+
+
+def padded_config(config: dict, tp_size: int, group_size: int
+                  ) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """A copy of `config` with every TP-split MLP width padded; {key: (old, new)} changed."""
+    new, changes = dict(config), {}
+    for key, old in intermediate_keys(config).items():
+        width = padded_intermediate(old, tp_size, group_size)
+        if width != old:
+            new[key] = width
+            changes[key] = (old, width)
+    return new, changes
+
+
+def _is_mlp(lin: Linear, arch) -> bool:
+    return (lin.name in arch.mlp_gate_up or lin.name == arch.mlp_down
+            or lin.name.startswith(("experts.", "shared_expert.")))
+
+
+def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Problem]:
+    """Every problem a TP-`tp_size` deployment of this model at `group_size` would hit; []
+    when it would load. arch_spec None: looked up from config's model_type (Llama layout for
+    MoE families without an arch file)."""
+    if tp_size < 1:
+        raise InputError(f"--tp-size must be at least 1, got {tp_size}")
+    from .plan import _resolve_arch
+
+    shapes = ModelShapes.from_config(config)
+    arch = _resolve_arch(shapes, arch_spec)
+    n, g = tp_size, group_size
+    problems: list[Problem] = []
+    if shapes.heads % n:
+        problems.append(Problem("attention", f"{shapes.heads} attention heads do not split "
+                                f"over TP {n}; use a TP size that divides {shapes.heads}",
+                                False))
+    if shapes.kv_heads % n and n % shapes.kv_heads:
+        problems.append(Problem("attention", f"{shapes.kv_heads} KV heads neither split over "
+                                f"TP {n} nor replicate evenly (TP must divide or be a multiple "
+                                f"of {shapes.kv_heads})", False))
+    seen = set()
+    for moe in _layer_kinds(shapes):
+        for group in layer_groups(shapes, moe, arch):
+            for lin in group.linears:
+                if lin.name in seen:
+                    continue
+                seen.add(lin.name)
+                msg = _check_linear(lin, shapes, n, g, expert=group.copies > 1)
+                if msg:
+                    fixable = _is_mlp(lin, arch)
+                    if fixable:
+                        key = _width_key(lin, config, expert=group.copies > 1)
+                        width = config[key]
+                        msg += (f"; fix: --pad-for-tp {n} pads {key} {width} → "
+                                f"{padded_intermediate(width, n, g)}")
+                    else:
+                        msg += "; padding cannot fix this: choose another TP size or group size"
+                    problems.append(Problem(lin.name, msg, fixable))
+    return problems
+
+
+def _width_key(lin: Linear, config: dict, expert: bool) -> str:
+    if lin.name.startswith("shared_expert."):
+        return "shared_expert_intermediate_size"
+    if expert and not config.get("num_local_experts"):
+        return "moe_intermediate_size"
+    return "intermediate_size"
+
+
+def _check_linear(lin: Linear, shapes: ModelShapes, n: int, g: int, expert: bool) -> str:
+    """'' when `lin` is fine under TP n, else what is wrong with its per-GPU shape."""
+    if lin.parallel == "column":
+        part_in = lin.in_features
+        if lin.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and shapes.kv_heads < n:
+            part_out, split = shapes.head_dim, f"{shapes.kv_heads} KV heads replicated"
+        else:
+            part_out, split = lin.out_features // n, f"{lin.out_features} / {n}"
+        uneven = lin.out_features % n and split.endswith(f"/ {n}")
+        side = ("output", lin.out_features)
+    else:
+        part_in, part_out = lin.in_features // n, lin.out_features
+        split = f"{lin.in_features} / {n}"
+        uneven = lin.in_features % n
+        side = ("input", lin.in_features)
+    if uneven:
+        return (f"{lin.name}: {side[1]} {side[0]} features do not split evenly over TP {n}")
+    wrong = []
+    if expert:  # fused-MoE Marlin: intermediate per GPU % max(64, g), hidden % 128
+        width = part_out if lin.parallel == "column" else part_in
+        need = max(MARLIN_MIN_THREAD_N, g)
+        if width % need:
+            wrong.append(f"expert intermediate per GPU {width} ({split}) is not a multiple of "
+                         f"{need} (fused-MoE Marlin: max(64, group size))")
+        if shapes.hidden % MARLIN_MIN_THREAD_K:
+            wrong.append(f"hidden {shapes.hidden} is not a multiple of {MARLIN_MIN_THREAD_K}")
+    else:
+        in_note = split if lin.parallel == "row" else "full input"
+        need_k = _alignment(g)
+        if part_in % need_k:
+            why = "Marlin min_thread_k 128" + (f", group size {g}" if g > 0 else "")
+            wrong.append(f"input per GPU {part_in} ({in_note}) is not a multiple of {need_k} "
+                         f"({why})")
+        if part_out % MARLIN_MIN_THREAD_N:
+            out_note = split if lin.parallel == "column" else "full output"
+            wrong.append(f"output per GPU {part_out} ({out_note}) is not a multiple of "
+                         f"{MARLIN_MIN_THREAD_N} (Marlin min_thread_n)")
+    return f"{lin.name} at TP {n}: " + "; ".join(wrong) if wrong else ""
+
+
+def require_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> None:
+    """Raise InputError listing every problem: the 'before any work, not after hours' gate."""
+    problems = check_tp(config, arch_spec, tp_size, group_size)
+    if problems:
+        raise InputError(f"this model will not load at TP {tp_size} with group size "
+                         f"{group_size}:\n  " + "\n  ".join(p.message for p in problems))
