@@ -1,0 +1,272 @@
+"""Bits-per-weight optimiser: one candidate per module group, minimising Σ weight·err subject to
+Σ numel·bpw ≤ target · Σ numel (a multiple-choice knapsack).
+
+How it gets an answer that is exact or provably near-optimal, fast:
+1. LP relaxation (Sinha & Zoltners): per group the lower convex hull of (bits, weighted err);
+   all hull steps sorted by error saved per bit and taken greedily up to the budget. The LP
+   value is a *lower bound* on the true optimum; the steps taken are a feasible answer that
+   is at most one group's step from optimal.
+2. Dynamic programme over the budget: costs are storage bits, so when they are integers the
+   DP runs on their gcd and is exact; otherwise (or when that grid is too fine) on a grid with
+   costs rounded *up*, which can never exceed the target. Run only while the grid fits
+   WORK_LIMIT cells, which keeps the whole call well under a second.
+3. Every answer then spends leftover budget greedily (single-group upgrades that fit), and the
+   best of LP, DP and every feasible uniform setting (same label everywhere) is returned, so
+   the result is never worse than any uniform choice that fits the budget.
+`Choice.lower_bound` / `Choice.gap` state how far from optimal the answer can be at most."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+WORK_LIMIT = 2.5e7  # DP cells (groups × candidates × budget steps) we allow ourselves
+
+
+@dataclass
+class Candidate:
+    bpw: float  # storage bits per weight, scales and zeros included
+    err: float  # relative output error of the group with this setting
+    label: str = ""
+
+
+@dataclass
+class Group:
+    numel: int
+    candidates: list[Candidate]
+    weight: float = 1.0  # importance of this group's error in the objective
+    name: str = ""
+
+
+@dataclass
+class Choice:
+    indices: list[int]  # chosen candidate per group (index into that group's candidates)
+    bpw: float  # achieved average bits per weight (never above target)
+    target: float
+    objective: float  # Σ weight·err of the choice
+    lower_bound: float  # no choice within the target can have a lower objective
+    method: str  # which stage produced the answer
+    exact: bool  # True when the DP proved optimality
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gap(self) -> float:
+        return self.objective - self.lower_bound
+
+
+def _as_candidate(c) -> Candidate:
+    return c if isinstance(c, Candidate) else Candidate(*c)
+
+
+def _lp_greedy(cost, werr, budget):
+    """LP relaxation via convex hulls. Returns (indices of its integral part, the multiplier λ:
+    error saved per bit at the budget line)."""
+    G = cost.shape[0]
+    start = np.empty(G, dtype=np.int64)
+    steps = []  # (efficiency, group, to_index, dcost, derr)
+    for g in range(G):
+        cs, es = cost[g].tolist(), werr[g].tolist()  # plain floats: numpy scalars are slow here
+        order = sorted((j for j in range(len(cs)) if math.isfinite(cs[j])),
+                       key=lambda j: (cs[j], es[j]))
+        hull: list[int] = []
+        for c in order:
+            if hull and es[c] >= es[hull[-1]]:
+                continue  # costs more, saves nothing
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # b lies on or above the segment a→c: not on the lower hull
+                if (es[a] - es[b]) * (cs[c] - cs[a]) <= (es[a] - es[c]) * (cs[b] - cs[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(c)
+        start[g] = hull[0]
+        for a, b in zip(hull, hull[1:]):
+            dc, de = cs[b] - cs[a], es[a] - es[b]
+            steps.append((de / dc, g, b, dc, de))
+    steps.sort(key=lambda s: -s[0])  # stable: a group's own steps keep their order
+    idx = start.copy()
+    left = budget - cost[np.arange(G), idx].sum()
+    obj = werr[np.arange(G), idx].sum()
+    for eff, g, b, dc, de in steps:
+        if dc <= left:
+            idx[g], left, obj = b, left - dc, obj - de
+        else:
+            return idx, eff  # the LP would take this step fractionally: its price per bit
+    return idx, 0.0  # every useful step fits: bits cost nothing at the margin
+
+
+def _fill(idx, cost, werr, budget):
+    """Spend leftover budget: repeatedly take the single-group change that fits and lowers the
+    objective most."""
+    idx = idx.copy()
+    rows = np.arange(cost.shape[0])
+    for _ in range(4 * cost.shape[0]):
+        cur_c, cur_e = cost[rows, idx], werr[rows, idx]
+        left = budget - cur_c.sum()
+        gain = cur_e[:, None] - werr
+        gain[~(cost - cur_c[:, None] <= left)] = 0.0
+        g, c = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[g, c] <= 0:
+            break
+        idx[g] = c
+    return idx
+
+
+def _integral_unit(extra, budget_extra):
+    """gcd of the extra costs when they are integers (storage bits usually are), else None."""
+    finite = extra[np.isfinite(extra)]
+    if finite.size == 0 or finite.max() > 2**52:
+        return None
+    rounded = np.round(finite)
+    if np.abs(finite - rounded).max() > 1e-6:
+        return None
+    nonzero = rounded[rounded > 0].astype(np.int64)
+    return int(np.gcd.reduce(nonzero)) if nonzero.size else 1
+
+
+def _dp(extra, werr, budget_extra, unit, round_up):
+    """Multiple-choice knapsack DP over `budget_extra / unit` steps; returns indices."""
+    G, C = extra.shape
+    steps = int(math.floor(budget_extra / unit + 1e-9)) if not round_up else int(budget_extra // unit)
+    with np.errstate(invalid="ignore"):
+        k = np.ceil(extra / unit - (1e-9 if not round_up else 0.0))
+    k[~np.isfinite(extra)] = steps + 1
+    k = k.astype(np.int64)
+    best = np.zeros(steps + 1)  # best[b]: least error of the groups so far within b steps
+    arg = np.zeros((G, steps + 1), dtype=np.int16)
+    for g in range(G):
+        new = np.full(steps + 1, np.inf)
+        row = arg[g]
+        for c in range(C):
+            s = k[g, c]
+            if s > steps:
+                continue
+            cand = best[: steps + 1 - s] + werr[g, c]
+            better = cand < new[s:]
+            new[s:][better] = cand[better]
+            row[s:][better] = c
+        best = new
+    idx = np.empty(G, dtype=np.int64)
+    b = steps
+    for g in range(G - 1, -1, -1):
+        idx[g] = arg[g, b]
+        b -= k[g, idx[g]]
+    return idx
+
+
+def _reduced_dp(cost, werr, budget, keep, total):
+    """DP over the groups that still have a choice after fixing. Returns (indices or None,
+    exact, note)."""
+    G = cost.shape[0]
+    kept = [np.flatnonzero(keep[g]) for g in range(G)]
+    free = [g for g in range(G) if len(kept[g]) > 1]
+    idx = np.array([k[0] for k in kept])
+    if not free:
+        return idx, True, ""
+    Cr = max(len(kept[g]) for g in free)
+    sub_cost = np.full((len(free), Cr), np.inf)
+    sub_werr = np.full((len(free), Cr), np.inf)
+    for i, g in enumerate(free):
+        sub_cost[i, : len(kept[g])] = cost[g, kept[g]]
+        sub_werr[i, : len(kept[g])] = werr[g, kept[g]]
+    fixed = [g for g in range(G) if len(kept[g]) == 1]
+    mins = sub_cost.min(axis=1)
+    extra = sub_cost - mins[:, None]
+    budget_extra = budget - math.fsum(cost[fixed, idx[fixed]]) - math.fsum(mins)
+    if budget_extra < 0:
+        return None, False, ""
+    cells = len(free) * Cr
+    unit = _integral_unit(extra, budget_extra)
+    if unit is not None and cells * (budget_extra / unit + 1) <= WORK_LIMIT:
+        exact, note = True, f"exact DP over {len(free)} free groups"
+    else:
+        unit = max(budget_extra, 1e-30) / max(1.0, WORK_LIMIT / cells - 1)
+        if len(free) * unit / total > 0.05:  # too coarse to beat the LP answer: skip
+            return None, False, f"DP skipped: {len(free)} free groups need too fine a grid"
+        exact, note = False, (f"DP over {len(free)} free groups on a {unit / total:.1e} bpw "
+                              f"grid, costs rounded up")
+    sub_idx = _dp(extra, sub_werr, budget_extra, unit, round_up=not exact)
+    for i, g in enumerate(free):
+        idx[g] = kept[g][sub_idx[i]]
+    return idx, exact, note
+
+
+def choose(groups: Sequence[Group], target_bpw: float) -> Choice:
+    """Pick one candidate per group: least Σ weight·err with average bpw ≤ target_bpw."""
+    t0 = time.perf_counter()
+    if not groups:
+        raise InputError("no module groups to choose bit widths for")
+    G = len(groups)
+    C = max(len(g.candidates) for g in groups)
+    cost = np.full((G, C), np.inf)
+    werr = np.full((G, C), np.inf)
+    for i, g in enumerate(groups):
+        if not g.candidates:
+            raise InputError(f"group {g.name or i} has no measured candidates")
+        if g.numel <= 0 or not g.weight >= 0:
+            raise InputError(f"group {g.name or i}: numel must be > 0 and weight >= 0")
+        for j, c in enumerate(map(_as_candidate, g.candidates)):
+            if not (math.isfinite(c.bpw) and c.bpw > 0 and math.isfinite(c.err) and c.err >= 0):
+                raise InputError(f"group {g.name or i} candidate {c.label or j}: bpw must be "
+                                 f"positive and err non-negative and finite ({c})")
+            cost[i, j] = g.numel * c.bpw
+            werr[i, j] = g.weight * c.err
+    total = float(sum(g.numel for g in groups))
+    mins = cost.min(axis=1)
+    min_bpw = math.fsum(mins) / total
+    if target_bpw < min_bpw * (1 - 1e-12):
+        raise InputError(f"target {target_bpw} bits per weight is below the smallest possible "
+                         f"{min_bpw:.4f} bpw of the measured candidates; choose a target of at "
+                         f"least {math.ceil(min_bpw * 1000) / 1000:.3f}")
+    budget = max(target_bpw * total, math.fsum(mins))  # target == minimum must stay feasible
+    rows = np.arange(G)
+
+    def score(ix):
+        return (math.fsum(werr[rows, ix]), math.fsum(cost[rows, ix]))
+
+    lp_idx, lam = _lp_greedy(cost, werr, budget)
+    # Lagrangian dual at λ: a lower bound on any choice within the budget
+    finite = np.isfinite(cost)
+    priced = np.where(finite, werr + lam * np.where(finite, cost, 0.0), np.inf)
+    lower = math.fsum(priced.min(axis=1)) - lam * budget
+    found = {"lagrangian+fill": _fill(lp_idx, cost, werr, budget)}
+    # the best uniform setting that fits (same label in every group), if labels allow one
+    labels = [{_as_candidate(c).label: j for j, c in enumerate(g.candidates)} for g in groups]
+    uniform = [np.array([m[label] for m in labels])
+               for label in sorted(set.intersection(*(set(m) for m in labels)) - {""})]
+    uniform = [ix for ix in uniform if score(ix)[1] <= budget]
+    if uniform:
+        found["uniform+fill"] = _fill(min(uniform, key=score), cost, werr, budget)
+    incumbent = min(found.values(), key=score)
+    # Reduced-cost fixing: obj(x) = lower + Σ_g r_g(x_g) + λ·(budget − bits(x)) with every term
+    # ≥ 0, so a choice beating the incumbent uses no candidate with r > incumbent − lower.
+    reduced = priced - priced.min(axis=1, keepdims=True)
+    slack = score(incumbent)[0] - lower
+    keep = reduced <= slack + 1e-9 * max(1.0, abs(slack), abs(lower))
+    keep[rows, incumbent] = True
+    notes = [f"{int(keep.sum())} of {int(np.isfinite(cost).sum())} candidates survive "
+             f"reduced-cost fixing"]
+    dp_idx, exact, note = _reduced_dp(cost, werr, budget, keep, total)
+    if note:
+        notes.append(note)
+    if dp_idx is not None:
+        found["exact-dp" if exact else "dp"] = dp_idx if exact else _fill(dp_idx, cost, werr,
+                                                                          budget)
+    feasible = {k: v for k, v in found.items() if score(v)[1] <= budget}
+    method = min(feasible, key=lambda k: score(feasible[k]))
+    idx = feasible[method]
+    obj, bits = score(idx)
+    if exact and score(found["exact-dp"])[1] <= budget:  # its value is the optimum itself
+        lower = score(found["exact-dp"])[0]
+    else:
+        exact = False
+    return Choice(indices=[int(i) for i in idx], bpw=bits / total, target=target_bpw,
+                  objective=obj, lower_bound=min(lower, obj), method=method, exact=exact,
+                  seconds=time.perf_counter() - t0, notes=notes)
