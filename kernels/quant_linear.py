@@ -54,6 +54,7 @@ class KernelWeight:
         self.scales = q.scales.t().contiguous().to(device=device, dtype=dtype)
         self.zeros = q.zeros.t().contiguous().to(device=device, dtype=dtype)
         self.dtype, self.device = dtype, device
+        self.plans: dict = {}  # launch plans per (M, bias, config), see triton_dispatch
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(K, N) weight in kernel input order (inputs already permuted by `perm`)."""
@@ -184,9 +185,14 @@ class QuantLinear(nn.Module):
         kw = self.kernel_weight(x.dtype if x.is_floating_point() else self.dtype)
         if x.device != kw.device:
             raise ValueError(f"input is on {x.device} but the quantized weight is on {kw.device}")
-        if x.is_cuda and _triton_ok():
-            from quantizer.kernels import triton_w4a16
-            return triton_w4a16.quant_matmul(x, kw, self.bias)
+        if x.is_cuda and _triton_ok() and x.dtype in (torch.float16, torch.bfloat16):
+            from quantizer.kernels import triton_dispatch
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            bias = self.bias
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            return triton_dispatch.quant_matmul(x, kw, bias)
         return _reference_matmul(x, kw, self.bias)
 
     def extra_repr(self) -> str:
