@@ -374,9 +374,6 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
     held = []
     if hidden_local:
         held.append(Term("hidden", f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
-        if job.method == "awq":
-            held.append(Term("reference", f"AWQ fp reference outputs {N}×{S}×{H}",
-                             N * S * H * d))
     act = _activation_terms(job, moe, dec, hidden_local)
     biggest = max(groups, key=lambda g: g.weight_elements(_alive_copies(g, dec)))
     phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act)]
@@ -406,17 +403,23 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             phases.append((f"solve {g.name}", res + held + alive + [
                 Term("cholesky", f"Cholesky workspace {n}×{n} fp32", n * n * 4),
                 fp32_weight(g)]))
-        else:
+        else:  # AWQ: the search caches every chunk's judge input and fp reference output
             n = g.in_features
-            scratch = c * S * n * d + 2 * c * S * H * d + c * S * H * 4
-            if not hidden_local:
-                scratch += c * S * H * d  # the reference chunk, copied in
+            cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
+                          f"{N}×{S}×({n}+{H})", N * S * (n + H) * d)
+            if not hidden_local:  # cached with the hidden states; one chunk copied in
+                cached = Term("reference", f"AWQ judge input + reference, chunk {c}",
+                              c * S * (n + H) * d)
+            lin = max(g.linears, key=lambda x: x.in_features * x.out_features)
+            rows = -(-lin.out_features // dec.row_slices)
             phases.append((f"AWQ search {g.name}", resident(g, True) + held + act + [
-                Term("awq_scratch", f"AWQ search scratch for {g.name} (judge input, reference"
-                     f" and candidate outputs, fp32 loss; chunk {c})", scratch),
+                cached,
+                Term("awq_scratch", f"candidate output and fp32 loss terms, chunk {c}",
+                     c * S * H * (d + 8)),
                 Term("awq_backup", f"original weights of {g.name}",
                      g.weight_elements(_alive_copies(g, dec)) * d),
-                fp32_weight(g)]))
+                Term("weight_fp32", f"fp32 scaled and fake-quantized {lin.name} "
+                     f"({rows}×{lin.in_features} rows slice)", rows * lin.in_features * 8)]))
     return phases
 
 
@@ -449,7 +452,9 @@ def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
         if job.calibrated and dec.hidden == "cpu":
             items.append((f"hidden states in+out {N}×{S}×{H} (pinned)", 2 * N * S * H * d))
             if job.method == "awq":
-                items.append(("AWQ fp reference outputs", N * S * H * d))
+                n = max(g.in_features for g in groups)
+                items.append(("AWQ judge inputs + fp references (widest group)",
+                              N * S * (n + H) * d))
         if job.calibrated and dec.hidden == "disk":
             items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
         if job.method == "gptq" and dec.hessian == "cpu":
@@ -557,18 +562,21 @@ _ADVICE = {
     "reference": "try --hidden-device cpu, or fewer calibration tokens",
     "scores": "try a shorter --calib-seqlen (scores grow with its square)",
     "activations": "try a shorter --calib-seqlen",
-    "weights": "the layer's own weights need this much: a larger budget or GPU is the only fix",
+    "weights": "modules are already streamed one at a time: a larger budget is the only fix",
+    "context": "every GPU process pays this before any tensor: a larger budget is the only fix",
     "weight_fp32": "a larger budget",
 }
 
 
-def _culprit(peak: _Peak) -> Term:
-    return max((t for t in peak.terms), key=lambda t: t.bytes)
+def _culprit(peak: _Peak, on_host: bool) -> Term:
+    context = () if on_host else (Term("context", "the CUDA context and cuBLAS workspace",
+                                       CUDA_CONTEXT),)
+    return max(peak.terms + context, key=lambda t: t.bytes)
 
 
 def _refusal(label: str, budget: int, peak: _Peak, forced: tuple[str, str],
-             ram_note: str = "") -> PlanError:
-    culprit = _culprit(peak)
+             ram_note: str = "", on_host: bool = False) -> PlanError:
+    culprit = _culprit(peak, on_host)
     advice = _ADVICE.get(culprit.kind, "a larger budget")
     if culprit.kind in ("hessian", "cholesky") and forced[1] == "cpu":
         advice = "raise --ram-budget or the VRAM budget"
@@ -644,7 +652,13 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
             ram_note = "" if _ram_ok(job, dec, ram_budget) else (
                 f"; host RAM also short: needs {format_size_up(_ram(job, dec)[0])} of "
                 f"{format_size(ram_budget)} (--ram-budget)")
-            refusals.append(_refusal(dev.label, budget, peak, forced, ram_note))
+            if (job.method == "gptq" and dec.hessian == "gpu" and forced[1] == "auto"
+                    and not on_host):  # the move to the host was blocked by host RAM
+                host = replace(dec, hessian="cpu", hidden="disk")
+                ram_note += (f"; host RAM is too small for Hessians on the CPU: they need "
+                             f"{format_size_up(_ram(job, host)[0])} of --ram-budget "
+                             f"{format_size(ram_budget)}")
+            refusals.append(_refusal(dev.label, budget, peak, forced, ram_note, on_host))
             notes.append(f"{dev.label} left out: {refusals[-1]}")
     if not fitting:
         raise refusals[0] if len(refusals) == 1 else PlanError(
