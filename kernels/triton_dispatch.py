@@ -35,6 +35,7 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    reshape: bool = False  # dot: load each packed word once and reshape (vs repeated loads)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -90,9 +91,10 @@ def candidate_configs(M: int, N: int, Kdim: int, sms: int) -> list[LaunchConfig]
             out += [cfg, replace(cfg, split_k=cfg.split_k * 2)]
     if M <= 64:
         bm = max(16, _next_pow2(M))
-        for bn, bk, st in ((64, 128, 4), (128, 128, 4), (64, 256, 3)):
+        for bn, bk, st, rs in ((64, 128, 4, False), (128, 128, 4, False), (64, 128, 4, True),
+                               (128, 256, 3, True)):
             tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-            out.append(LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, st))
+            out.append(LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, st, rs))
     if M > 64:
         out += [LaunchConfig("dot", 64, 128, 64, 1, 4, 4), LaunchConfig("dot", 128, 128, 64, 1, 8, 4),
                 LaunchConfig("dot", 128, 256, 64, 1, 8, 3), LaunchConfig("dequant", block_n=128, block_k=32)]
@@ -114,7 +116,7 @@ class _Plan:
         k_per_split = triton.cdiv(triton.cdiv(Kdim, cfg.split_k), bk) * bk
         self.split = triton.cdiv(Kdim, k_per_split)
         self.k_per_split = k_per_split
-        common = dict(CB=cb, SPLIT_K=self.split, GROUP_MODE=mode, HAS_BIAS=has_bias,
+        common = dict(SPLIT_K=self.split, CB=cb, GROUP_MODE=mode, HAS_BIAS=has_bias,
                       num_warps=cfg.num_warps)
         if cfg.kind == "gemv":
             self.kernel = K._gemv_kernel
@@ -124,7 +126,7 @@ class _Plan:
             self.kernel = K._dot_kernel
             self.grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), self.split)
             self.meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=8,
-                             num_stages=cfg.num_stages, **common)
+                             RESHAPE=cfg.reshape, num_stages=cfg.num_stages, **common)
         else:
             self.kernel = K._dequant_kernel
             self.grid = (triton.cdiv(Kdim, bk), triton.cdiv(N, cfg.block_n))
@@ -147,7 +149,7 @@ class _Plan:
         self.kernel[self.grid](x2, kw.words, kw.scales, kw.zeros, gidx, b, out, ws, M, N, Kdim,
                                x2.stride(0), kw.group_size, self.k_per_split, **self.meta)
         if self.split > 1:
-            K._splitk_reduce_kernel[self.reduce_grid](ws, b, out, M * N, N, SPLIT_K=self.split,
+            K._splitk_reduce_kernel[self.reduce_grid](ws, b, out, M * N, N, self.split,
                                                       HAS_BIAS=self.has_bias, BLOCK=1024)
         return out
 

@@ -44,8 +44,8 @@ def _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_kn, N, G,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
                  M, N, K, stride_xm, G, K_PER_SPLIT,
-                 CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 SPLIT_K: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 SPLIT_K, CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // CB
     BLOCK_K: tl.constexpr = BLOCK_KW * PER_WORD
     MASK: tl.constexpr = (1 << CB) - 1
@@ -89,10 +89,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
 
 @triton.jit
 def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
-                M, N, K, stride_xm, G, K_PER_SPLIT,
+                M, N, K, stride_xm, G, K_PER_SPLIT, SPLIT_K,
                 CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP_MODE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RESHAPE: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // CB
     MASK: tl.constexpr = (1 << CB) - 1
     dt = x_ptr.dtype.element_ty
@@ -119,11 +119,19 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
         mask_k = ks < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # each word is read PER_WORD times from the same address (one L1 line), which keeps
-        # the tile in the (BLOCK_K, BLOCK_N) shape tl.dot wants without a reshape
-        words = tl.load(w_ptr + (ks // PER_WORD)[:, None] * N + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0)
-        codes = (words >> ((ks % PER_WORD) * CB)[:, None]) & MASK
+        if RESHAPE:
+            # load each word once, unpack to (KW, PER_WORD, N) and merge the first two dims
+            w_rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            words = tl.load(w_ptr + w_rows[:, None] * N + offs_n[None, :],
+                            mask=(w_rows < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
+            shifts = (tl.arange(0, PER_WORD) * CB)[None, :, None]
+            codes = tl.reshape((words[:, None, :] >> shifts) & MASK, (BLOCK_K, BLOCK_N))
+        else:
+            # each word is read PER_WORD times from one address (an L1 hit), which keeps the
+            # tile in the (BLOCK_K, BLOCK_N) shape tl.dot wants without a reshape
+            words = tl.load(w_ptr + (ks // PER_WORD)[:, None] * N + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0)
+            codes = (words >> ((ks % PER_WORD) * CB)[:, None]) & MASK
         if GROUP_MODE == 0:
             s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_n, N, G, GROUP_MODE)
             w = (codes.to(dt) - z[None, :]) * s[None, :]
@@ -144,12 +152,12 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr,
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):  # fixed order: bitwise reproducible
+    for s in range(SPLIT_K):  # fixed order: bitwise reproducible
         acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)

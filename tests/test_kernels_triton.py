@@ -60,10 +60,11 @@ GEMV = D.LaunchConfig("gemv", 1, 32, 64, 1)
 GEMV_SPLIT = D.LaunchConfig("gemv", 1, 64, 32, 2)
 DOT = D.LaunchConfig("dot", 16, 32, 32, 1)
 DOT_SPLIT = D.LaunchConfig("dot", 16, 64, 64, 2)
+DOT_RESHAPE = D.LaunchConfig("dot", 16, 32, 64, 2, reshape=True)
 DEQ = D.LaunchConfig("dequant", block_n=32, block_k=32)
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, DOT, DOT_SPLIT, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, DOT, DOT_SPLIT, DOT_RESHAPE, DEQ])
 @pytest.mark.parametrize("layout,bits,gs", [("awq", 4, 32), ("gptq", 4, 64)])
 def test_paths_4bit(cfg, layout, bits, gs):
     M = 1 if cfg.kind == "gemv" else 17  # odd M, more than one M-tile
@@ -71,13 +72,13 @@ def test_paths_4bit(cfg, layout, bits, gs):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
-@pytest.mark.parametrize("cfg", [GEMV, DOT_SPLIT])
+@pytest.mark.parametrize("cfg", [GEMV, DOT_SPLIT, DOT_RESHAPE])
 def test_other_bits(bits, cfg):
     M = 1 if cfg.kind == "gemv" else 5
     run_case("gptq", bits, 32, M, 64, 128, cfg)
 
 
-@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT, DOT_RESHAPE, DEQ])
 def test_act_order_gptq(cfg):
     M = 1 if cfg.kind == "gemv" else 3
     run_case("gptq", 4, 32, M, 64, 128, cfg, act_order=True)
