@@ -1,0 +1,361 @@
+"""AWQ (activation-aware weight quantization), following AutoAWQ / llm-compressor.
+
+Per decoder layer:
+  1. for every scale group of the architecture (in execution order): capture the group's
+     input and its judge module's input on the calibration chunks (after the earlier groups'
+     scales were folded in), grid-search the exponent α of s = mean|x|^α (duo: divided by
+     mean|W_normalised|^(1-α)) minimising the judge output's MSE with the linears
+     fake-quantized as Q(W·s)/s, then fold 1/s into `prev` and s into the linears' columns;
+  2. clipping search per linear (not q/k) on a seeded token subsample;
+  3. RTN-quantize the scaled weights with the chosen clip ratios.
+
+Robustness beyond the references: losses are always accumulated in float32/float64; a
+candidate with a non-finite loss is skipped; if every candidate fails the group keeps s = 1;
+if the half-precision reference output of a judge overflows, that group is evaluated in
+float32. Nothing here draws random numbers except the seeded clip-token sample, and no op
+with atomics is used, so equal inputs give bit-identical outputs."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from quantizer.kernels.packing import QuantizedWeight
+
+from .awq_clip import (fake_quantize_float, sample_token_indices, search_clip,
+                       shrink_ratios)
+from .rtn import check_group_size, rtn_quantize
+
+# Linears whose clipping the reference skips: their outputs meet in q·k, where clipping
+# one side's outliers distorts the attention pattern (AutoAWQ "q_", "k_", "query", "key").
+_NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "query", "key", "qkv_proj", "Wqkv")
+
+
+@dataclass
+class GroupCapture:
+    """One scale group's calibration data: judge inputs per chunk and the linears' mean |x|."""
+
+    judge_inputs: list[tuple[torch.Tensor, dict]]
+    x_abs_mean: torch.Tensor  # float32 (in_features,)
+
+
+def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call a captured submodule on `x` with its captured kwargs; first output if a tuple."""
+    if "hidden_states" in kwargs:
+        out = module(**{**kwargs, "hidden_states": x})
+    else:
+        out = module(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
+    def cast(v):
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.to(dtype)
+        if isinstance(v, tuple) and any(torch.is_tensor(t) for t in v):
+            return tuple(cast(t) for t in v)
+        return v
+    return {k: cast(v) for k, v in kwargs.items()}
+
+
+@contextlib.contextmanager
+def module_in_dtype(module: nn.Module, dtype: torch.dtype):
+    """Temporarily run `module` in `dtype` (half -> float32 -> half round-trips exactly)."""
+    orig = next(module.parameters()).dtype
+    if orig == dtype:
+        yield
+        return
+    module.to(dtype)
+    try:
+        yield
+    finally:
+        module.to(orig)
+
+
+def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Duo scaling's weight statistic: per input channel, the mean over all output rows of
+    |W| normalised by its quantization group's max |W| (float32)."""
+    w = torch.cat([t.float() for t in weights], dim=0)
+    out_f, in_f = w.shape
+    gs = check_group_size(in_f, group_size)
+    wg = w.abs().reshape(out_f, in_f // gs, gs)
+    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return wg.reshape(out_f, in_f).mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
+                     alpha: float) -> torch.Tensor:
+    """s for one grid point, normalised so that max(s)·min(s) = 1 (reference formula)."""
+    if w_mean is not None:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def grid_search(losses_of: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
+                w_mean: torch.Tensor | None, grid: int) -> dict:
+    """Try α = i/grid for i < grid; keep the first smallest finite loss. Non-finite losses
+    are skipped; if none is finite the result has alpha None and scales of ones."""
+    history = []
+    best = {"alpha": None, "loss": math.inf, "scales": torch.ones_like(x_mean)}
+    for i in range(grid):
+        alpha = i / grid
+        s = candidate_scales(x_mean, w_mean, alpha)
+        loss = losses_of(s)
+        history.append(loss)
+        if math.isfinite(loss) and loss < best["loss"]:
+            best = {"alpha": alpha, "loss": loss, "scales": s}
+    best["history"] = history
+    return best
+
+
+@torch.no_grad()
+def fold_scales(layer: nn.Module, prev_name: str, linear_names: Sequence[str],
+                scales: torch.Tensor) -> None:
+    """Exact in real arithmetic: prev's output channels / s, linears' input columns · s.
+    `prev` is a norm (1-D weight, optional bias) or a linear (rows of weight and bias)."""
+    prev = layer.get_submodule(prev_name)
+    s = scales.float()
+    prev.weight.data = _div_rows(prev.weight.data, s)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    for name in linear_names:
+        lin = layer.get_submodule(name)
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+
+
+def _div_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (w.float() / (s if w.dim() == 1 else s.unsqueeze(1))).to(w.dtype)
+
+
+def fold_shape_problem(layer: nn.Module, prev_name: str, linear_names: Sequence[str]):
+    """Why scales cannot be folded across this group, or None when they can."""
+    prev = layer.get_submodule(prev_name)
+    weight = getattr(prev, "weight", None)
+    if weight is None:
+        return f"{prev_name} has no weight to fold scales into"
+    width = weight.shape[0]
+    ins = {layer.get_submodule(n).weight.shape[1] for n in linear_names}
+    if len(ins) != 1:
+        return f"linears {list(linear_names)} have different input widths {sorted(ins)}"
+    if width != ins.pop():
+        return f"{prev_name} output width {width} != input width of {linear_names[0]}"
+    return None
+
+
+class AWQ:
+    """Method: activation-aware scale search + clipping, then round-to-nearest."""
+
+    name = "awq"
+    needs_calibration = True
+
+    def __init__(self, duo_scaling: bool = True, grid: int = 20, clip: bool = True,
+                 clip_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512,
+                 rtn_baseline: bool = True, keep_identity: bool = False):
+        if grid < 1 or clip_grid < 1:
+            raise ValueError("grid and clip_grid must be >= 1")
+        if not 0.0 <= max_shrink < 1.0:
+            raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
+        self.duo_scaling = bool(duo_scaling)
+        self.grid = int(grid)
+        self.clip = bool(clip)
+        self.clip_grid = int(clip_grid)
+        self.max_shrink = float(max_shrink)
+        self.clip_tokens = int(clip_tokens)
+        # rtn_baseline: also score s = 1 (plain RTN) for the report (one extra judge pass
+        # per group in duo mode; free otherwise). keep_identity: choose s = 1 when it beats
+        # every grid point (the references never do; off by default to match them).
+        self.rtn_baseline = bool(rtn_baseline) or bool(keep_identity)
+        self.keep_identity = bool(keep_identity)
+
+    # ------------------------------------------------------------------ entry point
+    @torch.no_grad()
+    def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
+        times = {"search": 0.0, "clip": 0.0, "quantize": 0.0}
+        ctx.stats.update(groups=[], skipped_groups=[], clip={}, time_s=times)
+        for group in ctx.arch.scale_groups:
+            t0 = self._now(ctx)
+            self._scale_group(ctx, group)
+            times["search"] += self._now(ctx) - t0
+        t0 = self._now(ctx)
+        ratios = self._clip_all(ctx) if self.clip else {}
+        times["clip"] = self._now(ctx) - t0
+        t0 = self._now(ctx)
+        s = ctx.settings
+        out = {}
+        for name in ctx.arch.linears:
+            lin = ctx.module(name)
+            out[name] = rtn_quantize(lin.weight.data, s.bits, s.group_size, s.symmetric,
+                                     clip_ratio=ratios.get(name, 1.0),
+                                     name=ctx.full_name(name))
+        times["quantize"] = self._now(ctx) - t0
+        return out
+
+    @staticmethod
+    def _now(ctx) -> float:
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ scale search
+    def _scale_group(self, ctx, group) -> None:
+        label = f"{group.prev} -> {','.join(group.linears)}"
+        if not ctx.arch.condition(group.when, ctx.model_config):
+            self._skip(ctx, group, label, f"condition {group.when!r} does not hold")
+            return
+        problem = fold_shape_problem(ctx.layer, group.prev, group.linears)
+        if problem:
+            self._skip(ctx, group, label, problem)
+            return
+        data = self._capture_group(ctx, group)
+        judge = ctx.module(group.judge)
+        linears = [ctx.module(n) for n in group.linears]
+        w_mean = (weight_group_mean([lin.weight.data for lin in linears],
+                                    ctx.settings.group_size) if self.duo_scaling else None)
+        eval_dtype = ctx.dtype
+        refs = [run_module(judge, x, kw) for x, kw in data.judge_inputs]
+        if not all(bool(torch.isfinite(r).all()) for r in refs):
+            eval_dtype = torch.float32  # the half-precision reference itself overflows
+            ctx.log(f"layer {ctx.index} AWQ {label}: {group.judge} output overflows in "
+                    f"{ctx.dtype}; searching in float32")
+        with module_in_dtype(judge, eval_dtype):
+            if eval_dtype != ctx.dtype:
+                data.judge_inputs = [(x.to(eval_dtype), _cast_floats(kw, eval_dtype))
+                                     for x, kw in data.judge_inputs]
+                refs = [run_module(judge, x, kw) for x, kw in data.judge_inputs]
+            result = self._search(ctx, judge, linears, data, refs, w_mean)
+        del refs, data
+        kept_identity = result.get("kept_identity", False)
+        fallback = result["alpha"] is None and not kept_identity
+        ctx.stats["groups"].append({
+            "prev": group.prev, "linears": list(group.linears), "judge": group.judge,
+            "alpha": result["alpha"], "loss": result["loss"],
+            "loss_rtn": result.get("loss_rtn"), "losses": result["history"],
+            "eval_dtype": str(eval_dtype).replace("torch.", ""),
+            "kept_identity": kept_identity, "fallback": fallback})
+        if fallback:
+            ctx.log(f"layer {ctx.index} AWQ {label}: no finite loss on the grid; "
+                    f"keeping s = 1 (plain RTN) for this group")
+        if result["alpha"] is not None:
+            fold_scales(ctx.layer, group.prev, group.linears, result["scales"])
+
+    def _skip(self, ctx, group, label: str, reason: str) -> None:
+        ctx.stats["skipped_groups"].append({"prev": group.prev,
+                                            "linears": list(group.linears),
+                                            "reason": reason})
+        ctx.log(f"layer {ctx.index} AWQ: skipping scale group {label}: {reason}")
+
+    def _capture_group(self, ctx, group) -> GroupCapture:
+        """Judge inputs (+kwargs) per chunk, and mean |x| of the linears' shared input."""
+        first = group.linears[0]
+        names = [group.judge] if group.judge == first else [group.judge, first]
+        judge_inputs = []
+        abs_sum = None
+        count = 0
+        for seen in ctx.capture(names, with_kwargs=True):
+            jx, jkw = seen[group.judge]
+            jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
+            judge_inputs.append((jx, jkw))
+            lx = seen[first][0]
+            flat = lx.reshape(-1, lx.shape[-1])
+            part = flat.abs().sum(dim=0, dtype=torch.float32)
+            abs_sum = part if abs_sum is None else abs_sum + part
+            count += flat.shape[0]
+        return GroupCapture(judge_inputs, abs_sum / max(count, 1))
+
+    def _search(self, ctx, judge, linears, data: GroupCapture, refs, w_mean) -> dict:
+        st = ctx.settings
+        originals = [lin.weight.data.clone() for lin in linears]
+        numel = sum(r.numel() for r in refs)
+
+        def loss_of(scales: torch.Tensor) -> float:
+            for lin, w0 in zip(linears, originals):
+                if scales is None:
+                    q = fake_quantize_float(w0, st.bits, st.group_size, st.symmetric)
+                else:
+                    s = scales.to(w0.device)
+                    # Round W·s to the stored dtype first: that is what gets quantized.
+                    ws = (w0.float() * s).to(w0.dtype)
+                    q = fake_quantize_float(ws, st.bits, st.group_size, st.symmetric) / s
+                lin.weight.data = q.to(w0.dtype)
+            total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            for (x, kw), ref in zip(data.judge_inputs, refs):
+                out = run_module(judge, x, kw)
+                total += (out.float() - ref.float()).pow(2).sum(dtype=torch.float64)
+            return float(total) / numel
+
+        try:
+            result = grid_search(loss_of, data.x_abs_mean, w_mean, self.grid)
+            if self.rtn_baseline:
+                # Without duo scaling α = 0 is exactly s = 1: reuse its loss.
+                plain = (result["history"][0] if w_mean is None else loss_of(None))
+                result["loss_rtn"] = plain
+                if (self.keep_identity and math.isfinite(plain)
+                        and plain < result["loss"]):
+                    result.update(alpha=None, loss=plain, kept_identity=True,
+                                  scales=torch.ones_like(result["scales"]))
+        finally:
+            for lin, w0 in zip(linears, originals):
+                lin.weight.data = w0
+        return result
+
+    # ------------------------------------------------------------------ clipping
+    def _clip_all(self, ctx) -> dict[str, torch.Tensor]:
+        """Clip ratios for every clippable linear, from one capture of their inputs."""
+        skip = getattr(ctx.arch, "clip_skip", None)
+        names = [n for n in ctx.arch.linears
+                 if not (n in skip if skip is not None
+                         else n.rsplit(".", 1)[-1].endswith(_NO_CLIP_SUFFIXES))]
+        if not names:
+            return {}
+        # One representative per shared input (gate/up see the same tensor).
+        shared = {}
+        for group in ctx.arch.input_groups:
+            wanted = [n for n in group if n in names]
+            if wanted:
+                shared[wanted[0]] = wanted
+        sample = self._sample_inputs(ctx, list(shared))
+        st = ctx.settings
+        ratios_grid = shrink_ratios(self.clip_grid, self.max_shrink)
+        ratios = {}
+        for rep, members in shared.items():
+            x = sample[rep]
+            for name in members:
+                w = ctx.module(name).weight.data
+                r, stats = search_clip(w, x, st.bits, st.group_size, st.symmetric,
+                                       ratios_grid)
+                ratios[name] = r
+                ctx.stats["clip"][name] = stats
+        return ratios
+
+    def _sample_inputs(self, ctx, names: list[str]) -> dict[str, torch.Tensor]:
+        """Inputs of `names` on a seeded subsample of `clip_tokens` calibration tokens."""
+        sizes = [math.prod(x.shape[:-1]) for x in ctx.inputs]
+        seed = int(ctx.settings.calib.seed) * 1_000_003 + int(ctx.index)
+        idx = sample_token_indices(sum(sizes), self.clip_tokens, seed)
+        picked = {n: [] for n in names}
+        start = 0
+        # Iterate the capture generator to its end (not zip): its cleanup removes the hooks.
+        for chunk, seen in enumerate(ctx.capture(names)):
+            size = sizes[chunk]
+            local = idx[(idx >= start) & (idx < start + size)] - start
+            start += size
+            for n in names:
+                x = seen[n]
+                picked[n].append(x.reshape(-1, x.shape[-1])[local.to(x.device)])
+        return {n: torch.cat(v, dim=0) for n, v in picked.items()}
+
+
+def _register() -> None:
+    from quantizer.methods import register_method
+    register_method("awq", AWQ)
+
+
+_register()

@@ -1,0 +1,249 @@
+"""AWQ method on a tiny random Llama decoder layer (CPU, float32 unless stated)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from quantizer.arch import get_arch
+from quantizer.config import QuantSettings
+from quantizer.layer_context import LayerContext
+from quantizer.methods import get_method
+from quantizer.methods.awq import AWQ, candidate_scales, fold_scales, grid_search
+from quantizer.methods.awq_clip import fake_quantize_float, search_clip, shrink_ratios
+from quantizer.methods.rtn import RTN, fake_quantize
+from quantizer.skeleton import layer_output
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig  # noqa: E402
+from transformers.models.llama.modeling_llama import (  # noqa: E402
+    LlamaDecoderLayer, LlamaRotaryEmbedding)
+
+HIDDEN, INTER, SEQ, CHUNKS = 64, 128, 16, 3
+SMALL = dict(grid=10, clip_grid=10, clip_tokens=64)  # coarser grids keep the file fast
+
+
+def make_config(kv_heads: int = 4) -> LlamaConfig:
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32,
+                      max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def make_layer(cfg, seed: int, dtype=torch.float32) -> LlamaDecoderLayer:
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).eval().requires_grad_(False)
+    for p in layer.parameters():
+        if p.dim() == 2:
+            p.normal_(0, 0.05)
+        else:  # norms: around 1, not exactly, so folding is visible
+            p.uniform_(0.5, 1.5)
+    return layer.to(dtype)
+
+
+def make_inputs(seed: int, outliers: bool, flat: bool = False, dtype=torch.float32,
+                outlier_scale: float = 40.0):
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for _ in range(CHUNKS):
+        if flat:  # every channel the same magnitude: |x| = 1 everywhere
+            x = torch.randint(0, 2, (2, SEQ, HIDDEN), generator=gen).float() * 2 - 1
+        else:
+            x = torch.randn(2, SEQ, HIDDEN, generator=gen)
+        if outliers:
+            x[..., [3, 17, 40]] *= outlier_scale
+        chunks.append(x.to(dtype))
+    return chunks
+
+
+def make_ctx(layer, cfg, inputs, settings=None, dtype=torch.float32, logs=None):
+    rotary = LlamaRotaryEmbedding(config=cfg)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    cos, sin = rotary(inputs[0], pos)
+    kwargs = {"position_embeddings": (cos.to(dtype), sin.to(dtype)), "attention_mask": None,
+              "position_ids": pos}
+    settings = settings or QuantSettings(bits=4, group_size=32)
+    return LayerContext(index=0, layer=layer, arch=get_arch("llama"), model_config=cfg,
+                        settings=settings, inputs=inputs, layer_kwargs=kwargs,
+                        device=torch.device("cpu"), dtype=dtype,
+                        log=(logs.append if logs is not None else (lambda m: None)))
+
+
+def quantized_output_error(method, layer, cfg, inputs, ref_outputs) -> float:
+    ctx = make_ctx(layer, cfg, inputs)
+    q = method.quantize_layer(ctx)
+    for name, qw in q.items():
+        ctx.set_quantized(name, qw)
+    err = sum(float((o - r).pow(2).sum()) for o, r in zip(ctx.outputs(), ref_outputs))
+    return err / sum(r.numel() for r in ref_outputs)
+
+
+# ---------------------------------------------------------------------------- folding
+@pytest.mark.parametrize("group_index", [0, 1, 2, 3])
+def test_folding_scales_leaves_fp_output_unchanged(group_index):
+    cfg = make_config(kv_heads=4)  # MHA so that v -> o applies
+    layer = make_layer(cfg, seed=1)
+    inputs = make_inputs(2, outliers=True)
+    ctx = make_ctx(layer, cfg, inputs)
+    before = ctx.outputs()
+    group = ctx.arch.scale_groups[group_index]
+    width = ctx.module(group.linears[0]).in_features
+    scales = torch.rand(width, generator=torch.Generator().manual_seed(3)) * 4 + 0.1
+    snapshot = {n: ctx.module(n).weight.clone() for n in (group.prev, *group.linears)}
+    fold_scales(layer, group.prev, group.linears, scales)
+    for n, w in snapshot.items():  # the fold really changed the weights
+        assert not torch.equal(ctx.module(n).weight, w)
+    for a, b in zip(ctx.outputs(), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- α choice
+def test_flat_activations_choose_alpha_zero():
+    # Non-duo scaling: with |x| identical on every channel, s = mean|x|^α is 1 for every α,
+    # so every grid point scores the same and the first (α = 0) must be kept.
+    cfg = make_config()
+    layer = make_layer(cfg, seed=4)
+    with torch.no_grad():
+        layer.input_layernorm.weight.fill_(1.0)  # keep the norm output flat as well
+    ctx = make_ctx(layer, cfg, make_inputs(5, outliers=False, flat=True))
+    AWQ(duo_scaling=False, clip=False, **SMALL).quantize_layer(ctx)
+    first = ctx.stats["groups"][0]
+    assert first["prev"] == "input_layernorm"
+    assert first["alpha"] == 0.0
+    assert len(set(first["losses"])) == 1  # the grid really was flat
+
+
+def test_outlier_channels_choose_larger_alpha():
+    # Non-duo scaling (the clean version: s depends on activations only). Three hidden
+    # channels 40x larger than the rest; their weights must be protected, so α > 0 clearly.
+    cfg = make_config()
+    layer = make_layer(cfg, seed=6)
+    ctx = make_ctx(layer, cfg, make_inputs(7, outliers=True))
+    AWQ(duo_scaling=False, clip=False, grid=20).quantize_layer(ctx)
+    by_prev = {g["prev"]: g for g in ctx.stats["groups"]}
+    for prev in ("input_layernorm", "post_attention_layernorm"):
+        g = by_prev[prev]
+        assert g["alpha"] >= 0.25, (prev, g["alpha"], g["losses"])
+        assert g["loss"] < 0.7 * g["loss_rtn"], (prev, g)
+
+
+def test_grid_search_skips_nonfinite_and_falls_back():
+    x_mean = torch.linspace(0.1, 5.0, 16)
+    calls = []
+
+    def half_nan(s):
+        calls.append(s)
+        return math.nan if len(calls) % 2 else float(len(calls))
+
+    r = grid_search(half_nan, x_mean, None, grid=6)
+    assert r["alpha"] == 1 / 6  # first finite loss (call 2) is the smallest finite one
+    r = grid_search(lambda s: math.inf, x_mean, None, grid=6)
+    assert r["alpha"] is None and torch.equal(r["scales"], torch.ones(16))
+    s = candidate_scales(x_mean, torch.rand(16), 0.5)
+    assert torch.isfinite(s).all() and math.isclose(float(s.max() * s.min()), 1.0, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------- shapes
+def test_gqa_skips_v_to_o_and_mha_applies_it():
+    for kv_heads, expect_vo in ((2, False), (4, True)):
+        cfg = make_config(kv_heads=kv_heads)
+        logs = []
+        ctx = make_ctx(make_layer(cfg, seed=8), cfg, make_inputs(9, outliers=True), logs=logs)
+        q = AWQ(clip=False, **SMALL).quantize_layer(ctx)
+        applied = [g["prev"] for g in ctx.stats["groups"]]
+        skipped = [g["prev"] for g in ctx.stats["skipped_groups"]]
+        assert ("self_attn.v_proj" in applied) == expect_vo
+        assert ("self_attn.v_proj" in skipped) == (not expect_vo)
+        assert set(q) == set(ctx.arch.linears)  # o_proj is quantized either way
+        if not expect_vo:
+            assert any("skipping scale group self_attn.v_proj" in m for m in logs)
+            assert "v_o_same_width" in ctx.stats["skipped_groups"][0]["reason"]
+
+
+# ---------------------------------------------------------------------------- quality
+def test_awq_beats_rtn_on_outlier_layer():
+    cfg = make_config(kv_heads=2)
+    layer = make_layer(cfg, seed=10)
+    inputs = make_inputs(11, outliers=True)
+    ref = make_ctx(layer, cfg, inputs).outputs()
+    err_rtn = quantized_output_error(RTN(), copy.deepcopy(layer), cfg, inputs, ref)
+    err_awq = quantized_output_error(get_method("awq", **SMALL), copy.deepcopy(layer), cfg,
+                                     inputs, ref)
+    assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+
+
+def test_clip_search_matches_rtn_and_never_hurts():
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(48, 64, generator=gen)
+    w[:, 5] *= 8  # a heavy weight column makes clipping worthwhile in its group
+    x = torch.randn(100, 64, generator=gen)
+    ratios = shrink_ratios(20, 0.5)
+    assert ratios[0] == 1.0 and min(ratios) == pytest.approx(0.55)
+    best, stats = search_clip(w, x, 4, 32, False, ratios)
+    assert best.shape == (48, 2) and stats["clipped_fraction"] > 0
+    assert stats["err_ratio"] <= 1.0
+    # The float fake-quantizer is bit-identical to rtn's; the chosen ratios lower the error.
+    assert torch.equal(fake_quantize_float(w, 4, 32, False), fake_quantize(w, 4, 32))
+    err = lambda q: float(((x @ q.t()) - (x @ w.t())).pow(2).sum())  # noqa: E731
+    assert err(fake_quantize(w, 4, 32, clip_ratio=best)) < err(fake_quantize(w, 4, 32))
+
+
+# ---------------------------------------------------------------------------- fp16 / det.
+def test_half_precision_never_nan():
+    # The fp16 MLP output overflows (up/down scaled so |out| > 65504): the search must
+    # detect it, evaluate in float32, and return finite quantized weights and losses.
+    cfg = make_config(kv_heads=2)
+    layer = make_layer(cfg, seed=13)
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.mul_(100)
+        layer.mlp.down_proj.weight.mul_(2000)
+    layer = layer.half()
+    inputs = make_inputs(14, outliers=True, dtype=torch.float16, outlier_scale=20.0)
+    logs = []
+    ctx = make_ctx(layer, cfg, inputs, dtype=torch.float16, logs=logs)
+    q = AWQ(**SMALL).quantize_layer(ctx)
+    by_prev = {g["prev"]: g for g in ctx.stats["groups"]}
+    assert by_prev["post_attention_layernorm"]["eval_dtype"] == "float32"
+    assert any("overflows" in m for m in logs)
+    for g in ctx.stats["groups"]:
+        assert g["alpha"] is not None and math.isfinite(g["loss"]), g
+    for name, qw in q.items():
+        assert torch.isfinite(qw.scales).all(), name
+    for p in layer.parameters():
+        assert p.dtype == torch.float16 and torch.isfinite(p).all()
+
+
+def test_two_runs_are_bit_identical():
+    cfg = make_config(kv_heads=4)
+    base = make_layer(cfg, seed=15)
+    inputs = make_inputs(16, outliers=True)
+    runs = []
+    for _ in range(2):
+        layer = copy.deepcopy(base)
+        ctx = make_ctx(layer, cfg, inputs)
+        q = AWQ(**SMALL).quantize_layer(ctx)
+        runs.append((q, {k: v.clone() for k, v in layer.state_dict().items()},
+                     [g["alpha"] for g in ctx.stats["groups"]]))
+    (q1, sd1, a1), (q2, sd2, a2) = runs
+    assert a1 == a2
+    for name in q1:
+        for f in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(q1[name], f), getattr(q2[name], f)), (name, f)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+
+
+def test_registered_and_reports_stats():
+    cfg = make_config(kv_heads=2)
+    ctx = make_ctx(make_layer(cfg, seed=17), cfg, make_inputs(18, outliers=True))
+    method = get_method("awq", **SMALL)
+    assert method.name == "awq" and method.needs_calibration
+    method.quantize_layer(ctx)
+    assert set(ctx.stats["time_s"]) == {"search", "clip", "quantize"}
+    assert set(ctx.stats["clip"]) == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                      "mlp.up_proj", "mlp.down_proj"}
+    assert all(c["tokens"] == 64 for c in ctx.stats["clip"].values())
+    assert all(g["loss_rtn"] is not None for g in ctx.stats["groups"])
