@@ -212,13 +212,15 @@ class Decisions:
     """hidden: where the layer inputs/outputs of all samples live (gpu, pinned cpu, disk).
     hessian: where GPTQ accumulates Hessians AND solves ('cpu' = both on the host, so the GPU
     never holds an n×n matrix); 'none' for other methods.
-    mode: 'whole' keeps the layer's weights and every input group's state on the GPU at once;
-    'by_group' keeps only the current input group (other modules are streamed one at a time
-    for the forward) and runs one calibration pass per group.
+    mode: 'whole' keeps the layer's weights on the GPU; 'by_group' keeps only the current
+    input group's weights there and streams the other modules in one at a time for the
+    forward. Either way calibration runs one pass per input group (true-sequential, as the
+    methods do), so only one group's statistics/Hessian is alive at a time.
     row_slices: the quantize step handles a linear's output rows in this many slices (each row
     is independent given the Hessian, so this is exact); it shrinks the fp32 weight copy, never
     the Hessian, which spans the input dimension.
-    experts_per_pass: MoE only, experts whose statistics are alive in one calibration pass."""
+    experts_per_pass: MoE only, experts whose Hessians (and, by_group, weights) are alive in
+    one calibration pass; fewer means more passes over the calibration data."""
 
     hidden: str
     hessian: str
@@ -309,7 +311,7 @@ class _Peak:
 
 
 def _alive_copies(g: InputGroup, dec: Decisions) -> int:
-    if g.copies > 1 and dec.mode == "by_group" and dec.experts_per_pass:
+    if g.copies > 1 and dec.experts_per_pass:
         return min(g.copies, dec.experts_per_pass)
     return g.copies
 
@@ -377,20 +379,17 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
     act = _activation_terms(job, moe, dec, hidden_local)
     biggest = max(groups, key=lambda g: g.weight_elements(_alive_copies(g, dec)))
     phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act)]
-    passes = groups if dec.mode == "by_group" else (None,)
-    for p in passes:
-        members = groups if p is None else (p,)
-        res = resident(p or biggest, True)
-        name = "the whole layer" if p is None else p.name
+    for g in groups:
+        res = resident(g, True)
         if job.method == "gptq":
-            n = max(g.in_features for g in members)
+            n = g.in_features
             update = Term("hessian_update", f"chunk input in fp32 for X^T·X ({c}×{S}×{n})",
                           c * S * n * 4)
-            alive = [hessian(g) for g in members] if hess_local else []
-            phases.append((f"calibrate {name}", res + held + act + alive + [update]))
+            alive = [hessian(g)] if hess_local else []
+            phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
         else:
-            stats = sum(g.in_features * g.copies for g in members) * 4
-            phases.append((f"calibrate {name}", res + held + act + [
+            stats = g.in_features * g.copies * 4
+            phases.append((f"calibrate {g.name}", res + held + act + [
                 Term("stats", "AWQ per-channel activation statistics (fp32)", stats)]))
     for g in groups:
         res = resident(g, False)
@@ -398,11 +397,10 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             if not hess_local:  # accumulated and solved on the host
                 phases.append((f"solve {g.name} (host)", res + held))
                 continue
-            alive = [hessian(x) for x in groups] if dec.mode == "whole" else [hessian(g)]
             n = g.in_features
-            phases.append((f"solve {g.name}", res + held + alive + [
-                Term("cholesky", f"Cholesky workspace {n}×{n} fp32", n * n * 4),
-                fp32_weight(g)]))
+            workspace = Term("cholesky", f"Cholesky workspace {n}×{n} fp32", n * n * 4)
+            phases.append((f"solve {g.name}", res + held + [hessian(g), workspace,
+                                                             fp32_weight(g)]))
         else:  # AWQ: the search caches every chunk's judge input and fp reference output
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
@@ -458,9 +456,7 @@ def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
         if job.calibrated and dec.hidden == "disk":
             items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
         if job.method == "gptq" and dec.hessian == "cpu":
-            alive = sum(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
-            if dec.mode == "by_group":
-                alive = max(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
+            alive = max(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
             n = max(g.in_features for g in groups)
             wide = max(lin.out_features * lin.in_features for g in groups for lin in g.linears)
             items.append(("Hessians + Cholesky workspace (fp32, host)", (alive + n * n) * 4))
@@ -499,7 +495,7 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
             return to_cpu if _ram_ok(job, to_cpu, ram_budget) else replace(dec, hidden="disk")
     if move == "by_group" and dec.mode == "whole":
         return replace(dec, mode="by_group")
-    if move == "experts" and dec.mode == "by_group" and dec.experts_per_pass > 1:
+    if move == "experts" and dec.experts_per_pass > 1:
         return replace(dec, experts_per_pass=dec.experts_per_pass // 2)
     if (move == "hessian_off_gpu" and job.method == "gptq" and hessian_forced == "auto"
             and dec.hessian == "gpu" and not job.on_host):
