@@ -1,0 +1,164 @@
+"""compressed-tensors "pack-quantized" export: the layout llm-compressor writes and vLLM's
+CompressedTensorsWNA16 loads, with one config_group per distinct (bits, group size, symmetry,
+act-order) so every module can carry its own width (the mixed-bit export).
+
+Per linear: {prefix}.weight_packed int32 (out, in*bits/32), .weight_scale fp16 (out, in/G),
+.weight_shape int64 [out, in], .weight_zero_point int32 (out*bits/32, in/G) when asymmetric,
+.weight_g_idx int32 (in,) with act-order. Packing order: kernels/packing.py.
+
+What vLLM accepts (CompressedTensorsWNA16): symmetric 2..8 bits on recent releases (4 and 8
+only before), asymmetric 4 and 8 bits; vLLM fuses q/k/v and gate/up into one linear each and
+requires all shards of a fused linear to share one scheme (see measure.py's candidates)."""
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+from quantizer.errors import InputError
+from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight, ct_pack_linear
+
+from . import register_exporter
+
+FORMAT = "compressed-tensors"
+VLLM_ASYMMETRIC_BITS = (4, 8)  # WNA16_ZP_SUPPORTED_TYPES_MAP in vLLM
+
+
+def check_supported(bits, symmetric: bool = False, act_order: bool = False) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise InputError(f"compressed-tensors export: bits must be one of {SUPPORTED_BITS}, "
+                         f"got {bits}")
+
+
+def ct_tensors(prefix: str, q: QuantizedWeight, scale_dtype: torch.dtype = torch.float16
+               ) -> dict[str, torch.Tensor]:
+    check_supported(q.bits)
+    if q.in_features * q.bits % 32 or (not q.symmetric and q.out_features * q.bits % 32):
+        raise InputError(f"{prefix}: pack-quantized needs widths whose bit counts are "
+                         f"multiples of 32, got {tuple(q.codes.shape)} at {q.bits}-bit")
+    tensors = ct_pack_linear(q)
+    tensors["weight_scale"] = tensors["weight_scale"].to(scale_dtype)
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def weights_args(bits: int, group_size: int, symmetric: bool, act_order: bool = False,
+                 static_groups: bool = False) -> dict:
+    """compressed-tensors QuantizationArgs for an int weight-only scheme.
+
+    actorder "group": columns were quantized in activation order and groups follow that
+    order (weight_g_idx is written); "weight": act-order with static groups (groups stay
+    contiguous, no g_idx) -- exactly our static_groups."""
+    actorder = None
+    if act_order and group_size != -1:
+        actorder = "weight" if static_groups else "group"
+    return {
+        "num_bits": int(bits),
+        "type": "int",
+        "symmetric": bool(symmetric),
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else int(group_size),
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": actorder,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+_INDEXED = re.compile(r"^(?P<head>.+?)\.(?P<idx>\d+)\.(?P<tail>.+)$")
+
+
+def compact_targets(names: list[str]) -> list[str]:
+    """Targets matching exactly `names`: names of the form '<head>.<i>.<tail>' sharing head and
+    tail collapse into one anchored regex ('re:^model\\.layers\\.(?:0|3)\\.mlp\\.down_proj$');
+    vLLM and compressed-tensors apply 're:' targets with re.match, hence the explicit '$'."""
+    runs: dict[tuple[str, str], list[str]] = defaultdict(list)
+    plain = []
+    for name in names:
+        m = _INDEXED.match(name)
+        if m:
+            runs[(m["head"], m["tail"])].append(m["idx"])
+        else:
+            plain.append(name)
+    out = []
+    for (head, tail), idxs in runs.items():
+        idxs = sorted(set(idxs), key=int)
+        if len(idxs) == 1:
+            out.append(f"{head}.{idxs[0]}.{tail}")
+        else:
+            out.append(f"re:^{re.escape(head)}\\.(?:{'|'.join(idxs)})\\.{re.escape(tail)}$")
+    return out + sorted(set(plain))
+
+
+def ct_quantization_config(module_bits: dict[str, tuple], ignore: list[str] | None = None,
+                           static_groups: bool = False) -> dict:
+    """config.json "quantization_config" for modules quantized with possibly different
+    settings. `module_bits` maps full module names to (bits, group_size, symmetric,
+    act_order); one config_group per distinct setting, its targets naming exactly its
+    modules."""
+    if not module_bits:
+        raise InputError("compressed-tensors config: no quantized modules")
+    by_setting: dict[tuple, list[str]] = defaultdict(list)
+    for name, setting in module_bits.items():
+        bits, group_size, symmetric, act_order = setting
+        check_supported(bits)
+        by_setting[(int(bits), int(group_size), bool(symmetric), bool(act_order))].append(name)
+    groups = {}
+    # Targets of different groups never overlap, so readers that take the first match and
+    # readers that take any match agree; sorting only makes the file deterministic.
+    for i, (setting, names) in enumerate(sorted(by_setting.items(), key=lambda kv: kv[0])):
+        bits, group_size, symmetric, act_order = setting
+        groups[f"group_{i}"] = {
+            "targets": compact_targets(sorted(names)),
+            "weights": weights_args(bits, group_size, symmetric, act_order, static_groups),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(ignore) if ignore is not None else ["lm_head"],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+def vllm_loadable(module_bits: dict[str, tuple]) -> list[str]:
+    """Reasons vLLM would refuse these settings (empty when it loads them)."""
+    problems = []
+    for name, (bits, _gs, symmetric, _ao) in sorted(module_bits.items()):
+        if not symmetric and bits not in VLLM_ASYMMETRIC_BITS:
+            problems.append(f"{name}: asymmetric {bits}-bit (vLLM: asymmetric 4/8 only)")
+    return problems
+
+
+# ---- the exporter-module interface quantizer.export.get_exporter hands to the writer ----
+def linear_tensors(prefix: str, q: QuantizedWeight) -> dict:
+    return ct_tensors(prefix, q)
+
+
+def quantization_config(bits: int, group_size: int, not_converted: list[str], **details) -> dict:
+    """`details["module_bits"]` ({full name: (bits, group_size, symmetric, act_order)}) gives
+    the per-module settings; without it every name in details["modules"] gets the uniform
+    (bits, group_size)."""
+    module_bits = details.get("module_bits")
+    sym, ao = bool(details.get("symmetric", False)), bool(details.get("act_order", False))
+    static = bool(details.get("static_groups", False))
+    if module_bits is None:
+        module_bits = {m: (bits, group_size, sym, ao) for m in details.get("modules", [])}
+    # Every linear that no target names must be ignored, or vLLM finds no scheme for it.
+    ignore = ["lm_head"] + [n for n in (not_converted or []) if n != "lm_head"]
+    if not module_bits:  # uniform and no module list: llm-compressor's "every Linear"
+        cfg = ct_quantization_config({"_": (bits, group_size, sym, ao)}, ignore, static)
+        cfg["config_groups"]["group_0"]["targets"] = ["Linear"]
+        return cfg
+    return ct_quantization_config(module_bits, ignore=ignore, static_groups=static)
+
+
+register_exporter(sys.modules[__name__])
