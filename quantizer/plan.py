@@ -405,7 +405,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
                           f"{N}×{S}×({n}+{H})", N * S * (n + H) * d)
-            if not hidden_local:  # cached with the hidden states; one chunk copied in
+            if not (hidden_local or job.on_host):  # cached in host RAM; one chunk copied in
                 cached = Term("reference", f"AWQ judge input + reference, chunk {c}",
                               c * S * (n + H) * d)
             lin = max(g.linears, key=lambda x: x.in_features * x.out_features)
@@ -449,10 +449,10 @@ def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
                   (sum(g.weight_elements() for g in groups) + extra) * d)]
         if job.calibrated and dec.hidden == "cpu":
             items.append((f"hidden states in+out {N}×{S}×{H} (pinned)", 2 * N * S * H * d))
-            if job.method == "awq":
-                n = max(g.in_features for g in groups)
-                items.append(("AWQ judge inputs + fp references (widest group)",
-                              N * S * (n + H) * d))
+        if job.method == "awq" and dec.hidden in ("cpu", "disk"):
+            n = max(g.in_features for g in groups)
+            items.append(("AWQ judge inputs + fp references (widest group)",
+                          N * S * (n + H) * d))
         if job.calibrated and dec.hidden == "disk":
             items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
         if job.method == "gptq" and dec.hessian == "cpu":
@@ -574,8 +574,8 @@ def _refusal(label: str, budget: int, peak: _Peak, forced: tuple[str, str],
              ram_note: str = "", on_host: bool = False) -> PlanError:
     culprit = _culprit(peak, on_host)
     advice = _ADVICE.get(culprit.kind, "a larger budget")
-    if culprit.kind in ("hessian", "cholesky") and forced[1] == "cpu":
-        advice = "raise --ram-budget or the VRAM budget"
+    if culprit.kind in ("hessian", "cholesky") and (forced[1] == "cpu" or "host RAM" in ram_note):
+        advice = "raise --ram-budget (Hessians on the CPU) or the VRAM budget"
     if culprit.kind in ("hidden", "reference") and forced[0] != "gpu":
         advice = "fewer calibration tokens (--calib-samples / --calib-seqlen)"
     msg = (f"no plan fits {label}'s budget of {format_size(budget)}: needs ≥ "
@@ -631,6 +631,8 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
         raise InputError(f"--hessian-device must be auto, gpu or cpu, got {hessian_device!r}")
     devices = list(devices) or [DeviceSpec(-1, "host")]
     on_host = all(dev.is_host for dev in devices)
+    if not on_host and any(dev.is_host for dev in devices):
+        raise InputError("plan either GPUs or the host CPU, not both at once")
     if on_host and hidden_device == "gpu":
         raise InputError("--hidden-device gpu with no GPU to plan for")
     forced = (hidden_device, hessian_device)
@@ -648,12 +650,14 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
             ram_note = "" if _ram_ok(job, dec, ram_budget) else (
                 f"; host RAM also short: needs {format_size_up(_ram(job, dec)[0])} of "
                 f"{format_size(ram_budget)} (--ram-budget)")
+            host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu"
+                           else dec.hidden)
             if (job.method == "gptq" and dec.hessian == "gpu" and forced[1] == "auto"
-                    and not on_host):  # the move to the host was blocked by host RAM
-                host = replace(dec, hessian="cpu", hidden="disk")
-                ram_note += (f"; host RAM is too small for Hessians on the CPU: they need "
-                             f"{format_size_up(_ram(job, host)[0])} of --ram-budget "
-                             f"{format_size(ram_budget)}")
+                    and not on_host and _apply("hessian_off_gpu", job, dec, ram_budget) is None
+                    and _peak(job, host).total < peak.total):  # blocked by host RAM
+                ram_note = (f" — Hessians on the CPU would fit the GPU but need "
+                            f"{format_size_up(_ram(job, host)[0])} of host RAM (--ram-budget "
+                            f"is {format_size(ram_budget)}){ram_note}")
             refusals.append(_refusal(dev.label, budget, peak, forced, ram_note, on_host))
             notes.append(f"{dev.label} left out: {refusals[-1]}")
     if not fitting:
