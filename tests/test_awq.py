@@ -25,6 +25,15 @@ HIDDEN, INTER, SEQ, CHUNKS = 64, 128, 16, 3
 SMALL = dict(grid=10, clip_grid=10, clip_tokens=64)  # coarser grids keep the file fast
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: thread start-up and contention on a shared CPU cost 10x the arithmetic.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_config(kv_heads: int = 4) -> LlamaConfig:
     cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4,
                       num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32,
