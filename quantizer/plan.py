@@ -120,14 +120,18 @@ class InputGroup:
         return n * sum(lin.in_features * lin.out_features for lin in self.linears)
 
 
-def _resolve_arch(shapes: ModelShapes, arch):
+def resolve_arch(shapes: ModelShapes, arch):
+    """The arch spec naming the layer's modules: given, registered, or — for MoE families that
+    have no arch file yet (Mixtral, Qwen2/3-MoE) — the Llama attention they share."""
     if arch is not None:
         return arch
     from .arch import get_arch
     try:
         return get_arch(shapes.model_type)
     except InputError:
-        from .arch.llama import SPEC  # MoE families without an arch file: same attention
+        if not shapes.is_moe:
+            raise
+        from .arch.llama import SPEC
         return SPEC
 
 
@@ -148,7 +152,7 @@ def _dense_linear(name: str, s: ModelShapes, arch) -> Linear:
 
 def layer_groups(shapes: ModelShapes, moe: bool, arch=None) -> tuple[InputGroup, ...]:
     """The input groups of one decoder layer (dense, or MoE when `moe`), in execution order."""
-    arch = _resolve_arch(shapes, arch)
+    arch = resolve_arch(shapes, arch)
     mlp_names = set(arch.mlp_gate_up) | {arch.mlp_down}
     groups = []
     for names in arch.input_groups:
@@ -173,7 +177,8 @@ def layer_groups(shapes: ModelShapes, moe: bool, arch=None) -> tuple[InputGroup,
     return tuple(groups)
 
 
-def _layer_kinds(shapes: ModelShapes) -> tuple[bool, ...]:
+def layer_kinds(shapes: ModelShapes) -> tuple[bool, ...]:
+    """Which layer kinds the model has: (False,) dense only, (True,) MoE only, or both."""
     kinds = []
     if shapes.layers - shapes.moe_layers > 0:
         kinds.append(False)
@@ -586,7 +591,7 @@ def _refusal(label: str, budget: int, peak: _Peak, forced: tuple[str, str],
 
 def _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced, arch):
     kinds = []
-    for moe in _layer_kinds(shapes):
+    for moe in layer_kinds(shapes):
         groups = layer_groups(shapes, moe, arch)
         extra = shapes.hidden * (shapes.num_experts + (1 if shapes.shared_expert_intermediate
                                                          else 0)) if moe else 0  # routers

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import InputError
-from .plan import Linear, ModelShapes, _layer_kinds, layer_groups
+from .plan import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
 
 MARLIN_MIN_THREAD_K = 128
 MARLIN_MIN_THREAD_N = 64
@@ -82,10 +82,8 @@ def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Pro
     MoE families without an arch file)."""
     if tp_size < 1:
         raise InputError(f"--tp-size must be at least 1, got {tp_size}")
-    from .plan import _resolve_arch
-
     shapes = ModelShapes.from_config(config)
-    arch = _resolve_arch(shapes, arch_spec)
+    arch = resolve_arch(shapes, arch_spec)
     n, g = tp_size, group_size
     problems: list[Problem] = []
     if shapes.heads % n:
@@ -97,7 +95,7 @@ def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Pro
                                 f"TP {n} nor replicate evenly (TP must divide or be a multiple "
                                 f"of {shapes.kv_heads})", False))
     seen = set()
-    for moe in _layer_kinds(shapes):
+    for moe in layer_kinds(shapes):
         for group in layer_groups(shapes, moe, arch):
             for lin in group.linears:
                 if lin.name in seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import pytest
 
@@ -266,7 +267,8 @@ def test_random_shapes_keep_the_invariants():
 # ---------------------------------------------------------------- plan_command
 
 
-def test_plan_command_reads_config_only(tmp_path):
+def test_plan_command_reads_config_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # plan for GPUs not here
     (tmp_path / "config.json").write_text(json.dumps(QWEN2_72B))
     text = plan_command(tmp_path, 4, "gptq", "16G", "64G", None, 128, 512)
     assert "cuda:0" in text and "predicted peak" in text and "16.0 GiB" in text
@@ -280,6 +282,59 @@ def test_plan_command_reads_config_only(tmp_path):
         plan_command(tmp_path / "missing", 4, "gptq", "16G", "64G", None, 128, 512)
     with pytest.raises(InputError):
         plan_command(tmp_path, 11, "gptq", "16G", "64G", None, 128, 512)
+
+
+def test_plan_command_without_gpu_plans_the_host(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no nvidia-ml-py
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    text = plan_command(tmp_path, 4, "gptq", None, "16G", None, 16, 256)
+    assert "\ncpu " in text and "CUDA context" not in text
+
+
+def test_unknown_dense_architecture_is_refused():
+    with pytest.raises(InputError, match="unsupported architecture"):
+        plan_for(dict(LLAMA2_7B, model_type="gpt2"), "awq", "8G")
+
+
+class _FakeNvml:
+    """Stands in for nvidia-ml-py: physical GPUs with (total, free) bytes."""
+
+    def __init__(self, gpus):
+        self.gpus = gpus
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, i):
+        total, free = self.gpus[i]
+        return type("Mem", (), {"total": total, "free": free})()
+
+    def nvmlDeviceGetName(self, i):
+        return f"GPU{i}".encode()
+
+
+def test_default_budgets_come_from_nvml_minus_a_margin(monkeypatch):
+    from quantizer.plan import default_vram_budgets, detect_devices
+    free = [random.randrange(8, 70) * GIB for _ in range(3)]
+    fake = _FakeNvml([(80 * GIB, f) for f in free])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")  # cuda:0 is physical GPU 2
+    devs = detect_devices()
+    assert [(d.index, d.name, d.free_bytes) for d in devs] == [(0, "GPU2", free[2]),
+                                                                (1, "GPU0", free[0])]
+    budgets = default_vram_budgets(devs)
+    assert budgets == {0: free[2] - 4 * GIB, 1: free[0] - 4 * GIB}  # 5% of 80 GiB
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert detect_devices() == []
 
 
 # ---------------------------------------------------------------- sizes
