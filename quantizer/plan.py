@@ -335,6 +335,7 @@ def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) 
                + 3 * tok * s.shared_expert_intermediate * d + tok * s.hidden * d)
     else:
         mlp = 3 * tok * s.intermediate * d  # gate, up, act(gate)·up
+    # Attention's and the MLP's temporaries are freed before the other runs: count the larger.
     if attn + scores >= mlp:
         return [Term("activations", f"forward activations, chunk {c} (attention q/k/v/out)",
                      base + attn),
