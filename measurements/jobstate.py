@@ -106,7 +106,16 @@ class JobDir:
                              "continue the job or --overwrite to start over, not both")
         if first_stage not in WORK_STAGES:
             raise ValueError(f"first_stage must be one of {WORK_STAGES}, got {first_stage!r}")
+        had_lock = self._lock_fd is not None
         self.lock()
+        try:
+            return self._begin_locked(fingerprint, resume, overwrite, first_stage)
+        except BaseException:
+            if not had_lock:  # a refused start must not keep the directory locked
+                self.unlock()
+            raise
+
+    def _begin_locked(self, fingerprint, resume, overwrite, first_stage) -> dict:
         remove_temporaries(self.path)  # we hold the lock: any temporary is a dead writer's
         state_file = self.path / STATE_NAME
         if state_file.exists():
@@ -225,6 +234,12 @@ class JobDir:
             raise ValueError(f"stage must be one of {WORK_STAGES}, got {stage!r}")
         return stage
 
+    def _require_current(self, stage: str) -> str:
+        if self._check_stage(stage) != self.stage:
+            raise QuantizerError(f"internal: writing {stage} results while job {self.path} is "
+                                 f"at stage {self.stage}; call set_stage first")
+        return stage
+
     def set_stage(self, stage: str) -> None:
         """Move to a later stage (or stay); stages never go backwards within a job."""
         if stage not in STAGES:
@@ -279,7 +294,7 @@ class JobDir:
                    meta: Mapping[str, Any] | None = None) -> Path:
         """Write a layer's result durably. It counts as finished only after commit_layer."""
         self._require_lock()
-        p = self.layer_path(self._check_stage(stage), index)
+        p = self.layer_path(self._require_current(stage), index)
         atomic_save_tensors(p, tensors, self._stamp(stage, index, meta or {}))
         return p
 
@@ -292,6 +307,7 @@ class JobDir:
         """Record layer `index` of `stage` as finished (after its files are durable), then drop
         hidden states no longer needed. Layers finish in order: index must be last + 1."""
         self._require_lock()
+        self._require_current(stage)
         last = self.last_finished(stage)
         if index != last + 1:
             raise QuantizerError(f"internal: committing layer {index} of {stage} after layer "
@@ -310,12 +326,12 @@ class JobDir:
         self._prune_hidden(keep=nxt if nxt.is_file() else None)
 
     # ---- hidden states -------------------------------------------------------------------
-    def save_hidden(self, index: int, tensors: Sequence[torch.Tensor],
-                    stage: str | None = None) -> Path:
-        """Hidden states entering layer `index` (one tensor per calibration chunk). Older
-        ones are deleted once state.json no longer needs them (see commit_layer)."""
+    def save_hidden(self, index: int, tensors: Sequence[torch.Tensor]) -> Path:
+        """Hidden states entering layer `index` of the current stage's pass (one tensor per
+        calibration chunk). Older ones are deleted once state.json no longer needs them (see
+        commit_layer)."""
         self._require_lock()
-        stage = self._check_stage(stage or self.stage)
+        stage = self._check_stage(self.stage)
         p = self.layer_path(stage, index, hidden=True)
         chunks = {f"chunk.{i:05d}": t for i, t in enumerate(tensors)}
         atomic_save_tensors(p, chunks, self._stamp(stage, index, {"chunks": len(chunks)}))

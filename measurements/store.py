@@ -1,0 +1,162 @@
+"""measurement.json: for every layer and module group, the measured candidates (quantization
+settings) with their exact storage cost and their relative output error. Written atomically
+after every layer, so a killed measurement pass resumes at the next layer, and reusable for
+any bits-per-weight target (the optimiser reads it; nothing is measured twice).
+
+    {"schema_version": 1, "kind": "layerquant-measurement", "fingerprint": {...},
+     "layers": [{"index": 0, "groups": {"self_attn.qkv": {
+         "numel": 25165824, "modules": ["self_attn.q_proj", ...],
+         "candidates": [{"label": "4b g128", "bits": 4, "group_size": 128,
+                         "bpw": 4.156, "err": 0.0123}, ...]}}}, ...]}
+
+A candidate may describe a per-part mixture with "parts": [{"bits", "group_size",
+"fraction"}, ...] (then "bits" is the weighted mean width); any other keys a method needs to
+reproduce the candidate are kept as they are. `numel` lives on the group (all its candidates
+quantize the same weights)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import InputError
+from .atomic import atomic_write_json, read_json
+from .fingerprint import fingerprint_differences, normalise_settings
+from .optimizer import Candidate, Choice, Group
+
+SCHEMA_VERSION = 1
+KIND = "layerquant-measurement"
+
+
+class MeasurementStore:
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping[str, Any],
+                 layers: list[dict] | None = None):
+        self.path = Path(path)
+        self.fingerprint = normalise_settings(fingerprint)
+        self.layers: list[dict] = layers or []
+
+    # ---- create / load -------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> "MeasurementStore":
+        store = cls(path, fingerprint)
+        store.save()
+        return store
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MeasurementStore":
+        """Read and validate; anything wrong → InputError naming the file (and line)."""
+        path = Path(path)
+        doc = read_json(path, "measurement file")
+        if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            raise InputError(f"measurement file {path} is not a layerquant measurement "
+                             f"(no \"kind\": \"{KIND}\")")
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(f"measurement file {path} has schema version {version!r}, this "
+                             f"layerquant reads version {SCHEMA_VERSION}; measure again")
+        fp = doc.get("fingerprint")
+        if not isinstance(fp, dict) or not {"model", "calibration", "settings"} <= set(fp):
+            raise InputError(f"measurement file {path}: 'fingerprint' must hold model, "
+                             f"calibration and settings")
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise InputError(f"measurement file {path}: 'layers' must be a list")
+        for pos, layer in enumerate(layers):
+            _validate_layer(path, pos, layer)
+        return cls(path, fp, layers)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> "MeasurementStore":
+        """Continue the measurement in `path` if it exists (same fingerprint required), else
+        start one. Whether continuing is allowed at all is the job's decision (--resume)."""
+        if Path(path).exists():
+            store = cls.load(path)
+            store.check_fingerprint(fingerprint)
+            return store
+        return cls.create(path, fingerprint)
+
+    def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
+        """InputError listing what differs between this measurement's inputs and `fingerprint`."""
+        diffs = fingerprint_differences(self.fingerprint, fingerprint)
+        if diffs:
+            raise InputError(f"measurement file {self.path} was made from different inputs:\n"
+                             f"  - " + "\n  - ".join(diffs) + "\nMeasure again (or point "
+                             f"--measurement at a file made for this model and settings)")
+
+    def save(self) -> None:
+        doc = {"schema_version": SCHEMA_VERSION, "kind": KIND, "fingerprint": self.fingerprint,
+               "layers": self.layers}
+        atomic_write_json(self.path, doc, sort_keys=False)
+
+    # ---- recording -----------------------------------------------------------------------
+    def record_layer(self, index: int, groups: Mapping[str, Mapping[str, Any]]) -> None:
+        """Store one layer's measurements and write the file (atomically). Layers arrive in
+        order; recording the last layer again (a redo after a kill) replaces it."""
+        if not 0 <= index <= len(self.layers):
+            raise ValueError(f"layer {index} recorded after {len(self.layers)} layers")
+        layer = {"index": index, "groups": {name: dict(g) for name, g in groups.items()}}
+        layer = normalise_settings(layer)
+        _validate_layer(self.path, index, layer)
+        if index == len(self.layers):
+            self.layers.append(layer)
+        else:
+            self.layers[index] = layer
+            del self.layers[index + 1:]  # later layers were measured on different inputs
+        self.save()
+
+    def layers_done(self) -> int:
+        """Number of layers measured (they are always 0 .. n-1)."""
+        return len(self.layers)
+
+    def is_complete(self, num_layers: int) -> bool:
+        return len(self.layers) >= num_layers
+
+    # ---- optimiser interface -------------------------------------------------------------
+    def groups(self, weight: Callable[[int, str], float] | None = None) -> list[Group]:
+        """Every (layer, group) as an optimiser Group named "<layer>.<group>", in file order.
+        `weight(layer_index, group_name)` gives its importance (default 1)."""
+        out = []
+        for layer in self.layers:
+            for name, g in layer["groups"].items():
+                cands = [Candidate(c["bpw"], c["err"], c["label"]) for c in g["candidates"]]
+                w = 1.0 if weight is None else float(weight(layer["index"], name))
+                out.append(Group(g["numel"], cands, w, f"{layer['index']}.{name}"))
+        return out
+
+    def selection(self, choice: Choice) -> dict[int, dict[str, dict]]:
+        """The chosen candidate dict per layer and group, for the quantization pass."""
+        out: dict[int, dict[str, dict]] = {}
+        it = iter(choice.indices)
+        for layer in self.layers:
+            out[layer["index"]] = {name: g["candidates"][next(it)]
+                                   for name, g in layer["groups"].items()}
+        return out
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_layer(path: Path, pos: int, layer: Any) -> None:
+    where = f"measurement file {path}, layer entry {pos}"
+    if not isinstance(layer, dict) or layer.get("index") != pos:
+        raise InputError(f"{where}: expected {{\"index\": {pos}, \"groups\": ...}}")
+    groups = layer.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        raise InputError(f"{where}: 'groups' must be a non-empty object")
+    for name, g in groups.items():
+        gw = f"{where}, group {name}"
+        if not isinstance(g, dict):
+            raise InputError(f"{gw}: not an object")
+        if not isinstance(g.get("numel"), int) or g["numel"] <= 0:
+            raise InputError(f"{gw}: 'numel' must be a positive integer, got {g.get('numel')!r}")
+        cands = g.get("candidates")
+        if not isinstance(cands, list) or not cands:
+            raise InputError(f"{gw}: 'candidates' must be a non-empty list")
+        for j, c in enumerate(cands):
+            if not (isinstance(c, dict) and isinstance(c.get("label"), str)
+                    and _num(c.get("bpw")) and c["bpw"] > 0
+                    and _num(c.get("err")) and c["err"] >= 0):
+                raise InputError(f"{gw}, candidate {j}: needs a string 'label', a positive "
+                                 f"'bpw' and a finite non-negative 'err', got {c!r}")
