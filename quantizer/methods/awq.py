@@ -77,6 +77,35 @@ def module_in_dtype(module: nn.Module, dtype: torch.dtype):
         module.to(orig)
 
 
+def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Keep `t` on `device`; host copies are pinned so they stream back asynchronously."""
+    if t.device == device:
+        return t
+    t = t.to(device)
+    return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
+
+
+# Elements of one row slice when writing a candidate weight: the float32 temporaries of the
+# fake-quantizer stay at a few x 16 MiB whatever the linear's size.
+_CANDIDATE_SLICE_ELEMENTS = 1 << 22
+
+
+def _write_candidate(dest: torch.Tensor, w0: torch.Tensor, scales: torch.Tensor | None,
+                     st, store_dtype: torch.dtype) -> None:
+    """dest <- Q(W0·s)/s (or Q(W0) for s None), by row slices, in dest's dtype. W0·s is
+    rounded to the layer's dtype first: that is exactly the tensor that will be quantized."""
+    rows = max(1, _CANDIDATE_SLICE_ELEMENTS // w0.shape[1])
+    s = None if scales is None else scales.to(w0.device, torch.float32)
+    for r0 in range(0, w0.shape[0], rows):
+        w = w0[r0:r0 + rows]
+        if s is None:
+            q = fake_quantize_float(w, st.bits, st.group_size, st.symmetric)
+        else:
+            ws = (w.float() * s).to(store_dtype)
+            q = fake_quantize_float(ws, st.bits, st.group_size, st.symmetric).div_(s)
+        dest[r0:r0 + rows].copy_(q)
+
+
 def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
     """Duo scaling's weight statistic: per input channel, the mean over all output rows of
     |W| normalised by its quantization group's max |W| (float32)."""
@@ -158,7 +187,8 @@ class AWQ:
 
     def __init__(self, duo_scaling: bool = True, grid: int = 20, clip: bool = True,
                  clip_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512,
-                 rtn_baseline: bool = True, keep_identity: bool = False):
+                 rtn_baseline: bool = True, keep_identity: bool = False,
+                 cache_device: str = "auto"):
         if grid < 1 or clip_grid < 1:
             raise ValueError("grid and clip_grid must be >= 1")
         if not 0.0 <= max_shrink < 1.0:
@@ -174,11 +204,15 @@ class AWQ:
         # every grid point (the references never do; off by default to match them).
         self.rtn_baseline = bool(rtn_baseline) or bool(keep_identity)
         self.keep_identity = bool(keep_identity)
+        if cache_device not in ("auto", "device", "cpu"):
+            raise ValueError(f"cache_device must be auto, device or cpu, got {cache_device!r}")
+        self.cache_device = cache_device
 
     # ------------------------------------------------------------------ entry point
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
-        times = {"search": 0.0, "clip": 0.0, "quantize": 0.0}
+        # search includes capture (layer forwards up to each group + fp references)
+        times = {"search": 0.0, "capture": 0.0, "clip": 0.0, "quantize": 0.0}
         ctx.stats.update(groups=[], skipped_groups=[], clip={}, time_s=times)
         for group in ctx.arch.scale_groups:
             t0 = self._now(ctx)
@@ -214,23 +248,23 @@ class AWQ:
         if problem:
             self._skip(ctx, group, label, problem)
             return
+        t0 = self._now(ctx)
         data = self._capture_group(ctx, group)
         judge = ctx.module(group.judge)
         linears = [ctx.module(n) for n in group.linears]
         w_mean = (weight_group_mean([lin.weight.data for lin in linears],
                                     ctx.settings.group_size) if self.duo_scaling else None)
         eval_dtype = ctx.dtype
-        refs = [run_module(judge, x, kw) for x, kw in data.judge_inputs]
-        if not all(bool(torch.isfinite(r).all()) for r in refs):
-            eval_dtype = torch.float32  # the half-precision reference itself overflows
+        refs = self._references(ctx, judge, data, eval_dtype)
+        if refs is None:  # the half-precision reference itself overflows
+            eval_dtype = torch.float32
             ctx.log(f"layer {ctx.index} AWQ {label}: {group.judge} output overflows in "
-                    f"{ctx.dtype}; searching in float32")
+                    f"{str(ctx.dtype).replace('torch.', '')}; searching this group in float32")
+        ctx.stats["time_s"]["capture"] += self._now(ctx) - t0
         with module_in_dtype(judge, eval_dtype):
-            if eval_dtype != ctx.dtype:
-                data.judge_inputs = [(x.to(eval_dtype), _cast_floats(kw, eval_dtype))
-                                     for x, kw in data.judge_inputs]
-                refs = [run_module(judge, x, kw) for x, kw in data.judge_inputs]
-            result = self._search(ctx, judge, linears, data, refs, w_mean)
+            if refs is None:
+                refs = self._references(ctx, judge, data, eval_dtype)
+            result = self._search(ctx, judge, linears, data, refs, w_mean, eval_dtype)
         del refs, data
         kept_identity = result.get("kept_identity", False)
         fallback = result["alpha"] is None and not kept_identity
@@ -252,17 +286,26 @@ class AWQ:
                                             "reason": reason})
         ctx.log(f"layer {ctx.index} AWQ: skipping scale group {label}: {reason}")
 
+    def _cache_device(self, ctx) -> torch.device:
+        """Where judge inputs and references wait between candidates: with the layer's
+        hidden states (the planner's choice; host RAM when they live there), unless the
+        `cache_device` option says otherwise."""
+        if self.cache_device != "auto":
+            return ctx.device if self.cache_device == "device" else torch.device("cpu")
+        return ctx.inputs[0].device if ctx.inputs else ctx.device
+
     def _capture_group(self, ctx, group) -> GroupCapture:
         """Judge inputs (+kwargs) per chunk, and mean |x| of the linears' shared input."""
         first = group.linears[0]
         names = [group.judge] if group.judge == first else [group.judge, first]
+        cache = self._cache_device(ctx)
         judge_inputs = []
         abs_sum = None
         count = 0
         for seen in ctx.capture(names, with_kwargs=True):
             jx, jkw = seen[group.judge]
             jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
-            judge_inputs.append((jx, jkw))
+            judge_inputs.append((_store(jx, cache), jkw))
             lx = seen[first][0]
             flat = lx.reshape(-1, lx.shape[-1])
             part = flat.abs().sum(dim=0, dtype=torch.float32)
@@ -270,25 +313,39 @@ class AWQ:
             count += flat.shape[0]
         return GroupCapture(judge_inputs, abs_sum / max(count, 1))
 
-    def _search(self, ctx, judge, linears, data: GroupCapture, refs, w_mean) -> dict:
+    @staticmethod
+    def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype):
+        """(input, kwargs) per chunk on the compute device in the evaluation dtype."""
+        for x, kw in data.judge_inputs:
+            x = x.to(ctx.device, eval_dtype, non_blocking=True)
+            yield x, (kw if eval_dtype == ctx.dtype else _cast_floats(kw, eval_dtype))
+
+    def _references(self, ctx, judge, data: GroupCapture, eval_dtype):
+        """The judge's output per chunk with the current (float) weights, stored beside the
+        inputs; None if any is non-finite."""
+        cache = self._cache_device(ctx)
+        refs = []
+        for x, kw in self._feed(ctx, data, eval_dtype):
+            out = run_module(judge, x, kw)
+            if not bool(torch.isfinite(out).all()):
+                return None
+            refs.append(_store(out, cache))
+        return refs
+
+    def _search(self, ctx, judge, linears, data: GroupCapture, refs, w_mean,
+                eval_dtype) -> dict:
         st = ctx.settings
         originals = [lin.weight.data.clone() for lin in linears]
         numel = sum(r.numel() for r in refs)
 
-        def loss_of(scales: torch.Tensor) -> float:
+        def loss_of(scales: torch.Tensor | None) -> float:
             for lin, w0 in zip(linears, originals):
-                if scales is None:
-                    q = fake_quantize_float(w0, st.bits, st.group_size, st.symmetric)
-                else:
-                    s = scales.to(w0.device)
-                    # Round W·s to the stored dtype first: that is what gets quantized.
-                    ws = (w0.float() * s).to(w0.dtype)
-                    q = fake_quantize_float(ws, st.bits, st.group_size, st.symmetric) / s
-                lin.weight.data = q.to(w0.dtype)
+                _write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
             total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for (x, kw), ref in zip(data.judge_inputs, refs):
-                out = run_module(judge, x, kw)
-                total += (out.float() - ref.float()).pow(2).sum(dtype=torch.float64)
+            for (x, kw), ref in zip(self._feed(ctx, data, eval_dtype), refs):
+                diff = run_module(judge, x, kw).float()
+                diff.sub_(ref.to(ctx.device, non_blocking=True))
+                total += diff.square_().sum(dtype=torch.float64)
             return float(total) / numel
 
         try:
@@ -303,7 +360,7 @@ class AWQ:
                                   scales=torch.ones_like(result["scales"]))
         finally:
             for lin, w0 in zip(linears, originals):
-                lin.weight.data = w0
+                lin.weight.data.copy_(w0)
         return result
 
     # ------------------------------------------------------------------ clipping
