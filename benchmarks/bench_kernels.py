@@ -66,8 +66,8 @@ def rel_err(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench(shapes, ms, n_weights, replays, gs, log):
-    dev = torch.device("cuda")
+def bench(shapes, ms, n_weights, replays, gs, log, save=lambda rows: None):
+    dev = torch.device("cuda", torch.cuda.current_device())
     rows = []
     for N, K in shapes:
         qs = [random_weight(N, K, 4, gs, dev) for _ in range(n_weights)]
@@ -90,6 +90,7 @@ def bench(shapes, ms, n_weights, replays, gs, log):
                        useful_TBps=useful / (t_q * 1e-3) / 1e12,
                        cublas_TBps=(2 * N * K + 2 * M * (K + N)) / (t_c * 1e-3) / 1e12)
             rows.append(row)
+            save(rows)  # a partial table survives a run cut short
             log(f"{N:>6}x{K:<6} M={M:<5} quant {t_q*1e3:8.1f} us  cublas {t_c*1e3:8.1f} us  "
                 f"x{t_c/t_q:5.2f}  err {err:.1e}  {cfg.kind} bm{cfg.block_m} bn{cfg.block_n} "
                 f"bk{cfg.block_k} sk{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages}"
@@ -103,7 +104,7 @@ def bench(shapes, ms, n_weights, replays, gs, log):
 def gpu_checks(log):
     """Eager vs graph, bf16 tensor-core path, mixed-device error, cuda:1 while on cuda:0."""
     out = {}
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     tuning = D._AUTOTUNE[0]
     D.set_autotune(False)  # the checks exercise the default (heuristic) plans
     q = random_weight(1024, 2048, 4, 128, dev)
@@ -194,7 +195,11 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     t0 = time.time()
-    result["rows"] = bench(shapes, ms, args.weights, args.replays, args.group_size, log)
+    def save(rows):
+        result["rows"] = rows
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    result["rows"] = bench(shapes, ms, args.weights, args.replays, args.group_size, log, save)
     result["bench_seconds"] = time.time() - t0
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

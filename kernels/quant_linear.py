@@ -53,7 +53,7 @@ class KernelWeight:
         self.words = packing.pack_kernel(codes, q.bits).to(device)
         self.scales = q.scales.t().contiguous().to(device=device, dtype=dtype)
         self.zeros = q.zeros.t().contiguous().to(device=device, dtype=dtype)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, self.words.device  # "cuda" -> "cuda:0"
         self.plans: dict = {}  # launch plans per (M, bias, config), see triton_dispatch
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

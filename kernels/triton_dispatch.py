@@ -70,15 +70,18 @@ def _auto_split(tiles: int, k_tiles: int, sms: int) -> int:
 
 
 def default_config(M: int, N: int, Kdim: int, sms: int) -> LaunchConfig:
+    # dot tiles load each packed word once (reshape=True): the repeated-address variant
+    # pipelines a (BLOCK_K, BLOCK_N) int32 tile per stage and runs out of shared memory
     if M <= 2:
         bn, bk = 128, 128
         return LaunchConfig("gemv", 1, bn, bk, _auto_split(triton.cdiv(N, bn) * M, Kdim // bk, sms))
     if M <= 64:
         bm, bn, bk = max(16, _next_pow2(M)), 128 if M > 16 else 64, 128
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        return LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, 4)
+        return LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, 4, True)
     if M <= 1024:
-        return LaunchConfig("dot", 128 if M >= 128 else 64, 128, 64, 1, 8 if M >= 128 else 4, 3)
+        return LaunchConfig("dot", 128 if M >= 128 else 64, 128, 64, 1, 8 if M >= 128 else 4, 3,
+                            True)
     return LaunchConfig("dequant", block_n=128, block_k=32)
 
 
@@ -91,13 +94,16 @@ def candidate_configs(M: int, N: int, Kdim: int, sms: int) -> list[LaunchConfig]
             out += [cfg, replace(cfg, split_k=cfg.split_k * 2)]
     if M <= 64:
         bm = max(16, _next_pow2(M))
-        for bn, bk, st, rs in ((64, 128, 4, False), (128, 128, 4, False), (64, 128, 4, True),
+        for bn, bk, st, rs in ((64, 128, 3, False), (128, 128, 2, False), (64, 128, 4, True),
                                (128, 256, 3, True)):
             tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
             out.append(LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, st, rs))
     if M > 64:
-        out += [LaunchConfig("dot", 64, 128, 64, 1, 4, 4), LaunchConfig("dot", 128, 128, 64, 1, 8, 4),
-                LaunchConfig("dot", 128, 256, 64, 1, 8, 3), LaunchConfig("dequant", block_n=128, block_k=32)]
+        out += [LaunchConfig("dot", 64, 128, 64, 1, 4, 4, True),
+                LaunchConfig("dot", 128, 128, 64, 1, 8, 4, True),
+                LaunchConfig("dot", 128, 256, 64, 1, 8, 3, True),
+                LaunchConfig("dot", 128, 128, 64, 1, 8, 2, False),
+                LaunchConfig("dequant", block_n=128, block_k=32)]
     return list(dict.fromkeys(out))  # unique, in order
 
 
@@ -218,7 +224,10 @@ def quant_matmul(x: torch.Tensor, kw, bias: torch.Tensor | None = None,
     if x2.shape[0] == 0:
         return x.new_empty(*lead, kw.out_features)
     plan = _plan_for(kw, x2, bias, config)
-    ctx = torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext()
+    # launches go to the weight's GPU even when another one is current (skip the switch,
+    # a few microseconds, when it already is)
+    switch = x2.is_cuda and x2.device.index != torch.cuda.current_device()
+    ctx = torch.cuda.device(x2.device) if switch else contextlib.nullcontext()
     with ctx:
         y = plan.run(x2, kw, bias)
     return y.reshape(*lead, kw.out_features)
