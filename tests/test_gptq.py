@@ -245,3 +245,33 @@ def test_unknown_option_is_refused():
     from quantizer.errors import InputError
     with pytest.raises(InputError):
         get_method("gptq", dampening=0.1)
+
+
+def test_stacked_group_solve_matches_per_linear_solves():
+    """Linears sharing H are solved as one stacked matrix: GPTQ is row-independent given H."""
+    from quantizer.methods.gptq import prepare_hessian, split_rows
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    H = hessian_of(correlated_inputs(512, 128, gen)).H
+    ws = [torch.randn(r, 128, generator=gen) for r in (48, 16, 16)]
+    prep = prepare_hessian(H, act_order=True)
+    stacked, _ = gptq_quantize(torch.cat(ws), None, 4, 32, act_order=True, prepared=prep)
+    for w, part in zip(ws, split_rows(stacked, [48, 16, 16])):
+        alone, _ = gptq_quantize(w, H, 4, 32, act_order=True)
+        assert (part.codes != alone.codes).float().mean() < 1e-3  # float rounding only
+        torch.testing.assert_close(part.dequantize(), alone.dequantize(), rtol=0, atol=0.05)
+        assert torch.equal(part.g_idx, alone.g_idx)
+
+
+def test_module_settings_override_bits_per_linear():
+    ctx = tiny_llama_context(bits=4, n_chunks=1)
+    down = ctx.full_name("mlp.down_proj")
+    up = ctx.full_name("mlp.up_proj")
+    method = get_method("gptq", module_settings={down: (8, 64), up: (3, 32)})
+    quantized = method.quantize_layer(ctx)
+    assert (quantized["mlp.down_proj"].bits, quantized["mlp.down_proj"].group_size) == (8, 64)
+    assert quantized["mlp.up_proj"].bits == 3 and quantized["mlp.gate_proj"].bits == 4
+    assert ctx.stats["modules"]["mlp.down_proj"]["bits"] == 8
+    ctx.settings.bits = 3.5  # fractional target: every module needs an explicit setting
+    from quantizer.errors import InputError
+    with pytest.raises(InputError, match="measurement"):
+        get_method("gptq", module_settings={down: (8, 64)}).quantize_layer(ctx)

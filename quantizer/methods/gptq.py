@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -87,93 +88,132 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, log, max_retries: in
                      f"(calibration inputs may contain NaN/inf)")
 
 
+@dataclass
+class PreparedHessian:
+    """Everything GPTQ derives from H alone, shared by every weight quantized against it
+    (the linears of one input group, every candidate of a measurement)."""
+
+    U: torch.Tensor  # upper Cholesky factor of the damped inverse, in quantization order
+    perm: torch.Tensor | None  # act-order column order (None: natural order)
+    dead: torch.Tensor  # bool (in,): columns that never saw a non-zero input
+    damp_used: float
+    retries: int
+
+
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
+def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01,
+                    log=print) -> PreparedHessian:
+    H = H.to(torch.float32).clone()
+    # A column that never saw a non-zero input contributes nothing: its weights are set to 0
+    # (in gptq_quantize) and H_ii = 1 keeps H invertible.
+    dead = torch.diagonal(H) == 0
+    if bool(dead.any()):
+        H[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        H = H[perm][:, perm]
+    U, damp_used, retries = _inverse_hessian_cholesky(H, damp, log)
+    return PreparedHessian(U, perm, dead, damp_used, retries)
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
-                  damp: float = 0.01, block: int = 128, log=print, name: str = "weight"
-                  ) -> tuple[QuantizedWeight, dict]:
-    """Quantize W (out, in) against Hessian H (in, in). Returns the canonical QuantizedWeight
-    (codes in original column order; g_idx only for act-order without static groups) and
-    info {damp_used, retries, dead_columns}. Neither W nor H is modified."""
+                  damp: float = 0.01, block: int = 128, log=print, name: str = "weight",
+                  prepared: PreparedHessian | None = None) -> tuple[QuantizedWeight, dict]:
+    """Quantize W (out, in) against Hessian H (in, in) (or a PreparedHessian made from it with
+    the same act_order). Returns the canonical QuantizedWeight (codes in original column
+    order; g_idx only for act-order without static groups) and info {damp_used, retries,
+    dead_columns}. Neither W nor H is modified."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
+    if prepared is None:
+        prepared = prepare_hessian(H, act_order, damp, log)
+    elif (prepared.perm is not None) != bool(act_order):
+        raise ValueError("prepared Hessian was made with a different act_order")
+    U, perm, dead = prepared.U, prepared.perm, prepared.dead
     out_f, n = W.shape
     gs = check_group_size(n, group_size, name)
     maxq = (1 << bits) - 1
-    W = W.to(H.device, torch.float32).clone()
-    H = H.to(torch.float32).clone()
-    # A column that never saw a non-zero input contributes nothing: quantize it to 0 and keep
-    # H invertible.
-    dead = torch.diagonal(H) == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        H[dead, dead] = 1
-        W[:, dead] = 0
+    W = W.to(U.device, torch.float32).clone()
+    W[:, dead] = 0
     n_groups = n // gs
+    static = None
     if group_size == -1 or static_groups:
         # Parameters up front from the unpermuted weight, so group g covers columns
         # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
         static = [_params(W[:, g * gs:(g + 1) * gs], bits, symmetric) for g in range(n_groups)]
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    U, damp_used, retries = _inverse_hessian_cholesky(H, damp, log)
-    del H
-
-    # Align the block with groups so every group's parameters are computed from weights
-    # that already carry all earlier columns' error feedback.
+        static = [(s, z, z * s) for s, z in static]
+    # Columns as rows: every column GPTQ visits is one contiguous vector.
+    WT = (W[:, perm] if perm is not None else W).t().contiguous()
+    del W
+    QT = torch.empty_like(WT)
+    scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=WT.device)
+    zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=WT.device)
+    orig = perm.tolist() if perm is not None else range(n)
+    # Align blocks with groups so every group's parameters come from weights that already
+    # carry all earlier columns' error feedback.
     block = (block // gs) * gs if gs <= block else math.gcd(block, gs)
-    codes = torch.zeros((out_f, n), dtype=torch.uint8, device=W.device)
-    scales = torch.zeros((out_f, n_groups), dtype=torch.float32, device=W.device)
-    zeros = torch.zeros((out_f, n_groups), dtype=torch.float32, device=W.device)
-    orig_col = perm if perm is not None else torch.arange(n, device=W.device)
-    orig_list = orig_col.tolist()
-    scale = zero = None
-    cur_group = -1
+    cur = -1
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        inv_d = (1 / torch.diagonal(U1)).tolist()  # one host sync per block
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size == -1 or static_groups:
-                g = orig_list[col] // gs
-                if scale is None or g != cur_group:
-                    scale, zero = static[g]
-                    cur_group = g
+            if static is not None:
+                g = orig[col] // gs
+                if g != cur:
+                    scale, zero, zs = static[g]
+                    cur = g
             elif col % gs == 0:
-                span = W1[:, i:i + gs] if i + gs <= i2 - i1 else torch.cat(
-                    [W1[:, i:], W[:, i2:col + gs]], dim=1)
-                scale, zero = _params(span, bits, symmetric)
-                g = col // gs
-                scales[:, g], zeros[:, g] = scale, zero
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            err = (w - (q - zero) * scale) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
+                span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
+                    [W1[i:], WT[i2:col + gs]])
+                scale, zero = _params(span.t(), bits, symmetric)
+                zs = zero * scale
+                scales[col // gs], zeros[col // gs] = scale, zero
+            w, q, e = W1[i], QT[col], Err1[i]
+            # codes = clamp(round(w/s) + z), bit-identical to RTN (divide, then add z: the
+            # symmetric range's end points sit exactly on rounding ties)
+            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
+            torch.addcmul(w, q, scale, value=-1, out=e)  # e = (w - (q - z)·s) / U_ii
+            e.add_(zs).mul_(inv_d[i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1)
         if i2 < n:
-            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
 
     g_idx = None
-    if group_size == -1 or static_groups:
-        for g, (s, z) in enumerate(static):
-            scales[:, g], zeros[:, g] = s, z
-    elif act_order:
+    if static is not None:
+        for g, (s, z, _) in enumerate(static):
+            scales[g], zeros[g] = s, z
+    elif perm is not None:
         # Group k holds permuted columns k*gs..; map back to each original column.
-        g_idx = torch.empty(n, dtype=torch.int32, device=W.device)
-        g_idx[orig_col] = (torch.arange(n, device=W.device) // gs).to(torch.int32)
+        g_idx = torch.empty(n, dtype=torch.int32, device=WT.device)
+        g_idx[perm] = (torch.arange(n, device=WT.device) // gs).to(torch.int32)
+    codes = QT.t().to(torch.uint8)
     if perm is not None:
-        unpermuted = torch.empty_like(codes)
-        unpermuted[:, perm] = codes
-        codes = unpermuted
-    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.int32), bits=bits,
+        codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+    qw = QuantizedWeight(codes=codes.contiguous(), scales=scales.t().contiguous(),
+                         zeros=zeros.t().to(torch.int32).contiguous(), bits=bits,
                          group_size=group_size, g_idx=g_idx, symmetric=symmetric)
-    return qw, {"damp_used": damp_used, "retries": retries, "dead_columns": n_dead}
+    return qw, {"damp_used": prepared.damp_used, "retries": prepared.retries,
+                "dead_columns": int(dead.sum())}
+
+
+def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Split a weight quantized as stacked rows (linears sharing one input and one H, which
+    GPTQ treats row by row) back into one QuantizedWeight per linear."""
+    out, r = [], 0
+    for size in sizes:
+        out.append(QuantizedWeight(q.codes[r:r + size].contiguous(),
+                                   q.scales[r:r + size].contiguous(),
+                                   q.zeros[r:r + size].contiguous(), q.bits, q.group_size,
+                                   q.g_idx, q.symmetric))
+        r += size
+    return out
 
 
 def _sync(device) -> None:
@@ -181,69 +221,114 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def group_hessian(ctx, group: tuple[str, ...]) -> HessianAccumulator:
-    """One Hessian from the shared input of `group` over every calibration chunk (capturing
-    only the first member stops the forward as early as possible)."""
-    first = group[0]
-    acc = HessianAccumulator(ctx.module(first).in_features, ctx.device)
-    for seen in ctx.capture((first,)):
-        acc.add(seen[first])
-    return acc
+def group_hessians(ctx, groups) -> dict[tuple[str, ...], HessianAccumulator]:
+    """One Hessian per input group from its shared input over every calibration chunk, all
+    groups in one pass per chunk (capturing only each group's first member; the forward stops
+    after the last one)."""
+    firsts = [g[0] for g in groups]
+    accs = {g: HessianAccumulator(ctx.module(g[0]).in_features, ctx.device) for g in groups}
+    for seen in ctx.capture(firsts):
+        for g in groups:
+            accs[g].add(seen[g[0]])
+    return accs
+
+
+def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
+                   act_order: bool, static_groups: bool, damp: float, block: int,
+                   prepared: PreparedHessian | None = None):
+    """GPTQ every linear of one input group against the group's H. Linears with the same
+    (bits, group_size) are stacked row-wise into one solve (GPTQ treats rows independently
+    given H, so this is exact and visits each column once instead of once per linear).
+    Returns ({name: QuantizedWeight}, info)."""
+    if prepared is None:
+        prepared = prepare_hessian(H, act_order, damp, ctx.log)
+    buckets: dict[tuple[int, int], list[str]] = {}
+    for name in group:
+        buckets.setdefault(settings[name], []).append(name)
+    out, info = {}, {}
+    for (bits, gs), names in buckets.items():
+        weights = [ctx.module(n).weight.data for n in names]
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+        q, info = gptq_quantize(stacked, None, bits, gs, symmetric, act_order, static_groups,
+                                damp, block, log=ctx.log, name=ctx.full_name(names[0]),
+                                prepared=prepared)
+        out.update(zip(names, split_rows(q, [w.shape[0] for w in weights])))
+    return out, info
 
 
 class GPTQ:
-    """Method: true-sequential GPTQ over the layer's input groups."""
+    """Method: true-sequential GPTQ over the layer's input groups.
+
+    `module_settings` ({full module name: (bits, group_size)}, e.g. from the bpw optimiser's
+    selection) overrides ctx.settings' bits and group size per linear."""
 
     name = "gptq"
     needs_calibration = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, block: int = 128, **unknown):
+                 static_groups: bool = False, block: int = 128,
+                 module_settings: dict[str, tuple[int, int]] | None = None,
+                 report_error: bool = True, **unknown):
         if unknown:
             raise InputError(f"unknown GPTQ option(s) {sorted(unknown)}; known: damp, "
-                             f"act_order, static_groups, block")
+                             f"act_order, static_groups, block, module_settings")
         if not 0 < float(damp) < 1:
             raise InputError(f"--damp must be in (0, 1), got {damp}")
         self.damp = float(damp)
         self.act_order = bool(act_order)
         self.static_groups = bool(static_groups)
         self.block = int(block)
+        self.module_settings = dict(module_settings or {})
+        self.report_error = bool(report_error)
+
+    def _settings(self, ctx, name: str) -> tuple[int, int]:
+        full = ctx.full_name(name)
+        if full in self.module_settings:
+            bits, gs = self.module_settings[full]
+            return int(bits), int(gs)
+        bits = ctx.settings.bits
+        if not float(bits).is_integer():
+            raise InputError(f"{full}: fractional --bits {bits} needs per-module settings "
+                             f"from a measurement (none given for this module)")
+        return int(bits), int(ctx.settings.group_size)
 
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
-        s = ctx.settings
         out: dict[str, QuantizedWeight] = {}
         per_module = ctx.stats.setdefault("modules", {})
         totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
         for group in ctx.arch.input_groups:
             t0 = time.perf_counter()
-            acc = group_hessian(ctx, group)
+            acc = group_hessians(ctx, [group])[group]
             _sync(ctx.device)
-            t_hess = time.perf_counter() - t0
-            totals["hessian_s"] += t_hess
+            t1 = time.perf_counter()
+            settings = {name: self._settings(ctx, name) for name in group}
+            prepared = prepare_hessian(acc.H, self.act_order, self.damp, ctx.log)
+            if prepared.retries:
+                ctx.log(f"gptq: {ctx.full_name(group[0])} (+{len(group) - 1} sharing its "
+                        f"input) needed damp={prepared.damp_used:g} after "
+                        f"{prepared.retries} failed Cholesky attempt(s)")
+            qs, _ = quantize_group(ctx, group, acc.H, settings, ctx.settings.symmetric,
+                                   self.act_order, self.static_groups, self.damp, self.block,
+                                   prepared)
+            _sync(ctx.device)
+            t2 = time.perf_counter()
             for name in group:
-                lin = ctx.module(name)
-                t1 = time.perf_counter()
-                q, info = gptq_quantize(lin.weight.data, acc.H, int(s.bits), s.group_size,
-                                        s.symmetric, self.act_order, self.static_groups,
-                                        self.damp, self.block, log=ctx.log,
-                                        name=ctx.full_name(name))
-                _sync(ctx.device)
-                t_solve = time.perf_counter() - t1
-                rel = output_error(lin.weight.data, q.dequantize(torch.float32), acc.H)
-                if info["retries"]:
-                    ctx.log(f"gptq: {ctx.full_name(name)} needed damp={info['damp_used']:g} "
-                            f"({info['retries']} retr{'y' if info['retries'] == 1 else 'ies'})")
-                per_module[name] = {"hessian_s": t_hess, "solve_s": t_solve,
-                                    "damp_used": info["damp_used"], "retries": info["retries"],
-                                    "dead_columns": info["dead_columns"], "rel_error": rel,
-                                    "tokens": acc.n_tokens}
-                totals["solve_s"] += t_solve
-                totals["damp_retries"] += info["retries"]
-                out[name] = q
+                rec = {"hessian_s": t1 - t0, "solve_s": t2 - t1, "bits": settings[name][0],
+                       "group_size": settings[name][1], "damp_used": prepared.damp_used,
+                       "retries": prepared.retries, "dead_columns": int(prepared.dead.sum()),
+                       "tokens": acc.n_tokens, "shared_with": list(group)}
+                if self.report_error:
+                    rec["rel_error"] = output_error(ctx.module(name).weight.data,
+                                                    qs[name].dequantize(torch.float32), acc.H)
+                per_module[name] = rec
+            totals["hessian_s"] += t1 - t0
+            totals["solve_s"] += t2 - t1
+            totals["damp_retries"] += prepared.retries
             # Later groups must see this group's quantized outputs (true-sequential).
             for name in group:
-                ctx.set_quantized(name, out[name])
-            del acc
+                ctx.set_quantized(name, qs[name])
+            out.update(qs)
+            del acc, prepared
         for k, v in totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
         return out
