@@ -17,9 +17,19 @@ from quantizer.methods.rtn import RTN, fake_quantize
 from quantizer.skeleton import layer_output
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig  # noqa: E402
-from transformers.models.llama.modeling_llama import (  # noqa: E402
-    LlamaDecoderLayer, LlamaRotaryEmbedding)
+import importlib  # noqa: E402
+
+# family -> (transformers module, class-name prefix, extra config)
+FAMILIES = {"llama": ("llama", "Llama", {}), "mistral": ("mistral", "Mistral", {}),
+            "qwen2": ("qwen2", "Qwen2", {}), "qwen3": ("qwen3", "Qwen3", {"head_dim": 16})}
+
+
+def family_classes(family: str):
+    mod, prefix, _ = FAMILIES[family]
+    m = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    c = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
+    return (getattr(c, f"{prefix}Config"), getattr(m, f"{prefix}DecoderLayer"),
+            getattr(m, f"{prefix}RotaryEmbedding"))
 
 HIDDEN, INTER, SEQ, CHUNKS = 64, 128, 16, 3
 SMALL = dict(grid=10, clip_grid=10, clip_tokens=64)  # coarser grids keep the file fast
@@ -34,20 +44,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_config(kv_heads: int = 4) -> LlamaConfig:
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32,
-                      max_position_embeddings=64)
+def make_config(kv_heads: int = 4, family: str = "llama"):
+    config_cls = family_classes(family)[0]
+    cfg = config_cls(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4,
+                     num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32,
+                     max_position_embeddings=64, **FAMILIES[family][2])
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
-def make_layer(cfg, seed: int, dtype=torch.float32) -> LlamaDecoderLayer:
+def make_layer(cfg, seed: int, dtype=torch.float32):
     torch.manual_seed(seed)
-    layer = LlamaDecoderLayer(cfg, layer_idx=0).eval().requires_grad_(False)
-    for p in layer.parameters():
+    layer_cls = family_classes(cfg.model_type)[1]
+    layer = layer_cls(cfg, layer_idx=0).eval().requires_grad_(False)
+    for name, p in layer.named_parameters():
         if p.dim() == 2:
             p.normal_(0, 0.05)
+        elif name.endswith("bias"):  # qwen2's q/k/v biases
+            p.normal_(0, 0.1)
         else:  # norms: around 1, not exactly, so folding is visible
             p.uniform_(0.5, 1.5)
     return layer.to(dtype)
@@ -69,13 +83,13 @@ def make_inputs(seed: int, outliers: bool, flat: bool = False, dtype=torch.float
 
 
 def make_ctx(layer, cfg, inputs, settings=None, dtype=torch.float32, logs=None):
-    rotary = LlamaRotaryEmbedding(config=cfg)
+    rotary = family_classes(cfg.model_type)[2](config=cfg)
     pos = torch.arange(SEQ).unsqueeze(0)
     cos, sin = rotary(inputs[0], pos)
     kwargs = {"position_embeddings": (cos.to(dtype), sin.to(dtype)), "attention_mask": None,
               "position_ids": pos}
     settings = settings or QuantSettings(bits=4, group_size=32)
-    return LayerContext(index=0, layer=layer, arch=get_arch("llama"), model_config=cfg,
+    return LayerContext(index=0, layer=layer, arch=get_arch(cfg.model_type), model_config=cfg,
                         settings=settings, inputs=inputs, layer_kwargs=kwargs,
                         device=torch.device("cpu"), dtype=dtype,
                         log=(logs.append if logs is not None else (lambda m: None)))
@@ -91,9 +105,10 @@ def quantized_output_error(method, layer, cfg, inputs, ref_outputs) -> float:
 
 
 # ---------------------------------------------------------------------------- folding
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: v_proj has a bias
 @pytest.mark.parametrize("group_index", [0, 1, 2, 3])
-def test_folding_scales_leaves_fp_output_unchanged(group_index):
-    cfg = make_config(kv_heads=4)  # MHA so that v -> o applies
+def test_folding_scales_leaves_fp_output_unchanged(group_index, family):
+    cfg = make_config(kv_heads=4, family=family)  # MHA so that v -> o applies
     layer = make_layer(cfg, seed=1)
     inputs = make_inputs(2, outliers=True)
     ctx = make_ctx(layer, cfg, inputs)
@@ -182,6 +197,17 @@ def test_awq_beats_rtn_on_outlier_layer():
     err_awq = quantized_output_error(get_method("awq", **SMALL), copy.deepcopy(layer), cfg,
                                      inputs, ref)
     assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_runs_and_beats_rtn(family):
+    cfg = make_config(kv_heads=2, family=family)  # GQA: v -> o skipped everywhere
+    layer = make_layer(cfg, seed=19)
+    inputs = make_inputs(20, outliers=True)
+    ref = make_ctx(layer, cfg, inputs).outputs()
+    err_rtn = quantized_output_error(RTN(), copy.deepcopy(layer), cfg, inputs, ref)
+    err_awq = quantized_output_error(AWQ(**SMALL), copy.deepcopy(layer), cfg, inputs, ref)
+    assert math.isfinite(err_awq) and err_awq < err_rtn, (family, err_awq, err_rtn)
 
 
 def test_clip_search_matches_rtn_and_never_hurts():
