@@ -1,0 +1,227 @@
+"""Measurement pass: for every module group of a layer and every candidate setting, the
+relative output error ‖Y−Ŷ‖/‖Y‖ on the calibration data and the exact storage cost in bits
+per weight. The bpw optimiser (quantizer.measurements) then picks one candidate per group.
+
+Groups are the architecture's input groups (q/k/v, o, gate/up, down): they are also the
+linears vLLM fuses (qkv_proj, gate_up_proj) and, being one Hessian each, the unit GPTQ works on.
+
+Errors come from the group's Hessian, no second forward: with H ∝ XᵀX,
+‖(W−Ŵ)Xᵀ‖² = tr((W−Ŵ) H (W−Ŵ)ᵀ), summed over the group's linears (Y is their concatenated
+output). Hessians are taken on the float layer (no predecessor quantized), so every
+candidate of every group is judged on the same inputs.
+
+Mixtures: a candidate may give the group's first linear one setting and the others another
+(q at 4 bits with k/v at 5; gate at 4 with up at 5). Mixing *within* a linear (ExLlamaV2's
+row splits) is not used because no vLLM-loadable format stores two widths in one weight;
+per-linear widths are what compressed-tensors config_groups express. vLLM does fuse q/k/v
+and gate/up and wants one scheme per fused linear, so mixture results carry
+"uniform": false and an exporter aiming at vLLM drops them before optimising
+(`vllm_can_load`). A mixture costs no extra quantization: each linear's result per
+setting is computed once and reused by every candidate that names it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .gptq import group_hessians, prepare_hessian, quantize_group
+
+
+@dataclass(frozen=True)
+class Setting:
+    bits: int
+    group_size: int  # -1 = per output channel
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits}b {'ch' if self.group_size == -1 else f'g{self.group_size}'}"
+
+    def fits(self, in_features: int) -> bool:
+        return self.group_size == -1 or in_features % self.group_size == 0
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """How to quantize one module group: `first` for the group's first linear, `rest` for
+    the others (None: every linear at `first`, a uniform candidate)."""
+
+    first: Setting
+    rest: Setting | None = None
+
+    @property
+    def uniform(self) -> bool:
+        return self.rest is None or self.rest == self.first
+
+    @property
+    def label(self) -> str:
+        return self.first.label if self.uniform else f"{self.first.label} + {self.rest.label}"
+
+    def settings_for(self, group: tuple[str, ...], in_features: int) -> dict[str, Setting] | None:
+        """Per-linear settings, or None when the candidate does not apply to this group (a
+        mixture on a one-linear group, a group size that does not divide the width)."""
+        if not self.uniform and len(group) < 2:
+            return None
+        settings = {name: (self.first if i == 0 or self.uniform else self.rest)
+                    for i, name in enumerate(group)}
+        if not all(s.fits(in_features) for s in settings.values()):
+            return None
+        return settings
+
+
+def default_candidates(allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
+                       mixtures: bool = True) -> list[CandidateSpec]:
+    """About a dozen candidates spanning 2-8 bits, like ExLlamaV2's measurement: small groups
+    where few bits need them, g128 above 4 bits, and 3/4, 4/5 and 4/6 per-linear mixtures."""
+    uniform = [(2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128),
+               (5, 128), (6, 128), (8, 128)]
+    mixed = [((3, 128), (4, 128)), ((4, 128), (5, 128)), ((4, 128), (6, 128))]
+    out = [CandidateSpec(Setting(b, g)) for b, g in uniform if b in allowed_bits]
+    if mixtures:
+        out += [CandidateSpec(Setting(*a), Setting(*b)) for a, b in mixed
+                if a[0] in allowed_bits and b[0] in allowed_bits]
+    return out
+
+
+def _fallback_candidates(allowed_bits) -> list[CandidateSpec]:
+    """Per-channel settings for groups whose width no listed group size divides."""
+    return [CandidateSpec(Setting(b, -1)) for b in sorted(set(allowed_bits))]
+
+
+@dataclass
+class CandidateResult:
+    label: str
+    err: float  # relative output error of the whole group
+    bpw: float  # exact storage bits per weight (codes + fp16 scales + zeros + g_idx)
+    bits: float  # numel-weighted mean code width
+    group_size: int | None  # common group size, None when the linears differ
+    numel: int  # weights in the group
+    modules: dict[str, Setting] = field(default_factory=dict)
+    uniform: bool = True
+    storage_bits: int = 0
+    parts: list[dict] = field(default_factory=list)  # mixtures: share of weights per setting
+
+    def to_dict(self) -> dict:
+        """The measurement.json candidate: everything needed to quantize it again."""
+        d = {"label": self.label, "bits": round(self.bits, 6), "group_size": self.group_size,
+             "bpw": self.bpw, "err": self.err, "uniform": self.uniform,
+             "storage_bits": self.storage_bits,
+             "modules": {m: {"bits": s.bits, "group_size": s.group_size}
+                         for m, s in self.modules.items()}}
+        if not self.uniform:
+            d["parts"] = self.parts
+        return d
+
+
+def group_label(group: tuple[str, ...]) -> str:
+    """'mlp.down_proj'; 'self_attn.q_proj+k_proj+v_proj' for a group sharing a parent."""
+    if len(group) == 1:
+        return group[0]
+    parents = {n.rpartition(".")[0] for n in group}
+    if len(parents) == 1:
+        parent = parents.pop()
+        return f"{parent}." + "+".join(n.rpartition(".")[2] for n in group)
+    return "+".join(group)
+
+
+@torch.no_grad()
+def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False, block: int = 128
+                  ) -> dict[str, list[CandidateResult]]:
+    """{group label: [CandidateResult, ...]} for one layer; the layer's weights are left as
+    they were (float). Timings and the number of GPTQ solves go to ctx.stats."""
+    candidates = default_candidates() if candidates is None else list(candidates)
+    symmetric = bool(ctx.settings.symmetric)
+    groups = list(ctx.arch.input_groups)
+    t0 = time.perf_counter()
+    hessians = group_hessians(ctx, groups)
+    t_hess = time.perf_counter() - t0
+    results: dict[str, list[CandidateResult]] = {}
+    solves, t_solve = 0, 0.0
+    for group in groups:
+        acc = hessians.pop(group)
+        H = acc.H
+        in_features = ctx.module(group[0]).in_features
+        plans = [(c, c.settings_for(group, in_features)) for c in candidates]
+        plans = [(c, s) for c, s in plans if s is not None]
+        if not plans:
+            bits = sorted({c.first.bits for c in candidates} | {
+                c.rest.bits for c in candidates if c.rest is not None})
+            plans = [(c, c.settings_for(group, in_features))
+                     for c in _fallback_candidates(bits)]
+        t1 = time.perf_counter()
+        prepared = prepare_hessian(H, act_order, damp, ctx.log)
+        weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
+        # ‖W X‖² per linear (the denominator), and per (linear, setting): ‖(W-Ŵ)X‖², bits.
+        signal = {n: float(((w @ H) * w).sum()) for n, w in weights.items()}
+        per_setting: dict[Setting, dict[str, tuple[float, int]]] = {}
+        for setting in dict.fromkeys(s for _, ss in plans for s in ss.values()):
+            members = tuple(n for n in group if any(ss.get(n) == setting for _, ss in plans))
+            qs, _ = quantize_group(ctx, members, None, {n: (setting.bits, setting.group_size)
+                                                        for n in members},
+                                   symmetric, act_order, static_groups, damp, block, prepared)
+            solves += 1
+            per_setting[setting] = {}
+            for n in members:
+                d = weights[n] - qs[n].dequantize(torch.float32).to(H.device)
+                per_setting[setting][n] = (float(((d @ H) * d).sum()), qs[n].storage_bits())
+        t_solve += time.perf_counter() - t1
+        den = sum(signal.values())
+        numel = sum(w.numel() for w in weights.values())
+        out = []
+        for cand, settings in plans:
+            num = sum(per_setting[s][n][0] for n, s in settings.items())
+            bits_on_disk = sum(per_setting[s][n][1] for n, s in settings.items())
+            sizes = {n: weights[n].numel() for n in group}
+            gsz = {s.group_size for s in settings.values()}
+            share: dict[Setting, int] = {}
+            for n, s in settings.items():
+                share[s] = share.get(s, 0) + sizes[n]
+            out.append(CandidateResult(
+                label=cand.label, err=(max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0,
+                bpw=bits_on_disk / numel,
+                bits=sum(s.bits * sizes[n] for n, s in settings.items()) / numel,
+                group_size=gsz.pop() if len(gsz) == 1 else None, numel=numel,
+                modules=dict(settings), uniform=len(share) == 1, storage_bits=bits_on_disk,
+                parts=[{"bits": s.bits, "group_size": s.group_size, "fraction": k / numel}
+                       for s, k in share.items()]))
+        results[group_label(group)] = out
+        del acc, H, prepared
+    ctx.stats["measure_hessian_s"] = ctx.stats.get("measure_hessian_s", 0.0) + t_hess
+    ctx.stats["measure_solve_s"] = ctx.stats.get("measure_solve_s", 0.0) + t_solve
+    ctx.stats["measure_solves"] = ctx.stats.get("measure_solves", 0) + solves
+    return results
+
+
+def store_groups(ctx, results: dict[str, list[CandidateResult]]) -> dict[str, dict]:
+    """One layer's results in measurement.json form (MeasurementStore.record_layer)."""
+    by_label = {group_label(g): g for g in ctx.arch.input_groups}
+    return {label: {"numel": res[0].numel, "modules": list(by_label[label]),
+                    "candidates": [r.to_dict() for r in res]}
+            for label, res in results.items()}
+
+
+def vllm_can_load(candidate: dict, symmetric: bool) -> bool:
+    """Whether vLLM can load a measured candidate: one scheme per fused linear (uniform) and,
+    when asymmetric, 4 or 8 bits (vLLM's CompressedTensorsWNA16 zero-point kernels)."""
+    if not candidate.get("uniform", True):
+        return False
+    bits = {m["bits"] for m in candidate.get("modules", {}).values()} or {candidate["bits"]}
+    return symmetric or bits <= {4, 8}
+
+
+def module_settings_from_selection(selection: dict[int, dict[str, dict]], arch
+                                   ) -> dict[str, tuple[int, int]]:
+    """MeasurementStore.selection(choice) -> {full module name: (bits, group_size)}, what
+    GPTQ(module_settings=...) and the compressed-tensors config take."""
+    out = {}
+    for index, groups in selection.items():
+        prefix = arch.layer_prefix(int(index))
+        for cand in groups.values():
+            for module, s in cand["modules"].items():
+                out[f"{prefix}.{module}"] = (int(s["bits"]), int(s["group_size"]))
+    return out
+
+
+__all__ = ["CandidateResult", "CandidateSpec", "Setting", "default_candidates", "group_label",
+           "measure_layer", "module_settings_from_selection", "store_groups", "vllm_can_load"]
