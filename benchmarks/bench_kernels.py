@@ -112,7 +112,7 @@ def gpu_checks(log):
     for layout in ("awq", "gptq", "compressed-tensors"):
         m = QuantLinear.from_quantized(q, layout=layout, bias=bias)
         for dtype, bound in ((torch.float16, 1e-3), (torch.bfloat16, 1e-2)):
-            for M in (1, 5, 33, 300, 2048):
+            for M in (1, 2, 5, 33, 300, 2048):
                 x = torch.randn(M, 2048, device=dev, dtype=dtype)
                 ref = x.double() @ q.dequantize(torch.float64).t() + m.bias.double()
                 y = m(x)

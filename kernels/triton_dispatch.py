@@ -74,7 +74,7 @@ def default_config(M: int, N: int, Kdim: int, sms: int) -> LaunchConfig:
     # pipelines a (BLOCK_K, BLOCK_N) int32 tile per stage and runs out of shared memory
     if M <= 2:
         bn, bk = 128, 128
-        return LaunchConfig("gemv", 1, bn, bk, _auto_split(triton.cdiv(N, bn) * M, Kdim // bk, sms))
+        return LaunchConfig("gemv", M, bn, bk, _auto_split(triton.cdiv(N, bn), Kdim // bk, sms))
     if M <= 64:
         bm, bn, bk = max(16, _next_pow2(M)), 128 if M > 16 else 64, 128
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -88,10 +88,13 @@ def default_config(M: int, N: int, Kdim: int, sms: int) -> LaunchConfig:
 def candidate_configs(M: int, N: int, Kdim: int, sms: int) -> list[LaunchConfig]:
     base = default_config(M, N, Kdim, sms)
     out = [base]
-    if M <= 4:
-        for bn, bk in ((64, 128), (128, 256), (256, 128)):
-            cfg = LaunchConfig("gemv", 1, bn, bk, _auto_split(triton.cdiv(N, bn) * M, Kdim // bk, sms))
-            out += [cfg, replace(cfg, split_k=cfg.split_k * 2)]
+    if M <= 8:
+        bm = _next_pow2(M)
+        for bn, bk, warps in ((32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 256, 8),
+                              (256, 128, 4)):
+            cfg = LaunchConfig("gemv", bm, bn, bk, _auto_split(triton.cdiv(N, bn), Kdim // bk, sms),
+                               warps)
+            out += [cfg, replace(cfg, split_k=max(1, cfg.split_k // 2))]
     if M <= 64:
         bm = max(16, _next_pow2(M))
         for bn, bk, st, rs in ((64, 128, 3, False), (128, 128, 2, False), (64, 128, 4, True),
@@ -99,11 +102,12 @@ def candidate_configs(M: int, N: int, Kdim: int, sms: int) -> list[LaunchConfig]
             tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
             out.append(LaunchConfig("dot", bm, bn, bk, _auto_split(tiles, Kdim // bk, sms), 4, st, rs))
     if M > 64:
-        out += [LaunchConfig("dot", 64, 128, 64, 1, 4, 4, True),
-                LaunchConfig("dot", 128, 128, 64, 1, 8, 4, True),
-                LaunchConfig("dot", 128, 256, 64, 1, 8, 3, True),
-                LaunchConfig("dot", 128, 128, 64, 1, 8, 2, False),
-                LaunchConfig("dequant", block_n=128, block_k=32)]
+        for bm, bn, warps, st in ((64, 128, 4, 4), (128, 128, 8, 4), (128, 64, 4, 4),
+                                  (128, 256, 8, 3)):
+            tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+            cfg = LaunchConfig("dot", bm, bn, 64, 1, warps, st, True)
+            out += [cfg, replace(cfg, split_k=_auto_split(tiles, Kdim // 64, sms))]
+        out.append(LaunchConfig("dequant", block_n=128, block_k=32))
     return list(dict.fromkeys(out))  # unique, in order
 
 
@@ -126,8 +130,9 @@ class _Plan:
                       num_warps=cfg.num_warps)
         if cfg.kind == "gemv":
             self.kernel = K._gemv_kernel
-            self.grid = (triton.cdiv(N, cfg.block_n), self.split, M)
-            self.meta = dict(BLOCK_N=cfg.block_n, BLOCK_KW=bk * cb // 32, **common)
+            self.grid = (triton.cdiv(N, cfg.block_n), self.split, triton.cdiv(M, cfg.block_m))
+            self.meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=bk * cb // 32,
+                             **common)
         elif cfg.kind == "dot":
             self.kernel = K._dot_kernel
             self.grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), self.split)

@@ -4,7 +4,7 @@ Weight: words (K*cb/32, N) int32, value j of a word = input row (word*32/cb + j)
 scales/zeros (n_groups, N) in the activation dtype; W[k, n] = (code - zero) * scale.
 
 Three kernels, chosen per call by kernels/triton_dispatch.py (`quant_matmul`):
-- `_gemv_kernel` (M = 1 per program row): CUDA-core dot products in fp32; when a K-tile lies
+- `_gemv_kernel` (M <= 8; BLOCK_M rows per program share one weight read): CUDA-core dot products in fp32; when a K-tile lies
   inside one group it sums x*code and x once and applies scale/zero per tile, not per weight.
 - `_dot_kernel` (tensor cores): dequantizes a (BLOCK_K, BLOCK_N) tile in registers into the
   activation dtype and feeds tl.dot with an fp32 accumulator.
@@ -44,21 +44,23 @@ def _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_kn, N, G,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
                  M, N, K, stride_xm, G, K_PER_SPLIT,
-                 SPLIT_K, CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 SPLIT_K, CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_KW: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """BLOCK_M (1..8) activation rows share each unpacked weight tile (one HBM read)."""
     PER_WORD: tl.constexpr = 32 // CB
     BLOCK_K: tl.constexpr = BLOCK_KW * PER_WORD
     MASK: tl.constexpr = (1 << CB) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    row0 = tl.program_id(2) * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, BLOCK_KW)
     offs_j = tl.arange(0, PER_WORD)
     shifts = (offs_j * CB)[None, :, None]
     n_words = K // PER_WORD
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -67,24 +69,37 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
                         mask=(w_rows[:, None] < n_words) & mask_n[None, :], other=0)
         codes = ((words[:, None, :] >> shifts) & MASK).to(tl.float32)  # (KW, PW, N)
         ks = k0 + offs_w[:, None] * PER_WORD + offs_j[None, :]  # (KW, PW)
-        xk = tl.load(x_ptr + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
         if GROUP_MODE == 0:
-            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_n, N, G, GROUP_MODE)
-            xc = tl.sum(tl.sum(xk[:, :, None] * codes, axis=1), axis=0)
-            acc += s.to(tl.float32) * (xc - z.to(tl.float32) * tl.sum(tl.sum(xk, axis=1), axis=0))
+            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_n, N, G,
+                                      GROUP_MODE)
+            s = s.to(tl.float32)
+            z = z.to(tl.float32)
+            w = codes
         else:
             ks3 = ks[:, :, None]
             s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, tl.where(ks3 < K, ks3, 0), k0,
                                       offs_n[None, None, :], (ks3 < K) & mask_n[None, None, :],
                                       N, G, GROUP_MODE)
             w = (codes - z.to(tl.float32)) * s.to(tl.float32)
-            acc += tl.sum(tl.sum(xk[:, :, None] * w, axis=1), axis=0)
+        for mm in tl.static_range(BLOCK_M):
+            m = row0 + mm
+            k_lim = tl.where(m < M, K, 0)  # rows past M read nothing
+            xk = tl.load(x_ptr + m * stride_xm + ks, mask=ks < k_lim, other=0.0).to(tl.float32)
+            xw = tl.sum(tl.sum(xk[:, :, None] * w, axis=1), axis=0)
+            if GROUP_MODE == 0:  # tile inside one group: scale/zero once per tile
+                xw = s * (xw - z * tl.sum(tl.sum(xk, axis=1), axis=0))
+            if BLOCK_M == 1:
+                acc += xw[None, :]
+            else:
+                acc = tl.where((tl.arange(0, BLOCK_M) == mm)[:, None], acc + xw[None, :], acc)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
 
 
 @triton.jit

@@ -58,29 +58,30 @@ def poison_empty(monkeypatch):
 
 GEMV = D.LaunchConfig("gemv", 1, 32, 64, 1)
 GEMV_SPLIT = D.LaunchConfig("gemv", 1, 64, 32, 2)
+GEMV_ROWS = D.LaunchConfig("gemv", 4, 32, 64, 2)  # 4 rows per program, M=5 -> 2 row blocks
 DOT = D.LaunchConfig("dot", 16, 32, 32, 1)
 DOT_SPLIT = D.LaunchConfig("dot", 16, 64, 64, 2)
 DOT_RESHAPE = D.LaunchConfig("dot", 16, 32, 64, 2, reshape=True)
 DEQ = D.LaunchConfig("dequant", block_n=32, block_k=32)
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, DOT, DOT_SPLIT, DOT_RESHAPE, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, GEMV_ROWS, DOT, DOT_SPLIT, DOT_RESHAPE, DEQ])
 @pytest.mark.parametrize("layout,bits,gs", [("awq", 4, 32), ("gptq", 4, 64)])
 def test_paths_4bit(cfg, layout, bits, gs):
-    M = 1 if cfg.kind == "gemv" else 17  # odd M, more than one M-tile
+    M = (1 if cfg.block_m == 1 else 5) if cfg.kind == "gemv" else 17  # odd M
     run_case(layout, bits, gs, M, 64, 192, cfg)  # K=192: 3 groups of 64 / 6 of 32
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
-@pytest.mark.parametrize("cfg", [GEMV, DOT_SPLIT, DOT_RESHAPE])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_ROWS, DOT_SPLIT, DOT_RESHAPE])
 def test_other_bits(bits, cfg):
-    M = 1 if cfg.kind == "gemv" else 5
+    M = (1 if cfg.block_m == 1 else 5) if cfg.kind == "gemv" else 5
     run_case("gptq", bits, 32, M, 64, 128, cfg)
 
 
-@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT, DOT_RESHAPE, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, GEMV_ROWS, DOT, DOT_RESHAPE, DEQ])
 def test_act_order_gptq(cfg):
-    M = 1 if cfg.kind == "gemv" else 3
+    M = (1 if cfg.block_m == 1 else 3) if cfg.kind == "gemv" else 3
     run_case("gptq", 4, 32, M, 64, 128, cfg, act_order=True)
 
 
@@ -134,7 +135,7 @@ def test_default_plans_and_deterministic():
     q = random_quantized(128, 256, 4, 128)
     m = QuantLinear.from_quantized(q, layout="awq").to(DEV)
     kw = m.kernel_weight(torch.float16)
-    for M in (1, 3):
+    for M in (1, 2, 3):
         x = torch.randn(M, 256).half().to(DEV)
         y1, y2 = D.quant_matmul(x, kw), D.quant_matmul(x, kw)
         assert torch.equal(y1, y2)
