@@ -26,6 +26,10 @@ import numpy as np
 from ..errors import InputError
 
 WORK_LIMIT = 2.5e7  # DP cells (groups × candidates × budget steps) we allow ourselves
+GRID_WORK = 5e6  # cells of the rounded-cost DP, which only improves the answer, never proves it
+GRID_STEPS = 2**16  # budget steps of the rounded DP when costs are not on an integer grid
+FRONTIER_CAP = 20_000  # Pareto points the exact sparse DP may hold before it gives up
+PARETO_WORK = 2e6  # partial choices it may look at in all before it gives up
 
 
 @dataclass
@@ -119,6 +123,48 @@ def _fill(idx, cost, werr, budget):
     return idx
 
 
+def _best_swap(idx, cost, werr, budget):
+    """The best pair move (one group gives bits back, another spends them) that fits the budget
+    and lowers the objective, as (g_down, c_down, g_up, c_up), or None."""
+    rows = np.arange(cost.shape[0])
+    cur_c, cur_e = cost[rows, idx], werr[rows, idx]
+    slack = budget - cur_c.sum()
+    with np.errstate(invalid="ignore"):
+        dc, de = cost - cur_c[:, None], werr - cur_e[:, None]
+    finite = np.isfinite(dc)
+    ug, uc = np.nonzero(finite & (dc > 0) & (de < 0))
+    dg, dn = np.nonzero(finite & (dc < 0))
+    if not len(ug) or not len(dg):
+        return None
+    order = np.argsort(dc[ug, uc], kind="stable")
+    ug, uc = ug[order], uc[order]
+    u_cost, u_err = dc[ug, uc], de[ug, uc]
+    # for every budget x: the upgrade costing ≤ x that saves the most error
+    running = np.minimum.accumulate(u_err)
+    best_at = np.maximum.accumulate(np.where(u_err <= running, np.arange(len(u_err)), 0))
+    pos = np.searchsorted(u_cost, slack - dc[dg, dn], side="right") - 1
+    has = pos >= 0
+    pick = best_at[np.where(has, pos, 0)]
+    total = np.where(has & (ug[pick] != dg), de[dg, dn] + u_err[pick], np.inf)
+    k = int(np.argmin(total))
+    if not total[k] < -1e-12 * max(1.0, float(np.abs(cur_e).sum())):
+        return None
+    return dg[k], dn[k], ug[pick[k]], uc[pick[k]]
+
+
+def _improve(idx, cost, werr, budget, rounds=40):
+    """Local search: fill the leftover budget, then pair moves until none helps (or `rounds`
+    of them: its job is a good incumbent for reduced-cost fixing, not the optimum itself)."""
+    idx = _fill(idx, cost, werr, budget)
+    for _ in range(rounds):
+        move = _best_swap(idx, cost, werr, budget)
+        if move is None:
+            break
+        idx[move[0]], idx[move[2]] = move[1], move[3]
+        idx = _fill(idx, cost, werr, budget)
+    return idx
+
+
 def _integral_unit(extra, budget_extra):
     """gcd of the extra costs when they are integers (storage bits usually are), else None."""
     finite = extra[np.isfinite(extra)]
@@ -161,7 +207,44 @@ def _dp(extra, werr, budget_extra, unit, round_up):
     return idx
 
 
-def _reduced_dp(cost, werr, budget, keep, total):
+def _pareto_dp(extra, werr, budget_extra, lam, upper):
+    """Exact DP on true (float) costs: keep only the Pareto-optimal (bits, error) partial
+    choices that can still beat `upper` (Lagrangian bound at λ on the groups not yet chosen).
+    Returns indices, or None when the frontier grows past FRONTIER_CAP or the work past
+    PARETO_WORK points."""
+    G, C = extra.shape
+    finite = np.isfinite(extra)
+    priced = np.where(finite, werr + lam * np.where(finite, extra, 0.0), np.inf).min(axis=1)
+    rest = np.concatenate([np.cumsum(priced[::-1])[::-1][1:], [0.0]])  # Σ over groups after g
+    limit = upper + lam * budget_extra
+    tol = 1e-9 * max(1.0, abs(limit))
+    f_cost, f_err = np.zeros(1), np.zeros(1)
+    parents, picks, work = [], [], 0
+    for g in range(G):
+        cost = (f_cost[:, None] + extra[g][None, :]).ravel()
+        err = (f_err[:, None] + werr[g][None, :]).ravel()
+        work += cost.size
+        # within budget (inf padding drops out) and still able to reach `upper` or better
+        ok = np.flatnonzero((cost <= budget_extra) & (err + lam * cost + rest[g] <= limit + tol))
+        order = ok[np.lexsort((err[ok], cost[ok]))]
+        e = err[order]
+        keep = np.ones(len(order), dtype=bool)  # less error than every cheaper point
+        keep[1:] = e[1:] < np.minimum.accumulate(e)[:-1]
+        order = order[keep]
+        if len(order) > FRONTIER_CAP or work > PARETO_WORK or not len(order):
+            return None
+        f_cost, f_err = cost[order], err[order]
+        parents.append(order // C)
+        picks.append(order % C)
+    idx = np.empty(G, dtype=np.int64)
+    p = int(np.argmin(f_err))
+    for g in range(G - 1, -1, -1):
+        idx[g] = picks[g][p]
+        p = int(parents[g][p])
+    return idx
+
+
+def _reduced_dp(cost, werr, budget, keep, total, lam, upper):
     """DP over the groups that still have a choice after fixing. Returns (indices or None,
     exact, note)."""
     G = cost.shape[0]
@@ -187,7 +270,15 @@ def _reduced_dp(cost, werr, budget, keep, total):
     if unit is not None and cells * (budget_extra / unit + 1) <= WORK_LIMIT:
         exact, note = True, f"exact DP over {len(free)} free groups"
     else:
-        unit = max(budget_extra, 1e-30) / max(1.0, WORK_LIMIT / cells - 1)
+        sub_upper = upper - math.fsum(werr[fixed, idx[fixed]])
+        sub_idx = _pareto_dp(extra, sub_werr, budget_extra, lam, sub_upper)
+        if sub_idx is not None:
+            exact, note = True, f"exact Pareto DP over {len(free)} free groups"
+            for i, g in enumerate(free):
+                idx[g] = kept[g][sub_idx[i]]
+            return idx, exact, note
+        steps = min(GRID_STEPS, max(1.0, GRID_WORK / cells - 1))
+        unit = max(budget_extra, 1e-30) / steps
         if len(free) * unit / total > 0.05:  # too coarse to beat the LP answer: skip
             return None, False, f"DP skipped: {len(free)} free groups need too fine a grid"
         exact, note = False, (f"DP over {len(free)} free groups on a {unit / total:.1e} bpw "
@@ -244,7 +335,9 @@ def choose(groups: Sequence[Group], target_bpw: float) -> Choice:
     uniform = [ix for ix in uniform if score(ix)[1] <= budget]
     if uniform:
         found["uniform+fill"] = _fill(min(uniform, key=score), cost, werr, budget)
-    incumbent = min(found.values(), key=score)
+    start = min(found, key=lambda k: score(found[k]))
+    found[start.replace("+fill", "+search")] = incumbent = _improve(found[start], cost, werr,
+                                                                   budget)
     # Reduced-cost fixing: obj(x) = lower + Σ_g r_g(x_g) + λ·(budget − bits(x)) with every term
     # ≥ 0, so a choice beating the incumbent uses no candidate with r > incumbent − lower.
     reduced = priced - priced.min(axis=1, keepdims=True)
@@ -253,12 +346,13 @@ def choose(groups: Sequence[Group], target_bpw: float) -> Choice:
     keep[rows, incumbent] = True
     notes = [f"{int(keep.sum())} of {int(np.isfinite(cost).sum())} candidates survive "
              f"reduced-cost fixing"]
-    dp_idx, exact, note = _reduced_dp(cost, werr, budget, keep, total)
+    dp_idx, exact, note = _reduced_dp(cost, werr, budget, keep, total, lam,
+                                      score(incumbent)[0])
     if note:
         notes.append(note)
     if dp_idx is not None:
-        found["exact-dp" if exact else "dp"] = dp_idx if exact else _fill(dp_idx, cost, werr,
-                                                                          budget)
+        found["exact-dp" if exact else "dp"] = dp_idx if exact else _improve(dp_idx, cost,
+                                                                             werr, budget)
     feasible = {k: v for k, v in found.items() if score(v)[1] <= budget}
     method = min(feasible, key=lambda k: score(feasible[k]))
     idx = feasible[method]
