@@ -15,6 +15,7 @@ reproduce the candidate are kept as they are. `numel` lives on the group (all it
 quantize the same weights)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -96,7 +97,7 @@ class MeasurementStore:
         if not 0 <= index <= len(self.layers):
             raise ValueError(f"layer {index} recorded after {len(self.layers)} layers")
         layer = {"index": index, "groups": {name: dict(g) for name, g in groups.items()}}
-        layer = normalise_settings(layer)
+        layer = json.loads(json.dumps(layer, default=str))  # as it will read back; keeps order
         _validate_layer(self.path, index, layer)
         if index == len(self.layers):
             self.layers.append(layer)
@@ -108,6 +109,14 @@ class MeasurementStore:
     def layers_done(self) -> int:
         """Number of layers measured (they are always 0 .. n-1)."""
         return len(self.layers)
+
+    def check_progress(self, finished_layers: int) -> None:
+        """The job state says `finished_layers` layers were measured; the file must hold at
+        least those (it may hold one more: recorded, then killed before the state update)."""
+        if self.layers_done() < finished_layers:
+            raise InputError(f"measurement file {self.path} holds {self.layers_done()} layers "
+                             f"but the job state says {finished_layers} were measured; the job "
+                             f"directory is damaged: pass --overwrite to start over")
 
     def is_complete(self, num_layers: int) -> bool:
         return len(self.layers) >= num_layers
