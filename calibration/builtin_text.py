@@ -61,6 +61,9 @@ _SKIP_DIRS = {"test", "tests", "__pycache__", "idle_test"}
 _DOCTEST_PROMPT = re.compile(r"^\s*(>>>|\.\.\.(\s|$))")
 _CODE_CHAR = re.compile(r"""[(){}\[\]=<>_*/\\|@#$%^~`;:+"']""")
 _LETTER = re.compile(r"[^\W\d_]")
+# a Python statement written out in a docstring: "import shelve", "d = shelve.open(name)"
+_STATEMENT = re.compile(r"(import \w|from [\w.]+ import |def \w+\(|class \w+[(:]|return [\w.()]+$|raise \w+\(|print\()")
+_ASSIGNMENT = re.compile(r"^[\w.\[\]]+ = \S|\w\(.*\) *#")
 # reStructuredText tables, rules and headings
 _MARKUP_STARTS = ("|", "+-", "+=", "==", "--", "**", "~~", "^^")
 MAX_SYMBOL_SHARE = 0.15
@@ -120,6 +123,8 @@ def _is_code_line(line: str) -> bool:
         return True
     if stripped.endswith(":") and any(c in stripped for c in "(=[{"):
         return True  # a statement header such as "with open(path) as f:"
+    if _STATEMENT.match(stripped) or _ASSIGNMENT.search(stripped):
+        return True
     visible = len(stripped) - stripped.count(" ")
     symbols = len(_CODE_CHAR.findall(stripped))
     letters = len(_LETTER.findall(stripped))

@@ -69,14 +69,18 @@ def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None,
     if max_tokens is not None and spread and len(bounds) > 1:
         first = _encode(tokenizer, text[slice(*bounds[0])])
         chars_per_token = (bounds[0][1] - bounds[0][0]) / max(len(first), 1)
-        # one piece spare for the estimate's error; the loop below stops early anyway
+        # one piece spare for the estimate's error; all chosen pieces are used, so that the
+        # last part of the corpus is always among them
         wanted = min(len(bounds), math.ceil(max_tokens * chars_per_token / PIECE_CHARS) + 1)
-        step = len(bounds) / wanted
-        bounds = [bounds[int(i * step)] for i in range(wanted)]
+        if wanted > 1:  # evenly spaced, first and last piece included
+            step = (len(bounds) - 1) / (wanted - 1)
+            bounds = [bounds[round(i * step)] for i in range(wanted)]
+        else:
+            bounds = bounds[:1]
     ids: list[int] = []
     for start, end in bounds:
         ids.extend(_encode(tokenizer, text[start:end]))
-        if max_tokens is not None and len(ids) >= max_tokens:
+        if max_tokens is not None and not spread and len(ids) >= max_tokens:
             break
     return torch.tensor(ids, dtype=torch.long)
 
