@@ -5,8 +5,8 @@ from pathlib import Path
 
 from .config import CalibSettings, QuantSettings
 from .errors import InputError
-from .evaluate import EvalResult, evaluate
-from .load import load
+from .evaluation import EvalResult, evaluate
+from .loader import load
 from .pipeline import run_quantize
 from .report import QuantResult
 

@@ -103,7 +103,7 @@ def run_quantize_cli(argv) -> int:
 
 def run_eval_cli(argv) -> int:
     a = eval_parser().parse_args(argv)
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     result = evaluate(a.model, base=a.base, data=a.data, seqlen=a.seqlen,
                       max_windows=a.max_windows, device=a.device,
                       progress=not (a.no_progress or a.json))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .load import LayerLoader
+from .loader import LayerLoader
 from .skeleton import capture_layer0_inputs, layer_output, to_device
 
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: generated checkpoints and the real data beside the checkout."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LAYERQUANT_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "data" / "stories260K" / "hf"
+TINYSTORIES = SHARED / "data" / "tinystories-excerpt" / "TinyStories-valid.txt"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.skip("../shared/data/stories260K is not present")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def tinystories_text() -> Path:
+    if not TINYSTORIES.is_file():
+        pytest.skip("../shared/data/tinystories-excerpt is not present")
+    return TINYSTORIES
+
+
+@pytest.fixture(scope="session")
+def prose_file(tmp_path_factory) -> Path:
+    """A few KB of real English prose for tests that must not depend on ../shared."""
+    import inspect
+    import json
+    import pathlib
+    import textwrap
+    parts = [inspect.getdoc(m) or "" for m in (json, pathlib, textwrap, inspect)]
+    path = tmp_path_factory.mktemp("prose") / "prose.txt"
+    path.write_text("\n\n".join(parts) * 3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """factory(preset, **overrides) -> directory of a generated random checkpoint (cached)."""
+    from quantizer.synthetic import write_checkpoint
+
+    cache = {}
+
+    def make(preset: str = "tiny-llama", **overrides):
+        key = (preset, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(preset)
+            cache[key] = write_checkpoint(out, preset=preset, **overrides)
+        return cache[key]
+
+    return make

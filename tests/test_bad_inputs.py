@@ -1,0 +1,80 @@
+"""Bad inputs: a clear one-line error, exit code 2, and no output directory left behind."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantizer.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def check_refused(args, out, capsys, match):
+    code, err = run_cli(args + ["-o", str(out), "--no-progress", "--calib-samples", "0",
+                                "--method", "rtn"], capsys)
+    assert code == 2, err
+    assert err and err[-1].startswith("error: ") and match in err[-1], err
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(tmp_path, capsys):
+    check_refused([str(tmp_path / "nope")], tmp_path / "out", capsys, "does not exist")
+
+
+def test_no_config(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    check_refused([str(tmp_path / "m")], tmp_path / "out", capsys, "no config.json")
+
+
+def test_unsupported_architecture(tiny_checkpoint, tmp_path, capsys):
+    m = copy_ckpt(tiny_checkpoint(), tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (m / "config.json").write_text(json.dumps(cfg))
+    check_refused([str(m)], tmp_path / "out", capsys, "supported: llama, mistral, qwen2, qwen3")
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bits_out_of_range(bits, tiny_checkpoint, tmp_path, capsys):
+    check_refused([str(tiny_checkpoint()), "--bits", bits], tmp_path / "out", capsys,
+                  "between 2 and 8")
+
+
+def test_group_size_not_dividing(tiny_checkpoint, tmp_path, capsys):
+    check_refused([str(tiny_checkpoint()), "--group-size", "48"], tmp_path / "out", capsys,
+                  "group size 48 does not divide in_features=128")
+
+
+def test_corrupt_safetensors_header(tiny_checkpoint, tmp_path, capsys):
+    m = copy_ckpt(tiny_checkpoint(), tmp_path / "m")
+    f = m / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"{not json!!!"
+    f.write_bytes(bytes(data))
+    check_refused([str(m)], tmp_path / "out", capsys, "corrupt safetensors file")
+
+
+def test_nan_in_weight(tiny_checkpoint, tmp_path, capsys):
+    m = copy_ckpt(tiny_checkpoint(), tmp_path / "m")
+    f = m / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, f)
+    check_refused([str(m)], tmp_path / "out", capsys, f"tensor {name}")
+
+
+def test_awq_export_refuses_3bit(tiny_checkpoint, tmp_path, capsys):
+    check_refused([str(tiny_checkpoint()), "--bits", "3", "--format", "awq"], tmp_path / "out",
+                  capsys, "4-bit weights only")
