@@ -122,24 +122,38 @@ class MeasurementStore:
         return len(self.layers) >= num_layers
 
     # ---- optimiser interface -------------------------------------------------------------
-    def groups(self, weight: Callable[[int, str], float] | None = None) -> list[Group]:
-        """Every (layer, group) as an optimiser Group named "<layer>.<group>", in file order.
-        `weight(layer_index, group_name)` gives its importance (default 1)."""
-        out = []
+    def _entries(self, allowed: Callable[[dict], bool] | None):
+        """(layer index, group name, group, candidates the caller allows), in file order."""
         for layer in self.layers:
             for name, g in layer["groups"].items():
-                cands = [Candidate(c["bpw"], c["err"], c["label"]) for c in g["candidates"]]
-                w = 1.0 if weight is None else float(weight(layer["index"], name))
-                out.append(Group(g["numel"], cands, w, f"{layer['index']}.{name}"))
+                cands = [c for c in g["candidates"] if allowed is None or allowed(c)]
+                if not cands:
+                    raise InputError(f"measurement file {self.path}: no usable candidate for "
+                                     f"layer {layer['index']} group {name}")
+                yield layer["index"], name, g, cands
+
+    def groups(self, weight: Callable[[int, str], float] | None = None,
+               allowed: Callable[[dict], bool] | None = None) -> list[Group]:
+        """Every (layer, group) as an optimiser Group named "<layer>.<group>", in file order.
+        `weight(layer_index, group_name)` gives its importance (default 1); `allowed(candidate)`
+        drops candidates the export cannot use (pass the same to `selection`)."""
+        out = []
+        for index, name, g, cands in self._entries(allowed):
+            w = 1.0 if weight is None else float(weight(index, name))
+            out.append(Group(g["numel"], [Candidate(c["bpw"], c["err"], c["label"])
+                                          for c in cands], w, f"{index}.{name}"))
         return out
 
-    def selection(self, choice: Choice) -> dict[int, dict[str, dict]]:
+    def selection(self, choice: Choice, allowed: Callable[[dict], bool] | None = None
+                  ) -> dict[int, dict[str, dict]]:
         """The chosen candidate dict per layer and group, for the quantization pass."""
         out: dict[int, dict[str, dict]] = {}
-        it = iter(choice.indices)
-        for layer in self.layers:
-            out[layer["index"]] = {name: g["candidates"][next(it)]
-                                   for name, g in layer["groups"].items()}
+        entries = list(self._entries(allowed))
+        if len(entries) != len(choice.indices):
+            raise ValueError(f"choice has {len(choice.indices)} groups, the measurement "
+                             f"{len(entries)}: was it made from this file and filter?")
+        for (index, name, _, cands), i in zip(entries, choice.indices):
+            out.setdefault(index, {})[name] = cands[i]
         return out
 
 

@@ -89,6 +89,13 @@ def test_two_targets_from_one_measurement(tmp_path):
         assert ch.bpw <= target
         picks[target] = [c["label"] for layer in sel.values() for c in layer.values()]
     assert picks[3.0] != picks[4.25]
+    # a filter (say, what the export format can load) applies to both sides alike
+    no_mix = lambda c: "parts" not in c  # noqa: E731
+    ch = choose(store.groups(allowed=no_mix), 4.25)
+    sel = store.selection(ch, allowed=no_mix)
+    assert all("mix" not in c["label"] for layer in sel.values() for c in layer.values())
+    with pytest.raises(InputError, match="no usable candidate"):
+        store.groups(allowed=lambda c: False)
     # importance weights reach the optimiser
     weighted = store.groups(weight=lambda layer, name: 10.0 if layer == 0 else 1.0)
     assert [g.weight for g in weighted[:5]] == [10.0] * 4 + [1.0]
