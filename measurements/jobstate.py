@@ -264,7 +264,8 @@ class JobDir:
 
     # ---- layers --------------------------------------------------------------------------
     def layer_path(self, stage: str, index: int, hidden: bool = False) -> Path:
-        return self.path / (HIDDEN_DIR if hidden else LAYERS_DIR) / f"{stage}-{index:05d}.safetensors"
+        folder = HIDDEN_DIR if hidden else LAYERS_DIR
+        return self.path / folder / f"{stage}-{index:05d}.safetensors"
 
     def _stamp(self, stage: str, index: int, meta: Mapping[str, Any]) -> dict[str, str]:
         info = {"job": fingerprint_digest(self._st()["fingerprint"]), "stage": stage,

@@ -165,7 +165,7 @@ def _improve(idx, cost, werr, budget, rounds=40):
     return idx
 
 
-def _integral_unit(extra, budget_extra):
+def _integral_unit(extra):
     """gcd of the extra costs when they are integers (storage bits usually are), else None."""
     finite = extra[np.isfinite(extra)]
     if finite.size == 0 or finite.max() > 2**52:
@@ -180,7 +180,7 @@ def _integral_unit(extra, budget_extra):
 def _dp(extra, werr, budget_extra, unit, round_up):
     """Multiple-choice knapsack DP over `budget_extra / unit` steps; returns indices."""
     G, C = extra.shape
-    steps = int(math.floor(budget_extra / unit + 1e-9)) if not round_up else int(budget_extra // unit)
+    steps = int(budget_extra // unit) if round_up else int(math.floor(budget_extra / unit + 1e-9))
     with np.errstate(invalid="ignore"):
         k = np.ceil(extra / unit - (1e-9 if not round_up else 0.0))
     k[~np.isfinite(extra)] = steps + 1
@@ -266,7 +266,7 @@ def _reduced_dp(cost, werr, budget, keep, total, lam, upper):
     if budget_extra < 0:
         return None, False, ""
     cells = len(free) * Cr
-    unit = _integral_unit(extra, budget_extra)
+    unit = _integral_unit(extra)
     if unit is not None and cells * (budget_extra / unit + 1) <= WORK_LIMIT:
         exact, note = True, f"exact DP over {len(free)} free groups"
     else:

@@ -1,7 +1,6 @@
 """Crash safety of the job directory: atomic writes under injected disk-full, the lock against a
 second process, resume / overwrite / mismatch rules, corrupt state files, fingerprints."""
 import json
-import os
 import random
 import subprocess
 import sys
