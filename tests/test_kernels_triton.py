@@ -113,6 +113,11 @@ def test_per_channel_group_and_ct_layout(cfg):
     run_case("compressed-tensors", 4, -1, 1 if cfg.kind == "gemv" else 9, 128, 96, cfg)
 
 
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT_RESHAPE])
+def test_n_not_a_multiple_of_the_tile(cfg):
+    run_case("awq", 4, 64, 1 if cfg.kind == "gemv" else 19, 72, 128, cfg)  # N = 72
+
+
 @pytest.mark.parametrize("cfg", [GEMV, DOT_SPLIT, DEQ])
 def test_large_activations_do_not_overflow(cfg):
     """x near the fp16 limit: partial sums exceed 65504 but stay in fp32; output fits."""
