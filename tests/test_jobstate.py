@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -290,3 +291,61 @@ def test_model_fingerprint_sees_config_header_and_data_changes(tmp_path):
     changed = tokens.clone()
     changed[random.randrange(4), random.randrange(32)] += 1
     assert fingerprint_calibration(changed) != c
+
+
+# ---- SIGKILL at random moments -------------------------------------------------------------
+WORKER = textwrap.dedent("""
+    import sys, time, torch
+    from quantizer.measurements.jobstate import JobDir
+    from quantizer.measurements.fingerprint import job_fingerprint
+
+    def work(path, layers, pause):
+        job = JobDir(path)
+        job.begin(job_fingerprint("m", "c", {"bits": 4}), resume=True, first_stage="quantize")
+        start = job.next_layer("quantize")
+        if start == 0 and not job.has_hidden(0):
+            job.save_hidden(0, [torch.arange(4 * 65536, dtype=torch.float32).view(4, -1)])
+        print("working", flush=True)
+        for i in range(start, layers):
+            h = job.load_hidden(i)[0]
+            g = torch.Generator().manual_seed(i)
+            out = h * 0.5 + torch.randn(h.shape, generator=g)  # depends on every earlier layer
+            time.sleep(pause)
+            job.save_layer("quantize", i, {"w": out.half(), "s": out.sum(1)}, {"i": i})
+            time.sleep(pause)
+            job.save_hidden(i + 1, [out])
+            time.sleep(pause)
+            job.commit_layer("quantize", i)
+        job.finish()
+        job.unlock()
+
+    if __name__ == "__main__":
+        work(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+""")
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
+    layers = 8
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    scope: dict = {}
+    exec(WORKER, scope)  # the same code in this process for the reference and the finish
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    scope["work"](ref, layers, 0.0)
+    kills = 0
+    for _ in range(2):  # each start pays a torch import: two kills keep the test short
+        proc = subprocess.Popen([sys.executable, str(worker), str(killed), str(layers), "0.01"],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "working"
+        time.sleep(random.uniform(0, 0.25))  # the run takes ~8 × 3 × 10 ms plus writes
+        kills += proc.poll() is None
+        proc.kill()
+        proc.wait()
+    assert kills >= 1  # at least one kill landed mid-run
+    scope["work"](killed, layers, 0.0)
+    state = json.loads((killed / "state.json").read_text())
+    assert state["stage"] == "done" and state["last_finished"]["quantize"] == layers - 1
+    for i in range(layers):
+        name = f"layers/quantize-{i:05d}.safetensors"
+        assert (killed / name).read_bytes() == (ref / name).read_bytes(), name
+    assert no_temporaries(killed)
