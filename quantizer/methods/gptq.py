@@ -75,7 +75,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, log, max_retries: in
         Hd[idx, idx] += lam * mean_diag
         try:
             L = torch.linalg.cholesky(Hd)
-            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).contiguous()
             if bool(torch.isfinite(U).all()):
                 return U, lam, attempt
             reason = "non-finite factor"
@@ -117,44 +117,28 @@ def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01
     return PreparedHessian(U, perm, dead, damp_used, retries)
 
 
-@torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
-                  symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
-                  damp: float = 0.01, block: int = 128, log=print, name: str = "weight",
-                  prepared: PreparedHessian | None = None) -> tuple[QuantizedWeight, dict]:
-    """Quantize W (out, in) against Hessian H (in, in) (or a PreparedHessian made from it with
-    the same act_order). Returns the canonical QuantizedWeight (codes in original column
-    order; g_idx only for act-order without static groups) and info {damp_used, retries,
-    dead_columns}. Neither W nor H is modified."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
-    if prepared is None:
-        prepared = prepare_hessian(H, act_order, damp, log)
-    elif (prepared.perm is not None) != bool(act_order):
-        raise ValueError("prepared Hessian was made with a different act_order")
-    U, perm, dead = prepared.U, prepared.perm, prepared.dead
-    out_f, n = W.shape
-    gs = check_group_size(n, group_size, name)
+_TRITON_STATE = {"broken": False}
+
+
+def _triton_usable() -> bool:
+    if _TRITON_STATE["broken"]:
+        return False
+    try:
+        from .gptq_triton import available
+    except ImportError:
+        return False
+    return available()
+
+
+def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
+    """The GPTQ recursion, one column per step, lazy batch updates per block (in place).
+
+    WT (n, out): the weight's columns as rows, in visiting order; U (n, n): upper Cholesky
+    factor of H⁻¹ in the same order; QT receives the codes (as floats). scales/zeros
+    (n_groups, out) are read (static groups) or written at each group's first column."""
+    n = WT.shape[0]
     maxq = (1 << bits) - 1
-    W = W.to(U.device, torch.float32).clone()
-    W[:, dead] = 0
-    n_groups = n // gs
-    static = None
-    if group_size == -1 or static_groups:
-        # Parameters up front from the unpermuted weight, so group g covers columns
-        # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
-        static = [_params(W[:, g * gs:(g + 1) * gs], bits, symmetric) for g in range(n_groups)]
-        static = [(s, z, z * s) for s, z in static]
-    # Columns as rows: every column GPTQ visits is one contiguous vector.
-    WT = (W[:, perm] if perm is not None else W).t().contiguous()
-    del W
-    QT = torch.empty_like(WT)
-    scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=WT.device)
-    zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=WT.device)
-    orig = perm.tolist() if perm is not None else range(n)
-    # Align blocks with groups so every group's parameters come from weights that already
-    # carry all earlier columns' error feedback.
-    block = (block // gs) * gs if gs <= block else math.gcd(block, gs)
+    gids = gid.tolist()
     cur = -1
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -162,18 +146,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
         Err1 = torch.empty_like(W1)
         inv_d = (1 / torch.diagonal(U1)).tolist()  # one host sync per block
         for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                g = orig[col] // gs
-                if g != cur:
-                    scale, zero, zs = static[g]
-                    cur = g
-            elif col % gs == 0:
-                span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
-                    [W1[i:], WT[i2:col + gs]])
-                scale, zero = _params(span.t(), bits, symmetric)
+            col, g = i1 + i, gids[i1 + i]
+            if g != cur:
+                if dynamic:  # a group starts here: parameters from the updated weights
+                    span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
+                        [W1[i:], WT[i2:col + gs]])
+                    scales[g], zeros[g] = _params(span.t(), bits, symmetric)
+                scale, zero = scales[g], zeros[g]
                 zs = zero * scale
-                scales[col // gs], zeros[col // gs] = scale, zero
+                cur = g
             w, q, e = W1[i], QT[col], Err1[i]
             # codes = clamp(round(w/s) + z), bit-identical to RTN (divide, then add z: the
             # symmetric range's end points sit exactly on rounding ties)
@@ -185,11 +166,69 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
         if i2 < n:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
 
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
+                  symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
+                  damp: float = 0.01, block: int = 128, log=print, name: str = "weight",
+                  prepared: PreparedHessian | None = None, backend: str = "auto"
+                  ) -> tuple[QuantizedWeight, dict]:
+    """Quantize W (out, in) against Hessian H (in, in) (or a PreparedHessian made from it with
+    the same act_order). Returns the canonical QuantizedWeight (codes in original column
+    order; g_idx only for act-order without static groups) and info {damp_used, retries,
+    dead_columns}. Neither W nor H is modified. backend: "torch" (one column at a time from
+    Python), "triton" (gptq_triton's fused block kernel) or "auto" (triton on CUDA)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
+    if prepared is None:
+        prepared = prepare_hessian(H, act_order, damp, log)
+    elif (prepared.perm is not None) != bool(act_order):
+        raise ValueError("prepared Hessian was made with a different act_order")
+    U, perm, dead = prepared.U, prepared.perm, prepared.dead
+    out_f, n = W.shape
+    gs = check_group_size(n, group_size, name)
+    W = W.to(U.device, torch.float32).clone()
+    W[:, dead] = 0
+    n_groups = n // gs
+    scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
+    zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
+    dynamic = not (group_size == -1 or static_groups)
+    if not dynamic:
+        # Parameters up front from the unpermuted weight, so group g covers columns
+        # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
+        for g in range(n_groups):
+            scales[g], zeros[g] = _params(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+    # Columns as rows: every column GPTQ visits is one contiguous vector.
+    WT = (W[:, perm] if perm is not None else W).t().contiguous()
+    del W
+    QT = torch.empty_like(WT)
+    # Group of each visited column: its own position // gs, or its original column's group
+    # when static groups are visited in act-order.
+    gid = torch.arange(n, device=WT.device) if perm is None or dynamic else perm
+    gid = (gid // gs).to(torch.int32)
+    # Align blocks with groups so every group's parameters come from weights that already
+    # carry all earlier columns' error feedback.
+    block = (block // gs) * gs if gs <= block else math.gcd(block, gs)
+    args = (U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
+    if backend == "triton":
+        from .gptq_triton import solve_columns_triton
+        solve_columns_triton(WT, *args)
+    elif backend == "auto" and WT.is_cuda and _triton_usable():
+        from .gptq_triton import solve_columns_triton
+        backup = WT.clone()
+        try:
+            solve_columns_triton(WT, *args)
+        except Exception as e:  # a kernel that fails to build must not fail the run
+            _TRITON_STATE["broken"] = True
+            log(f"gptq: Triton solver failed ({type(e).__name__}: {str(e)[:200]}); "
+                f"using the Python column loop from now on")
+            _solve_columns(backup, *args)
+            WT = backup
+    else:
+        _solve_columns(WT, *args)
+
     g_idx = None
-    if static is not None:
-        for g, (s, z, _) in enumerate(static):
-            scales[g], zeros[g] = s, z
-    elif perm is not None:
+    if dynamic and perm is not None:
         # Group k holds permuted columns k*gs..; map back to each original column.
         g_idx = torch.empty(n, dtype=torch.int32, device=WT.device)
         g_idx[perm] = (torch.arange(n, device=WT.device) // gs).to(torch.int32)
