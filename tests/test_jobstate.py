@@ -1,6 +1,7 @@
 """Crash safety of the job directory: atomic writes under injected disk-full, the lock against a
 second process, resume / overwrite / mismatch rules, corrupt state files, fingerprints."""
 import json
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -157,26 +158,27 @@ def test_non_job_directory_is_never_used_or_wiped(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-LOCKER = textwrap.dedent("""
-    import sys, time
-    from quantizer.measurements.jobstate import JobDir
-    job = JobDir(sys.argv[1]); job.lock()
-    print("locked", flush=True); time.sleep(60)
-""")
+def hold_lock(path, locked, release):
+    job = JobDir(path)
+    job.lock()
+    locked.set()
+    release.wait(60)
 
 
 def test_second_process_gets_a_clear_lock_error(tmp_path):
     d = tmp_path / "job"
-    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(d)], stdout=subprocess.PIPE,
-                            text=True)
+    ctx = multiprocessing.get_context("fork")  # the child only takes a lock: no torch work
+    locked, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=hold_lock, args=(d, locked, release))
+    proc.start()
     try:
-        assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(InputError, match=f"in use by pid {proc.pid}"):
+        assert locked.wait(30)
+        with pytest.raises(InputError, match=f"job directory {d} is in use by pid {proc.pid}"):
             JobDir(d).begin(fp(), first_stage="quantize")
     finally:
-        proc.kill()
-        proc.wait()
-    with JobDir(d) as job:  # the kernel released the dead holder's lock: no stale lock
+        proc.kill()  # killed, not released: the kernel must drop its lock
+        proc.join()
+    with JobDir(d) as job:  # no stale lock after the holder died
         job.begin(fp(), first_stage="quantize")
 
 
