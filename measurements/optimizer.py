@@ -1,19 +1,22 @@
 """Bits-per-weight optimiser: one candidate per module group, minimising Σ weight·err subject to
 Σ numel·bpw ≤ target · Σ numel (a multiple-choice knapsack).
 
-How it gets an answer that is exact or provably near-optimal, fast:
-1. LP relaxation (Sinha & Zoltners): per group the lower convex hull of (bits, weighted err);
-   all hull steps sorted by error saved per bit and taken greedily up to the budget. The LP
-   value is a *lower bound* on the true optimum; the steps taken are a feasible answer that
-   is at most one group's step from optimal.
-2. Dynamic programme over the budget: costs are storage bits, so when they are integers the
-   DP runs on their gcd and is exact; otherwise (or when that grid is too fine) on a grid with
-   costs rounded *up*, which can never exceed the target. Run only while the grid fits
-   WORK_LIMIT cells, which keeps the whole call well under a second.
-3. Every answer then spends leftover budget greedily (single-group upgrades that fit), and the
-   best of LP, DP and every feasible uniform setting (same label everywhere) is returned, so
-   the result is never worse than any uniform choice that fits the budget.
-`Choice.lower_bound` / `Choice.gap` state how far from optimal the answer can be at most."""
+How it gets an answer that is exact, or provably near-optimal, in well under a second for
+80 layers × 7 groups × 12 candidates:
+1. LP relaxation (Sinha & Zoltners): per group the lower convex hull of (bits, weighted err),
+   all hull steps sorted by error saved per bit and taken greedily up to the budget. The price
+   λ of the step that no longer fits gives the Lagrangian dual bound `lower` ≤ optimum.
+2. Incumbent: the LP's integral steps (and the best uniform setting that fits, when labels
+   name one), leftover budget spent greedily, then pair moves (one group gives bits back,
+   another spends them) while they help.
+3. Reduced-cost fixing: for any choice x, obj(x) = lower + Σ_g r_g(x_g) + λ·(budget − bits(x))
+   with every term ≥ 0, so no candidate with r_g > incumbent − lower can be part of a better
+   choice. Usually only a few hundred of the thousands of candidates survive.
+4. DP over the surviving groups: on the gcd of their storage-bit costs (exact; storage bits
+   are integers), else a Pareto-frontier DP on the true costs (exact), else a DP on a fine
+   grid with costs rounded *up* (cannot exceed the target; not a proof).
+The best feasible answer is returned; it is never worse than any uniform setting that fits.
+`Choice.exact` says the optimum was proven; otherwise `Choice.gap` bounds the distance to it."""
 from __future__ import annotations
 
 import math
