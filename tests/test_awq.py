@@ -11,7 +11,8 @@ from quantizer.arch import get_arch
 from quantizer.config import QuantSettings
 from quantizer.layer_context import LayerContext
 from quantizer.methods import get_method
-from quantizer.methods.awq import AWQ, candidate_scales, fold_scales, grid_search
+from quantizer.methods.awq import (AWQ, candidate_scales, describe_stats, fold_overflows,
+                                  fold_scales, grid_search)
 from quantizer.methods.awq_clip import fake_quantize_float, search_clip, shrink_ratios
 from quantizer.methods.rtn import RTN, fake_quantize
 from quantizer.skeleton import layer_output
@@ -242,6 +243,8 @@ def test_half_precision_never_nan():
     q = AWQ(**SMALL).quantize_layer(ctx)
     by_prev = {g["prev"]: g for g in ctx.stats["groups"]}
     assert by_prev["post_attention_layernorm"]["eval_dtype"] == "float32"
+    assert by_prev["post_attention_layernorm"]["overflow"]
+    assert not by_prev["input_layernorm"]["overflow"]  # attention output fits in fp16
     assert any("overflows" in m for m in logs)
     for g in ctx.stats["groups"]:
         assert g["alpha"] is not None and math.isfinite(g["loss"]), g
@@ -249,6 +252,17 @@ def test_half_precision_never_nan():
         assert torch.isfinite(qw.scales).all(), name
     for p in layer.parameters():
         assert p.dtype == torch.float16 and torch.isfinite(p).all()
+
+
+def test_fold_overflow_is_detected_in_half_precision():
+    # A tiny scale would push the fp16 norm weight past 65504; such a candidate is refused.
+    cfg = make_config()
+    layer = make_layer(cfg, seed=21).half()
+    s = torch.ones(HIDDEN)
+    assert not fold_overflows(layer, "input_layernorm", s)
+    s[7] = 1e-5
+    assert fold_overflows(layer, "input_layernorm", s)
+    assert not fold_overflows(layer.float(), "input_layernorm", s)
 
 
 def test_two_runs_are_bit_identical():
@@ -282,3 +296,5 @@ def test_registered_and_reports_stats():
                                       "mlp.up_proj", "mlp.down_proj"}
     assert all(c["tokens"] == 64 for c in ctx.stats["clip"].values())
     assert all(g["loss_rtn"] is not None for g in ctx.stats["groups"])
+    line = describe_stats(ctx.stats)
+    assert "q/k/v a=" in line and "v_proj->o_proj skipped" in line and "clip" in line

@@ -164,6 +164,16 @@ def _div_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (w.float() / (s if w.dim() == 1 else s.unsqueeze(1))).to(w.dtype)
 
 
+def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor) -> bool:
+    """True when prev / s would not fit prev's dtype (a tiny s on a half-precision norm):
+    the candidate search never runs prev, so this is checked separately."""
+    prev = layer.get_submodule(prev_name)
+    s = scales.float().to(prev.weight.device)
+    tensors = [prev.weight.data] + ([prev.bias.data] if getattr(prev, "bias", None)
+                                    is not None else [])
+    return not all(bool(torch.isfinite(_div_rows(t, s)).all()) for t in tensors)
+
+
 def fold_shape_problem(layer: nn.Module, prev_name: str, linear_names: Sequence[str]):
     """Why scales cannot be folded across this group, or None when they can."""
     prev = layer.get_submodule(prev_name)
@@ -264,7 +274,8 @@ class AWQ:
         with module_in_dtype(judge, eval_dtype):
             if refs is None:
                 refs = self._references(ctx, judge, data, eval_dtype)
-            result = self._search(ctx, judge, linears, data, refs, w_mean, eval_dtype)
+            result = self._search(ctx, group.prev, judge, linears, data, refs, w_mean,
+                                  eval_dtype)
         del refs, data
         kept_identity = result.get("kept_identity", False)
         fallback = result["alpha"] is None and not kept_identity
@@ -273,6 +284,7 @@ class AWQ:
             "alpha": result["alpha"], "loss": result["loss"],
             "loss_rtn": result.get("loss_rtn"), "losses": result["history"],
             "eval_dtype": str(eval_dtype).replace("torch.", ""),
+            "overflow": eval_dtype != ctx.dtype,
             "kept_identity": kept_identity, "fallback": fallback})
         if fallback:
             ctx.log(f"layer {ctx.index} AWQ {label}: no finite loss on the grid; "
@@ -332,13 +344,15 @@ class AWQ:
             refs.append(_store(out, cache))
         return refs
 
-    def _search(self, ctx, judge, linears, data: GroupCapture, refs, w_mean,
-                eval_dtype) -> dict:
+    def _search(self, ctx, prev_name: str, judge, linears, data: GroupCapture, refs,
+                w_mean, eval_dtype) -> dict:
         st = ctx.settings
         originals = [lin.weight.data.clone() for lin in linears]
         numel = sum(r.numel() for r in refs)
 
         def loss_of(scales: torch.Tensor | None) -> float:
+            if scales is not None and fold_overflows(ctx.layer, prev_name, scales):
+                return math.inf
             for lin, w0 in zip(linears, originals):
                 _write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
             total = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -408,6 +422,31 @@ class AWQ:
                 x = seen[n]
                 picked[n].append(x.reshape(-1, x.shape[-1])[local.to(x.device)])
         return {n: torch.cat(v, dim=0) for n, v in picked.items()}
+
+
+def describe_stats(stats: dict) -> str:
+    """One line for the report from the ctx.stats this method fills in."""
+    parts = []
+    for g in stats.get("groups", []):
+        short = "/".join(n.rsplit(".", 1)[-1].replace("_proj", "") for n in g["linears"])
+        alpha = "RTN" if g["alpha"] is None else f"{g['alpha']:.2f}"
+        rel = (f" ({g['loss'] / g['loss_rtn']:.2f}x RTN)"
+               if g.get("loss_rtn") and math.isfinite(g["loss_rtn"]) and g["loss_rtn"] > 0
+               else "")
+        flags = (" [fp32: half overflowed]" if g.get("overflow") else "") + (
+            " [no finite loss: s=1]" if g["fallback"] else "")
+        parts.append(f"{short} a={alpha}{rel}{flags}")
+    for g in stats.get("skipped_groups", []):
+        parts.append(f"{g['prev'].rsplit('.', 1)[-1]}->{g['linears'][0].rsplit('.', 1)[-1]} "
+                     f"skipped")
+    clip = stats.get("clip", {})
+    if clip:
+        frac = sum(c["clipped_fraction"] for c in clip.values()) / len(clip)
+        parts.append(f"clip {frac:.0%} groups")
+    t = stats.get("time_s", {})
+    if t:
+        parts.append("time " + " ".join(f"{k} {v:.2f}s" for k, v in t.items()))
+    return "; ".join(parts)
 
 
 def _register() -> None:
