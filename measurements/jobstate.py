@@ -186,6 +186,8 @@ class JobDir:
         for s, i in st["last_finished"].items():
             if not isinstance(i, int) or isinstance(i, bool) or i < -1:
                 raise bad(f"last_finished.{s} = {i!r} is not a layer index")
+            if not isinstance(st["layer_files"][s], bool):
+                raise bad(f"layer_files.{s} = {st['layer_files'][s]!r} is not true/false")
         fp = st.get("fingerprint")
         if not isinstance(fp, dict) or not {"model", "calibration", "settings"} <= set(fp):
             raise bad("'fingerprint' must hold model, calibration and settings")
@@ -193,7 +195,8 @@ class JobDir:
         if h is not None and not (isinstance(h, dict) and h.get("stage") in WORK_STAGES
                                   and isinstance(h.get("index"), int)):
             raise bad(f"'hidden' = {h!r} is not {{stage, index}}")
-        st.setdefault("notes", {})
+        if not isinstance(st.setdefault("notes", {}), dict):
+            raise bad("'notes' must be an object")
         return st
 
     def _write_state(self) -> None:

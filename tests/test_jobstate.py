@@ -229,6 +229,23 @@ def test_wrong_schema_version(tmp_path):
         JobDir(d).begin(fp(), resume=True)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda st: st.update(stage="bogus"),
+    lambda st: st["last_finished"].update(quantize="2"),
+    lambda st: st.pop("fingerprint"),
+    lambda st: st["layer_files"].pop("export"),
+    lambda st: st.update(hidden={"stage": "quantize"}),
+])
+def test_hand_edited_state_with_wrong_fields(tmp_path, edit):
+    d = tmp_path / "job"
+    make_job(d)
+    state = json.loads((d / "state.json").read_text())
+    edit(state)
+    (d / "state.json").write_text(json.dumps(state, indent=1))
+    with pytest.raises(InputError, match=rf"job state {d / 'state.json'} is invalid: .*--overwrite"):
+        JobDir(d).begin(fp(), resume=True)
+
+
 def test_missing_or_foreign_layer_file(tmp_path):
     d = tmp_path / "job"
     make_job(d)
