@@ -48,19 +48,18 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else 0.0
 
 
-def _params(w: torch.Tensor, bits: int, symmetric: bool):
+def gptq_group_params(w: torch.Tensor, bits: int, symmetric: bool):
     """Per-row scale/zero of `w` (rows, cols) via RTN's group_params, but never an asymmetric
     zero point of 0: checkpoint_format "gptq" stores zero-1, so 0 is unrepresentable there.
     A row that would get zero 0 (no negative weight beyond scale/2) gets zero 1 and a scale
     wide enough that its maximum still fits in codes 1..maxq."""
     scale, zero = group_params(w, bits, symmetric)
-    if not symmetric:
+    if not symmetric:  # branch-free: no host sync inside the GPU column loop
         maxq = (1 << bits) - 1
         bad = zero < 1
-        if bool(bad.any()):
-            wmax = w.float().amax(dim=-1).clamp(min=0)
-            scale = torch.where(bad, torch.maximum(scale, wmax / (maxq - 1)), scale)
-            zero = torch.where(bad, torch.ones_like(zero), zero)
+        wmax = w.float().amax(dim=-1).clamp(min=0)
+        scale = torch.where(bad, torch.maximum(scale, wmax / (maxq - 1)), scale)
+        zero = torch.where(bad, torch.ones_like(zero), zero)
     return scale, zero
 
 
@@ -151,7 +150,7 @@ def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symm
                 if dynamic:  # a group starts here: parameters from the updated weights
                     span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
                         [W1[i:], WT[i2:col + gs]])
-                    scales[g], zeros[g] = _params(span.t(), bits, symmetric)
+                    scales[g], zeros[g] = gptq_group_params(span.t(), bits, symmetric)
                 scale, zero = scales[g], zeros[g]
                 zs = zero * scale
                 cur = g
@@ -197,7 +196,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
         # Parameters up front from the unpermuted weight, so group g covers columns
         # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
         for g in range(n_groups):
-            scales[g], zeros[g] = _params(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+            scales[g], zeros[g] = gptq_group_params(W[:, g * gs:(g + 1) * gs], bits,
+                                                    symmetric)
     # Columns as rows: every column GPTQ visits is one contiguous vector.
     WT = (W[:, perm] if perm is not None else W).t().contiguous()
     del W
