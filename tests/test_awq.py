@@ -11,8 +11,9 @@ from quantizer.arch import get_arch
 from quantizer.config import QuantSettings
 from quantizer.layer_context import LayerContext
 from quantizer.methods import get_method
-from quantizer.methods.awq import (AWQ, candidate_scales, describe_stats, fold_overflows,
-                                  fold_scales, grid_search)
+from quantizer.methods.awq import AWQ, describe_stats
+from quantizer.methods.awq_scales import (candidate_scales, fold_overflows, fold_scales,
+                                         grid_search)
 from quantizer.methods.awq_clip import fake_quantize_float, search_clip, shrink_ratios
 from quantizer.methods.rtn import RTN, fake_quantize
 from quantizer.skeleton import layer_output

@@ -20,16 +20,16 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from quantizer.kernels.packing import QuantizedWeight
 
-from .awq_clip import (fake_quantize_float, sample_token_indices, search_clip,
-                       shrink_ratios)
-from .rtn import check_group_size, rtn_quantize
+from .awq_clip import sample_token_indices, search_clip, shrink_ratios
+from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
+                         weight_group_mean, write_candidate)
+from .rtn import rtn_quantize
 
 # Linears whose clipping the reference skips: their outputs meet in q·k, where clipping
 # one side's outliers distorts the attention pattern (AutoAWQ "q_", "k_", "query", "key").
@@ -85,108 +85,7 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
 
 
-# Elements of one row slice when writing a candidate weight: the float32 temporaries of the
-# fake-quantizer stay at a few x 16 MiB whatever the linear's size.
-_CANDIDATE_SLICE_ELEMENTS = 1 << 22
 
-
-def _write_candidate(dest: torch.Tensor, w0: torch.Tensor, scales: torch.Tensor | None,
-                     st, store_dtype: torch.dtype) -> None:
-    """dest <- Q(W0·s)/s (or Q(W0) for s None), by row slices, in dest's dtype. W0·s is
-    rounded to the layer's dtype first: that is exactly the tensor that will be quantized."""
-    rows = max(1, _CANDIDATE_SLICE_ELEMENTS // w0.shape[1])
-    s = None if scales is None else scales.to(w0.device, torch.float32)
-    for r0 in range(0, w0.shape[0], rows):
-        w = w0[r0:r0 + rows]
-        if s is None:
-            q = fake_quantize_float(w, st.bits, st.group_size, st.symmetric)
-        else:
-            ws = (w.float() * s).to(store_dtype)
-            q = fake_quantize_float(ws, st.bits, st.group_size, st.symmetric).div_(s)
-        dest[r0:r0 + rows].copy_(q)
-
-
-def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Duo scaling's weight statistic: per input channel, the mean over all output rows of
-    |W| normalised by its quantization group's max |W| (float32)."""
-    w = torch.cat([t.float() for t in weights], dim=0)
-    out_f, in_f = w.shape
-    gs = check_group_size(in_f, group_size)
-    wg = w.abs().reshape(out_f, in_f // gs, gs)
-    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
-    return wg.reshape(out_f, in_f).mean(dim=0)
-
-
-def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
-                     alpha: float) -> torch.Tensor:
-    """s for one grid point, normalised so that max(s)·min(s) = 1 (reference formula)."""
-    if w_mean is not None:
-        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-    else:
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-    s = s / (s.max() * s.min()).sqrt()
-    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
-
-
-def grid_search(losses_of: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
-                w_mean: torch.Tensor | None, grid: int) -> dict:
-    """Try α = i/grid for i < grid; keep the first smallest finite loss. Non-finite losses
-    are skipped; if none is finite the result has alpha None and scales of ones."""
-    history = []
-    best = {"alpha": None, "loss": math.inf, "scales": torch.ones_like(x_mean)}
-    for i in range(grid):
-        alpha = i / grid
-        s = candidate_scales(x_mean, w_mean, alpha)
-        loss = losses_of(s)
-        history.append(loss)
-        if math.isfinite(loss) and loss < best["loss"]:
-            best = {"alpha": alpha, "loss": loss, "scales": s}
-    best["history"] = history
-    return best
-
-
-@torch.no_grad()
-def fold_scales(layer: nn.Module, prev_name: str, linear_names: Sequence[str],
-                scales: torch.Tensor) -> None:
-    """Exact in real arithmetic: prev's output channels / s, linears' input columns · s.
-    `prev` is a norm (1-D weight, optional bias) or a linear (rows of weight and bias)."""
-    prev = layer.get_submodule(prev_name)
-    s = scales.float()
-    prev.weight.data = _div_rows(prev.weight.data, s)
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-    for name in linear_names:
-        lin = layer.get_submodule(name)
-        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
-
-
-def _div_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (w.float() / (s if w.dim() == 1 else s.unsqueeze(1))).to(w.dtype)
-
-
-def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor) -> bool:
-    """True when prev / s would not fit prev's dtype (a tiny s on a half-precision norm):
-    the candidate search never runs prev, so this is checked separately."""
-    prev = layer.get_submodule(prev_name)
-    s = scales.float().to(prev.weight.device)
-    tensors = [prev.weight.data] + ([prev.bias.data] if getattr(prev, "bias", None)
-                                    is not None else [])
-    return not all(bool(torch.isfinite(_div_rows(t, s)).all()) for t in tensors)
-
-
-def fold_shape_problem(layer: nn.Module, prev_name: str, linear_names: Sequence[str]):
-    """Why scales cannot be folded across this group, or None when they can."""
-    prev = layer.get_submodule(prev_name)
-    weight = getattr(prev, "weight", None)
-    if weight is None:
-        return f"{prev_name} has no weight to fold scales into"
-    width = weight.shape[0]
-    ins = {layer.get_submodule(n).weight.shape[1] for n in linear_names}
-    if len(ins) != 1:
-        return f"linears {list(linear_names)} have different input widths {sorted(ins)}"
-    if width != ins.pop():
-        return f"{prev_name} output width {width} != input width of {linear_names[0]}"
-    return None
 
 
 class AWQ:
@@ -354,7 +253,7 @@ class AWQ:
             if scales is not None and fold_overflows(ctx.layer, prev_name, scales):
                 return math.inf
             for lin, w0 in zip(linears, originals):
-                _write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
+                write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
             total = torch.zeros((), dtype=torch.float64, device=ctx.device)
             for (x, kw), ref in zip(self._feed(ctx, data, eval_dtype), refs):
                 diff = run_module(judge, x, kw).float()
