@@ -255,6 +255,24 @@ def test_half_precision_never_nan():
         assert p.dtype == torch.float16 and torch.isfinite(p).all()
 
 
+def test_nonfinite_inputs_fall_back_to_rtn_without_poisoning_weights():
+    # A NaN in the calibration data makes every judge output non-finite, in any dtype:
+    # each group keeps s = 1, says so, and the result equals plain RTN of the fp weights.
+    cfg = make_config(kv_heads=2)
+    layer = make_layer(cfg, seed=22)
+    inputs = make_inputs(23, outliers=False)
+    inputs[1][0, 3, 5] = math.nan
+    logs = []
+    original = copy.deepcopy(layer)
+    ctx = make_ctx(layer, cfg, inputs, logs=logs)
+    q = AWQ(**SMALL).quantize_layer(ctx)
+    assert ctx.stats["groups"] and all(g["fallback"] for g in ctx.stats["groups"])
+    assert sum("no finite loss" in m for m in logs) == len(ctx.stats["groups"])
+    for name, qw in q.items():
+        expect = fake_quantize(original.get_submodule(name).weight, 4, 32)
+        assert torch.equal(qw.dequantize(), expect), name
+
+
 def test_fold_overflow_is_detected_in_half_precision():
     # A tiny scale would push the fp16 norm weight past 65504; such a candidate is refused.
     cfg = make_config()

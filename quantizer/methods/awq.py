@@ -85,9 +85,6 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
 
 
-
-
-
 class AWQ:
     """Method: activation-aware scale search + clipping, then round-to-nearest."""
 
@@ -121,6 +118,8 @@ class AWQ:
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
         # search includes capture (layer forwards up to each group + fp references)
+        if not ctx.inputs:
+            raise ValueError("AWQ needs calibration inputs (ctx.inputs is empty)")
         times = {"search": 0.0, "capture": 0.0, "clip": 0.0, "quantize": 0.0}
         ctx.stats.update(groups=[], skipped_groups=[], clip={}, time_s=times)
         for group in ctx.arch.scale_groups:
@@ -173,8 +172,11 @@ class AWQ:
         with module_in_dtype(judge, eval_dtype):
             if refs is None:
                 refs = self._references(ctx, judge, data, eval_dtype)
-            result = self._search(ctx, group.prev, judge, linears, data, refs, w_mean,
-                                  eval_dtype)
+            if refs is None:  # non-finite even in float32: the inputs themselves are bad
+                result = {"alpha": None, "loss": math.nan, "history": []}
+            else:
+                result = self._search(ctx, group.prev, judge, linears, data, refs, w_mean,
+                                      eval_dtype)
         del refs, data
         kept_identity = result.get("kept_identity", False)
         fallback = result["alpha"] is None and not kept_identity
