@@ -99,6 +99,7 @@ def test_gptq_export_refusals():
         gx.gptq_quantization_config(6, 128, True, False)
     q0 = random_q(32, 128, 4, 32, min_zero=0)
     q0.zeros[3, 2] = 0
+    q0.codes[3, 70] = 15  # group 2 of row 3 uses the top code: zero 0 cannot be lifted
     with pytest.raises(InputError, match="gptq_v2"):
         gx.gptq_tensors("m", q0, "gptq")
     t = gx.gptq_tensors("m", q0, "gptq_v2")  # v2 stores the raw zero point: 0 is fine
@@ -196,3 +197,16 @@ def test_ct_config_channel_strategy_static_groups_and_vllm_check():
     exp = get_exporter("compressed-tensors")
     uniform = exp.quantization_config(4, 128, ["lm_head"])
     assert uniform["config_groups"]["group_0"]["targets"] == ["Linear"]
+
+
+def test_gptq_v1_lifts_zero_points_losslessly():
+    """Zero point 0 (e.g. an all-zero padded row) is stored as zero 1 with codes + 1."""
+    q = random_q(32, 128, 4, 32, act_order=True)
+    q.codes[5] = 0
+    q.zeros[5] = 0  # an all-zero row
+    q.zeros[7, 1] = 0
+    q.codes[7][q.g_idx == 1] = q.codes[7][q.g_idx == 1].clamp(max=14)
+    t = gx.gptq_tensors("m", q, "gptq")
+    back = gptq_unpack_linear(t["m.qweight"], t["m.qzeros"], t["m.scales"], t["m.g_idx"], 4, 32)
+    assert int(back.zeros.min()) >= 1 and int(back.zeros[5].min()) == 1
+    torch.testing.assert_close(back.dequantize(), q.dequantize(), rtol=0, atol=0)

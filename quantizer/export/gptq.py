@@ -26,6 +26,28 @@ def check_supported(bits, symmetric: bool = False, act_order: bool = False) -> N
                          f"--format compressed-tensors for other widths")
 
 
+def lift_zero_points(q: QuantizedWeight, prefix: str = "weight") -> QuantizedWeight:
+    """The same weight with no zero point 0, for checkpoint_format "gptq" (which stores
+    zero-1, so v1 readers would read 0 back as 2^bits). A (row, group) with zero 0 whose codes
+    stay below the top code is shifted losslessly (zero+1, codes+1): all-zero rows (padded
+    channels) and most skewed groups. Anything else cannot be stored in v1."""
+    maxq = (1 << q.bits) - 1
+    g = q.group_index().to(q.codes.device)
+    codes = q.codes.to(torch.int64)
+    top = torch.zeros(q.zeros.shape, dtype=torch.int64, device=codes.device).scatter_reduce_(
+        1, g.expand_as(codes), codes, "amax", include_self=False)
+    lift = (q.zeros.to(torch.int64) == 0) & (top < maxq)
+    zeros = q.zeros.to(torch.int64) + lift
+    if int(zeros.min()) < 1:
+        raise InputError(f"{prefix}: a zero point of 0 with the top code in use cannot be "
+                         f"stored in checkpoint_format 'gptq' (it stores zero-1); export with "
+                         f"checkpoint_format 'gptq_v2' or quantize with the gptq method (it "
+                         f"never produces zero 0)")
+    codes = codes + lift.to(torch.int64).gather(1, g.expand_as(codes))
+    return QuantizedWeight(codes.to(q.codes.dtype), q.scales, zeros.to(q.zeros.dtype), q.bits,
+                           q.group_size, q.g_idx, q.symmetric)
+
+
 def gptq_tensors(prefix: str, q: QuantizedWeight, checkpoint_format: str = "gptq"
                  ) -> dict[str, torch.Tensor]:
     """{prefix}.qweight/.qzeros/.scales/.g_idx for one linear.
@@ -37,10 +59,7 @@ def gptq_tensors(prefix: str, q: QuantizedWeight, checkpoint_format: str = "gptq
         raise InputError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got "
                          f"{checkpoint_format!r}")
     if checkpoint_format == "gptq" and q.zeros.numel() and int(q.zeros.min()) < 1:
-        # v1 readers add 1 to the stored zero-1 without wrapping, so 0 would read as 2^bits.
-        raise InputError(f"{prefix}: a zero point of 0 cannot be stored in checkpoint_format "
-                         f"'gptq' (it stores zero-1); export with checkpoint_format 'gptq_v2' "
-                         f"or quantize with the gptq method (it never produces zero 0)")
+        q = lift_zero_points(q, prefix)
     if q.in_features * q.bits % 32 or q.out_features * q.bits % 32:
         raise InputError(f"{prefix}: GPTQ packing needs in and out features whose bit counts "
                          f"are multiples of 32, got {tuple(q.codes.shape)} at {q.bits}-bit")
