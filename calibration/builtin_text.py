@@ -65,7 +65,7 @@ _CODE_CHAR = re.compile(r"""[(){}\[\]=<>_*/\\|@#$%^~`;:+"']""")
 _LETTER = re.compile(r"[^\W\d_]")
 # a Python statement written out in a docstring: "import shelve", "d = shelve.open(name)"
 _STATEMENT = re.compile(r"(import \w|from [\w.]+ import |def \w+\(|class \w+[(:]|return [\w.()]+$|raise \w+\(|print\()")
-_ASSIGNMENT = re.compile(r"^[\w.\[\]]+ = \S|\w\(.*\) *#")
+_ASSIGNMENT = re.compile(r"^[\w.\[\]]+ = \S|\w\(.*\) *#|^[\w.]+\(.*\)[;,]?$")
 # reStructuredText tables, rules and headings
 _MARKUP_STARTS = ("|", "+-", "+=", "==", "--", "**", "~~", "^^")
 MAX_SYMBOL_SHARE = 0.15
