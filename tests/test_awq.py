@@ -156,6 +156,58 @@ def test_outlier_channels_choose_larger_alpha():
         assert g["loss"] < 0.7 * g["loss_rtn"], (prev, g)
 
 
+@pytest.mark.parametrize("duo", [False, True])
+def test_search_matches_a_naive_reference_loop(duo):
+    # An independent, deliberately plain transcription of AutoAWQ's _search_best_scale for
+    # the first group (q/k/v judged on the whole attention): same losses, same α.
+    cfg = make_config(kv_heads=2)
+    layer = make_layer(cfg, seed=24)
+    inputs = make_inputs(25, outliers=True)
+    ctx = make_ctx(copy.deepcopy(layer), cfg, inputs)
+    AWQ(duo_scaling=duo, clip=False, grid=8).quantize_layer(ctx)
+    ours = ctx.stats["groups"][0]
+
+    attn = layer.self_attn
+    names = ("q_proj", "k_proj", "v_proj")
+    xs = [layer.input_layernorm(x) for x in inputs]
+    kw = make_ctx(layer, cfg, inputs).layer_kwargs
+    run = lambda x: attn(hidden_states=x, position_embeddings=kw["position_embeddings"],  # noqa
+                         attention_mask=None)[0]
+    ref = [run(x) for x in xs]
+    x_mean = torch.cat([x.reshape(-1, HIDDEN) for x in xs]).abs().mean(0)
+    w = torch.cat([getattr(attn, n).weight for n in names])
+    wg = w.abs().reshape(-1, 32)
+    w_mean = (wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    originals = {n: getattr(attn, n).weight.clone() for n in names}
+    losses = []
+    for i in range(8):
+        a = i / 8
+        s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if duo else x_mean.pow(a)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        for n in names:
+            getattr(attn, n).weight.data = fake_quantize(originals[n] * s, 4, 32) / s
+        num = sum(float((run(x) - r).pow(2).sum()) for x, r in zip(xs, ref))
+        losses.append(num / sum(r.numel() for r in ref))
+    assert ours["losses"] == pytest.approx(losses, rel=1e-4)
+    assert ours["alpha"] == losses.index(min(losses)) / 8
+
+
+def test_fp_function_is_preserved_after_the_search():
+    # Before any weight is swapped for its quantized value, the folded layer computes the
+    # same function as the original one (scales only moved between ops).
+    cfg = make_config(kv_heads=4)
+    layer = make_layer(cfg, seed=26)
+    inputs = make_inputs(27, outliers=True)
+    before = make_ctx(layer, cfg, inputs).outputs()
+    ctx = make_ctx(copy.deepcopy(layer), cfg, inputs)
+    AWQ(**SMALL).quantize_layer(ctx)
+    assert len(ctx.stats["groups"]) == 4 and ctx.stats["groups"][0]["alpha"] > 0
+    assert not torch.equal(ctx.layer.input_layernorm.weight, layer.input_layernorm.weight)
+    for a, b in zip(ctx.outputs(), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_grid_search_skips_nonfinite_and_falls_back():
     x_mean = torch.linspace(0.1, 5.0, 16)
     calls = []
