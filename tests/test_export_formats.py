@@ -210,3 +210,17 @@ def test_gptq_v1_lifts_zero_points_losslessly():
     back = gptq_unpack_linear(t["m.qweight"], t["m.qzeros"], t["m.scales"], t["m.g_idx"], 4, 32)
     assert int(back.zeros.min()) >= 1 and int(back.zeros[5].min()) == 1
     torch.testing.assert_close(back.dequantize(), q.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,bits,gs,act_order,sym", [("gptq", 3, 32, True, False),
+                                                       ("gptq", 8, -1, False, True),
+                                                       ("compressed-tensors", 4, 64, True, False),
+                                                       ("compressed-tensors", 6, -1, False, True)])
+def test_linear_from_tensors_inverts_linear_tensors(fmt, bits, gs, act_order, sym):
+    """The writer's resume path reads a linear back from its exported tensors alone."""
+    q = random_q(64, 128, bits, gs, act_order=act_order, symmetric=sym)
+    exp = get_exporter(fmt)
+    t = exp.linear_tensors("model.layers.1.mlp.down_proj", q)
+    back = exp.linear_from_tensors("model.layers.1.mlp.down_proj", t)
+    assert (back.bits, back.group_size) == (bits, gs)
+    torch.testing.assert_close(back.dequantize(), q.dequantize(), rtol=0, atol=0)

@@ -18,7 +18,8 @@ from collections import defaultdict
 import torch
 
 from quantizer.errors import InputError
-from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight, ct_pack_linear
+from quantizer.kernels.packing import (SUPPORTED_BITS, QuantizedWeight, ct_pack_linear,
+                                       ct_unpack_linear)
 
 from . import register_exporter
 
@@ -141,6 +142,24 @@ def vllm_loadable(module_bits: dict[str, tuple]) -> list[str]:
 # ---- the exporter-module interface quantizer.export.get_exporter hands to the writer ----
 def linear_tensors(prefix: str, q: QuantizedWeight) -> dict:
     return ct_tensors(prefix, q)
+
+
+def linear_from_tensors(prefix: str, tensors: dict, group_size: int | None = None
+                        ) -> QuantizedWeight:
+    """Inverse of linear_tensors; bits, group size and symmetry follow from the tensors."""
+    packed, scale = tensors[f"{prefix}.weight_packed"], tensors[f"{prefix}.weight_scale"]
+    shape = tensors[f"{prefix}.weight_shape"]
+    in_features = int(shape[1])
+    bits = next((b for b in SUPPORTED_BITS if -(-in_features * b // 32) == packed.shape[1]),
+                None)
+    if bits is None:
+        raise InputError(f"{prefix}: weight_packed {tuple(packed.shape)} fits no bit width for "
+                         f"{in_features} input features")
+    if group_size is None:
+        group_size = -1 if scale.shape[1] == 1 else in_features // scale.shape[1]
+    return ct_unpack_linear(packed, scale, shape, bits, group_size,
+                            weight_zero_point=tensors.get(f"{prefix}.weight_zero_point"),
+                            weight_g_idx=tensors.get(f"{prefix}.weight_g_idx"))
 
 
 def quantization_config(bits: int, group_size: int, not_converted: list[str], **details) -> dict:

@@ -10,7 +10,8 @@ import sys
 import torch
 
 from quantizer.errors import InputError
-from quantizer.kernels.packing import GPTQ_CHECKPOINT_FORMATS, QuantizedWeight, gptq_pack_linear
+from quantizer.kernels.packing import (GPTQ_CHECKPOINT_FORMATS, QuantizedWeight, gptq_pack_linear,
+                                       gptq_unpack_linear)
 
 from . import register_exporter
 
@@ -102,6 +103,20 @@ def gptq_quantization_config(bits: int, group_size: int, symmetric: bool, act_or
 # ---- the exporter-module interface quantizer.export.get_exporter hands to the writer ----
 def linear_tensors(prefix: str, q: QuantizedWeight, checkpoint_format: str = "gptq") -> dict:
     return gptq_tensors(prefix, q, checkpoint_format)
+
+
+def linear_from_tensors(prefix: str, tensors: dict, group_size: int | None = None,
+                        checkpoint_format: str = "gptq") -> QuantizedWeight:
+    """Inverse of linear_tensors; bits and group size follow from the tensors' shapes."""
+    qweight, g_idx = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.g_idx"]
+    scales = tensors[f"{prefix}.scales"]
+    in_features = g_idx.shape[0]
+    bits = qweight.shape[0] * 32 // in_features
+    if group_size is None:
+        n_groups = scales.shape[0]
+        group_size = -1 if n_groups == 1 else in_features // n_groups
+    return gptq_unpack_linear(qweight, tensors[f"{prefix}.qzeros"], scales, g_idx, bits,
+                              group_size, checkpoint_format)
 
 
 def quantization_config(bits: int, group_size: int, not_converted: list[str], **details) -> dict:

@@ -250,7 +250,7 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
         out.append(QuantizedWeight(q.codes[r:r + size].contiguous(),
                                    q.scales[r:r + size].contiguous(),
                                    q.zeros[r:r + size].contiguous(), q.bits, q.group_size,
-                                   q.g_idx, q.symmetric))
+                                   None if q.g_idx is None else q.g_idx.clone(), q.symmetric))
         r += size
     return out
 
