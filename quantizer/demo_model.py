@@ -134,3 +134,7 @@ def _check_config(config: dict) -> None:
     wrong = {k: config.get(k) for k, v in EXPECTED_CONFIG.items() if config.get(k) != v}
     if wrong:
         raise QuantizerError(f"{GGUF_NAME} converted to an unexpected config: {wrong}, expected {EXPECTED_CONFIG}")
+
+
+if __name__ == "__main__":  # `python -m quantizer.demo_model` prints the checkpoint directory
+    print(smollm2_checkpoint())
