@@ -362,7 +362,7 @@ def test_registered_and_reports_stats():
     method = get_method("awq", **SMALL)
     assert method.name == "awq" and method.needs_calibration
     method.quantize_layer(ctx)
-    assert set(ctx.stats["time_s"]) == {"search", "capture", "clip", "quantize"}
+    assert set(ctx.stats["time_s"]) == {"calibrate", "search", "clip", "quantize"}
     assert set(ctx.stats["clip"]) == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                                       "mlp.up_proj", "mlp.down_proj"}
     assert all(c["tokens"] == 64 for c in ctx.stats["clip"].values())

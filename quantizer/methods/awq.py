@@ -117,15 +117,14 @@ class AWQ:
     # ------------------------------------------------------------------ entry point
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
-        # search includes capture (layer forwards up to each group + fp references)
         if not ctx.inputs:
             raise ValueError("AWQ needs calibration inputs (ctx.inputs is empty)")
-        times = {"search": 0.0, "capture": 0.0, "clip": 0.0, "quantize": 0.0}
+        # calibrate: partial layer forwards capturing each group's inputs + fp references;
+        # search: the α grid and the fold; clip: its capture and search; quantize: RTN.
+        times = {"calibrate": 0.0, "search": 0.0, "clip": 0.0, "quantize": 0.0}
         ctx.stats.update(groups=[], skipped_groups=[], clip={}, time_s=times)
         for group in ctx.arch.scale_groups:
-            t0 = self._now(ctx)
             self._scale_group(ctx, group)
-            times["search"] += self._now(ctx) - t0
         t0 = self._now(ctx)
         ratios = self._clip_all(ctx) if self.clip else {}
         times["clip"] = self._now(ctx) - t0
@@ -168,7 +167,8 @@ class AWQ:
             eval_dtype = torch.float32
             ctx.log(f"layer {ctx.index} AWQ {label}: {group.judge} output overflows in "
                     f"{str(ctx.dtype).replace('torch.', '')}; searching this group in float32")
-        ctx.stats["time_s"]["capture"] += self._now(ctx) - t0
+        t1 = self._now(ctx)
+        ctx.stats["time_s"]["calibrate"] += t1 - t0
         with module_in_dtype(judge, eval_dtype):
             if refs is None:
                 refs = self._references(ctx, judge, data, eval_dtype)
@@ -192,6 +192,7 @@ class AWQ:
                     f"keeping s = 1 (plain RTN) for this group")
         if result["alpha"] is not None:
             fold_scales(ctx.layer, group.prev, group.linears, result["scales"])
+        ctx.stats["time_s"]["search"] += self._now(ctx) - t1
 
     def _skip(self, ctx, group, label: str, reason: str) -> None:
         ctx.stats["skipped_groups"].append({"prev": group.prev,
