@@ -98,15 +98,27 @@ def test_hessian_error_equals_a_real_forward():
     assert res.err == pytest.approx((num / den) ** 0.5, rel=1e-3)
 
 
-def test_unfit_group_sizes_are_skipped_and_fall_back_to_per_channel():
+def test_unfit_group_sizes_are_skipped_but_every_width_stays_covered():
     ctx = tiny_llama_context(bits=4, n_chunks=1)
-    res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(3, 32))])
+    res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(3, 32)),
+                              CandidateSpec(Setting(4, 64))])
     for label, rs in res.items():
-        assert [r.label for r in rs] == ["3b g32"]
+        assert [r.label for r in rs] == ["3b g32", "4b g64"]  # 4b g96 skipped, 4b covered
     res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(5, 96))])
-    for label, rs in res.items():
-        assert [r.label for r in rs] == ["4b ch", "5b ch"]
+    for label, rs in res.items():  # no fitting candidate: largest fitting group size stands in
+        assert [r.label for r in rs] == ["4b g128", "5b g128"]
         assert rs[0].err > rs[1].err
+
+
+def test_plans_fall_back_to_per_channel_when_no_group_size_fits():
+    from quantizer.methods.measure import plans_for
+    group = ("mlp.gate_proj", "mlp.up_proj")
+    plans = plans_for(default_candidates(), group, 48)  # 48: no 128/64/32 divides it
+    labels = [c.label for c, _ in plans]
+    assert labels == ["2b ch", "3b ch", "4b ch", "5b ch", "6b ch", "8b ch"]
+    plans = plans_for(default_candidates(), group, 576)  # SmolLM2's hidden size
+    labels = [c.label for c, _ in plans]
+    assert "5b g64" in labels and "8b g64" in labels and "4b g128" not in labels
 
 
 def test_store_round_trip_and_selection_drives_gptq(tmp_path):

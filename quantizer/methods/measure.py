@@ -83,9 +83,29 @@ def default_candidates(allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
     return out
 
 
-def _fallback_candidates(allowed_bits) -> list[CandidateSpec]:
-    """Per-channel settings for groups whose width no listed group size divides."""
-    return [CandidateSpec(Setting(b, -1)) for b in sorted(set(allowed_bits))]
+COVER_GROUP_SIZES = (128, 64, 32, -1)
+
+
+def plans_for(candidates: list[CandidateSpec], group: tuple[str, ...], in_features: int
+              ) -> list[tuple[CandidateSpec, dict[str, Setting]]]:
+    """The candidates that apply to this group, with their per-linear settings. Candidates
+    whose group size does not divide the width are skipped; a bit width left with no uniform
+    candidate at all (e.g. every g128 setting on a 576-wide input) gets one at the largest
+    of 128/64/32/per-channel that fits, so the optimiser never loses a whole width."""
+    plans = [(c, c.settings_for(group, in_features)) for c in candidates]
+    plans = [(c, s) for c, s in plans if s is not None]
+    covered = {c.first.bits for c, _ in plans if c.uniform}
+    wanted = dict.fromkeys(c.first.bits for c in candidates if c.uniform)
+    for bits in wanted:
+        if bits in covered:
+            continue
+        for gs in COVER_GROUP_SIZES:
+            spec = CandidateSpec(Setting(bits, gs))
+            settings = spec.settings_for(group, in_features)
+            if settings is not None:
+                plans.append((spec, settings))
+                break
+    return plans
 
 
 @dataclass
@@ -142,13 +162,7 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
         acc = hessians.pop(group)
         H = acc.H
         in_features = ctx.module(group[0]).in_features
-        plans = [(c, c.settings_for(group, in_features)) for c in candidates]
-        plans = [(c, s) for c, s in plans if s is not None]
-        if not plans:
-            bits = sorted({c.first.bits for c in candidates} | {
-                c.rest.bits for c in candidates if c.rest is not None})
-            plans = [(c, c.settings_for(group, in_features))
-                     for c in _fallback_candidates(bits)]
+        plans = plans_for(candidates, group, in_features)
         t1 = time.perf_counter()
         prepared = prepare_hessian(H, act_order, damp, ctx.log)
         weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
