@@ -264,6 +264,28 @@ def test_every_family_runs_and_beats_rtn(family):
     assert math.isfinite(err_awq) and err_awq < err_rtn, (family, err_awq, err_rtn)
 
 
+def test_row_sliced_helpers_equal_whole_tensor_versions(monkeypatch):
+    import quantizer.methods.awq as awq_mod
+    import quantizer.methods.awq_scales as scales_mod
+    from quantizer.methods.awq_scales import weight_group_mean, write_candidate
+    monkeypatch.setattr(awq_mod, "_QUANTIZE_SLICE_ELEMENTS", 5 * 64)  # 5-row slices
+    monkeypatch.setattr(scales_mod, "_CANDIDATE_SLICE_ELEMENTS", 7 * 64)  # 7-row slices
+    gen = torch.Generator().manual_seed(28)
+    w = torch.randn(48, 64, generator=gen)
+    ratio = 0.55 + 0.45 * torch.rand(48, 2, generator=gen)
+    st = QuantSettings(bits=4, group_size=32)
+    q = awq_mod.quantize_by_rows(w, st, ratio, "w")
+    assert torch.equal(q.dequantize(), fake_quantize(w, 4, 32, clip_ratio=ratio))
+    s = 0.5 + torch.rand(64, generator=gen)
+    dest = torch.empty_like(w)
+    write_candidate(dest, w, s, st, torch.float32)
+    assert torch.equal(dest, fake_quantize(w * s, 4, 32) / s)
+    v = torch.randn(20, 64, generator=gen)
+    both = torch.cat([w, v]).abs().reshape(68, 2, 32)
+    expect = (both / (both.amax(-1, keepdim=True) + 1e-6)).reshape(68, 64).mean(0)
+    torch.testing.assert_close(weight_group_mean([w, v], 32), expect)
+
+
 def test_clip_search_matches_rtn_and_never_hurts():
     gen = torch.Generator().manual_seed(12)
     w = torch.randn(48, 64, generator=gen)

@@ -85,6 +85,28 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
 
 
+# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries.
+_QUANTIZE_SLICE_ELEMENTS = 1 << 24
+
+
+def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
+                     name: str) -> QuantizedWeight:
+    """rtn_quantize of `w` with per-(row, group) clip ratios, done by row slices (rows are
+    independent, so this equals one call) to keep float32 copies to a slice."""
+    step = max(1, _QUANTIZE_SLICE_ELEMENTS // w.shape[1])
+    parts = [rtn_quantize(w[r0:r0 + step], st.bits, st.group_size, st.symmetric,
+                          clip_ratio=1.0 if clip_ratio is None else clip_ratio[r0:r0 + step],
+                          name=name)
+             for r0 in range(0, w.shape[0], step)]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return QuantizedWeight(codes=torch.cat([p.codes for p in parts]),
+                           scales=torch.cat([p.scales for p in parts]),
+                           zeros=torch.cat([p.zeros for p in parts]), bits=first.bits,
+                           group_size=first.group_size, symmetric=first.symmetric)
+
+
 class AWQ:
     """Method: activation-aware scale search + clipping, then round-to-nearest."""
 
@@ -132,10 +154,8 @@ class AWQ:
         s = ctx.settings
         out = {}
         for name in ctx.arch.linears:
-            lin = ctx.module(name)
-            out[name] = rtn_quantize(lin.weight.data, s.bits, s.group_size, s.symmetric,
-                                     clip_ratio=ratios.get(name, 1.0),
-                                     name=ctx.full_name(name))
+            out[name] = quantize_by_rows(ctx.module(name).weight.data, s,
+                                         ratios.get(name), ctx.full_name(name))
         times["quantize"] = self._now(ctx) - t0
         return out
 

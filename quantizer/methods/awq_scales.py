@@ -35,13 +35,21 @@ def write_candidate(dest: torch.Tensor, w0: torch.Tensor, scales: torch.Tensor |
 
 def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
     """Duo scaling's weight statistic: per input channel, the mean over all output rows of
-    |W| normalised by its quantization group's max |W| (float32)."""
-    w = torch.cat([t.float() for t in weights], dim=0)
-    out_f, in_f = w.shape
-    gs = check_group_size(in_f, group_size)
-    wg = w.abs().reshape(out_f, in_f // gs, gs)
-    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
-    return wg.reshape(out_f, in_f).mean(dim=0)
+    the linears of |W| normalised by its quantization group's max |W| (float32). Summed
+    by row slices so no float32 copy of a whole (stacked) weight is ever made."""
+    total = None
+    n_rows = 0
+    for w in weights:
+        out_f, in_f = w.shape
+        gs = check_group_size(in_f, group_size)
+        step = max(1, _CANDIDATE_SLICE_ELEMENTS // in_f)
+        for r0 in range(0, out_f, step):
+            wg = w[r0:r0 + step].float().abs().reshape(-1, in_f // gs, gs)
+            wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+            part = wg.reshape(-1, in_f).sum(dim=0)
+            total = part if total is None else total + part
+        n_rows += out_f
+    return total / n_rows
 
 
 def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
