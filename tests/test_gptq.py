@@ -309,3 +309,11 @@ def test_triton_block_kernel_matches_python_path():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_non_finite_hessian_is_a_clear_error():
+    from quantizer.errors import InputError
+    H = torch.eye(32)
+    H[3, 3] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        gptq_quantize(torch.randn(8, 32), H, 4, 16)

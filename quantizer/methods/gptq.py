@@ -63,23 +63,34 @@ def gptq_group_params(w: torch.Tensor, bits: int, symmetric: bool):
     return scale, zero
 
 
-def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, log, max_retries: int = 4):
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; on failure retry with λ×10."""
-    n = H.shape[0]
-    mean_diag = float(torch.diagonal(H).mean())
-    idx = torch.arange(n, device=H.device)
-    lam = damp
+def _inverse_hessian_cholesky(box: list, damp: float, log, max_retries: int = 4):
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; on failure retry with λ×10.
+
+    `box` holds the only reference to a scratch copy of H, which is damped in place and
+    dropped as soon as its factor exists: at most three n×n matrices live at once (the
+    caller's H, one factor, its inverse), which matters for an 11008-wide down_proj."""
+    H = box.pop()
+    diag = torch.diagonal(H)
+    mean_diag = float(diag.mean())
+    lam, applied = damp, 0.0
     for attempt in range(max_retries + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += lam * mean_diag
+        diag += (lam - applied) * mean_diag
+        applied = lam
         try:
-            L = torch.linalg.cholesky(Hd)
-            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).contiguous()
-            if bool(torch.isfinite(U).all()):
-                return U, lam, attempt
-            reason = "non-finite factor"
+            L = torch.linalg.cholesky(H)
         except (RuntimeError, torch.linalg.LinAlgError) as e:  # not positive definite
             reason = str(e).splitlines()[0][:120]
+        else:
+            del H, diag
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U = torch.linalg.cholesky(Hinv, upper=True)
+            del Hinv
+            U = U.contiguous()
+            if bool(torch.isfinite(U).all()):
+                return U, lam, attempt
+            raise InputError("GPTQ: the inverse Hessian has non-finite entries (calibration "
+                             "inputs may contain NaN/inf)")
         if attempt < max_retries:
             log(f"gptq: Cholesky failed at damp={lam:g} ({reason}); retrying at damp={lam * 10:g}")
             lam *= 10
@@ -102,17 +113,24 @@ class PreparedHessian:
 @torch.no_grad()
 def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01,
                     log=print) -> PreparedHessian:
-    H = H.to(torch.float32).clone()
+    if not bool(torch.isfinite(torch.diagonal(H)).all()):
+        raise InputError("GPTQ: the Hessian has non-finite entries (calibration inputs "
+                         "contain NaN/inf)")
     # A column that never saw a non-zero input contributes nothing: its weights are set to 0
     # (in gptq_quantize) and H_ii = 1 keeps H invertible.
     dead = torch.diagonal(H) == 0
-    if bool(dead.any()):
-        H[dead, dead] = 1
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        H = H[perm][:, perm]
-    U, damp_used, retries = _inverse_hessian_cholesky(H, damp, log)
+        perm = torch.argsort(torch.diagonal(H) + dead.to(H.dtype), descending=True)
+        H = H.index_select(0, perm).index_select(1, perm).to(torch.float32)
+        dead_here = dead[perm]
+    else:
+        H = H.to(torch.float32, copy=True)
+        dead_here = dead
+    torch.diagonal(H).add_(dead_here.to(H.dtype))  # dead columns: H_ii 0 -> 1
+    box = [H]
+    del H
+    U, damp_used, retries = _inverse_hessian_cholesky(box, damp, log)
     return PreparedHessian(U, perm, dead, damp_used, retries)
 
 
