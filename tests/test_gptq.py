@@ -13,7 +13,6 @@ from quantizer.layer_context import LayerContext
 from quantizer.methods import get_method
 from quantizer.methods.gptq import HessianAccumulator, gptq_quantize, output_error
 from quantizer.methods.rtn import RTN, rtn_quantize
-from quantizer.skeleton import layer_output
 
 
 def correlated_inputs(n_tokens, n, gen):
