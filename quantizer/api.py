@@ -31,15 +31,22 @@ def resolve_model(path_or_id: str) -> Path:
 def quantize(model: str, output: str, bits: float = 4, group_size="auto", method: str = "rtn",
              symmetric: bool = False, calib_data: str = "builtin", calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, device: str = "auto", dtype: str = "auto",
-             export_format: str = "auto", overwrite: bool = False, progress: bool = True,
-             max_shard_bytes: int = 1 << 30, log=None, **method_options) -> QuantResult:
-    """Quantize `model` into `output`; returns a result that renders as a per-layer table."""
+             export_format: str = "auto", overwrite: bool = False, resume: bool = False,
+             work_dir=None, progress: bool = True, max_shard_bytes: int = 1 << 30, log=None,
+             vram_budget: str | None = None, ram_budget: str | None = None,
+             save_hidden: str = "auto", **method_options) -> QuantResult:
+    """Quantize `model` into `output`; returns a result that renders as a per-layer table.
+
+    Work is checkpointed after every layer in `work_dir` (default OUTPUT.job); after a crash
+    or Ctrl-C, call again with resume=True to continue from the last finished layer."""
     settings = QuantSettings(
         bits=bits, group_size=group_size, method=method, symmetric=symmetric,
         calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed), device=device,
-        dtype=dtype, export_format=export_format, method_options=method_options)
+        dtype=dtype, export_format=export_format, method_options=method_options,
+        vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
-                        overwrite=overwrite, max_shard_bytes=max_shard_bytes, log=log)
+                        overwrite=overwrite, resume=resume, work_dir=work_dir,
+                        max_shard_bytes=max_shard_bytes, log=log)
 
 
 __all__ = ["quantize", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]

@@ -54,7 +54,14 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
     p.add_argument("--max-shard-size", type=_size, default=_size("1G"))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output and "
+                   "job directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job from "
+                   "its last finished layer")
+    p.add_argument("--work-dir", default=None, help="job directory (default: OUTPUT.job)")
+    p.add_argument("--save-hidden", default="auto", choices=("auto", "always", "never"),
+                   help="checkpoint hidden states per layer (auto: when they fit in 1 GiB; "
+                   "otherwise a resume replays finished layers)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -95,6 +102,7 @@ def run_quantize_cli(argv) -> int:
                       calib_data=a.calib_data, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, seed=a.seed, device=a.device, dtype=a.dtype,
                       export_format=a.export_format, overwrite=a.overwrite,
+                      resume=a.resume, work_dir=a.work_dir, save_hidden=a.save_hidden,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     print(result.to_json() if a.json else result)
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
         print(f"error: out of memory: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished layers are saved; rerun the same command with --resume",
+              file=sys.stderr)
         return 130
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError

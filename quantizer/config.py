@@ -34,6 +34,17 @@ class QuantSettings:
     chunk_size: int = 8  # calibration samples per forward
     hidden_device: str = "auto"  # where layer inputs/outputs live between layers
     method_options: dict = field(default_factory=dict)
+    # Resume: hidden states entering each layer are saved when they are small enough,
+    # otherwise a resumed run replays the finished layers from their files.
+    save_hidden: str = "auto"  # auto | always | never
+    save_hidden_max_bytes: int = 1 << 30
+    vram_budget: str | None = None  # "40G" or "0:20G,1:40G"
+    ram_budget: str | None = None
+    hessian_device: str = "auto"
+
+    # Settings that decide where and how fast work runs, never what it produces.
+    PLACEMENT_KEYS = ("device", "chunk_size", "hidden_device", "save_hidden",
+                      "save_hidden_max_bytes", "vram_budget", "ram_budget", "hessian_device")
 
     def validate(self) -> None:
         if isinstance(self.bits, float) and self.bits.is_integer():
@@ -65,12 +76,16 @@ class QuantSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that changes the output (device and chunking do not)."""
+    def result_dict(self) -> dict:
+        """Every setting that changes the output (placement and chunking do not)."""
         d = self.to_dict()
-        for k in ("device", "chunk_size", "hidden_device"):
+        for k in self.PLACEMENT_KEYS:
             d.pop(k, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.result_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def resolve_group_size(requested: int | str, widths: dict[str, int]) -> tuple[int, str]:

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
                       calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                       device=a.device, overwrite=True, log=print)
     print(result)
-    ev = evaluate(out, base=model, data="builtin", seqlen=512, max_windows=a.eval_windows,
+    ev = evaluate(out, base=model, data="builtin-eval", seqlen=512, max_windows=a.eval_windows,
                   device=a.device)
     print(ev)
     return 0

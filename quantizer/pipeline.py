@@ -3,6 +3,7 @@ layer at a time, then assemble the export. Host and GPU memory hold one layer pl
 calibration hidden states, never the model."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -14,14 +15,10 @@ import torch
 from .config import QuantSettings, resolve_group_size
 from .errors import InputError
 from .export import get_exporter
-from .export.writer import ShardWriter, copy_tokenizer, publish, read_tensor_file, write_config
-from .layer_context import LayerContext
-from .memory import MemoryMeter
+from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
+from .layer_loop import LayerLoop
 from .methods import get_method
-from .report import LayerRecord, QuantResult
-from .skeleton import (build_skeleton, capture_layer0_inputs, config_dtype, decoder_layers,
-                       to_device,
-                       load_layer, release_layer)
+from .report import QuantResult
 from .source import CheckpointSource
 
 PACK_MULTIPLE = 8  # packed layouts hold 8 output channels per int32 word (4-bit)
@@ -44,6 +41,12 @@ class Job:
     @property
     def arch(self):
         return self.source.arch
+
+    def resolved_settings(self) -> QuantSettings:
+        """Settings as methods see them: the group size resolved to an integer."""
+        r = copy.copy(self.settings)
+        r.group_size = self.group_size
+        return r
 
 
 def plan_job(model_path, settings: QuantSettings) -> Job:
@@ -111,110 +114,65 @@ def calibration_tokens(job: Job) -> torch.Tensor | None:
 
 
 def run_quantize(model_path, output, settings: QuantSettings, progress: bool = True,
-                 overwrite: bool = False, max_shard_bytes: int = 1 << 30,
-                 log=None) -> QuantResult:
+                 overwrite: bool = False, resume: bool = False, work_dir=None,
+                 max_shard_bytes: int = 1 << 30, log=None) -> QuantResult:
+    """Plan, then run the resumable job: quantize every layer into the job directory, then
+    assemble the export and publish it under `output` only when complete."""
+    from quantizer.measurements.fingerprint import (fingerprint_calibration, fingerprint_model,
+                                                    job_fingerprint)
+    from quantizer.measurements.jobstate import JobDir
+
     t_start = time.perf_counter()
+    say = log or (lambda msg: None)
     job = plan_job(model_path, settings)
     output = Path(output).absolute()
-    if output.exists() and any(output.iterdir()) and not overwrite:
+    if output.exists() and any(output.iterdir()) and not (overwrite or resume):
         raise InputError(f"output {output} exists; pass --overwrite to replace it")
-    work = output.parent / (output.name + ".partial")
-    say = log or (lambda msg: None)
+    tokens = calibration_tokens(job)
     for n in job.notes:
         say(n)
+    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
+    jobdir = JobDir(work)
+    fingerprint = job_fingerprint(fingerprint_model(job.source.path),
+                                  fingerprint_calibration(tokens) if tokens is not None else None,
+                                  settings.result_dict())
+    created = not work.exists()
+    state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage="quantize")
     try:
-        tokens = calibration_tokens(job)
-        if work.exists():
-            shutil.rmtree(work)
-        (work / "layers").mkdir(parents=True)
-        records = quantize_layers(job, tokens, work / "layers", progress, say)
-        staged = work / "final"
-        assemble(job, work / "layers", staged, max_shard_bytes)
-        publish(staged, output)
-        shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if state["stage"] == "done" or (state["stage"] == "export" and output.is_dir()
+                                        and not (work / "final").exists()):
+            say(f"job already complete: {output}")
+            records = LayerLoop.records(jobdir)
+        else:
+            method = get_method(settings.method, **settings.method_options)
+            exporter = get_exporter(job.export_format)
+            if state["stage"] == "quantize":
+                records = LayerLoop(job, method, exporter, jobdir, tokens, progress, say).run()
+                jobdir.set_stage("export")
+            else:
+                records = LayerLoop.records(jobdir)
+            assemble(job, jobdir, work / "final", max_shard_bytes)
+            publish(work / "final", output)
+        jobdir.finish()
+    except InputError:
+        # Bad input (e.g. NaN weights) cannot be fixed by resuming: leave nothing behind.
+        jobdir.unlock()
+        if created:
+            shutil.rmtree(work, ignore_errors=True)
         raise
+    except BaseException:
+        jobdir.unlock()  # the job directory stays: rerun with --resume
+        raise
+    jobdir.unlock()
+    shutil.rmtree(work, ignore_errors=True)
     return QuantResult(model=str(model_path), output=str(output), settings=settings.to_dict(),
                        group_size=job.group_size, export_format=job.export_format,
                        notes=job.notes, layers=records,
                        seconds=time.perf_counter() - t_start)
 
 
-@torch.no_grad()
-def quantize_layers(job: Job, tokens, layer_dir: Path, progress: bool, say) -> list[LayerRecord]:
-    s = job.settings
-    source, arch = job.source, job.arch
-    model = build_skeleton(source, "cpu", job.dtype, job.padded_intermediate)
-    method = get_method(s.method, **s.method_options)
-    exporter = get_exporter(job.export_format)
-    hidden_dev = torch.device("cpu") if s.hidden_device in ("auto", "cpu") else torch.device(
-        s.hidden_device)
-    inputs, kwargs = [], {}
-    if tokens is not None:
-        chunk = max(1, s.chunk_size)
-        _, kwargs = capture_layer0_inputs(model, tokens[:1])
-        embed = model.get_input_embeddings()
-        inputs = [embed(tokens[i:i + chunk]).to(hidden_dev) for i in range(0, len(tokens), chunk)]
-        kwargs = to_device(kwargs, job.device, job.dtype)
-    meter = MemoryMeter(job.device)
-    records = []
-    bar = _progress(source.num_layers, progress)
-    for i in range(source.num_layers):
-        meter.reset()
-        t0 = time.perf_counter()
-        layer = load_layer(model, source, i, job.device, job.dtype, job.padded_intermediate)
-        t_load = time.perf_counter() - t0
-        ctx = LayerContext(i, layer, arch, model.config, _resolved(s, job.group_size), inputs,
-                           kwargs, job.device, job.dtype, log=say)
-        fp_out = ctx.outputs() if inputs else None
-        t1 = time.perf_counter()
-        quantized = method.quantize_layer(ctx)
-        t_quant = time.perf_counter() - t1
-        w_err = {}
-        for name, q in quantized.items():
-            w = ctx.module(name).weight.float()
-            w_err[name] = float((q.dequantize().to(w.device) - w).norm() / w.norm().clamp(min=1e-12))
-            ctx.set_quantized(name, q)
-        out_err = None
-        if inputs:
-            new = ctx.outputs()
-            out_err = _relative_error(new, fp_out)
-            inputs = new
-            ctx.inputs = inputs
-        t2 = time.perf_counter()
-        tensors = layer_export_tensors(layer, arch.layer_prefix(i), quantized, exporter,
-                                       getattr(torch, s.out_dtype))
-        _atomic_save(tensors, layer_dir / f"layer-{i:05d}.safetensors")
-        t_write = time.perf_counter() - t2
-        release_layer(model, i)
-        del layer, ctx, fp_out, tensors
-        records.append(LayerRecord(index=i, weight_error=max(w_err.values()),
-                                   output_error=out_err, seconds=time.perf_counter() - t0,
-                                   load_s=t_load, quantize_s=t_quant, write_s=t_write,
-                                   peak_bytes=meter.peak(), stats=dict()))
-        bar.set_postfix_str(f"err {records[-1].error_str()}")
-        bar.update(1)
-    bar.close()
-    return records
-
-
-def layer_export_tensors(layer, prefix: str, quantized: dict, exporter, out_dtype) -> dict:
-    """Quantized linears in the export layout; every other tensor of the layer (norms, biases,
-    as the method left them) in the output dtype."""
-    out = {}
-    for name, q in quantized.items():
-        out.update(exporter.linear_tensors(f"{prefix}.{name}", q))
-    for pname, p in layer.state_dict().items():
-        mod = pname.rsplit(".", 1)[0]
-        if mod in quantized and pname.endswith(".weight"):
-            continue
-        out[f"{prefix}.{pname}"] = p.detach().to("cpu", out_dtype).contiguous()
-    return out
-
-
-def assemble(job: Job, layer_dir: Path, staged: Path, max_shard_bytes: int) -> None:
-    """Final checkpoint: non-layer tensors from the source, layers from their files."""
+def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int) -> None:
+    """Final checkpoint: non-layer tensors from the source, layers from their job files."""
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
@@ -225,7 +183,8 @@ def assemble(job: Job, layer_dir: Path, staged: Path, max_shard_bytes: int) -> N
     writer.add(dict(sorted(head.items())))
     del head
     for i in range(source.num_layers):
-        writer.add(read_tensor_file(layer_dir / f"layer-{i:05d}.safetensors"))
+        tensors, _ = jobdir.load_layer("quantize", i)
+        writer.add(dict(sorted(tensors.items())))
     writer.finish()
     exporter = get_exporter(job.export_format)
     qcfg = exporter.quantization_config(
@@ -239,31 +198,6 @@ def assemble(job: Job, layer_dir: Path, staged: Path, max_shard_bytes: int) -> N
     copy_tokenizer(source.path, staged)
     (staged / "layerquant.json").write_text(json.dumps({
         "source": str(source.path.absolute()), "method": job.settings.method,
-        "settings": job.settings.to_dict(), "group_size": job.group_size,
+        "settings": job.settings.result_dict(), "group_size": job.group_size,
         "original_intermediate_size": job.intermediate, "notes": job.notes}, indent=2,
-        default=str))
-
-
-def _atomic_save(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
-def _resolved(s: QuantSettings, group_size: int) -> QuantSettings:
-    import copy
-    r = copy.copy(s)
-    r.group_size = group_size
-    return r
-
-
-def _relative_error(new: list, ref: list) -> float:
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
-    return (num / max(den, 1e-30)) ** 0.5
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="layers", unit="layer", disable=not enabled)
+        sort_keys=True, default=str))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from quantizer.errors import InputError
-from quantizer.kernels.packing import QuantizedWeight, awq_pack_linear
+from quantizer.kernels.packing import QuantizedWeight, awq_pack_linear, awq_unpack_linear
 
 FORMAT = "awq"
 
@@ -17,6 +17,15 @@ def check_supported(bits, symmetric: bool, act_order: bool = False) -> None:
 
 def linear_tensors(prefix: str, q: QuantizedWeight) -> dict:
     return {f"{prefix}.{k}": v for k, v in awq_pack_linear(q).items()}
+
+
+def linear_from_tensors(prefix: str, tensors: dict, group_size: int | None = None
+                        ) -> QuantizedWeight:
+    qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
+    scales = tensors[f"{prefix}.scales"]
+    in_features = qweight.shape[0]
+    gs = in_features // scales.shape[0] if group_size is None else group_size
+    return awq_unpack_linear(qweight, qzeros, scales, -1 if gs == in_features else gs)
 
 
 def quantization_config(bits: int, group_size: int, not_converted: list[str], **_) -> dict:

@@ -1,0 +1,176 @@
+"""One pass over the decoder layers, resumable: for each layer load -> calibrate -> quantize ->
+write (durably) -> propagate -> free.
+
+Propagation runs the layer rebuilt *from the tensors just written* (the exported integer codes,
+fp16 scales and norms), never from in-memory float values. So the hidden states entering the
+next layer are exactly what a resumed run reconstructs by replaying finished layers from their
+files, and a resumed run produces byte-identical output."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from .layer_context import LayerContext
+from .memory import MemoryMeter
+from .report import LayerRecord
+from .skeleton import build_skeleton, capture_layer0_inputs, load_layer, release_layer, to_device
+
+STAGE = "quantize"
+
+
+class LayerLoop:
+    def __init__(self, job, method, exporter, jobdir, tokens, progress: bool, say):
+        self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
+        self.say = say
+        s = job.settings
+        self.model = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
+        self.hidden_dev = torch.device("cpu") if s.hidden_device in ("auto", "cpu") else \
+            torch.device(s.hidden_device)
+        self.out_dtype = getattr(torch, s.out_dtype)
+        self.progress = progress
+        self.inputs, self.kwargs = [], {}
+        if tokens is not None:
+            chunk = max(1, s.chunk_size)
+            _, kwargs = capture_layer0_inputs(self.model, tokens[:1])
+            embed = self.model.get_input_embeddings()
+            self.inputs = [embed(tokens[i:i + chunk]).to(self.hidden_dev)
+                           for i in range(0, len(tokens), chunk)]
+            self.kwargs = to_device(kwargs, job.device, job.dtype)
+        hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
+        self.save_hidden = {"always": True, "never": False}.get(
+            s.save_hidden, hidden_bytes <= s.save_hidden_max_bytes)
+
+    @staticmethod
+    def records(jobdir) -> list[LayerRecord]:
+        """The per-layer records of a finished pass, from the job directory."""
+        return [LayerRecord(**jobdir.load_layer(STAGE, i)[1]["record"])
+                for i in range(jobdir.next_layer(STAGE))]
+
+    # ---- the pass --------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> list[LayerRecord]:
+        from tqdm.auto import tqdm
+
+        n = self.job.source.num_layers
+        start = self.jobdir.next_layer(STAGE)
+        records = self.records(self.jobdir)
+        if start and self.inputs:
+            self._restore_inputs(start)
+        bar = tqdm(total=n, initial=start, desc="layers", unit="layer",
+                   disable=not self.progress)
+        for i in range(start, n):
+            records.append(self._layer(i))
+            bar.set_postfix_str(f"err {records[-1].error_str()}")
+            bar.update(1)
+        bar.close()
+        return records
+
+    def _layer(self, i: int) -> LayerRecord:
+        job = self.job
+        meter = MemoryMeter(job.device)
+        meter.reset()
+        t0 = time.perf_counter()
+        layer = load_layer(self.model, job.source, i, job.device, job.dtype,
+                           job.padded_intermediate)
+        t_load = time.perf_counter() - t0
+        ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
+                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
+        fp_out = ctx.outputs() if self.inputs else None
+        t1 = time.perf_counter()
+        quantized = self.method.quantize_layer(ctx)
+        t_quant = time.perf_counter() - t1
+        w_err = {name: _rel(q.dequantize().to(layer.get_submodule(name).weight.device),
+                            layer.get_submodule(name).weight.float())
+                 for name, q in quantized.items()}
+        tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
+                                 self.out_dtype)
+        out_err = None
+        if self.inputs:
+            materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
+            new = ctx.outputs()
+            out_err = _rel_chunks(new, fp_out)
+            self.inputs = new
+        release_layer(self.model, i)
+        t2 = time.perf_counter()
+        record = LayerRecord(index=i, weight_error=max(w_err.values()), output_error=out_err,
+                             seconds=0.0, load_s=t_load, quantize_s=t_quant,
+                             peak_bytes=meter.peak(), stats=_numbers(ctx.stats))
+        self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
+        if self.save_hidden and self.inputs and i + 1 < job.source.num_layers:
+            self.jobdir.save_hidden(i + 1, self.inputs)
+        record.write_s = time.perf_counter() - t2
+        record.seconds = time.perf_counter() - t0
+        self.jobdir.commit_layer(STAGE, i)
+        return record
+
+    # ---- resume ----------------------------------------------------------------------------
+    def _restore_inputs(self, start: int) -> None:
+        """Hidden states entering layer `start`: from the job directory when saved, else by
+        replaying the finished layers from their files (same code path as the first run)."""
+        if self.jobdir.has_hidden(start, STAGE):
+            self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
+            self.say(f"resumed at layer {start} from saved hidden states")
+            return
+        job = self.job
+        for i in range(start):
+            tensors, _ = self.jobdir.load_layer(STAGE, i)
+            layer = load_layer(self.model, job.source, i, job.device, job.dtype,
+                               job.padded_intermediate)
+            materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
+            ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
+                               self.inputs, self.kwargs, job.device, job.dtype)
+            self.inputs = ctx.outputs()
+            release_layer(self.model, i)
+        self.say(f"resumed at layer {start} by replaying {start} finished layers")
+
+
+def export_tensors(layer, prefix: str, quantized: dict, exporter, out_dtype) -> dict:
+    """Quantized linears in the export layout; every other tensor of the layer (norms, biases,
+    as the method left them) in the output dtype."""
+    out = {}
+    for name, q in quantized.items():
+        out.update(exporter.linear_tensors(f"{prefix}.{name}", q))
+    for pname, p in layer.state_dict().items():
+        if pname.rsplit(".", 1)[0] in quantized and pname.endswith(".weight"):
+            continue
+        out[f"{prefix}.{pname}"] = p.detach().to("cpu", out_dtype).contiguous()
+    return out
+
+
+@torch.no_grad()
+def materialise(layer, prefix: str, tensors: dict, exporter) -> None:
+    """Set the layer's float parameters to exactly what the export holds: a weight that is not
+    stored as a float tensor is a quantized linear, dequantized from its packed form."""
+    for pname, p in layer.named_parameters():
+        key = f"{prefix}.{pname}"
+        if key in tensors:
+            p.data = tensors[key].to(p.device, p.dtype)
+        else:
+            q = exporter.linear_from_tensors(key[:-len(".weight")], tensors)
+            p.data = q.dequantize(torch.float32).to(p.device, p.dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def _rel_chunks(new: list, ref: list) -> float:
+    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new, ref))
+    den = sum(float(b.float().pow(2).sum()) for b in ref)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _numbers(stats: dict, prefix: str = "") -> dict:
+    """The numeric leaves of a method's stats (JSON-friendly, flattened)."""
+    out = {}
+    for k, v in stats.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_numbers(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+        elif isinstance(v, str):
+            out[key] = v
+    return out
