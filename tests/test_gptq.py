@@ -211,6 +211,7 @@ def test_gptq_method_beats_rtn_on_llama_layer():
     assert set(mods) == set(ctx.arch.linears)
     for name, rec in mods.items():
         assert rec["hessian_s"] >= 0 and rec["solve_s"] > 0 and 0 < rec["rel_error"] < 1
+        assert 0 < rec["weight_error"] < 1
         assert rec["tokens"] == 3 * 2 * 32
     assert ctx.stats["solve_s"] > 0 and ctx.stats["damp_retries"] == 0
 

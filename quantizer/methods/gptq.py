@@ -375,8 +375,11 @@ class GPTQ:
                        "retries": prepared.retries, "dead_columns": int(prepared.dead.sum()),
                        "tokens": acc.n_tokens, "shared_with": list(group)}
                 if self.report_error:
-                    rec["rel_error"] = output_error(ctx.module(name).weight.data,
-                                                    qs[name].dequantize(torch.float32), acc.H)
+                    w = ctx.module(name).weight.data.float()
+                    w_hat = qs[name].dequantize(torch.float32).to(w.device)
+                    rec["rel_error"] = output_error(w, w_hat, acc.H)
+                    # the float weight is replaced below; a caller comparing afterwards sees 0
+                    rec["weight_error"] = float((w_hat - w).norm() / w.norm().clamp(min=1e-12))
                 per_module[name] = rec
             totals["hessian_s"] += t1 - t0
             totals["solve_s"] += t2 - t1
