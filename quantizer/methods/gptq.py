@@ -4,6 +4,7 @@ the layer's input, H = 2 XᵀX. Shared-input linears (q/k/v, gate/up) share one 
 true-sequentially so each group's Hessian sees the quantized predecessors' outputs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -29,14 +30,42 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        half = x.dtype in (torch.float16, torch.bfloat16)
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
         m = x.shape[0]
         if m == 0:
             return
         total = self.n_tokens + m
-        # H <- H * n/(n+m) + (2/(n+m)) * xᵀx, in one fused addmm.
-        self.H.addmm_(x.t(), x, beta=self.n_tokens / total, alpha=2.0 / total)
+        # H <- H * n/(n+m) + (2/(n+m)) * xᵀx, in one fused addmm (scaling after the product,
+        # so the factors stay the exact input values).
+        with _lossless_tf32(half and x.is_cuda):
+            self.H.addmm_(x.t(), x, beta=self.n_tokens / total, alpha=2.0 / total)
         self.n_tokens = total
+
+
+@contextlib.contextmanager
+def _lossless_tf32(enable: bool):
+    """TF32 tensor cores for an fp32 matmul whose inputs came from fp16/bf16: TF32 keeps 10
+    mantissa bits, so those values enter exactly and products accumulate in fp32 -- the
+    full-fp32 result at tensor-core speed (the 11008² down_proj Hessian is most of a 7B
+    layer's FLOPs)."""
+    if not enable:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    prev = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        if new_api:
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = prev
+        else:
+            matmul.allow_tf32 = prev
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
