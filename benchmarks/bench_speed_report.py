@@ -1,0 +1,173 @@
+"""Summaries of one benchmark run (ours: the `quantize --json` report; the peer: its JSON line)
+and the markdown tables that benchmarks/bench_speed.py prints and stores. Pure functions of
+dicts, so the CPU tests can check them on made-up reports."""
+from __future__ import annotations
+
+import math
+import statistics
+
+GIB = 1 << 30
+PRED_TOLERANCE = 0.15  # issue 6: prediction within 15 % of the measured peak
+
+# ---------------------------------------------------------------------------- summaries
+def _mean_numeric(dicts: list[dict]) -> dict:
+    keys = sorted({k for d in dicts for k, v in d.items() if _is_number(v)})
+    return {k: statistics.fmean(d[k] for d in dicts if _is_number(d.get(k))) for k in keys}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def summarize_ours(report: dict, budget_bytes: int | None = None) -> dict:
+    """Seconds per layer (median, and median without layer 0, which pays warm-up costs such as
+    kernel compilation), peaks, per-stage means and predicted vs measured peak."""
+    layers = report["layers"]
+    secs = [l["seconds"] for l in layers]
+    peaks = [l.get("peak_bytes") or {} for l in layers]
+
+    def peak(key):
+        vals = [p[key] for p in peaks if _is_number(p.get(key))]
+        return max(vals) if vals else None
+
+    stages = _mean_numeric([{"load_s": l.get("load_s"), "quantize_s": l.get("quantize_s"),
+                             "write_s": l.get("write_s"), **_flatten(l.get("stats") or {})}
+                            for l in layers])
+    errors = [l.get("output_error") for l in layers if l.get("output_error") is not None]
+    s = {"layers": len(layers), "s_per_layer_median": statistics.median(secs),
+         "s_per_layer_median_excl_layer0": statistics.median(secs[1:]) if len(secs) > 1 else None,
+         "s_per_layer_mean": statistics.fmean(secs), "layer_seconds": secs,
+         "total_s": report.get("seconds"),
+         "e2e_s_per_layer": report["seconds"] / len(layers) if report.get("seconds") else None,
+         "overhead_s": report["seconds"] - sum(secs) if report.get("seconds") else None,
+         "peak_reserved": peak("reserved"), "peak_allocated": peak("allocated"),
+         "peak_rss": peak("rss"), "layer_means": stages,
+         "max_output_error": max(errors) if errors else None,
+         "all_finite": all(math.isfinite(e) for e in errors) if errors else None,
+         "notes": report.get("notes", [])}
+    plan = (report.get("extra") or {}).get("plan") or {}
+    predicted = plan.get("predicted_peak")
+    if isinstance(predicted, dict):
+        vals = [v for v in predicted.values() if _is_number(v)]
+        predicted = max(vals) if vals else None
+    s["predicted_peak"] = predicted if _is_number(predicted) else None
+    measured = s["peak_reserved"] if s["peak_reserved"] is not None else s["peak_rss"]
+    if s["predicted_peak"] is not None and measured:
+        s["pred_rel_error"] = abs(s["predicted_peak"] - measured) / measured
+        s["pred_within_15pct"] = s["pred_rel_error"] <= PRED_TOLERANCE
+    if budget_bytes is not None and s["peak_reserved"] is not None:
+        s["within_budget"] = s["peak_reserved"] <= budget_bytes
+    return s
+
+
+def summarize_peer(res: dict) -> dict:
+    gib = lambda v: v * GIB if _is_number(v) else None  # noqa: E731
+    return {"layers": res.get("layers"), "e2e_s_per_layer": res.get("per_layer_s"),
+            "quantize_s": res.get("quantize_s"), "load_s": res.get("load_s"),
+            "peak_allocated": gib(res.get("peak_alloc_gib")),
+            "peak_reserved": gib(res.get("peak_reserved_gib")), "device": res.get("device")}
+
+
+# ---------------------------------------------------------------------------- tables
+def _gib(v) -> str:
+    return f"{v / GIB:.2f}" if _is_number(v) else "-"
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return format(v, fmt) if _is_number(v) else "-"
+
+
+def _yes(v) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def _table(headers, rows) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def _label(r: dict) -> str:
+    return f"{r['model'].upper()}-width {r['layers']}L"
+
+
+def format_tables(runs: list[dict]) -> str:
+    """Markdown tables: main comparison, our per-stage breakdown, the budget table, failures."""
+    out: list[str] = []
+    main = [r for r in runs if r["table"] == "main"]
+    if main:
+        out += ["", "Speed (s/layer: median of per-layer times; 'w/o L0' leaves out layer 0's "
+                "warm-up; e2e = whole run / layers, the peer's definition)"]
+        out += _table(["model", "method", "dtype", "tool", "s/layer", "w/o L0", "e2e s/layer",
+                       "peak alloc GiB", "peak resv GiB", "finite", "status"],
+                      [(_label(r), r["method"], r["dtype"], r["who"],
+                        _num(s.get("s_per_layer_median")),
+                        _num(s.get("s_per_layer_median_excl_layer0")),
+                        _num(s.get("e2e_s_per_layer")), _gib(s.get("peak_allocated")),
+                        _gib(s.get("peak_reserved")), _yes(s.get("all_finite")), r["status"])
+                       for r in main for s in [r.get("summary") or {}]])
+        ours = {(r["method"], r["dtype"]): r for r in main if r["who"] == "ours"}
+        for r in main:
+            o = ours.get((r["method"], r["dtype"]))
+            if r["who"] == "peer" and r["status"] == "ok" and o and o["status"] == "ok":
+                ratio = r["summary"]["e2e_s_per_layer"] / o["summary"]["e2e_s_per_layer"]
+                out.append(f"{r['method']} {r['dtype']}: llm-compressor e2e / ours e2e = "
+                           f"{ratio:.2f}x")
+    ok = [r for r in runs if r["who"] == "ours" and r["status"] == "ok"]
+    if ok:
+        keys = sorted({k for r in ok for k in r["summary"]["layer_means"]
+                       if k.endswith("_s") or k.startswith("time_s.")})
+        first = ["load_s", "quantize_s", "write_s"]
+        keys = first + [k for k in keys if k not in first]
+        out += ["", "Our per-stage seconds, mean over layers (time_s.* nest inside quantize_s; "
+                "'setup' = run total - layer sum: calibration text, embedding, final write)"]
+        out += _table(["run", *keys, "setup"],
+                      [(r["id"], *(_num(r["summary"]["layer_means"].get(k)) for k in keys),
+                        _num(r["summary"].get("overhead_s"), ".1f")) for r in ok])
+    budget = [r for r in runs if r["table"] == "budget" and r["budget"] and
+              r["status"] != "skipped"]
+    if budget:
+        out += ["", "VRAM budget (measured = max torch reserved over layers)"]
+        out += _table(["model", "method", "dtype", "budget", "pred GiB", "meas GiB", "alloc GiB",
+                       "s/layer", "<= budget", "pred within 15%", "x unconstrained", "status"],
+                      [(_label(r), r["method"], r["dtype"], r["budget"],
+                        _gib(s.get("predicted_peak")), _gib(s.get("peak_reserved")),
+                        _gib(s.get("peak_allocated")), _num(s.get("s_per_layer_median")),
+                        _yes(s.get("within_budget")), _yes(s.get("pred_within_15pct")),
+                        _num(_slowdown(r, runs)), r["status"])
+                       for r in budget for s in [r.get("summary") or {}]])
+        refs = [r for r in runs if r["table"] == "budget" and not r["budget"]]
+        if refs:
+            out += ["", "Unconstrained references and the peer on the budget models"]
+            out += _table(["model", "method", "dtype", "tool", "s/layer", "e2e s/layer",
+                           "peak alloc GiB", "peak resv GiB", "status"],
+                          [(_label(r), r["method"], r["dtype"], r["who"],
+                            _num(s.get("s_per_layer_median")), _num(s.get("e2e_s_per_layer")),
+                            _gib(s.get("peak_allocated")), _gib(s.get("peak_reserved")),
+                            r["status"]) for r in refs for s in [r.get("summary") or {}]])
+    bad = [r for r in runs if r["status"] != "ok"]
+    if bad:
+        out += ["", "Not measured"]
+        out += _table(["run", "status", "reason"],
+                      [(r["id"], r["status"], (r.get("reason") or "").replace("|", "/")[:160])
+                       for r in bad])
+    return "\n".join(out)
+
+
+def _slowdown(r: dict, runs: list[dict]):
+    """Budgeted s/layer over the unconstrained run's (same model, method, dtype)."""
+    for ref in runs:
+        if (ref["who"], ref["model"], ref["method"], ref["dtype"]) == \
+                ("ours", r["model"], r["method"], r["dtype"]) and not ref["budget"] \
+                and ref["status"] == "ok" and r["status"] == "ok":
+            return r["summary"]["s_per_layer_median"] / ref["summary"]["s_per_layer_median"]
+    return None

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one command to run on the GPU box (device tool), from the repository root:
+#   bash benchmarks/gpu_run.sh [bench_speed.py options, e.g. --quick --only awq,gptq,peer]
+# The box has no network: the package is made importable from the working tree without pip,
+# and the peer's wheels come in .whl/ (carried; see benchmarks/README.md). Results: a JSON and
+# a log in $OUT (the device tool's return folder) or else benchmarks/results/.
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+# `kernels`, `calibration`, `measurements` are importable only as quantizer.* (pyproject maps
+# them there); links give the same layout without installing.
+for pkg in kernels calibration measurements; do
+  [ -e "quantizer/$pkg" ] || ln -sfn "../$pkg" "quantizer/$pkg"
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+json="$dest/speed_$stamp.json"
+log="$dest/speed_$stamp.log"
+
+{
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'cuda', torch.cuda.is_available())" || true
+  python3 -c "import quantizer.kernels, quantizer.calibration, quantizer.cli; print('layerquant importable')"
+} 2>&1 | tee "$log"
+
+wheels=()
+[ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && wheels=(--peer-wheels .whl)
+# ~9 minutes for everything on the device's 10-minute limit; runs that no longer fit are
+# skipped (recorded in the JSON), never killed half way.
+scratch="${BENCH_SCRATCH:-/tmp/layerquant_bench}"  # checkpoints, reused while the box stays warm
+python3 benchmarks/bench_speed.py --out "$json" --time-budget "${BENCH_TIME_BUDGET:-510}" \
+  --scratch "$scratch" "${wheels[@]}" "$@" 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+# the per-run stderr logs, for failures the JSON's tails do not explain
+cp -r "$scratch/logs" "$dest/logs_$stamp" 2>/dev/null || true
+exit "$status"

@@ -1,0 +1,148 @@
+"""The GPU benchmark harness (benchmarks/bench_speed.py), checked on CPU: one real end-to-end
+run in --tiny mode, and its planning, summaries, time budget and timeouts on made-up inputs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_speed  # noqa: E402
+import bench_speed_report as report  # noqa: E402
+
+GIB = 1 << 30
+
+
+def _run_tiny(tmp_path, only: str, layers: int) -> dict:
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--tiny", "--only", only,
+                           "--layers", str(layers), "--out", str(out), "--scratch", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["tables"] in proc.stdout  # the table is printed last
+    return doc
+
+
+def test_tiny_end_to_end_rtn(tmp_path):
+    doc = _run_tiny(tmp_path, "rtn", layers=2)
+    assert doc["setup"]["checkpoint-7b"]["status"] == "ok"
+    assert doc["setup"]["calib-text"]["bytes"] > 1000
+    [run] = doc["runs"]
+    assert run["status"] == "ok", run.get("reason")
+    assert (run["who"], run["method"], run["dtype"], run["layers"]) == ("ours", "rtn", "float32", 2)
+    s = run["summary"]
+    assert s["layers"] == 2 and len(s["layer_seconds"]) == 2
+    assert s["s_per_layer_median"] == pytest.approx(sum(s["layer_seconds"]) / 2)
+    assert s["s_per_layer_median_excl_layer0"] == pytest.approx(s["layer_seconds"][1])
+    assert 0 < s["s_per_layer_median"] < s["total_s"] and s["overhead_s"] > 0
+    assert s["peak_rss"] > 0 and s["peak_reserved"] is None  # CPU run: no CUDA peaks
+    assert s["all_finite"] is True and 0 < s["max_output_error"] < 1
+    assert {"load_s", "quantize_s", "write_s"} <= set(s["layer_means"])
+    assert "--calib-data" in run["cmd"] and "--dtype float32" in run["cmd"]
+    assert "main-ours-rtn-float32-7b" in doc["tables"]
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_awq(tmp_path):
+    doc = _run_tiny(tmp_path, "awq", layers=1)
+    [run] = doc["runs"]
+    assert run["status"] == "ok", run.get("reason")
+    assert run["summary"]["all_finite"] and run["summary"]["layer_means"]["quantize_s"] > 0
+
+
+def _layer(i, seconds, reserved, stats):
+    return {"index": i, "seconds": seconds, "load_s": seconds * 0.1, "quantize_s": seconds * 0.8,
+            "write_s": seconds * 0.1, "output_error": random.uniform(0.01, 0.1),
+            "peak_bytes": {"allocated": reserved // 2, "reserved": reserved}, "stats": stats}
+
+
+def test_summarize_ours_on_a_made_up_report():
+    secs = [random.uniform(5, 9)] + [random.uniform(1, 3) for _ in range(4)]
+    reserved = [random.randint(1, 7) * GIB for _ in secs]
+    layers = [_layer(i, t, r, {"time_s": {"search": t / 2, "clip": t / 4}, "skipped": "v_proj"})
+              for i, (t, r) in enumerate(zip(secs, reserved))]
+    predicted = max(reserved) * 1.1
+    rep = {"layers": layers, "seconds": sum(secs) + 12.5, "notes": ["n"],
+           "extra": {"plan": {"predicted_peak": {"cuda:0": predicted}}}}
+    s = report.summarize_ours(rep, budget_bytes=8 * GIB)
+    assert s["s_per_layer_median"] == pytest.approx(sorted(secs)[2])
+    assert s["s_per_layer_median_excl_layer0"] == pytest.approx(
+        (sorted(secs[1:])[1] + sorted(secs[1:])[2]) / 2)
+    assert s["e2e_s_per_layer"] == pytest.approx((sum(secs) + 12.5) / 5)
+    assert s["overhead_s"] == pytest.approx(12.5)
+    assert s["peak_reserved"] == max(reserved) and s["peak_allocated"] == max(reserved) // 2
+    assert s["layer_means"]["time_s.search"] == pytest.approx(sum(secs) / 10)
+    assert "skipped" not in s["layer_means"]  # strings are not averaged
+    assert s["predicted_peak"] == pytest.approx(predicted)
+    assert s["pred_rel_error"] == pytest.approx(0.1) and s["pred_within_15pct"]
+    assert s["within_budget"] is True
+    # a NaN layer error and a busted budget are reported, not hidden
+    layers[2]["output_error"] = math.nan
+    s = report.summarize_ours({"layers": layers, "seconds": 99.0}, budget_bytes=max(reserved) - 1)
+    assert s["all_finite"] is False and s["within_budget"] is False
+    assert s["predicted_peak"] is None and "pred_rel_error" not in s
+
+
+def _args(*extra):
+    return bench_speed.parse_args(["--out", "unused.json", *extra])
+
+
+def test_plan_selection_and_priorities():
+    runs = bench_speed.plan_runs(_args("--only", "awq,gptq,peer", "--quick"))
+    ids = [r.id for r in runs]
+    assert ids[:2] == ["main-ours-awq-bfloat16-7b", "main-peer-awq-bfloat16-7b"]
+    assert not any(r.table == "budget" for r in runs)
+    assert not any(r.who == "peer" and r.dtype == "float16" for r in runs)  # --quick: bf16 only
+    full = bench_speed.plan_runs(_args())
+    assert full[-1].table == "budget" and full[-1].model == "7b"
+    assert sum(r.id == "main-peer-awq-float16-7b" for r in full) == 1
+    budget = bench_speed.plan_runs(_args("--only", "budget"))
+    assert {r.table for r in budget} == {"budget"} and {r.who for r in budget} == {"ours"}
+    assert {r.budget for r in budget} == {None, "8G", "16G", "40G"}
+    assert {(r.model, r.layers) for r in budget} == {("70b", 2), ("7b", 4)}
+    with pytest.raises(SystemExit):
+        _args("--only", "awk")
+
+
+def test_budget_runs_skip_without_the_flag_and_time_budget_skips(tmp_path):
+    a = _args("--tiny", "--only", "budget", "--scratch", str(tmp_path),
+              "--out", str(tmp_path / "r.json"), "--time-budget", "0.001")
+    runs = bench_speed.plan_runs(a)
+    bench = bench_speed.Bench(a)
+    time.sleep(0.01)
+    for spec in runs:
+        bench.execute(spec, vram_flag=False)
+    budgeted = [r for r in runs if r.budget]
+    assert budgeted and all("--vram-budget" in r.result["reason"] for r in budgeted)
+    unconstrained = [r for r in runs if not r.budget]
+    assert unconstrained and all(r.result["status"] == "skipped" and "time budget" in
+                                 r.result["reason"] for r in unconstrained)
+    table = report.format_tables([bench_speed.record(r) for r in runs])
+    assert "Not measured" in table and "no --vram-budget" in table
+
+
+def test_run_process_kills_on_timeout(tmp_path):
+    t0 = time.monotonic()
+    res = bench_speed.run_process([sys.executable, "-c", "import time; print('x', flush=True); "
+                                   "time.sleep(60)"], 1.0, tmp_path / "log.txt")
+    assert res["timed_out"] and time.monotonic() - t0 < 20
+    assert "timeout" in bench_speed.failure_reason(res)
+    res = bench_speed.run_process([sys.executable, "-c", "import sys; sys.exit('boom')"], 30,
+                                  tmp_path / "log2.txt")
+    assert res["rc"] == 1 and "boom" in bench_speed.failure_reason(res)
+
+
+def test_parse_report_skips_leading_noise():
+    payload = {"layers": [], "seconds": random.random()}
+    text = "warning: something\n" + json.dumps(payload, indent=2) + "\n"
+    assert bench_speed.parse_report(text) == payload
+    with pytest.raises(ValueError):
+        bench_speed.parse_report("no json here")
