@@ -53,6 +53,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
                    "mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--measurement", default=None, help="reuse this measurement.json: skip "
+                   "measuring and allocate bits for --bits (adaptive GPTQ)")
+    p.add_argument("--adaptive", action="store_true", help="measure and allocate bits per "
+                   "module group even for an integer --bits target (implied by 3.5 etc.)")
     p.add_argument("--max-shard-size", type=_size, default=_size("1G"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and "
                    "job directory")
@@ -83,9 +87,12 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_method() -> str:
+def default_method(bits: float = 4, adaptive: bool = False) -> str:
+    """AWQ for 4-bit (the common case); adaptive GPTQ for fractional targets."""
+    if adaptive or not float(bits).is_integer():
+        return "gptq"
     from .methods import available
-    return "awq" if "awq" in available() else "rtn"
+    return "awq" if "awq" in available() and float(bits) == 4 else "gptq"
 
 
 def run_quantize_cli(argv) -> int:
@@ -98,11 +105,13 @@ def run_quantize_cli(argv) -> int:
         options["act_order"] = True
     log = (lambda m: print(m, file=sys.stderr)) if not a.json else None
     result = quantize(a.model, a.output, bits=a.bits, group_size=a.group_size,
-                      method=a.method or default_method(), symmetric=a.sym,
+                      method=a.method or default_method(a.bits, a.adaptive or bool(a.measurement)),
+                      symmetric=a.sym,
                       calib_data=a.calib_data, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, seed=a.seed, device=a.device, dtype=a.dtype,
                       export_format=a.export_format, overwrite=a.overwrite,
                       resume=a.resume, work_dir=a.work_dir, save_hidden=a.save_hidden,
+                      measurement=a.measurement, adaptive=a.adaptive,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     print(result.to_json() if a.json else result)
@@ -124,9 +133,29 @@ def run_demo_cli(argv) -> int:
     return demo_main(argv)
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantize plan", description=(
+        "Print the memory plan and the predicted peak per device, reading config.json only; "
+        "refuse with the smallest budget that would work when nothing fits"))
+    p.add_argument("model", help="model directory or config.json")
+    p.add_argument("--bits", default="4")
+    p.add_argument("--method", default="awq", help="rtn, awq or gptq")
+    p.add_argument("--vram-budget", default=None, help="per GPU, e.g. 40G, or 0:20G,1:40G")
+    p.add_argument("--ram-budget", default=None, help="host memory, e.g. 64G")
+    p.add_argument("--devices", default=None, help="GPU indices, e.g. 0,1 (default: visible)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--hidden-device", default="auto", help="auto, gpu, cpu or disk")
+    p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    return p
+
+
 def run_plan_cli(argv) -> int:
-    from .plan_cli import main as plan_main
-    return plan_main(argv)
+    a = plan_parser().parse_args(argv)
+    from .plan import plan_command
+    print(plan_command(a.model, a.bits, a.method, a.vram_budget, a.ram_budget, a.devices,
+                       a.calib_samples, a.calib_seqlen, a.hidden_device, a.hessian_device))
+    return 0
 
 
 def main(argv=None) -> int:

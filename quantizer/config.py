@@ -41,10 +41,13 @@ class QuantSettings:
     vram_budget: str | None = None  # "40G" or "0:20G,1:40G"
     ram_budget: str | None = None
     hessian_device: str = "auto"
+    measurement: str | None = None  # reuse this measurement.json (adaptive GPTQ)
+    adaptive: bool = False  # measure + allocate bits even for an integer --bits target
 
     # Settings that decide where and how fast work runs, never what it produces.
     PLACEMENT_KEYS = ("device", "chunk_size", "hidden_device", "save_hidden",
-                      "save_hidden_max_bytes", "vram_budget", "ram_budget", "hessian_device")
+                      "save_hidden_max_bytes", "vram_budget", "ram_budget", "hessian_device",
+                      "measurement")  # a reused measurement is checked by its fingerprint
 
     def validate(self) -> None:
         if isinstance(self.bits, float) and self.bits.is_integer():
@@ -60,6 +63,10 @@ class QuantSettings:
         if isinstance(self.group_size, int) and self.group_size != -1 and (
                 self.group_size < 1):
             raise InputError(f"--group-size must be positive, -1 or auto, got {self.group_size}")
+
+    @property
+    def is_adaptive(self) -> bool:
+        return bool(self.adaptive or self.measurement or not float(self.bits).is_integer())
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

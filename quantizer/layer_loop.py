@@ -15,7 +15,8 @@ import torch
 from .layer_context import LayerContext
 from .memory import MemoryMeter
 from .report import LayerRecord
-from .skeleton import build_skeleton, capture_layer0_inputs, load_layer, release_layer, to_device
+from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
+                       release_layer, to_device)
 
 STAGE = "quantize"
 
@@ -81,9 +82,7 @@ class LayerLoop:
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
         t_quant = time.perf_counter() - t1
-        w_err = {name: _rel(q.dequantize().to(layer.get_submodule(name).weight.device),
-                            layer.get_submodule(name).weight.float())
-                 for name, q in quantized.items()}
+        w_err = self._weight_errors(i, quantized)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
                                  self.out_dtype)
         out_err = None
@@ -104,6 +103,20 @@ class LayerLoop:
         record.seconds = time.perf_counter() - t0
         self.jobdir.commit_layer(STAGE, i)
         return record
+
+    def _weight_errors(self, i: int, quantized: dict) -> dict[str, float]:
+        """||W - Wq|| / ||W|| against the checkpoint's weights (methods may have changed the
+        layer's copy: GPTQ updates it, AWQ scales it), one tensor at a time."""
+        job = self.job
+        prefix = job.arch.layer_prefix(i)
+        errors = {}
+        for name, q in quantized.items():
+            key = f"{prefix}.{name}.weight"
+            w = job.source.load([key], device=job.device, dtype=torch.float32,
+                                check_finite=False)
+            pad_mlp(w, job.arch, prefix, job.padded_intermediate or 0)
+            errors[name] = _rel(q.dequantize().to(job.device), w[key])
+        return errors
 
     # ---- resume ----------------------------------------------------------------------------
     def _restore_inputs(self, start: int) -> None:

@@ -54,15 +54,19 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
     source = CheckpointSource(model_path)
     arch = source.arch
     cfg = source.raw_config
-    if not isinstance(settings.bits, int):
-        raise InputError(f"fractional --bits {settings.bits} needs the adaptive method "
-                         "(--method gptq with a measurement)")
     fmt = settings.export_format
-    if fmt == "auto":
-        fmt = "gptq" if settings.method == "gptq" or settings.bits != 4 else "awq"
-    exporter = get_exporter(fmt)
-    exporter.check_supported(settings.bits, settings.symmetric,
-                             bool(settings.method_options.get("act_order")))
+    if settings.is_adaptive:
+        from .adaptive import check_adaptive
+        check_adaptive(settings)
+        if fmt not in ("auto", "compressed-tensors"):
+            raise InputError("mixed bit widths are exported as compressed-tensors only "
+                             f"(got --format {fmt})")
+        fmt = "compressed-tensors"
+    else:
+        if fmt == "auto":
+            fmt = "gptq" if settings.method == "gptq" or settings.bits != 4 else "awq"
+        get_exporter(fmt).check_supported(settings.bits, settings.symmetric,
+                                          bool(settings.method_options.get("act_order")))
     notes = []
     intermediate = int(cfg[arch.intermediate_key])
     padded = None
@@ -136,22 +140,34 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     fingerprint = job_fingerprint(fingerprint_model(job.source.path),
                                   fingerprint_calibration(tokens) if tokens is not None else None,
                                   settings.result_dict())
+    measure_fp = None
+    if settings.is_adaptive:
+        from .adaptive import measure_settings
+        measure_fp = job_fingerprint(fingerprint["model"], fingerprint["calibration"],
+                                     measure_settings(settings))
     created = not work.exists()
-    state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage="quantize")
+    first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
+    state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=first)
+    extra = {}
     try:
         if state["stage"] == "done" or (state["stage"] == "export" and output.is_dir()
                                         and not (work / "final").exists()):
             say(f"job already complete: {output}")
             records = LayerLoop.records(jobdir)
         else:
-            method = get_method(settings.method, **settings.method_options)
+            options = dict(settings.method_options)
+            if settings.is_adaptive:
+                options["module_settings"], extra["bit_allocation"] = adaptive_settings(
+                    job, jobdir, tokens, measure_fp, progress, say, extra)
+            method = get_method(settings.method, **options)
             exporter = get_exporter(job.export_format)
-            if state["stage"] == "quantize":
+            if jobdir.stage == "quantize":
                 records = LayerLoop(job, method, exporter, jobdir, tokens, progress, say).run()
                 jobdir.set_stage("export")
             else:
                 records = LayerLoop.records(jobdir)
-            assemble(job, jobdir, work / "final", max_shard_bytes)
+            assemble(job, jobdir, work / "final", max_shard_bytes,
+                     options.get("module_settings"))
             publish(work / "final", output)
         jobdir.finish()
     except InputError:
@@ -168,10 +184,38 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     return QuantResult(model=str(model_path), output=str(output), settings=settings.to_dict(),
                        group_size=job.group_size, export_format=job.export_format,
                        notes=job.notes, layers=records,
-                       seconds=time.perf_counter() - t_start)
+                       seconds=time.perf_counter() - t_start, extra=extra)
 
 
-def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int) -> None:
+def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra):
+    """Measure (or reuse a measurement), then allocate bits: {module: (bits, group_size)}."""
+    from quantizer.measurements.store import MeasurementStore
+
+    from .adaptive import MEASURE_NAME, MeasureLoop, choose_settings, load_measurement
+
+    s = job.settings
+    if s.measurement:
+        store = load_measurement(s.measurement, measure_fp)
+        say(f"reusing measurement {s.measurement} (no measuring pass)")
+    else:
+        store = MeasurementStore.open(jobdir.path / MEASURE_NAME, measure_fp)
+        if jobdir.stage == "measure":
+            loop = MeasureLoop(job, store, jobdir, tokens, progress, say)
+            loop.run()
+            extra["layers_measured"] = loop.measured
+            jobdir.set_stage("quantize")
+    if not store.is_complete(job.source.num_layers):
+        raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
+                         f"{job.source.num_layers} layers")
+    extra["measurement"] = str(store.path)
+    outs = linear_out_features(job.source, job.padded_intermediate)
+    ins = linear_in_features(job.source, job.padded_intermediate)
+    shapes = {name: (outs[name], ins[name]) for name in job.arch.linears}
+    return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes)
+
+
+def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
+             module_settings: dict | None = None) -> None:
     """Final checkpoint: non-layer tensors from the source, layers from their job files."""
     if staged.exists():
         shutil.rmtree(staged)
@@ -190,7 +234,13 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int) -> None:
     qcfg = exporter.quantization_config(
         bits=job.settings.bits, group_size=job.group_size,
         not_converted=list(job.arch.not_quantized), symmetric=job.settings.symmetric,
-        act_order=bool(job.settings.method_options.get("act_order")))
+        act_order=bool(job.settings.method_options.get("act_order")),
+        module_bits=None if module_settings is None else {
+            name: (bits, gs, job.settings.symmetric,
+                   bool(job.settings.method_options.get("act_order")))
+            for name, (bits, gs) in module_settings.items()})
+    if module_settings is not None and (jobdir.path / "measurement.json").is_file():
+        shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")
     updates = {"quantization_config": qcfg, "torch_dtype": job.settings.out_dtype}
     if job.padded_intermediate:
         updates[job.arch.intermediate_key] = job.padded_intermediate

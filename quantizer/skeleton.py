@@ -97,6 +97,8 @@ def pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 def pad_mlp(tensors: dict[str, torch.Tensor], arch, prefix: str, size: int) -> None:
     """Zero-pad the MLP intermediate width to `size`, in place: extra gate/up rows and
     down_proj columns are zero, so the extra channels contribute exactly zero (silu(0)*0 = 0)."""
+    if not size:
+        return
     for name in arch.mlp_gate_up:
         for suffix in (".weight", ".bias"):
             key = f"{prefix}.{name}{suffix}"

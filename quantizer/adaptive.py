@@ -1,0 +1,156 @@
+"""Adaptive GPTQ: a measurement pass records, per layer and module group, the output error and
+exact storage cost of candidate settings (measurement.json); the optimiser picks one candidate
+per group to meet an average bits-per-weight target; GPTQ then quantizes with those settings.
+
+The measurement depends on the model, the calibration set and the GPTQ settings, never on the
+target, so one file serves any number of targets."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import InputError
+from .layer_context import LayerContext
+from .layer_loop import LayerLoop
+from .report import LayerRecord
+from .skeleton import load_layer, release_layer
+
+STAGE = "measure"
+MEASURE_NAME = "measurement.json"
+
+
+def measure_settings(settings) -> dict:
+    """The settings a measurement depends on (the bits target is deliberately absent)."""
+    opts = settings.method_options
+    return {"symmetric": settings.symmetric, "calib": settings.to_dict()["calib"],
+            "damp": opts.get("damp", 0.01), "act_order": bool(opts.get("act_order")),
+            "static_groups": bool(opts.get("static_groups")), "dtype": settings.dtype}
+
+
+class MeasureLoop(LayerLoop):
+    """The measurement pass: float layers throughout (every candidate is judged on the same
+    inputs), one measurement.json entry per layer, resumable like the quantize pass."""
+
+    def __init__(self, job, store, jobdir, tokens, progress, say):
+        super().__init__(job, None, None, jobdir, tokens, progress, say)
+        self.store = store
+        self.measured = 0  # layers measured by this process (tests assert reuse with it)
+
+    @torch.no_grad()
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        n = self.job.source.num_layers
+        start = self.jobdir.next_layer(STAGE)
+        self.store.check_progress(start)
+        if start:
+            self._restore_float_inputs(start)
+        bar = tqdm(total=n, initial=start, desc="measure", unit="layer",
+                   disable=not self.progress)
+        for i in range(start, n):
+            self._measure(i)
+            bar.update(1)
+        bar.close()
+
+    def _measure(self, i: int) -> None:
+        from .methods.measure import measure_layer, store_groups
+
+        job = self.job
+        opts = job.settings.method_options
+        layer = load_layer(self.model, job.source, i, job.device, job.dtype,
+                           job.padded_intermediate)
+        ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
+                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
+        results = measure_layer(ctx, damp=opts.get("damp", 0.01),
+                                act_order=bool(opts.get("act_order")),
+                                static_groups=bool(opts.get("static_groups")))
+        self.inputs = ctx.outputs()
+        release_layer(self.model, i)
+        self.store.record_layer(i, store_groups(ctx, results))
+        if self.save_hidden and i + 1 < job.source.num_layers:
+            self.jobdir.save_hidden(i + 1, self.inputs)
+        self.jobdir.commit_layer(STAGE, i, has_file=False)
+        self.measured += 1
+
+    def _restore_float_inputs(self, start: int) -> None:
+        if self.jobdir.has_hidden(start, STAGE):
+            self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
+            return
+        job = self.job
+        for i in range(start):  # the measurement propagates float layers: replay them
+            layer = load_layer(self.model, job.source, i, job.device, job.dtype,
+                               job.padded_intermediate)
+            ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
+                               self.inputs, self.kwargs, job.device, job.dtype)
+            self.inputs = ctx.outputs()
+            release_layer(self.model, i)
+
+
+def packable(candidate: dict, shapes: dict[str, tuple[int, int]], symmetric: bool) -> bool:
+    """Whether pack-quantized can store every module of the candidate: codes pack along the
+    input dim, asymmetric zero points along the output dim, into whole int32 words."""
+    for name, s in candidate.get("modules", {}).items():
+        out_f, in_f = shapes[name]
+        bits = int(s["bits"])
+        if (in_f * bits) % 32 or (not symmetric and (out_f * bits) % 32):
+            return False
+    return True
+
+
+def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
+                    shapes: dict[str, tuple[int, int]]
+                    ) -> tuple[dict[str, tuple[int, int]], dict]:
+    """{full module name: (bits, group_size)} meeting `target_bpw`, and a summary.
+    `shapes` maps each linear's name in the layer to (out_features, in_features)."""
+    from quantizer.measurements.optimizer import choose
+
+    from .methods.measure import module_settings_from_selection, vllm_can_load
+
+    def storable(c):
+        return packable(c, shapes, symmetric)
+
+    def allowed(c):
+        return storable(c) and vllm_can_load(c, symmetric)
+
+    t0 = time.perf_counter()
+    try:
+        choice = choose(store.groups(allowed=allowed), float(target_bpw))
+    except InputError as e:
+        # Below what vLLM's kernels serve (e.g. 3 bpw asymmetric): widen to every measured
+        # candidate; quantizer.load() and transformers read the result, vLLM may not.
+        say(f"{e}; using every measured candidate instead (the export may not load in vLLM)")
+        allowed = storable
+        choice = choose(store.groups(allowed=allowed), float(target_bpw))
+    selection = store.selection(choice, allowed=allowed)
+    settings = module_settings_from_selection(selection, arch)
+    widths: dict[int, int] = {}
+    for bits, _ in settings.values():
+        widths[bits] = widths.get(bits, 0) + 1
+    summary = {"target_bpw": float(target_bpw), "achieved_bpw": choice.bpw,
+               "vllm_candidates_only": allowed is not storable,
+               "objective": choice.objective, "optimality_gap": choice.gap,
+               "exact": choice.exact, "seconds": time.perf_counter() - t0,
+               "modules_per_bits": {str(k): v for k, v in sorted(widths.items())}}
+    say(f"bit allocation for {target_bpw} bpw: {choice.bpw:.4f} bpw achieved "
+        f"({'exact' if choice.exact else f'gap {choice.gap:.2e}'}), modules per width "
+        f"{summary['modules_per_bits']}")
+    return settings, summary
+
+
+def load_measurement(path, fingerprint: dict):
+    from quantizer.measurements.store import MeasurementStore
+
+    store = MeasurementStore.load(path)
+    store.check_fingerprint(fingerprint)
+    return store
+
+
+def check_adaptive(settings) -> None:
+    if settings.method != "gptq":
+        raise InputError(f"fractional --bits / --measurement need --method gptq (adaptive "
+                         f"GPTQ), got --method {settings.method}")
+
+
+__all__ = ["MeasureLoop", "choose_settings", "measure_settings", "load_measurement",
+           "MEASURE_NAME", "LayerRecord"]
