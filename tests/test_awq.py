@@ -329,6 +329,19 @@ def test_half_precision_never_nan():
         assert p.dtype == torch.float16 and torch.isfinite(p).all()
 
 
+def test_bfloat16_layer_runs_in_bfloat16():
+    cfg = make_config(kv_heads=2)
+    layer = make_layer(cfg, seed=29, dtype=torch.bfloat16)
+    inputs = make_inputs(30, outliers=True, dtype=torch.bfloat16)
+    ctx = make_ctx(layer, cfg, inputs, dtype=torch.bfloat16)
+    q = AWQ(**SMALL).quantize_layer(ctx)
+    for g in ctx.stats["groups"]:
+        assert g["eval_dtype"] == "bfloat16" and math.isfinite(g["loss"]), g
+    assert ctx.stats["groups"][0]["loss"] < ctx.stats["groups"][0]["loss_rtn"]
+    assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+    assert all(torch.isfinite(qw.scales).all() for qw in q.values())
+
+
 def test_nonfinite_inputs_fall_back_to_rtn_without_poisoning_weights():
     # A NaN in the calibration data makes every judge output non-finite, in any dtype:
     # each group keeps s = 1, says so, and the result equals plain RTN of the fp weights.
