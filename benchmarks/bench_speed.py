@@ -80,7 +80,7 @@ def plan_runs(a) -> list[RunSpec]:
     """The sub-runs in priority order: what the issues compare first, so that a time budget
     that runs out drops the least important runs."""
     methods, main, budget, peer = selection(a.only)
-    peer = peer and not a.tiny
+    peer = peer and (not a.tiny or "peer" in (a.only or ""))  # tiny: only when asked by name
     peer_methods = [m for m in methods if m != "rtn"]  # llm-compressor's peers of ours
     dtypes = sorted(a.dtypes, key=lambda d: d != "bfloat16")  # peer numbers exist for bf16
     runs: list[RunSpec] = []
@@ -164,8 +164,11 @@ def failure_reason(res: dict) -> str:
 
 
 def supports_vram_budget(env) -> bool:
-    res = subprocess.run([sys.executable, "-m", "quantizer.cli", "--help"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    try:
+        res = subprocess.run([sys.executable, "-m", "quantizer.cli", "--help"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
     return "--vram-budget" in res.stdout
 
 
@@ -348,7 +351,10 @@ class Bench:
         vram_flag = any(r.budget for r in runs) and supports_vram_budget(self.env)
         self.doc["setup"]["vram_budget_flag"] = vram_flag
         for spec in runs:
-            self.execute(spec, vram_flag)
+            try:
+                self.execute(spec, vram_flag)
+            except Exception as e:  # a harness bug costs one run, not the rest
+                spec.result = {"status": "failed", "reason": f"harness: {type(e).__name__}: {e}"}
             self.doc["runs"] = [record(r) for r in runs if r.result]
             self.save()
         self.doc["tables"] = format_tables(self.doc["runs"])

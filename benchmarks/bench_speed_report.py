@@ -106,14 +106,18 @@ def format_tables(runs: list[dict]) -> str:
     main = [r for r in runs if r["table"] == "main"]
     if main:
         out += ["", "Speed (s/layer: median of per-layer times; 'w/o L0' leaves out layer 0's "
-                "warm-up; e2e = whole run / layers, the peer's definition)"]
+                "warm-up; e2e = whole run / layers, the peer's definition; process s = wall "
+                "time of the process incl. imports and model load)"]
         out += _table(["model", "method", "dtype", "tool", "s/layer", "w/o L0", "e2e s/layer",
-                       "peak alloc GiB", "peak resv GiB", "finite", "status"],
+                       "process s", "peak alloc GiB", "peak resv GiB", "pred GiB", "finite",
+                       "status"],
                       [(_label(r), r["method"], r["dtype"], r["who"],
                         _num(s.get("s_per_layer_median")),
                         _num(s.get("s_per_layer_median_excl_layer0")),
-                        _num(s.get("e2e_s_per_layer")), _gib(s.get("peak_allocated")),
-                        _gib(s.get("peak_reserved")), _yes(s.get("all_finite")), r["status"])
+                        _num(s.get("e2e_s_per_layer")), _num(r.get("wall_s"), ".0f"),
+                        _gib(s.get("peak_allocated")),
+                        _gib(s.get("peak_reserved")), _gib(s.get("predicted_peak")),
+                        _yes(s.get("all_finite")), r["status"])
                        for r in main for s in [r.get("summary") or {}]])
         ours = {(r["method"], r["dtype"]): r for r in main if r["who"] == "ours"}
         for r in main:
@@ -124,8 +128,7 @@ def format_tables(runs: list[dict]) -> str:
                            f"{ratio:.2f}x")
     ok = [r for r in runs if r["who"] == "ours" and r["status"] == "ok"]
     if ok:
-        keys = sorted({k for r in ok for k in r["summary"]["layer_means"]
-                       if k.endswith("_s") or k.startswith("time_s.")})
+        keys = sorted({k for r in ok for k in r["summary"]["layer_means"] if _stage_key(k)})
         first = ["load_s", "quantize_s", "write_s"]
         keys = first + [k for k in keys if k not in first]
         out += ["", "Our per-stage seconds, mean over layers (time_s.* nest inside quantize_s; "
@@ -161,6 +164,12 @@ def format_tables(runs: list[dict]) -> str:
                       [(r["id"], r["status"], (r.get("reason") or "").replace("|", "/")[:160])
                        for r in bad])
     return "\n".join(out)
+
+
+def _stage_key(key: str) -> bool:
+    """Layer-level timings (`hessian_s`, `time_s.search`); per-module ones stay in the JSON."""
+    parts = key.split(".")
+    return (len(parts) == 1 and key.endswith("_s")) or (len(parts) == 2 and parts[0] == "time_s")
 
 
 def _slowdown(r: dict, runs: list[dict]):

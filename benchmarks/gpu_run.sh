@@ -34,7 +34,7 @@ wheels=()
 # skipped (recorded in the JSON), never killed half way.
 scratch="${BENCH_SCRATCH:-/tmp/layerquant_bench}"  # checkpoints, reused while the box stays warm
 python3 benchmarks/bench_speed.py --out "$json" --time-budget "${BENCH_TIME_BUDGET:-510}" \
-  --scratch "$scratch" "${wheels[@]}" "$@" 2>&1 | tee -a "$log"
+  --scratch "$scratch" ${wheels[@]+"${wheels[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 # the per-run stderr logs, for failures the JSON's tails do not explain
 cp -r "$scratch/logs" "$dest/logs_$stamp" 2>/dev/null || true

@@ -84,6 +84,13 @@ def test_summarize_ours_on_a_made_up_report():
     assert s["predicted_peak"] == pytest.approx(predicted)
     assert s["pred_rel_error"] == pytest.approx(0.1) and s["pred_within_15pct"]
     assert s["within_budget"] is True
+    layers[0]["stats"]["modules"] = {"q_proj": {"solve_s": 1.0}}
+    row = {"id": "r1", "table": "main", "who": "ours", "method": "gptq", "dtype": "bfloat16",
+           "model": "7b", "layers": 5, "budget": None, "status": "ok", "wall_s": 40.0,
+           "summary": report.summarize_ours(rep)}
+    table = report.format_tables([row])
+    assert "time_s.search" in table and "modules.q_proj.solve_s" not in table  # JSON only
+    assert "modules.q_proj.solve_s" in row["summary"]["layer_means"]
     # a NaN layer error and a busted budget are reported, not hidden
     layers[2]["output_error"] = math.nan
     s = report.summarize_ours({"layers": layers, "seconds": 99.0}, budget_bytes=max(reserved) - 1)

@@ -1,6 +1,8 @@
 # Copied from ../shared/peers/peer_llmcompressor.py (the project's peer harness for llm-compressor 0.14),
-# so that it travels with the working tree to the GPU box. Only change: the result also records
-# torch.cuda.max_memory_reserved (peak_reserved_gib), the number our budget table compares.
+# so that it travels with the working tree to the GPU box. Changes: the result also records
+# torch.cuda.max_memory_reserved (peak_reserved_gib), the number our budget table compares; and
+# a fallback for building the calibration Dataset where datasets' fingerprint hashing fails
+# (seen with dill 0.4.1 + pyarrow 24-26 on Python 3.11; outside the timed region).
 # Run by benchmarks/bench_speed.py in its own process with the peer wheels on PYTHONPATH.
 """Peer anchor: time llm-compressor (AWQ or GPTQ, W4A16 g128) on a checkpoint with a fixed tokenized calibration set.
 peer_llmcompressor.py MODEL_DIR {awq,gptq} TEXT_FILE [nsamples] [seqlen] [out_json]"""
@@ -21,7 +23,12 @@ V = cfg["vocab_size"]
 raw = torch.tensor(list(open(text, "rb").read()), dtype=torch.long)
 need = n * L
 ids = raw.repeat(need // raw.numel() + 1)[:need].remainder(V).view(n, L)
-ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+columns = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+try:
+    ds = Dataset.from_dict(columns)
+except Exception:  # some dill/pyarrow pairs cannot hash a new dataset: name it ourselves (untimed)
+    from datasets.table import InMemoryTable
+    ds = Dataset(InMemoryTable.from_pydict(columns), fingerprint="peer-calibration")
 t0 = time.time()
 model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, os.environ.get("DTYPE", "float16")))
 t_load = time.time() - t0
