@@ -1,0 +1,69 @@
+"""Adaptive GPTQ through the pipeline: one measurement, several targets, exact bpw."""
+import json
+
+import pytest
+import torch
+
+from quantizer import evaluate, load, quantize
+from quantizer.measurements.store import MeasurementStore
+
+
+def quantized_bits(out_dir) -> tuple[int, int]:
+    """(bits on disk of the quantized linears, number of their weights) from the export."""
+    from safetensors import safe_open
+    bits = numel = 0
+    for f in out_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")):
+                    bits += t.numel() * t.element_size() * 8
+                if k.endswith("weight_shape"):
+                    numel += int(t[0]) * int(t[1])
+    return bits, numel
+
+
+@pytest.mark.slow
+def test_two_targets_one_measurement(tiny_checkpoint, tmp_path, prose_file):
+    model = tiny_checkpoint("tiny-llama")
+    common = dict(method="gptq", calib_data=str(prose_file), calib_samples=8, calib_seqlen=32,
+                  progress=False)
+    first = quantize(model, tmp_path / "q45", bits=4.5, **common)
+    assert first.extra["layers_measured"] == 2
+    measurement = tmp_path / "q45" / "measurement.json"
+    store = MeasurementStore.load(measurement)
+    assert store.layers_done() == 2
+    results = {}
+    for target in (4.5, 6.0):
+        out = tmp_path / f"r{target}"
+        r = quantize(model, out, bits=target, measurement=str(measurement), **common)
+        assert "layers_measured" not in r.extra  # reused: no second measuring pass
+        alloc = r.extra["bit_allocation"]
+        # 8 module groups with discrete costs cannot hit a target to 0.01 (the optimiser's own
+        # tests show that on 80-layer measurements); never above it, and close.
+        assert alloc["achieved_bpw"] <= target + 1e-9 and target - alloc["achieved_bpw"] < 0.15
+        bits, numel = quantized_bits(out)
+        # the optimiser's bpw is the export's real storage cost (zero points packed per row)
+        assert abs(bits / numel - alloc["achieved_bpw"]) < 0.02, (bits / numel, alloc)
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+        ev = evaluate(out, data=str(prose_file), seqlen=32, max_windows=4, progress=False)
+        results[target] = ev.kl
+    # more bits, closer to the original
+    assert results[6.0] <= results[4.5] + 1e-6, results
+    with torch.no_grad():
+        logits = load(tmp_path / "r6.0")(torch.randint(0, 512, (1, 8))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_measurement_from_other_model_is_refused(tiny_checkpoint, tmp_path, prose_file, capsys):
+    from quantizer.cli import main
+    a = tiny_checkpoint("tiny-llama")
+    b = tiny_checkpoint("tiny-llama", seed=5)
+    args = ["--method", "gptq", "--calib-data", str(prose_file), "--calib-samples", "4",
+            "--calib-seqlen", "16", "--no-progress"]
+    assert main([str(a), "-o", str(tmp_path / "qa"), "--bits", "4.5", *args]) == 0
+    code = main([str(b), "-o", str(tmp_path / "qb"), "--bits", "4.5", "--measurement",
+                 str(tmp_path / "qa" / "measurement.json"), *args])
+    assert code == 2
+    assert "model" in capsys.readouterr().err
