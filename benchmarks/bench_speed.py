@@ -267,6 +267,10 @@ class Bench:
         if "peer" in self.ready:
             return self.ready["peer"]
         env = dict(self.env)
+        # Not the repository: its top-level `kernels` folder would shadow the PyPI package of
+        # that name, which transformers probes for.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in env["PYTHONPATH"].split(os.pathsep) if p and Path(p).resolve() != REPO)
         if self.a.peer_wheels:
             wheels = sorted(str(p) for p in Path(self.a.peer_wheels).glob("*.whl"))
             site = self.scratch / "peer-site"
@@ -280,7 +284,7 @@ class Bench:
                 if res["status"] != "ok":
                     self.ready["peer"] = f"peer install {res['status']}: {res.get('reason')}"
                     return self.ready["peer"]
-            env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env["PYTHONPATH"]) if p)
         res = self.step("peer-import", [sys.executable, "-c", "import datasets, llmcompressor; "
                                         "print(llmcompressor.__version__)"], est=20,
                         env=env, timeout=300)
