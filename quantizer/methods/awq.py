@@ -144,7 +144,8 @@ class AWQ:
         # calibrate: partial layer forwards capturing each group's inputs + fp references;
         # search: the α grid and the fold; clip: its capture and search; quantize: RTN.
         times = {"calibrate": 0.0, "search": 0.0, "clip": 0.0, "quantize": 0.0}
-        ctx.stats.update(groups=[], skipped_groups=[], clip={}, time_s=times)
+        # Dicts keyed by module name (not lists) so flattened reports keep every number.
+        ctx.stats.update(groups={}, skipped_groups={}, clip={}, time_s=times)
         for group in ctx.arch.scale_groups:
             self._scale_group(ctx, group)
         t0 = self._now(ctx)
@@ -200,13 +201,13 @@ class AWQ:
         del refs, data
         kept_identity = result.get("kept_identity", False)
         fallback = result["alpha"] is None and not kept_identity
-        ctx.stats["groups"].append({
+        ctx.stats["groups"][group.prev] = {
             "prev": group.prev, "linears": list(group.linears), "judge": group.judge,
             "alpha": result["alpha"], "loss": result["loss"],
             "loss_rtn": result.get("loss_rtn"), "losses": result["history"],
             "eval_dtype": str(eval_dtype).replace("torch.", ""),
             "overflow": eval_dtype != ctx.dtype,
-            "kept_identity": kept_identity, "fallback": fallback})
+            "kept_identity": kept_identity, "fallback": fallback}
         if fallback:
             ctx.log(f"layer {ctx.index} AWQ {label}: no finite loss on the grid; "
                     f"keeping s = 1 (plain RTN) for this group")
@@ -215,9 +216,9 @@ class AWQ:
         ctx.stats["time_s"]["search"] += self._now(ctx) - t1
 
     def _skip(self, ctx, group, label: str, reason: str) -> None:
-        ctx.stats["skipped_groups"].append({"prev": group.prev,
-                                            "linears": list(group.linears),
-                                            "reason": reason})
+        ctx.stats["skipped_groups"][group.prev] = {"prev": group.prev,
+                                                   "linears": list(group.linears),
+                                                   "reason": reason}
         ctx.log(f"layer {ctx.index} AWQ: skipping scale group {label}: {reason}")
 
     def _cache_device(self, ctx) -> torch.device:
@@ -349,7 +350,7 @@ class AWQ:
 def describe_stats(stats: dict) -> str:
     """One line for the report from the ctx.stats this method fills in."""
     parts = []
-    for g in stats.get("groups", []):
+    for g in stats.get("groups", {}).values():
         short = "/".join(n.rsplit(".", 1)[-1].replace("_proj", "") for n in g["linears"])
         alpha = "RTN" if g["alpha"] is None else f"{g['alpha']:.2f}"
         rel = (f" ({g['loss'] / g['loss_rtn']:.2f}x RTN)"
@@ -358,7 +359,7 @@ def describe_stats(stats: dict) -> str:
         flags = (" [fp32: half overflowed]" if g.get("overflow") else "") + (
             " [no finite loss: s=1]" if g["fallback"] else "")
         parts.append(f"{short} a={alpha}{rel}{flags}")
-    for g in stats.get("skipped_groups", []):
+    for g in stats.get("skipped_groups", {}).values():
         parts.append(f"{g['prev'].rsplit('.', 1)[-1]}->{g['linears'][0].rsplit('.', 1)[-1]} "
                      f"skipped")
     clip = stats.get("clip", {})

@@ -99,14 +99,22 @@ def _div_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (w.float() / (s if w.dim() == 1 else s.unsqueeze(1))).to(w.dtype)
 
 
+# Folded values must stay storable in float16: exports keep norms and biases in fp16.
+_FOLD_LIMIT = torch.finfo(torch.float16).max
+
+
 def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor) -> bool:
-    """True when prev / s would not fit prev's dtype (a tiny s on a half-precision norm):
-    the candidate search never runs prev, so this is checked separately."""
+    """True when prev / s would not fit float16 or prev's dtype (a tiny s on a norm): the
+    candidate search never runs prev, so this is checked separately."""
     prev = layer.get_submodule(prev_name)
     s = scales.float().to(prev.weight.device)
     tensors = [prev.weight.data] + ([prev.bias.data] if getattr(prev, "bias", None)
                                     is not None else [])
-    return not all(bool(torch.isfinite(_div_rows(t, s)).all()) for t in tensors)
+    for t in tensors:
+        folded = _div_rows(t, s)
+        if not bool(torch.isfinite(folded).all()) or float(folded.abs().max()) > _FOLD_LIMIT:
+            return True
+    return False
 
 
 def fold_shape_problem(layer: nn.Module, prev_name: str, linear_names: Sequence[str]):
