@@ -1,7 +1,9 @@
-"""AWQ method on a tiny random Llama decoder layer (CPU, float32 unless stated)."""
+"""AWQ method on tiny random decoder layers of each supported family (CPU, float32 unless
+stated): scale folding, α choice, GQA skipping, quality vs RTN, fp16/bf16, determinism."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -16,10 +18,8 @@ from quantizer.methods.awq_scales import (candidate_scales, fold_overflows, fold
                                          grid_search)
 from quantizer.methods.awq_clip import fake_quantize_float, search_clip, shrink_ratios
 from quantizer.methods.rtn import RTN, fake_quantize
-from quantizer.skeleton import layer_output
 
 transformers = pytest.importorskip("transformers")
-import importlib  # noqa: E402
 
 # family -> (transformers module, class-name prefix, extra config)
 FAMILIES = {"llama": ("llama", "Llama", {}), "mistral": ("mistral", "Mistral", {}),
@@ -32,6 +32,7 @@ def family_classes(family: str):
     c = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
     return (getattr(c, f"{prefix}Config"), getattr(m, f"{prefix}DecoderLayer"),
             getattr(m, f"{prefix}RotaryEmbedding"))
+
 
 HIDDEN, INTER, SEQ, CHUNKS = 64, 128, 16, 3
 SMALL = dict(grid=10, clip_grid=10, clip_tokens=64)  # coarser grids keep the file fast
