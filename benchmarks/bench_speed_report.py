@@ -29,6 +29,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _rest(layer: dict):
+    """Layer time outside load/quantize/write: the fp forward (reference outputs), the forward
+    of the quantized layer (output error, next layer's inputs) and bookkeeping."""
+    parts = [layer.get(k) for k in ("seconds", "load_s", "quantize_s", "write_s")]
+    return parts[0] - sum(parts[1:]) if all(_is_number(v) for v in parts) else None
+
+
 def summarize_ours(report: dict, budget_bytes: int | None = None) -> dict:
     """Seconds per layer (median, and median without layer 0, which pays warm-up costs such as
     kernel compilation), peaks, per-stage means and predicted vs measured peak."""
@@ -41,8 +48,8 @@ def summarize_ours(report: dict, budget_bytes: int | None = None) -> dict:
         return max(vals) if vals else None
 
     stages = _mean_numeric([{"load_s": l.get("load_s"), "quantize_s": l.get("quantize_s"),
-                             "write_s": l.get("write_s"), **_flatten(l.get("stats") or {})}
-                            for l in layers])
+                             "write_s": l.get("write_s"), "rest_s": _rest(l),
+                             **_flatten(l.get("stats") or {})} for l in layers])
     errors = [l.get("output_error") for l in layers if l.get("output_error") is not None]
     s = {"layers": len(layers), "s_per_layer_median": statistics.median(secs),
          "s_per_layer_median_excl_layer0": statistics.median(secs[1:]) if len(secs) > 1 else None,
@@ -129,10 +136,12 @@ def format_tables(runs: list[dict]) -> str:
     ok = [r for r in runs if r["who"] == "ours" and r["status"] == "ok"]
     if ok:
         keys = sorted({k for r in ok for k in r["summary"]["layer_means"] if _stage_key(k)})
-        first = ["load_s", "quantize_s", "write_s"]
+        first = ["load_s", "quantize_s", "write_s", "rest_s"]
         keys = first + [k for k in keys if k not in first]
-        out += ["", "Our per-stage seconds, mean over layers (time_s.* nest inside quantize_s; "
-                "'setup' = run total - layer sum: calibration text, embedding, final write)"]
+        out += ["", "Our per-stage seconds, mean over layers (time_s.*, hessian_s, solve_s nest "
+                "inside quantize_s; rest_s = layer time outside load/quantize/write: the fp and "
+                "quantized forwards; setup = run total - layer sum: calibration, embedding, "
+                "final write)"]
         out += _table(["run", *keys, "setup"],
                       [(r["id"], *(_num(r["summary"]["layer_means"].get(k)) for k in keys),
                         _num(r["summary"].get("overhead_s"), ".1f")) for r in ok])

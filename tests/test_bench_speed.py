@@ -45,7 +45,8 @@ def test_tiny_end_to_end_rtn(tmp_path):
     assert 0 < s["s_per_layer_median"] < s["total_s"] and s["overhead_s"] > 0
     assert s["peak_rss"] > 0 and s["peak_reserved"] is None  # CPU run: no CUDA peaks
     assert s["all_finite"] is True and 0 < s["max_output_error"] < 1
-    assert {"load_s", "quantize_s", "write_s"} <= set(s["layer_means"])
+    assert {"load_s", "quantize_s", "write_s", "rest_s"} <= set(s["layer_means"])
+    assert s["layer_means"]["rest_s"] >= 0
     assert "--calib-data" in run["cmd"] and "--dtype float32" in run["cmd"]
     assert "main-ours-rtn-float32-7b" in doc["tables"]
 
@@ -80,6 +81,7 @@ def test_summarize_ours_on_a_made_up_report():
     assert s["overhead_s"] == pytest.approx(12.5)
     assert s["peak_reserved"] == max(reserved) and s["peak_allocated"] == max(reserved) // 2
     assert s["layer_means"]["time_s.search"] == pytest.approx(sum(secs) / 10)
+    assert s["layer_means"]["rest_s"] == pytest.approx(0, abs=1e-9)  # load+quant+write = all
     assert "skipped" not in s["layer_means"]  # strings are not averaged
     assert s["predicted_peak"] == pytest.approx(predicted)
     assert s["pred_rel_error"] == pytest.approx(0.1) and s["pred_within_15pct"]
