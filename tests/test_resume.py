@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-STAGES = ("quantize", "export", "done")
+STAGES = ("measure", "quantize", "export", "done")
+METHODS = {"rtn": ["--method", "rtn"], "awq": ["--method", "awq"],
+           "adaptive-gptq": ["--method", "gptq", "--bits", "4.5"]}
 
 
 def cmd(model, out, method, *extra):
-    return [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), "--method",
-            method, "--calib-samples", "8", "--calib-seqlen", "32", "--no-progress", *extra]
+    return [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *METHODS[method],
+            "--calib-samples", "8", "--calib-seqlen", "32", "--no-progress", *extra]
 
 
 def progress(job: Path):
@@ -50,7 +52,7 @@ def same_tree(a: Path, b: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rtn", "awq"])
+@pytest.mark.parametrize("method", ["awq", "adaptive-gptq"])
 def test_kill_anywhere_and_resume_bit_identical(method, tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("tiny-llama", num_hidden_layers=8)
     ref = tmp_path / "ref"
@@ -60,8 +62,10 @@ def test_kill_anywhere_and_resume_bit_identical(method, tiny_checkpoint, tmp_pat
     kills = 0
     first = True
     while kills < 10:
-        # Random points over every stage: after layer k of quantize, or inside export.
-        target = (0, rng.randint(-1, 7)) if rng.random() < 0.8 else (1, -1)
+        # Random points over every stage: after layer k of measure (adaptive) or quantize,
+        # or inside export.
+        stage = rng.choice([1, 1, 1, 2] + ([0, 0] if method == "adaptive-gptq" else []))
+        target = (stage, rng.randint(-1, 7) if stage < 2 else -1)
         args = cmd(model, out, method) if first else cmd(model, out, method, "--resume")
         if out.exists():  # a kill after publishing: start over to keep counting kill points
             subprocess.run(["rm", "-rf", str(out), str(job)], check=True)
@@ -69,7 +73,8 @@ def test_kill_anywhere_and_resume_bit_identical(method, tiny_checkpoint, tmp_pat
         if run_until_killed(args, job, target, rng.uniform(0, 0.3)):
             kills += 1
             first = False
-    subprocess.run(cmd(model, out, method, "--resume"), check=True, capture_output=True)
+    final = subprocess.run(cmd(model, out, method, "--resume"), capture_output=True)
+    assert final.returncode == 0, final.stderr.decode()[-2000:]
     assert not job.exists(), "the job directory is removed once the output is complete"
     assert same_tree(out, ref) == []
 
@@ -101,7 +106,7 @@ def test_resume_with_other_settings_names_the_difference(tiny_checkpoint, tmp_pa
     proc = subprocess.Popen(cmd(model, out, "rtn", "--calib-samples", "4"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = tmp_path / "out.job"
-    while proc.poll() is None and (progress(job) or (0, -1)) < (0, 0):
+    while proc.poll() is None and (progress(job) or (1, -1)) < (1, 0):
         time.sleep(0.01)
     proc.kill()
     proc.wait()
