@@ -224,3 +224,23 @@ def test_linear_from_tensors_inverts_linear_tensors(fmt, bits, gs, act_order, sy
     back = exp.linear_from_tensors("model.layers.1.mlp.down_proj", t)
     assert (back.bits, back.group_size) == (bits, gs)
     torch.testing.assert_close(back.dequantize(), q.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits,sym,act_order", [(3, False, True), (5, False, False),
+                                                (6, True, False)])
+def test_ct_ragged_widths_pack_densely(bits, sym, act_order):
+    """Widths whose bit count is not a multiple of 32 (176 at 3 bits: a padded tiny model)
+    pack into ceil(n*bits/32) words, values straddling words, as compressed-tensors does."""
+    q = random_q(176, 176, bits, 16, act_order=act_order, symmetric=sym)
+    t = ct.ct_tensors("m", q)
+    words = -(-176 * bits // 32)
+    assert t["m.weight_packed"].shape == (176, words)
+    assert t["m.weight_packed"][3].tolist() == ref_pack_lsb_first(q.codes[3].tolist(), bits)
+    assert t["m.weight_shape"].tolist() == [176, 176] and t["m.weight_scale"].shape == (176, 11)
+    if not sym:
+        assert t["m.weight_zero_point"].shape == (words, 11)
+        assert t["m.weight_zero_point"][:, 2].tolist() == ref_pack_lsb_first(
+            q.zeros[:, 2].tolist(), bits)
+    back = get_exporter("compressed-tensors").linear_from_tensors("m", t)
+    assert back.bits == bits and back.group_size == 16
+    torch.testing.assert_close(back.dequantize(), q.dequantize(), rtol=0, atol=0)

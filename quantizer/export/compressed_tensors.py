@@ -36,12 +36,40 @@ def check_supported(bits, symmetric: bool = False, act_order: bool = False) -> N
 def ct_tensors(prefix: str, q: QuantizedWeight, scale_dtype: torch.dtype = torch.float16
                ) -> dict[str, torch.Tensor]:
     check_supported(q.bits)
-    if q.in_features * q.bits % 32 or (not q.symmetric and q.out_features * q.bits % 32):
-        raise InputError(f"{prefix}: pack-quantized needs widths whose bit counts are "
-                         f"multiples of 32, got {tuple(q.codes.shape)} at {q.bits}-bit")
-    tensors = ct_pack_linear(q)
-    tensors["weight_scale"] = tensors["weight_scale"].to(scale_dtype)
+    ragged_in = q.in_features * q.bits % 32
+    ragged_out = not q.symmetric and q.out_features * q.bits % 32
+    tensors = ct_pack_linear(_padded(q, ragged_in, ragged_out))
+    if ragged_in or ragged_out:  # compressed-tensors packs densely: ceil(n*bits/32) words
+        in_words = -(-q.in_features * q.bits // 32)
+        tensors["weight_packed"] = tensors["weight_packed"][:q.out_features, :in_words]
+        if ragged_out:
+            out_words = -(-q.out_features * q.bits // 32)
+            tensors["weight_zero_point"] = tensors["weight_zero_point"][:out_words]
+        tensors["weight_scale"] = tensors["weight_scale"][:q.out_features]
+        if "weight_g_idx" in tensors:
+            tensors["weight_g_idx"] = tensors["weight_g_idx"][:q.in_features]
+        tensors["weight_shape"] = torch.tensor([q.out_features, q.in_features],
+                                               dtype=torch.int64)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors["weight_scale"] = tensors["weight_scale"].contiguous().to(scale_dtype)
     return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def _padded(q: QuantizedWeight, ragged_in: bool, ragged_out: bool) -> QuantizedWeight:
+    """`q` with zero codes appended up to a multiple of 32 inputs / outputs, so the packing
+    module's whole-word packer applies; ct_tensors cuts the words back to ceil(n*bits/32),
+    the dense layout compressed-tensors writes for widths like 176 at 3 bits."""
+    if not (ragged_in or ragged_out):
+        return q
+    pad_in = -q.in_features % 32 if ragged_in else 0
+    pad_out = -q.out_features % 32 if ragged_out else 0
+    codes = torch.nn.functional.pad(q.codes, (0, pad_in, 0, pad_out))
+    scales = torch.nn.functional.pad(q.scales, (0, 0, 0, pad_out), value=1.0)
+    zeros = torch.nn.functional.pad(q.zeros, (0, 0, 0, pad_out))
+    g_idx = q.g_idx
+    if g_idx is not None:  # appended inputs join group 0; ct_tensors cuts them off again
+        g_idx = torch.nn.functional.pad(g_idx, (0, pad_in))
+    return QuantizedWeight(codes, scales, zeros, q.bits, q.group_size, g_idx, q.symmetric)
 
 
 def weights_args(bits: int, group_size: int, symmetric: bool, act_order: bool = False,
