@@ -12,14 +12,11 @@ SUBCOMMANDS = ("eval", "plan", "demo")
 
 
 def _size(text: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    from .memsize import parse_size
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _bits(text: str) -> float:
@@ -57,6 +54,14 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "measuring and allocate bits for --bits (adaptive GPTQ)")
     p.add_argument("--adaptive", action="store_true", help="measure and allocate bits per "
                    "module group even for an integer --bits target (implied by 3.5 etc.)")
+    p.add_argument("--vram-budget", default=None, help="GPU memory to stay under, per GPU "
+                   "(e.g. 40G, 12GiB, 0:20G,1:40G); default: free memory minus a margin")
+    p.add_argument("--ram-budget", default=None, help="host memory budget (default: available)")
+    p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    p.add_argument("--awq-grid", type=int, default=None, help="AWQ scale grid points (20)")
+    p.add_argument("--awq-no-clip", action="store_true", help="skip AWQ's clipping search")
+    p.add_argument("--awq-no-duo-scaling", action="store_true",
+                   help="AWQ scales from activations only (no weight term)")
     p.add_argument("--max-shard-size", type=_size, default=_size("1G"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and "
                    "job directory")
@@ -103,6 +108,12 @@ def run_quantize_cli(argv) -> int:
         options["damp"] = a.damp
     if a.act_order:
         options["act_order"] = True
+    if a.awq_grid is not None:
+        options["grid"] = a.awq_grid
+    if a.awq_no_clip:
+        options["clip"] = False
+    if a.awq_no_duo_scaling:
+        options["duo_scaling"] = False
     log = (lambda m: print(m, file=sys.stderr)) if not a.json else None
     result = quantize(a.model, a.output, bits=a.bits, group_size=a.group_size,
                       method=a.method or default_method(a.bits, a.adaptive or bool(a.measurement)),
@@ -112,6 +123,8 @@ def run_quantize_cli(argv) -> int:
                       export_format=a.export_format, overwrite=a.overwrite,
                       resume=a.resume, work_dir=a.work_dir, save_hidden=a.save_hidden,
                       measurement=a.measurement, adaptive=a.adaptive,
+                      vram_budget=a.vram_budget, ram_budget=a.ram_budget,
+                      hessian_device=a.hessian_device,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     print(result.to_json() if a.json else result)

@@ -32,6 +32,7 @@ class LayerContext:
     dtype: torch.dtype
     log: Callable[[str], None] = print
     stats: dict = field(default_factory=dict)  # method-specific numbers for the report
+    replaced: set = field(default_factory=set)  # linears whose weight set_quantized replaced
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
@@ -99,3 +100,4 @@ class LayerContext:
         layers must see: errors propagate, as llm-compressor's propagate stage does)."""
         lin = self.module(name)
         lin.weight.data = q.dequantize(torch.float32).to(lin.weight.device, lin.weight.dtype)
+        self.replaced.add(name)

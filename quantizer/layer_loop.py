@@ -27,8 +27,7 @@ class LayerLoop:
         self.say = say
         s = job.settings
         self.model = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
-        self.hidden_dev = torch.device("cpu") if s.hidden_device in ("auto", "cpu") else \
-            torch.device(s.hidden_device)
+        self.hidden_dev = torch.device("cpu" if s.hidden_device == "auto" else s.hidden_device)
         self.out_dtype = getattr(torch, s.out_dtype)
         self.progress = progress
         self.inputs, self.kwargs = [], {}
@@ -82,7 +81,7 @@ class LayerLoop:
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
         t_quant = time.perf_counter() - t1
-        w_err = self._weight_errors(i, quantized)
+        w_err = self._weight_errors(i, quantized, ctx)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
                                  self.out_dtype)
         out_err = None
@@ -104,13 +103,18 @@ class LayerLoop:
         self.jobdir.commit_layer(STAGE, i)
         return record
 
-    def _weight_errors(self, i: int, quantized: dict) -> dict[str, float]:
-        """||W - Wq|| / ||W|| against the checkpoint's weights (methods may have changed the
-        layer's copy: GPTQ updates it, AWQ scales it), one tensor at a time."""
+    def _weight_errors(self, i: int, quantized: dict, ctx) -> dict[str, float]:
+        """||W - Wq|| / ||W|| against the weight the method quantized: the layer's own (AWQ
+        has scaled it), or the checkpoint's where the method already swapped in the quantized
+        value (GPTQ's true-sequential updates), read one tensor at a time."""
         job = self.job
         prefix = job.arch.layer_prefix(i)
         errors = {}
         for name, q in quantized.items():
+            if name not in ctx.replaced:
+                w = ctx.module(name).weight
+                errors[name] = _rel(q.dequantize().to(w.device), w)
+                continue
             key = f"{prefix}.{name}.weight"
             w = job.source.load([key], device=job.device, dtype=torch.float32,
                                 check_finite=False)

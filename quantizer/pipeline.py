@@ -37,6 +37,7 @@ class Job:
     dtype: torch.dtype
     export_format: str
     notes: list[str] = field(default_factory=list)
+    plan: object = None  # quantizer.plan.Plan on GPUs
 
     @property
     def arch(self):
@@ -83,7 +84,48 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
                              f"{PACK_MULTIPLE}; the packed export cannot hold it")
     device = settings.torch_device()
     dtype = settings.working_dtype(config_dtype_from_raw(cfg))
-    return Job(source, settings, group_size, intermediate, padded, device, dtype, fmt, notes)
+    job = Job(source, copy.copy(settings), group_size, intermediate, padded, device, dtype, fmt,
+              notes)
+    job.plan = plan_memory(job) if device.type == "cuda" else None
+    return job
+
+
+# Decisions of the planner this version carries out; others are reported, not silently dropped.
+HONOURED = {"hidden": ("gpu", "cpu"), "hessian": ("gpu", "none"), "mode": ("whole",),
+            "row_slices": (1,)}
+
+
+def plan_memory(job: Job):
+    """The memory plan for this run (refuses before any work when nothing fits); its chunk
+    size and hidden-state placement become the run's."""
+    from .memsize import default_ram_budget, parse_budgets, parse_size
+    from .plan import DeviceSpec, ModelShapes, default_vram_budgets, detect_devices, make_plan
+
+    s = job.settings
+    index = job.device.index if job.device.index is not None else torch.cuda.current_device()
+    devices = [d for d in detect_devices([index]) if d.index == index] or [DeviceSpec(index)]
+    budgets = (parse_budgets(s.vram_budget, [index]) if s.vram_budget
+               else default_vram_budgets(devices))
+    ram = parse_size(s.ram_budget) if s.ram_budget else default_ram_budget()
+    method = s.method if s.method in ("rtn", "awq", "gptq") else "gptq"
+    samples = s.calib.samples if s.calib.samples > 0 else 1
+    hidden = {"cuda": "gpu", "cpu": "cpu"}.get(s.hidden_device, s.hidden_device)
+    plan = make_plan(ModelShapes.from_config(job.source.raw_config), method, samples,
+                     s.calib.seqlen, devices, budgets, ram, torch.finfo(job.dtype).bits // 8,
+                     hidden if hidden in ("gpu", "cpu", "disk") else "auto", s.hessian_device,
+                     arch=job.arch)
+    dec = plan.decisions_for(0)
+    s.chunk_size = dec.chunk
+    s.hidden_device = str(job.device) if dec.hidden == "gpu" else "cpu"
+    unsupported = [f"{k}={getattr(dec, k)}" for k, ok in HONOURED.items()
+                   if getattr(dec, k) not in ok]
+    job.notes.append(f"memory plan: predicted peak {plan.predicted_peak[index] / 2**30:.2f} GiB "
+                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {dec.chunk} "
+                     f"samples, hidden states on {dec.hidden}")
+    if unsupported:
+        job.notes.append("the plan also asks for " + ", ".join(unsupported) + ", which this "
+                         "version does not carry out yet: the measured peak may exceed it")
+    return plan
 
 
 def config_dtype_from_raw(cfg: dict) -> torch.dtype:
@@ -149,6 +191,10 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
     state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=first)
     extra = {}
+    if job.plan is not None:
+        extra["plan"] = {"predicted_peak": {f"cuda:{i}": b for i, b in
+                                            job.plan.predicted_peak.items()},
+                         "text": job.plan.format()}
     try:
         if state["stage"] == "done" or (state["stage"] == "export" and output.is_dir()
                                         and not (work / "final").exists()):
