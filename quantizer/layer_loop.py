@@ -39,8 +39,11 @@ class LayerLoop:
                            for i in range(0, len(tokens), chunk)]
             self.kwargs = to_device(kwargs, job.device, job.dtype)
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
+        # auto: on a GPU replaying finished layers (one forward each) costs less than writing
+        # every layer's hidden states to disk; on the CPU it is the other way round.
         self.save_hidden = {"always": True, "never": False}.get(
-            s.save_hidden, hidden_bytes <= s.save_hidden_max_bytes)
+            s.save_hidden, job.device.type == "cpu" and hidden_bytes <= s.save_hidden_max_bytes)
+        self._prefetch = None  # (index, future) of the next layer's tensors being read
 
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
@@ -73,7 +76,8 @@ class LayerLoop:
         meter.reset()
         t0 = time.perf_counter()
         layer = load_layer(self.model, job.source, i, job.device, job.dtype,
-                           job.padded_intermediate)
+                           job.padded_intermediate, tensors=self._read(i))
+        self._start_read(i + 1)
         t_load = time.perf_counter() - t0
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
                            self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
@@ -103,6 +107,25 @@ class LayerLoop:
         self.jobdir.commit_layer(STAGE, i)
         return record
 
+    def _read(self, i: int) -> dict:
+        """Layer i's tensors (host memory), from the read started while layer i-1 worked."""
+        if self._prefetch is not None and self._prefetch[0] == i:
+            tensors = self._prefetch[1].result()
+            self._prefetch = None
+            return tensors
+        return self.job.source.load(self.job.source.layer_names(i))
+
+    def _start_read(self, i: int) -> None:
+        """Read the next layer from disk on a background thread while this one is quantized
+        (safetensors copies outside the GIL); costs one more layer of host memory."""
+        if i >= self.job.source.num_layers:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        if not hasattr(self, "_reader"):
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        self._prefetch = (i, self._reader.submit(self.job.source.load,
+                                                 self.job.source.layer_names(i)))
+
     def _weight_errors(self, i: int, quantized: dict, ctx) -> dict[str, float]:
         """||W - Wq|| / ||W|| against the weight the method quantized: the layer's own (AWQ
         has scaled it), or the checkpoint's where the method already swapped in the quantized
@@ -114,6 +137,10 @@ class LayerLoop:
             if name not in ctx.replaced:
                 w = ctx.module(name).weight
                 errors[name] = _rel(q.dequantize().to(w.device), w)
+                continue
+            known = ctx.stats.get("modules", {}).get(name, {}).get("weight_error")
+            if known is not None:  # the method measured it before replacing the weight
+                errors[name] = float(known)
                 continue
             key = f"{prefix}.{name}.weight"
             w = job.source.load([key], device=job.device, dtype=torch.float32,

@@ -90,6 +90,8 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
     return job
 
 
+MAX_CHUNK_TOKENS = 4096
+
 # Decisions of the planner this version carries out; others are reported, not silently dropped.
 HONOURED = {"hidden": ("gpu", "cpu"), "hessian": ("gpu", "none"), "mode": ("whole",),
             "row_slices": (1,)}
@@ -115,12 +117,13 @@ def plan_memory(job: Job):
                      hidden if hidden in ("gpu", "cpu", "disk") else "auto", s.hessian_device,
                      arch=job.arch)
     dec = plan.decisions_for(0)
-    s.chunk_size = dec.chunk
+    # Past ~4k tokens a forward chunk gains no speed, only memory: cap what the plan allows.
+    s.chunk_size = min(dec.chunk, max(1, MAX_CHUNK_TOKENS // max(1, s.calib.seqlen)))
     s.hidden_device = str(job.device) if dec.hidden == "gpu" else "cpu"
     unsupported = [f"{k}={getattr(dec, k)}" for k, ok in HONOURED.items()
                    if getattr(dec, k) not in ok]
     job.notes.append(f"memory plan: predicted peak {plan.predicted_peak[index] / 2**30:.2f} GiB "
-                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {dec.chunk} "
+                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {s.chunk_size} "
                      f"samples, hidden states on {dec.hidden}")
     if unsupported:
         job.notes.append("the plan also asks for " + ", ".join(unsupported) + ", which this "
