@@ -90,8 +90,9 @@ def pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack integer codes along `dim` into int32 words, value j of a run at bit offset j*bits.
 
     For bits that do not divide 32 (3, 5, 6, 7) values straddle word boundaries: the run of
-    32 values fills `bits` words exactly, as GPTQ's 3-bit layout does.
-    """
+    32 values fills `bits` words exactly, as GPTQ's 3-bit layout does. Vectorised over runs of
+    32 values (32 shift-or steps whatever the length), so packing a 28672-wide weight on a GPU
+    is a few dozen kernel launches, not tens of thousands."""
     _check_codes(codes, bits)
     x = codes.movedim(dim, 0).to(torch.int64)
     n = x.shape[0]
@@ -99,14 +100,20 @@ def pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole int32 words")
     n_words = n * bits // 32
     flat = x.reshape(n, -1)
-    out = torch.zeros((n_words, flat.shape[1]), dtype=torch.int64, device=codes.device)
-    for j in range(n):
-        bit = j * bits
-        w, off = divmod(bit, 32)
-        out[w] |= (flat[j] << off) & 0xFFFFFFFF
+    run = 32 // bits if 32 % bits == 0 else 32  # values per run
+    words_per_run = run * bits // 32
+    n_runs = -(-n // run)
+    if n_runs * run != n:  # a partial last run: zero values after n leave words < n_words as is
+        flat = torch.cat([flat, flat.new_zeros((n_runs * run - n, flat.shape[1]))])
+    runs = flat.reshape(n_runs, run, -1)
+    out = torch.zeros((n_runs, words_per_run, flat.shape[1]), dtype=torch.int64,
+                      device=codes.device)
+    for j in range(run):
+        w, off = divmod(j * bits, 32)
+        out[:, w] |= (runs[:, j] << off) & 0xFFFFFFFF
         if off + bits > 32:  # straddles into the next word
-            out[w + 1] |= flat[j] >> (32 - off)
-    out = _to_int32(out)
+            out[:, w + 1] |= runs[:, j] >> (32 - off)
+    out = _to_int32(out.reshape(n_runs * words_per_run, -1)[:n_words])
     return out.reshape((n_words,) + x.shape[1:]).movedim(0, dim).contiguous()
 
 
@@ -115,13 +122,21 @@ def unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int) -> t
     x = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     flat = x.reshape(x.shape[0], -1)
     mask = (1 << bits) - 1
-    out = torch.empty((size, flat.shape[1]), dtype=torch.int64, device=packed.device)
-    for j in range(size):
+    run = 32 // bits if 32 % bits == 0 else 32
+    words_per_run = run * bits // 32
+    n_runs = -(-size // run)
+    need = n_runs * words_per_run
+    if flat.shape[0] < need:  # densely packed ragged tail (compressed-tensors): zero-extend
+        flat = torch.cat([flat, flat.new_zeros((need - flat.shape[0], flat.shape[1]))])
+    words = flat[:need].reshape(n_runs, words_per_run, -1)
+    out = torch.empty((n_runs, run, flat.shape[1]), dtype=torch.int64, device=packed.device)
+    for j in range(run):
         w, off = divmod(j * bits, 32)
-        v = flat[w] >> off
+        v = words[:, w] >> off
         if off + bits > 32:
-            v = v | (flat[w + 1] << (32 - off))
-        out[j] = v & mask
+            v = v | (words[:, w + 1] << (32 - off))
+        out[:, j] = v & mask
+    out = out.reshape(n_runs * run, -1)[:size]
     return out.to(torch.int32).reshape((size,) + x.shape[1:]).movedim(0, dim).contiguous()
 
 
