@@ -44,6 +44,8 @@ class QuantSpec:
 
 
 def _matches(pattern: str, name: str) -> bool:
+    if pattern == "Linear":  # llm-compressor's class-name target: every quantized linear
+        return True
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None or re.search(
             pattern[3:] + r"$", name) is not None
@@ -75,7 +77,8 @@ def quant_spec(config: dict) -> QuantSpec | None:
             w = group["weights"]
             mq = ModuleQuant(int(w["num_bits"]), int(w.get("group_size") or -1),
                              "compressed-tensors", symmetric=bool(w.get("symmetric", True)),
-                             act_order=w.get("actorder") not in (None, False, "static"))
+                             # "weight" (static groups) keeps columns in order: no g_idx
+                             act_order=w.get("actorder") in ("group", "dynamic", True))
             targets += [(t, mq) for t in group.get("targets", [])]
         return QuantSpec(None, targets, ignore=list(qc.get("ignore") or []))
     raise InputError(f"unsupported quant_method {method!r} (awq, gptq, compressed-tensors)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,13 @@ from .methods import get_method
 from .report import QuantResult
 from .source import CheckpointSource
 
-PACK_MULTIPLE = 8  # packed layouts hold 8 output channels per int32 word (4-bit)
+def pack_multiple(bits: float, adaptive: bool) -> int:
+    """Widths every packed layout can hold whole: AWQ packs 8 outputs per word; b-bit codes
+    fill whole int32 words in runs of 32/gcd(b, 32) values; mixed widths need 32."""
+    if adaptive:
+        return 32
+    return math.lcm(8, 32 // math.gcd(int(bits), 32))
+
 
 
 @dataclass
@@ -64,24 +71,26 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
                              f"(got --format {fmt})")
         fmt = "compressed-tensors"
     else:
-        if fmt == "auto":
-            fmt = "gptq" if settings.method == "gptq" or settings.bits != 4 else "awq"
+        if fmt == "auto":  # what vLLM serves for each: AWQ GEMM for 4-bit, else GPTQ / CT
+            fmt = ("gptq" if settings.method == "gptq" else
+                   "awq" if settings.bits == 4 else "compressed-tensors")
         get_exporter(fmt).check_supported(settings.bits, settings.symmetric,
                                           bool(settings.method_options.get("act_order")))
     notes = []
     intermediate = int(cfg[arch.intermediate_key])
+    multiple = pack_multiple(settings.bits, settings.is_adaptive)
     padded = None
-    if intermediate % PACK_MULTIPLE:
-        padded = -(-intermediate // PACK_MULTIPLE) * PACK_MULTIPLE
+    if intermediate % multiple:
+        padded = -(-intermediate // multiple) * multiple
         notes.append(f"{arch.intermediate_key} {intermediate} -> {padded}: zero-padded so the "
                      f"packed layout holds whole words (exact: padded channels contribute 0)")
     widths = linear_in_features(source, padded)
     group_size, msg = resolve_group_size(settings.group_size, widths)
     notes.append(msg)
     for name, out_f in linear_out_features(source, padded).items():
-        if out_f % PACK_MULTIPLE:
+        if out_f % multiple:
             raise InputError(f"{name}: out_features={out_f} is not a multiple of "
-                             f"{PACK_MULTIPLE}; the packed export cannot hold it")
+                             f"{multiple}; the packed export cannot hold it")
     device = settings.torch_device()
     dtype = settings.working_dtype(config_dtype_from_raw(cfg))
     job = Job(source, copy.copy(settings), group_size, intermediate, padded, device, dtype, fmt,
