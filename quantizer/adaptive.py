@@ -36,6 +36,7 @@ class MeasureLoop(LayerLoop):
         super().__init__(job, None, None, jobdir, tokens, progress, say)
         self.store = store
         self.measured = 0  # layers measured by this process (tests assert reuse with it)
+        self.seconds: list[float] = []  # wall time of each layer measured by this process
 
     @torch.no_grad()
     def run(self) -> None:
@@ -58,6 +59,7 @@ class MeasureLoop(LayerLoop):
 
         job = self.job
         opts = job.settings.method_options
+        t0 = time.perf_counter()
         layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                            job.padded_intermediate)
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
@@ -72,6 +74,7 @@ class MeasureLoop(LayerLoop):
             self.jobdir.save_hidden(i + 1, self.inputs)
         self.jobdir.commit_layer(STAGE, i, has_file=False)
         self.measured += 1
+        self.seconds.append(time.perf_counter() - t0)
 
     def _restore_float_inputs(self, start: int) -> None:
         if self.jobdir.has_hidden(start, STAGE):

@@ -261,6 +261,7 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
             loop = MeasureLoop(job, store, jobdir, tokens, progress, say)
             loop.run()
             extra["layers_measured"] = loop.measured
+            extra["measure_seconds"] = loop.seconds
             jobdir.set_stage("quantize")
     if not store.is_complete(job.source.num_layers):
         raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
