@@ -285,6 +285,9 @@ def markdown(doc: dict) -> str:
                          + (f" {fmt(r.get('in_domain', {}).get('ppl'))} | "
                             f"{fmt(r.get('in_domain', {}).get('kl'), '{:.4f}')} |"
                             if p.get("in_domain") else ""))
+        for r in m["rows"]:
+            if r.get("measured_by"):
+                lines.append(f"\n- row {r['row']} measured by `{r['measured_by']}`")
         for name, c in checks(m["rows"]).items():
             lines.append(f"\n- {name}: perplexity {'yes' if c['ppl'] else 'NO'} "
                          f"({c['ppl_pair'][0]:.3f} vs {c['ppl_pair'][1]:.3f}), KL "
@@ -297,6 +300,23 @@ def markdown(doc: dict) -> str:
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in NOTES]
     return "\n".join(lines)
+
+
+def merge(doc: dict, other: dict) -> None:
+    """Take another result file's measurements into `doc` (e.g. rows run in a second process):
+    a model measured under another protocol is replaced whole; under the same protocol, the
+    other file's rows replace rows of the same name and say which command measured them."""
+    for key, theirs in other["models"].items():
+        ours = doc["models"].get(key)
+        if ours is None or ours["protocol"] != theirs["protocol"]:
+            doc["models"][key] = theirs
+            continue
+        cmd = (theirs.get("environment") or other["environment"])["command"]
+        rows = {r["row"]: r for r in ours["rows"]}
+        rows.update({r["row"]: dict(r, measured_by=cmd) for r in theirs["rows"]})
+        ours["rows"] = [rows[name] for name in ROWS if name in rows]
+        bases = [r["base_ppl"] for r in ours["rows"] if r.get("base_ppl") is not None]
+        ours["base_ppl_spread"] = (max(bases) - min(bases)) if bases else None
 
 
 def save(doc: dict, out: Path) -> None:
@@ -333,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(a.out), Path(a.work)
     if a.render:
         doc = json.loads(out.read_text())
-        if a.merge:  # e.g. one model re-measured into its own file
-            doc["models"].update(json.loads(Path(a.merge).read_text())["models"])
+        if a.merge:
+            merge(doc, json.loads(Path(a.merge).read_text()))
         for m in doc["models"].values():
             m["checks"] = checks(m["rows"])
         save(doc, out)

@@ -104,3 +104,24 @@ def test_checks_compare_the_rows_the_issues_name():
     # a row that did not run leaves its comparison out rather than guessing
     assert bench_quality.checks([r for r in rows if r["row"] != "awq"]).keys() == {
         "adaptive_at_gptq_no_worse_than_gptq"}
+
+
+def test_merge_takes_rows_of_a_second_run_in_row_order():
+    def row(name):
+        return {"row": name, "status": "ok", "ppl": random.uniform(5, 50), "kl": random.random(),
+                "base_ppl": 4.0}
+    proto = {"group_size": 64, "seqlen": 512}
+    doc = {"environment": {"command": "a"},
+           "models": {"m": {"protocol": dict(proto), "rows": [row("rtn"), row("awq")]},
+                      "s": {"protocol": {"group_size": -1}, "rows": [row("rtn")]}}}
+    gptq, fp = row("gptq"), row("fp16")
+    other = {"environment": {"command": "b"},
+             "models": {"m": {"protocol": dict(proto), "rows": [fp, gptq]},
+                        "s": {"protocol": {"group_size": 32}, "rows": [row("awq")]}}}
+    bench_quality.merge(doc, other)
+    m = doc["models"]["m"]
+    assert [r["row"] for r in m["rows"]] == ["fp16", "rtn", "awq", "gptq"]
+    assert m["rows"][3]["ppl"] == gptq["ppl"] and m["rows"][3]["measured_by"] == "b"
+    assert "measured_by" not in m["rows"][1] and m["base_ppl_spread"] == 0
+    # another protocol: the model is replaced whole, never mixed
+    assert doc["models"]["s"] is other["models"]["s"]
