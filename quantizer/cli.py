@@ -8,7 +8,7 @@ import sys
 
 from .errors import InputError, OutOfMemory, QuantizerError
 
-SUBCOMMANDS = ("eval", "plan", "demo")
+SUBCOMMANDS = ("eval", "plan", "demo", "check")
 
 
 def _size(text: str) -> int:
@@ -17,6 +17,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _bits(text: str) -> float:
@@ -29,7 +39,7 @@ def _bits(text: str) -> float:
 def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantize", description=(
         "Quantize a model layer by layer. Subcommands: quantize eval OUT | quantize plan "
-        "MODEL | quantize demo"))
+        "MODEL | quantize check OUT --tp-size N | quantize demo"))
     p.add_argument("model", help="model directory (config.json + safetensors) or hub id")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--bits", type=_bits, default=4.0)
@@ -58,6 +68,10 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "(e.g. 40G, 12GiB, 0:20G,1:40G); default: free memory minus a margin")
     p.add_argument("--ram-budget", default=None, help="host memory budget (default: available)")
     p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    p.add_argument("--tp-size", type=_positive, default=None, help="refuse before any work "
+                   "unless the export loads under tensor parallelism N (vLLM / Marlin shapes)")
+    p.add_argument("--pad-for-tp", type=_positive, default=None, help="zero-pad the MLP "
+                   "intermediate size so the export loads at TP N (exact; config.json updated)")
     p.add_argument("--awq-grid", type=int, default=None, help="AWQ scale grid points (20)")
     p.add_argument("--awq-no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--awq-no-duo-scaling", action="store_true",
@@ -124,7 +138,8 @@ def run_quantize_cli(argv) -> int:
                       resume=a.resume, work_dir=a.work_dir, save_hidden=a.save_hidden,
                       measurement=a.measurement, adaptive=a.adaptive,
                       vram_budget=a.vram_budget, ram_budget=a.ram_budget,
-                      hessian_device=a.hessian_device,
+                      hessian_device=a.hessian_device, tp_size=a.tp_size,
+                      pad_for_tp=a.pad_for_tp,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     print(result.to_json() if a.json else result)
@@ -171,9 +186,32 @@ def run_plan_cli(argv) -> int:
     return 0
 
 
+def check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantize check", description=(
+        "Will this checkpoint load under tensor parallelism N? Reads config.json only. Exit "
+        "0 when every quantized module's per-GPU shape is aligned, 2 when not"))
+    p.add_argument("model", help="quantized (or original) model directory, or its config.json")
+    p.add_argument("--tp-size", type=_positive, required=True)
+    p.add_argument("--group-size", type=int, default=128, help="used when config.json has no "
+                   "quantization_config (default 128; -1 per channel)")
+    return p
+
+
+def run_check_cli(argv) -> int:
+    a = check_parser().parse_args(argv)
+    from .tp import check_checkpoint, describe_problems
+    problems, sizes = check_checkpoint(a.model, a.tp_size, a.group_size)
+    if not problems:
+        print(f"TP-{a.tp_size}: ok (group size {', '.join(map(str, sizes))})")
+        return 0
+    print(describe_problems(problems, a.tp_size, ", ".join(map(str, sizes))))
+    return 2
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    handlers = {"eval": run_eval_cli, "plan": run_plan_cli, "demo": run_demo_cli}
+    handlers = {"eval": run_eval_cli, "plan": run_plan_cli, "demo": run_demo_cli,
+                "check": run_check_cli}
     handler = run_quantize_cli
     if argv and argv[0] in handlers:
         handler = handlers[argv.pop(0)]

@@ -43,11 +43,17 @@ class QuantSettings:
     hessian_device: str = "auto"
     measurement: str | None = None  # reuse this measurement.json (adaptive GPTQ)
     adaptive: bool = False  # measure + allocate bits even for an integer --bits target
+    tp_size: int | None = None  # refuse before any work unless the export loads at TP N
+    pad_for_tp: int | None = None  # zero-pad the MLP width so the export loads at TP N
 
-    # Settings that decide where and how fast work runs, never what it produces.
+    # Settings that never change what a run produces: where and how fast work runs, and
+    # tp_size, a check that either refuses before any work or lets the same output through
+    # (so resuming with or without it continues the same job). pad_for_tp changes the
+    # exported shapes and is part of the fingerprint.
     PLACEMENT_KEYS = ("device", "chunk_size", "hidden_device", "save_hidden",
                       "save_hidden_max_bytes", "vram_budget", "ram_budget", "hessian_device",
-                      "measurement")  # a reused measurement is checked by its fingerprint
+                      "measurement",  # a reused measurement is checked by its fingerprint
+                      "tp_size")
 
     def validate(self) -> None:
         if isinstance(self.bits, float) and self.bits.is_integer():
@@ -63,6 +69,10 @@ class QuantSettings:
         if isinstance(self.group_size, int) and self.group_size != -1 and (
                 self.group_size < 1):
             raise InputError(f"--group-size must be positive, -1 or auto, got {self.group_size}")
+        for flag, value in (("--tp-size", self.tp_size), ("--pad-for-tp", self.pad_for_tp)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise InputError(f"{flag} must be a positive integer, got {value!r}")
 
     @property
     def is_adaptive(self) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantSettings, resolve_group_size
+from .config import AUTO_GROUP_SIZES, QuantSettings, resolve_group_size
 from .errors import InputError
 from .export import get_exporter
 from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
@@ -21,6 +21,7 @@ from .layer_loop import LayerLoop
 from .methods import get_method
 from .report import QuantResult
 from .source import CheckpointSource
+from .tp import check_tp, describe_problems, tp_multiple
 
 def pack_multiple(bits: float, adaptive: bool) -> int:
     """Widths every packed layout can hold whole: AWQ packs 8 outputs per word; b-bit codes
@@ -79,14 +80,22 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
     notes = []
     intermediate = int(cfg[arch.intermediate_key])
     multiple = pack_multiple(settings.bits, settings.is_adaptive)
-    padded = None
-    if intermediate % multiple:
-        padded = -(-intermediate // multiple) * multiple
+    padded, group_size, msg = padded_width_and_group(source, settings, intermediate, multiple)
+    tp = settings.pad_for_tp
+    if padded and tp:
+        notes.append(f"{arch.intermediate_key} {intermediate} -> {padded} for TP {tp} "
+                     f"({group_label(group_size)}): zero-padded so each of {tp} GPUs gets "
+                     f"{padded // tp} channels, a multiple of {tp_multiple(tp, group_size) // tp}"
+                     f", and the packed layout holds whole words (exact: padded channels "
+                     f"contribute 0)")
+    elif padded:
         notes.append(f"{arch.intermediate_key} {intermediate} -> {padded}: zero-padded so the "
                      f"packed layout holds whole words (exact: padded channels contribute 0)")
-    widths = linear_in_features(source, padded)
-    group_size, msg = resolve_group_size(settings.group_size, widths)
+    elif tp:
+        notes.append(f"{arch.intermediate_key} {intermediate} already splits over TP "
+                     f"{settings.pad_for_tp} ({group_label(group_size)}): no padding needed")
     notes.append(msg)
+    notes += check_tp_targets(cfg, arch, settings, padded, group_size)
     for name, out_f in linear_out_features(source, padded).items():
         if out_f % multiple:
             raise InputError(f"{name}: out_features={out_f} is not a multiple of "
@@ -97,6 +106,51 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
               notes)
     job.plan = plan_memory(job) if device.type == "cuda" else None
     return job
+
+
+def padded_width_and_group(source: CheckpointSource, settings: QuantSettings, intermediate: int,
+                           multiple: int) -> tuple[int | None, int, str]:
+    """(padded MLP width or None, group size, group-size note), decided together: --pad-for-tp
+    N's padding depends on the group size, and group size auto reads the padded widths. The
+    width is the smallest ≥ `intermediate` that is a multiple of both the packing `multiple`
+    and TP N's requirement."""
+    tp = settings.pad_for_tp
+    guess = settings.group_size if settings.group_size != "auto" else AUTO_GROUP_SIZES[0]
+    for _ in range(len(AUTO_GROUP_SIZES) + 1):
+        unit = math.lcm(multiple, tp_multiple(tp, guess)) if tp else multiple
+        width = -(-intermediate // unit) * unit
+        padded = width if width != intermediate else None
+        group_size, msg = resolve_group_size(settings.group_size,
+                                             linear_in_features(source, padded))
+        # Auto may settle on another size than guessed; stop once that changes nothing.
+        if not tp or tp_multiple(tp, group_size) == tp_multiple(tp, guess):
+            return padded, group_size, msg
+        guess = group_size
+    raise InputError(f"no group size and TP {tp} padding agree for {intermediate}; pass "
+                     "--group-size explicitly")
+
+
+def group_label(group_size: int) -> str:
+    return "per-channel" if group_size == -1 else f"g{group_size}"
+
+
+def check_tp_targets(cfg: dict, arch, settings: QuantSettings, padded: int | None,
+                     group_size: int) -> list[str]:
+    """Refuse before any work when the export would not load at --tp-size (or --pad-for-tp)
+    N; notes saying which TP sizes were checked otherwise."""
+    targets = sorted({n for n in (settings.tp_size, settings.pad_for_tp) if n})
+    exported = dict(cfg)
+    if padded:
+        exported[arch.intermediate_key] = padded
+    notes = []
+    for n in targets:
+        problems = check_tp(exported, arch, n, group_size)
+        if problems:
+            raise InputError(describe_problems(problems, n, group_size,
+                                               padded=settings.pad_for_tp == n))
+        notes.append(f"TP-{n}: ok (every quantized module's per-GPU shape aligned at "
+                     f"{group_label(group_size)})")
+    return notes
 
 
 MAX_CHUNK_TOKENS = 4096

@@ -35,13 +35,19 @@ def _alignment(group_size: int) -> int:
     return math.lcm(group_size, MARLIN_MIN_THREAD_K) if group_size > 0 else MARLIN_MIN_THREAD_K
 
 
+def tp_multiple(tp_size: int, group_size: int) -> int:
+    """What a dense MLP width must be a multiple of for TP `tp_size`: each GPU's share a
+    multiple of lcm(group size, 128) (this also makes gate/up's share a multiple of 64)."""
+    return _alignment(group_size) * tp_size
+
+
 def padded_intermediate(intermediate: int, tp_size: int, group_size: int) -> int:
     """The smallest width ≥ `intermediate` whose per-GPU share (width / tp_size) is a multiple
     of lcm(group size, 128). Already aligned widths come back unchanged."""
     if intermediate <= 0 or tp_size <= 0:
         raise InputError(f"padded_intermediate needs positive sizes, got {intermediate}, "
                          f"TP {tp_size}")
-    unit = _alignment(group_size) * tp_size
+    unit = tp_multiple(tp_size, group_size)
     return -(-intermediate // unit) * unit
 
 
@@ -163,9 +169,68 @@ def _check_linear(lin: Linear, shapes: ModelShapes, n: int, g: int, expert: bool
     return f"{lin.name} at TP {n}: " + "; ".join(wrong) if wrong else ""
 
 
-def require_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> None:
+def describe_problems(problems: list[Problem], tp_size: int, group_size: int | str,
+                      padded: bool = False) -> str:
+    """Every problem, one a line, then what to do: --pad-for-tp when padding fixes some
+    (`padded`: the MLP was already padded for this TP, so it cannot be offered again)."""
+    lines = [f"this model will not load at TP {tp_size} with group size {group_size}:"]
+    lines += [f"  {p.message}" for p in problems]
+    fixable = [p for p in problems if p.fixable_by_padding]
+    if fixable and not padded:
+        which = ("all of these" if len(fixable) == len(problems)
+                 else f"the {len(fixable)} MLP problem(s); the others need another TP or group "
+                      "size")
+        lines.append(f"quantizing with --pad-for-tp {tp_size} fixes {which} (zero-pads the MLP "
+                     "intermediate width before quantization: exact; config.json records the "
+                     "new size)")
+    return "\n".join(lines)
+
+
+def require_tp(config: dict, arch_spec, tp_size: int, group_size: int,
+               padded: bool = False) -> None:
     """Raise InputError listing every problem: the 'before any work, not after hours' gate."""
     problems = check_tp(config, arch_spec, tp_size, group_size)
     if problems:
-        raise InputError(f"this model will not load at TP {tp_size} with group size "
-                         f"{group_size}:\n  " + "\n  ".join(p.message for p in problems))
+        raise InputError(describe_problems(problems, tp_size, group_size, padded))
+
+
+def checkpoint_group_sizes(config: dict, default: int) -> list[int]:
+    """Group sizes a checkpoint's quantization_config declares (AWQ / GPTQ: one; compressed-
+    tensors: one per config group, -1 for per-channel); [default] when it declares none."""
+    q = config.get("quantization_config") or {}
+    found = set()
+    if q.get("group_size") is not None:
+        found.add(int(q["group_size"]))
+    for group in (q.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("strategy") == "channel" or (weights and weights.get("group_size") is None):
+            found.add(-1)
+        elif weights.get("group_size") is not None:
+            found.add(int(weights["group_size"]))
+    return sorted(found) if found else [default]
+
+
+def check_checkpoint(path, tp_size: int, group_size: int = 128
+                     ) -> tuple[list[Problem], list[int]]:
+    """`quantize check`: the problems of a model directory (or config.json) at TP `tp_size`,
+    reading config.json only; the group size comes from its quantization_config when it has
+    one, else `group_size`. Returns (problems over every declared group size, group sizes)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise InputError(f"no config.json at {p}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    sizes = checkpoint_group_sizes(config, group_size)
+    problems, seen = [], set()
+    for g in sizes:
+        for problem in check_tp(config, None, tp_size, g):
+            if problem.message not in seen:
+                seen.add(problem.message)
+                problems.append(problem)
+    return problems, sizes
