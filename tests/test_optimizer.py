@@ -17,7 +17,9 @@ def brute_force(groups, target):
     best = None
     for combo in itertools.product(*(range(len(g.candidates)) for g in groups)):
         bits = math.fsum(g.numel * g.candidates[c].bpw for g, c in zip(groups, combo))
-        if bits <= target * total:
+        # the same relative tolerance the optimiser and check_choice allow: a target drawn at
+        # the bottom of the range must not become infeasible through float rounding alone
+        if bits <= target * total * (1 + 1e-12):
             obj = math.fsum(g.weight * g.candidates[c].err for g, c in zip(groups, combo))
             if best is None or obj < best:
                 best = obj
