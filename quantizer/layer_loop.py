@@ -117,8 +117,10 @@ class LayerLoop:
 
     def _start_read(self, i: int) -> None:
         """Read the next layer from disk on a background thread while this one is quantized
-        (safetensors copies outside the GIL); costs one more layer of host memory."""
-        if i >= self.job.source.num_layers:
+        on the GPU (safetensors copies outside the GIL); costs one more layer of host memory.
+        Not on CPU runs: there the compute is the bottleneck, and a second allocating thread
+        grows the host footprint (a second malloc arena holds its own high-water mark)."""
+        if i >= self.job.source.num_layers or self.job.device.type != "cuda":
             return
         from concurrent.futures import ThreadPoolExecutor
         if not hasattr(self, "_reader"):

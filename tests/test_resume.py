@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 
 STAGES = ("measure", "quantize", "export", "done")
-METHODS = {"rtn": ["--method", "rtn"], "awq": ["--method", "awq"],
+# A coarse AWQ grid keeps the many runs short; resume does not depend on the grid's size.
+METHODS = {"rtn": ["--method", "rtn"], "awq": ["--method", "awq", "--awq-grid", "5"],
            "adaptive-gptq": ["--method", "gptq", "--bits", "4.5"]}
 
 
+CALIB = Path(__file__).with_name("data") / "calibration.txt"
+
+
 def cmd(model, out, method, *extra):
+    # a small local calibration file keeps each of the many process starts short
     return [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *METHODS[method],
-            "--calib-samples", "8", "--calib-seqlen", "32", "--no-progress", *extra]
+            "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
+            "--no-progress", *extra]
 
 
 def progress(job: Path):
