@@ -285,6 +285,9 @@ def markdown(doc: dict) -> str:
                          + (f" {fmt(r.get('in_domain', {}).get('ppl'))} | "
                             f"{fmt(r.get('in_domain', {}).get('kl'), '{:.4f}')} |"
                             if p.get("in_domain") else ""))
+        missing = [name for name in ROWS if name not in {r["row"] for r in m["rows"]}]
+        if missing:  # e.g. a run cut off by its time limit
+            lines.append(f"\n- not measured: {', '.join(missing)}")
         for r in m["rows"]:
             if r.get("measured_by"):
                 lines.append(f"\n- row {r['row']} measured by `{r['measured_by']}`")
