@@ -108,11 +108,13 @@ class QuantSettings:
 def resolve_group_size(requested: int | str, widths: dict[str, int]) -> tuple[int, str]:
     """Pick the group size for all quantized linears. `widths` maps module names to in_features.
 
-    auto: the largest of 128/64/32 that divides every width, else per channel (-1)."""
+    auto: the largest of 128/64/32 that divides every width, else per channel (-1). The
+    pipeline passes the widths that cannot be padded (the MLP intermediate can: it is then
+    zero-padded to a multiple of the chosen size)."""
     if requested == "auto":
         for g in AUTO_GROUP_SIZES:
             if all(w % g == 0 for w in widths.values()):
-                return g, f"group size auto -> {g} (divides every quantized input width)"
+                return g, f"group size auto -> {g} (divides every fixed quantized input width)"
         bad = sorted({w for w in widths.values() if w % 32})
         return -1, (f"group size auto -> per-channel (-1): input widths {bad} are not "
                     f"multiples of 32")

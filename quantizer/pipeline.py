@@ -89,8 +89,9 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
                      f", and the packed layout holds whole words (exact: padded channels "
                      f"contribute 0)")
     elif padded:
-        notes.append(f"{arch.intermediate_key} {intermediate} -> {padded}: zero-padded so the "
-                     f"packed layout holds whole words (exact: padded channels contribute 0)")
+        notes.append(f"{arch.intermediate_key} {intermediate} -> {padded}: zero-padded to whole "
+                     f"packed words and {group_label(group_size)} groups (exact: padded channels "
+                     f"contribute 0)")
     elif tp:
         notes.append(f"{arch.intermediate_key} {intermediate} already splits over TP "
                      f"{settings.pad_for_tp} ({group_label(group_size)}): no padding needed")
@@ -110,24 +111,32 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
 
 def padded_width_and_group(source: CheckpointSource, settings: QuantSettings, intermediate: int,
                            multiple: int) -> tuple[int | None, int, str]:
-    """(padded MLP width or None, group size, group-size note), decided together: --pad-for-tp
-    N's padding depends on the group size, and group size auto reads the padded widths. The
-    width is the smallest ≥ `intermediate` that is a multiple of both the packing `multiple`
-    and TP N's requirement."""
+    """(padded MLP width or None, group size, group-size note).
+
+    Every quantized input width but the MLP intermediate (which down_proj reads) is fixed; the
+    intermediate can be zero-padded exactly. Explicit group sizes are checked on the fixed
+    widths. Auto takes the largest of 128/64/32 dividing the fixed widths that also fits the
+    intermediate as it is (after whole-word padding), else the largest dividing the fixed
+    widths with the intermediate padded to it. The width is then padded to a multiple of the
+    packing `multiple`, the group size and, under --pad-for-tp N, TP N's requirement."""
+    fixed = {name: w for name, w in linear_in_features(source, None).items()
+             if name != source.arch.mlp_down}
     tp = settings.pad_for_tp
-    guess = settings.group_size if settings.group_size != "auto" else AUTO_GROUP_SIZES[0]
-    for _ in range(len(AUTO_GROUP_SIZES) + 1):
-        unit = math.lcm(multiple, tp_multiple(tp, guess)) if tp else multiple
-        width = -(-intermediate // unit) * unit
-        padded = width if width != intermediate else None
-        group_size, msg = resolve_group_size(settings.group_size,
-                                             linear_in_features(source, padded))
-        # Auto may settle on another size than guessed; stop once that changes nothing.
-        if not tp or tp_multiple(tp, group_size) == tp_multiple(tp, guess):
-            return padded, group_size, msg
-        guess = group_size
-    raise InputError(f"no group size and TP {tp} padding agree for {intermediate}; pass "
-                     "--group-size explicitly")
+    base = -(-intermediate // multiple) * multiple
+    if settings.group_size == "auto":
+        options = [g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in fixed.values())]
+        fitting = [g for g in options
+                   if base % g == 0 and (not tp or base % tp_multiple(tp, g) == 0)]
+        group_size = (fitting or options or [-1])[0]
+        msg = (f"group size auto -> {group_label(group_size)}"
+               + ("" if fitting or not options else " (the MLP width is padded to fit it)"))
+    else:
+        group_size, msg = resolve_group_size(settings.group_size, fixed)
+    unit = math.lcm(multiple, max(group_size, 1))
+    if tp:
+        unit = math.lcm(unit, tp_multiple(tp, group_size))
+    width = -(-intermediate // unit) * unit
+    return (width if width != intermediate else None), group_size, msg
 
 
 def group_label(group_size: int) -> str:

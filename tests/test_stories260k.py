@@ -8,8 +8,8 @@ from quantizer import evaluate, quantize
 from quantizer.skeleton import build_skeleton, capture_layer0_inputs, layer_output, load_layer
 from quantizer.source import CheckpointSource
 
-# 4-bit per-channel RTN on a 260K-parameter model costs about 12% perplexity on TinyStories
-# (measured 5.72 -> 6.42); the margin leaves room for calibration-sample differences.
+# 4-bit RTN on a 260K-parameter model costs about 12% perplexity on TinyStories per channel
+# (measured 5.72 -> 6.42) and less at g64; the margin leaves room for calibration differences.
 PPL_MARGIN = 1.25
 
 
@@ -17,10 +17,10 @@ def test_rtn_auto_group_padding_and_ppl(stories_dir, tinystories_text, tmp_path)
     out = tmp_path / "q"
     result = quantize(stories_dir, out, method="rtn", calib_data=str(tinystories_text),
                       calib_samples=16, calib_seqlen=128, progress=False)
-    assert result.group_size == -1  # widths 64 and 176: no 32-multiple divides 176
-    assert any("172 -> 176" in n for n in result.notes)
+    assert result.group_size == 64  # hidden 64 fixes it; the MLP is padded to fit
+    assert any("172 -> 192" in n for n in result.notes)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["intermediate_size"] == 176 and cfg["quantization_config"]["group_size"] == -1
+    assert cfg["intermediate_size"] == 192 and cfg["quantization_config"]["group_size"] == 64
     assert (out / "tokenizer.json").is_file()
     ev = evaluate(out, data=str(tinystories_text), seqlen=256, max_windows=16, progress=False)
     print(ev)
