@@ -180,9 +180,8 @@ def run_row(key: str, row: str, spec: dict, base: Path, work: Path, done: list[d
     return rec
 
 
-def fp_row(spec: dict, base: Path, done: list[dict]) -> dict:
-    """The unquantized model: base_ppl of a quantized row's evaluation (the same windows),
-    else its own evaluation."""
+def fp_from_rows(done: list[dict]) -> dict | None:
+    """The unquantized model's row from a quantized row's evaluation (the same windows)."""
     for r in done:
         if r.get("status") == "ok" and r.get("base_ppl") is not None:
             rec = {"row": "fp16", "method": "none", "status": "ok", "ppl": r["base_ppl"],
@@ -190,6 +189,14 @@ def fp_row(spec: dict, base: Path, done: list[dict]) -> dict:
             if "in_domain" in r:
                 rec["in_domain"] = {"ppl": r["in_domain"]["base_ppl"], "kl": 0.0}
             return rec
+    return None
+
+
+def fp_row(spec: dict, base: Path, done: list[dict]) -> dict:
+    """The unquantized model: base_ppl of a quantized row, else its own evaluation."""
+    rec = fp_from_rows(done)
+    if rec is not None:
+        return rec
     from quantizer import evaluate
     t0 = time.perf_counter()
     ev = evaluate(str(base), data="wikitext2", seqlen=spec["seqlen"],
@@ -317,6 +324,8 @@ def merge(doc: dict, other: dict) -> None:
         cmd = (theirs.get("environment") or other["environment"])["command"]
         rows = {r["row"]: r for r in ours["rows"]}
         rows.update({r["row"]: dict(r, measured_by=cmd) for r in theirs["rows"]})
+        if "fp16" not in rows and fp_from_rows(list(rows.values())):
+            rows["fp16"] = fp_from_rows(list(rows.values()))
         ours["rows"] = [rows[name] for name in ROWS if name in rows]
         bases = [r["base_ppl"] for r in ours["rows"] if r.get("base_ppl") is not None]
         ours["base_ppl_spread"] = (max(bases) - min(bases)) if bases else None
