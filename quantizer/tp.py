@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import InputError
-from .plan import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
+from .shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
 
 MARLIN_MIN_THREAD_K = 128
 MARLIN_MIN_THREAD_N = 64

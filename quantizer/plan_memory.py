@@ -1,0 +1,242 @@
+"""The planner's memory model: the bytes one decoder layer needs on a device (and on the host)
+under a given set of decisions. Pure arithmetic on shapes; nothing is allocated.
+
+Memory model (bytes; d = working dtype size, N×S calibration samples × tokens, H hidden):
+  peak = max over the phases of one layer (calibrate / solve or search / propagate) of
+         (sum of the phase's terms) × (1 + SLACK) + CUDA_CONTEXT.
+  The terms are written out in _phase_terms."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .memsize import MIB
+from .shapes import InputGroup, ModelShapes, layer_groups, layer_kinds
+
+CUDA_CONTEXT = 500 * MIB  # context + cuBLAS workspace + allocator's first segments
+SLACK = 0.10  # allocator fragmentation and small tensors nobody lists
+ATTN_SCORE_COPIES = 1  # eager-like heads × S² scores per chunk: a conservative bound for sdpa
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """hidden: where the layer inputs/outputs of all samples live (gpu, pinned cpu, disk).
+    hessian: where GPTQ accumulates Hessians AND solves ('cpu' = both on the host, so the GPU
+    never holds an n×n matrix); 'none' for other methods.
+    mode: 'whole' keeps the layer's weights on the GPU; 'by_group' keeps only the current
+    input group's weights there and streams the other modules in one at a time for the
+    forward. Either way calibration runs one pass per input group (true-sequential, as the
+    methods do), so only one group's statistics/Hessian is alive at a time.
+    row_slices: the quantize step handles a linear's output rows in this many slices (each row
+    is independent given the Hessian, so this is exact); it shrinks the fp32 weight copy, never
+    the Hessian, which spans the input dimension.
+    experts_per_pass: MoE only, experts whose Hessians (and, by_group, weights) are alive in
+    one calibration pass; fewer means more passes over the calibration data."""
+
+    hidden: str
+    hessian: str
+    mode: str
+    chunk: int
+    row_slices: int = 1
+    experts_per_pass: int = 0
+
+
+@dataclass(frozen=True)
+class Term:
+    kind: str  # weights, hidden, reference, activations, scores, hessian, cholesky, ...
+    label: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a configuration's memory depends on, except the decisions."""
+
+    shapes: ModelShapes
+    method: str
+    samples: int
+    seqlen: int
+    d: int  # bytes per element of the working dtype
+    on_host: bool  # the "device" is the CPU itself: hidden states and Hessians are local
+    kinds: tuple[tuple[tuple[InputGroup, ...], int], ...]  # (groups, extra weight elements)
+    forced: tuple[str, str]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn"
+
+
+@dataclass(frozen=True)
+class _Peak:
+    total: int
+    phase: str
+    breakdown: tuple[tuple[str, int], ...]
+    terms: tuple[Term, ...]
+
+
+def _alive_copies(g: InputGroup, dec: Decisions) -> int:
+    if g.copies > 1 and dec.experts_per_pass:
+        return min(g.copies, dec.experts_per_pass)
+    return g.copies
+
+
+def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) -> list[Term]:
+    s, c, S, d = job.shapes, dec.chunk, job.seqlen, job.d
+    tok = c * S
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    base = 2 * tok * s.hidden * d  # residual stream + normed copy
+    if not hidden_local:
+        base += 2 * tok * s.hidden * d  # this chunk's inputs and outputs, copied in
+    attn = tok * (2 * q + 2 * kv) * d + (2 * tok * q * d if kv < q else 0)  # q,k,v,out; GQA
+    scores = ATTN_SCORE_COPIES * c * s.heads * S * S * d
+    if moe:  # router logits, k routed copies of the tokens through gate/up/act, shared expert
+        mlp = (tok * s.num_experts * 4 + 3 * tok * s.experts_per_tok * s.moe_intermediate * d
+               + 3 * tok * s.shared_expert_intermediate * d + tok * s.hidden * d)
+    else:
+        mlp = 3 * tok * s.intermediate * d  # gate, up, act(gate)·up
+    # Attention's and the MLP's temporaries are freed before the other runs: count the larger.
+    if attn + scores >= mlp:
+        return [Term("activations", f"forward activations, chunk {c} (attention q/k/v/out)",
+                     base + attn),
+                Term("scores", f"attention scores {c}×{s.heads}×{S}×{S} (eager-like bound)",
+                     scores)]
+    return [Term("activations", f"forward activations, chunk {c} (MLP intermediate ×3)",
+                 base + mlp)]
+
+
+def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: bool,
+                 dec: Decisions) -> list[tuple[str, list[Term]]]:
+    s, d, N, S, H = job.shapes, job.d, job.samples, job.seqlen, job.shapes.hidden
+    c = dec.chunk
+    hidden_local = dec.hidden == "gpu" or (job.on_host and dec.hidden == "cpu")
+    hess_local = job.method == "gptq" and (dec.hessian == "gpu" or job.on_host)
+    layer_w = (sum(g.weight_elements() for g in groups) + extra) * d
+    # The largest thing streamed in for a by_group forward: one linear, or one whole expert.
+    unit = max(max(g.weight_elements(1) if g.copies > 1 else
+                   max(lin.in_features * lin.out_features for lin in g.linears)
+                   for g in groups) * d,
+               sum(g.weight_elements(1) for g in groups if g.copies > 1) * d)
+
+    def resident(g: InputGroup, forward: bool) -> list[Term]:
+        if dec.mode == "whole" or job.on_host:
+            return [Term("weights", f"layer weights ({d}-byte)", layer_w)]
+        own = [Term("weights", f"weights of {g.name}", g.weight_elements(_alive_copies(g, dec))
+                    * d)]
+        return own + ([Term("weights", "one streamed module (by_group forward)", unit)]
+                      if forward else [])
+
+    def fp32_weight(g: InputGroup) -> Term:
+        lin = max(g.linears, key=lambda x: x.in_features * x.out_features)
+        rows = -(-lin.out_features // dec.row_slices)
+        return Term("weight_fp32", f"fp32 copy of {lin.name} ({rows}×{lin.in_features} rows "
+                    f"slice) + result", rows * lin.in_features * (4 + d))
+
+    def hessian(g: InputGroup) -> Term:
+        n, k = g.in_features, _alive_copies(g, dec)
+        many = f"{k}× " if k > 1 else ""
+        return Term("hessian", f"{many}the {n}×{n} fp32 Hessian of {g.name}", k * n * n * 4)
+
+    if not job.calibrated:
+        return [(f"quantize {g.name}", resident(g, False) + [fp32_weight(g)]) for g in groups]
+    held = []
+    if hidden_local:
+        held.append(Term("hidden", f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
+    act = _activation_terms(job, moe, dec, hidden_local)
+    biggest = max(groups, key=lambda g: g.weight_elements(_alive_copies(g, dec)))
+    phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act)]
+    for g in groups:
+        res = resident(g, True)
+        if job.method == "gptq":
+            n = g.in_features
+            update = Term("hessian_update", f"chunk input in fp32 for X^T·X ({c}×{S}×{n})",
+                          c * S * n * 4)
+            alive = [hessian(g)] if hess_local else []
+            phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
+        else:
+            stats = g.in_features * g.copies * 4
+            phases.append((f"calibrate {g.name}", res + held + act + [
+                Term("stats", "AWQ per-channel activation statistics (fp32)", stats)]))
+    for g in groups:
+        res = resident(g, False)
+        if job.method == "gptq":
+            if not hess_local:  # accumulated and solved on the host
+                phases.append((f"solve {g.name} (host)", res + held))
+                continue
+            n = g.in_features
+            workspace = Term("cholesky", f"Cholesky workspace {n}×{n} fp32", n * n * 4)
+            phases.append((f"solve {g.name}", res + held + [hessian(g), workspace,
+                                                             fp32_weight(g)]))
+        else:  # AWQ: the search caches every chunk's judge input and fp reference output
+            n = g.in_features
+            cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
+                          f"{N}×{S}×({n}+{H})", N * S * (n + H) * d)
+            if not (hidden_local or job.on_host):  # cached in host RAM; one chunk copied in
+                cached = Term("reference", f"AWQ judge input + reference, chunk {c}",
+                              c * S * (n + H) * d)
+            lin = max(g.linears, key=lambda x: x.in_features * x.out_features)
+            rows = -(-lin.out_features // dec.row_slices)
+            phases.append((f"AWQ search {g.name}", resident(g, True) + held + act + [
+                cached,
+                Term("awq_scratch", f"candidate output and fp32 loss terms, chunk {c}",
+                     c * S * H * (d + 8)),
+                Term("awq_backup", f"original weights of {g.name}",
+                     g.weight_elements(_alive_copies(g, dec)) * d),
+                Term("weight_fp32", f"fp32 scaled and fake-quantized {lin.name} "
+                     f"({rows}×{lin.in_features} rows slice)", rows * lin.in_features * 8)]))
+    return phases
+
+
+def _peak(job: _Job, dec: Decisions) -> _Peak:
+    best = None
+    for groups, extra in job.kinds:
+        moe = any(g.copies > 1 for g in groups)
+        for phase, terms in _phase_terms(job, groups, extra, moe, dec):
+            raw = sum(t.bytes for t in terms)
+            total = raw + int(raw * SLACK) + (0 if job.on_host else CUDA_CONTEXT)
+            if best is None or total > best.total:
+                best = _Peak(total, phase, (), tuple(terms))
+    merged: dict[str, int] = {}
+    for t in best.terms:
+        merged[t.label] = merged.get(t.label, 0) + t.bytes
+    raw = sum(merged.values())
+    merged[f"allocator slack ({SLACK:.0%})"] = int(raw * SLACK)
+    if not job.on_host:
+        merged["CUDA context"] = CUDA_CONTEXT
+    return replace(best, breakdown=tuple(merged.items()))
+
+
+def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Host memory of a GPU configuration (a host 'device' is planned by _peak itself)."""
+    d, N, S, H = job.d, job.samples, job.seqlen, job.shapes.hidden
+    worst: tuple[int, tuple[tuple[str, int], ...]] = (0, ())
+    for groups, extra in job.kinds:
+        items = [("layer weights staged from the checkpoint",
+                  (sum(g.weight_elements() for g in groups) + extra) * d)]
+        if job.calibrated and dec.hidden == "cpu":
+            items.append((f"hidden states in+out {N}×{S}×{H} (pinned)", 2 * N * S * H * d))
+        if job.method == "awq" and dec.hidden in ("cpu", "disk"):
+            n = max(g.in_features for g in groups)
+            items.append(("AWQ judge inputs + fp references (widest group)",
+                          N * S * (n + H) * d))
+        if job.calibrated and dec.hidden == "disk":
+            items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
+        if job.method == "gptq" and dec.hessian == "cpu":
+            alive = max(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
+            n = max(g.in_features for g in groups)
+            wide = max(lin.out_features * lin.in_features for g in groups for lin in g.linears)
+            items.append(("Hessians + Cholesky workspace (fp32, host)", (alive + n * n) * 4))
+            items.append(("fp32 weight being solved + result (host)", wide * (4 + d)))
+        total = sum(b for _, b in items)
+        if total >= worst[0]:
+            worst = (total, tuple(items))
+    return worst
+
+
+def _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced, arch):
+    kinds = []
+    for moe in layer_kinds(shapes):
+        groups = layer_groups(shapes, moe, arch)
+        extra = shapes.hidden * (shapes.num_experts + (1 if shapes.shared_expert_intermediate
+                                                         else 0)) if moe else 0  # routers
+        kinds.append((groups, extra))
+    return _Job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host,
+                tuple(kinds), forced)
