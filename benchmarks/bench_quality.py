@@ -265,8 +265,9 @@ def markdown(doc: dict) -> str:
              "All quantized rows: 4-bit asymmetric unless the row says otherwise, through the "
              "Python API. ppl: perplexity of the quantized model; KL: mean KL(original || "
              "quantized) per token in nats, on the same windows; bpw: packed weights + scales "
-             "+ zeros per original weight of the quantized linears, (+idx: with g_idx); s: "
-             "quantize seconds on this machine.", ""]
+             "+ zeros per original weight of the quantized linears, (+idx: with g_idx); quantize s: "
+             "wall seconds on this shared machine beside other jobs (not a speed measurement)."
+             , ""]
     for key, m in doc["models"].items():
         p = m["protocol"]
         run = m.get("environment")
