@@ -302,6 +302,10 @@ class JobDir:
         atomic_save_tensors(p, tensors, self._stamp(stage, index, meta or {}))
         return p
 
+    def layer_meta(self, stage: str, index: int) -> dict:
+        """The metadata saved with a finished layer, read from the file's header only."""
+        return self._check_layer_file(stage, index)["meta"]
+
     def load_layer(self, stage: str, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         info = self._check_layer_file(stage, index)
         tensors, _ = load_tensors(self.layer_path(stage, index), "layer file")

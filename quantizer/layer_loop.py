@@ -48,7 +48,7 @@ class LayerLoop:
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
         """The per-layer records of a finished pass, from the job directory."""
-        return [LayerRecord(**jobdir.load_layer(STAGE, i)[1]["record"])
+        return [LayerRecord(**jobdir.layer_meta(STAGE, i)["record"])
                 for i in range(jobdir.next_layer(STAGE))]
 
     # ---- the pass --------------------------------------------------------------------------
