@@ -42,8 +42,9 @@ def test_quick_run_on_stories(tmp_path):
     assert fp["ppl"] == rtn["base_ppl"] and math.isfinite(rtn["ppl"])
     assert rtn["tokens"] == p["windows"] * (p["seqlen"] - 1)
     assert rtn["ppl"] > 1 and fp["ppl"] > 1 and rtn["kl"] > 0
-    # 4-bit per channel on 64/176-wide inputs: codes + fp16 scales + packed zeros, plus padding
-    assert 4.0 < rtn["bpw"] < 5.0 and rtn["bpw_with_index"] >= rtn["bpw"]
+    # 4-bit g32: 4 + (16 + 4) / 32 = 4.625 bits per stored weight, and the MLP padded from 172
+    # to 192 stores 53248 weights per layer for 49408 original ones (x1.078)
+    assert 4.625 * 53248 / 49408 <= rtn["bpw"] < 5.1 and rtn["bpw_with_index"] >= rtn["bpw"]
     assert rtn["quantized_linears"] == 5 * 7  # 5 layers x q,k,v,o,gate,up,down
     # stories260K is also judged on in-domain text (TinyStories), on the same protocol
     if bench_quality.TINYSTORIES.is_file():
