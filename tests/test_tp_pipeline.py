@@ -17,6 +17,7 @@ from quantizer.pipeline import plan_job
 from quantizer.skeleton import build_skeleton, capture_layer0_inputs, layer_output, load_layer
 
 from test_e2e import fake_quant_reference
+from test_tp import dense  # 70B-class attention: only the MLP can be flagged
 
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
 MLP = {GATE, UP, DOWN}
@@ -45,16 +46,6 @@ def write_config(path, **cfg):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     return path
-
-
-def dense(intermediate: int, **kw) -> dict:
-    # 70B-class attention (64 heads, 8 KV heads, hidden 8192) aligns at every TP ≤ 8: only the
-    # MLP can be flagged.
-    cfg = dict(model_type="qwen2", hidden_size=8192, num_attention_heads=64,
-               num_key_value_heads=8, num_hidden_layers=4, vocab_size=152064,
-               intermediate_size=intermediate)
-    cfg.update(kw)
-    return cfg
 
 
 def run_check(capsys, path, tp, *extra) -> tuple[int, set[str], str]:
