@@ -28,11 +28,6 @@ def model_config(source: CheckpointSource, intermediate_size: int | None = None)
     return cfg
 
 
-def config_dtype(cfg) -> torch.dtype:
-    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
-    return getattr(torch, d) if isinstance(d, str) else d
-
-
 def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
                    intermediate_size: int | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM

@@ -11,6 +11,10 @@ import torch
 
 from .export.writer import ShardWriter
 
+# Small shapes for tests: 2 layers, GQA 4/2, widths that every group size divides.
+_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=512, num_hidden_layers=2)
+
 # Published shapes (config.json values) for benchmark checkpoints.
 PRESETS = {
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -22,18 +26,10 @@ PRESETS = {
     "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
                        num_hidden_layers=80),
-    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                       num_hidden_layers=2),
-    "tiny-mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                         num_hidden_layers=2, sliding_window=64),
-    "tiny-qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                       num_hidden_layers=2),
-    "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                       num_hidden_layers=2, head_dim=32),
+    "tiny-llama": dict(_TINY, model_type="llama"),
+    "tiny-mistral": dict(_TINY, model_type="mistral", sliding_window=64),
+    "tiny-qwen2": dict(_TINY, model_type="qwen2"),
+    "tiny-qwen3": dict(_TINY, model_type="qwen3", head_dim=32),
 }
 
 
@@ -74,9 +70,7 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
             t = torch.ones(p.shape)
             if outlier_channels and t.shape[0] == config.hidden_size and "layernorm" in name:
                 t[outliers] = 20.0
-        elif p.dim() == 1:  # biases
-            t = torch.randn(p.shape, generator=gen) * std
-        else:
+        else:  # weights and biases
             t = torch.randn(p.shape, generator=gen) * std
         writer.add({name: t.to(dtype)})
     writer.finish()

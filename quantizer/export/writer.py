@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -81,11 +80,6 @@ def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
             shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
             copied.append(name)
     return copied
-
-
-def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def fsync_dir(path: Path) -> None:
