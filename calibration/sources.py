@@ -17,6 +17,10 @@ WIKITEXT_ENV = "LAYERQUANT_WIKITEXT"
 WIKITEXT_SHARED = Path("wikitext-2-raw") / "wiki.test.raw"
 
 BUILTIN_SOURCES = {"builtin": "calibration", "builtin-eval": "eval"}
+# The second half of WikiText-2 test's rows: in-domain calibration for a perplexity measured
+# on the split's first windows when no train split is at hand (offline). Disjoint from an
+# evaluation of up to half the split; callers that evaluate more must not use it.
+WIKITEXT_TAIL = "wikitext2-tail"
 
 # name -> (load_dataset args, load_dataset kwargs, text field). The splits are the ones the
 # AWQ/GPTQ literature uses: pile validation for calibration, WikiText-2 test for perplexity,
@@ -33,19 +37,22 @@ HF_DATASETS = {
 
 
 def available_sources() -> list[str]:
-    return sorted(BUILTIN_SOURCES) + sorted(HF_DATASETS)
+    return sorted(BUILTIN_SOURCES) + sorted(HF_DATASETS) + [WIKITEXT_TAIL]
 
 
 def load_texts(source: str) -> list[str]:
     """Documents of `source`: "builtin" / "builtin-eval", a local .txt or .jsonl path, or one of
     the HF dataset names pileval, wikitext2, c4 ("wikitext2" prefers a local copy, see
-    `local_wikitext`)."""
+    `local_wikitext`), or wikitext2-tail (see WIKITEXT_TAIL)."""
     source = str(source)
     if source in BUILTIN_SOURCES:
         return builtin_documents(BUILTIN_SOURCES[source])
     path = Path(source).expanduser()
     if path.is_file():
         return read_local_file(path)
+    if source == WIKITEXT_TAIL:
+        rows = load_texts("wikitext2")
+        return rows[len(rows) // 2:]
     if source == "wikitext2":
         local = local_wikitext()
         if local is not None:

@@ -112,6 +112,20 @@ def test_wikitext2_prefers_local_copy(tmp_path, monkeypatch):
         load_texts("wikitext2")
 
 
+def test_wikitext2_tail_is_the_second_half_and_disjoint_from_the_first_windows(tmp_path,
+                                                                             monkeypatch):
+    rows = [f" row {i} : " + " ".join(f"w{i}_{j}" for j in range(i % 7 + 3)) for i in range(41)]
+    path = tmp_path / "wiki.test.raw"
+    path.write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv(sources.WIKITEXT_ENV, str(path))
+    tail = load_texts("wikitext2-tail")
+    assert tail == rows[20:]
+    # the evaluation's first windows (the first half of the text) share no row with it
+    head_text = "\n\n".join(rows[:20])
+    assert not any(row in head_text for row in tail)
+    assert "wikitext2-tail" in sources.available_sources()
+
+
 def test_wikitext2_found_in_shared_data(monkeypatch):
     if not (SHARED / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip("shared WikiText-2 copy not available")
