@@ -222,7 +222,8 @@ def environment(argv: list[str]) -> dict:
             "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor() or None, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "host": platform.node(),
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def fmt(v, spec="{:.3f}") -> str:
