@@ -107,6 +107,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--device", default="auto")
+    p.add_argument("--devices", default=None, help="spread the layers over these GPUs "
+                   "(e.g. 0,1: contiguous runs of layers per GPU)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -164,7 +166,7 @@ def run_eval_cli(argv) -> int:
     from .evaluation import evaluate
     result = evaluate(a.model, base=a.base, data=a.data, seqlen=a.seqlen,
                       max_windows=a.max_windows, device=a.device,
-                      progress=not (a.no_progress or a.json))
+                      progress=not (a.no_progress or a.json), devices=a.devices)
     print(result.to_json() if a.json else result)
     return 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 
@@ -114,8 +115,11 @@ def join(devices: list[str] | None = None) -> World:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and object collectives use the current device
     if not dist.is_initialized():
+        # Rank 0 alone assembles the export while the others wait at the final barrier:
+        # allow it an hour before a collective counts as hung.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(hours=1))
     w = World(dist.get_rank(), dist.get_world_size(), device)
     _WORLD[0] = w
     return w
@@ -140,6 +144,12 @@ def launch(devices: list[str], fn, *args):
                           start_method="spawn")
     results = elastic_launch(config, _worker)(devices, fn, args)
     return results[0]
+
+
+def run_sequence(calls: list) -> list:
+    """Several jobs in one launch, [(fn, args), ...] -> their results: what tests and the
+    benchmark use to pay the process start-up once."""
+    return [fn(*args) for fn, args in calls]
 
 
 def _worker(devices, fn, args):
