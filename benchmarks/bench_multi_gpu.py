@@ -32,6 +32,21 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _importable() -> None:
+    """Run from a plain copy of the repository (the GPU box): `kernels`, `calibration`,
+    `measurements` are importable only as quantizer.* (pyproject maps them; links do the same
+    without installing), and the repository goes on sys.path (spawned workers inherit it)."""
+    for pkg in ("kernels", "calibration", "measurements"):
+        link = REPO / "quantizer" / pkg
+        if not link.exists():
+            link.symlink_to(Path("..") / pkg)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+_importable()
 # rough seconds per scaling run on an H100/H200 (start-up + 4 layers), for the budget guard
 ESTIMATE_S = {"gptq": 45, "awq": 70}
 

@@ -12,7 +12,8 @@ from dataclasses import asdict
 
 import torch
 
-from .distributed import CalibLayout, fold_values, world
+from .distributed import world
+from .shards import CalibLayout, agree_min, fold_values
 from .layer_context import LayerContext
 from .memory import MemoryMeter
 from .report import LayerRecord
@@ -35,7 +36,9 @@ class LayerLoop:
         self.world = world()
         self.layout = None
         if tokens is not None:
-            # This process's calibration chunks: its shards' samples (all of them when alone)
+            # This process's calibration chunks: its shards' samples (all of them when alone),
+            # cut with one chunk size for all ranks (sums within a shard follow the chunks)
+            s.chunk_size = agree_min(self.world, s.chunk_size)
             self.layout = CalibLayout.plan(len(tokens), s.chunk_size, s.calib.shards,
                                            self.world)
             _, kwargs = capture_layer0_inputs(self.model, tokens[:1])

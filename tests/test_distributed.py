@@ -1,4 +1,4 @@
-"""Multi-process quantization (quantizer/distributed.py): the shard layout is the same for any
+"""Multi-process quantization (quantizer/distributed.py, quantizer/shards.py): the shard layout is the same for any
 number of processes, the shard fold is the single process's arithmetic, and a 2-process gloo
 run writes files bit-identical to a 1-process run (GPTQ and AWQ). The CUDA tests at the end
 run only where two GPUs are visible (the GPU box)."""
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from quantizer import distributed as D
+from quantizer import shards as S
 from quantizer.errors import InputError
 from quantizer.methods.gptq_hessian import HessianAccumulator
 
@@ -24,26 +25,26 @@ def chunks_of(layout):
 @pytest.mark.parametrize("n,chunk,shards", [(40, 8, 3), (8, 8, 8), (13, 4, 5), (128, 16, 8),
                                             (5, 8, 8)])
 def test_every_world_size_holds_the_single_process_chunks(n, chunk, shards):
-    single = D.CalibLayout.plan(n, chunk, shards)
+    single = S.CalibLayout.plan(n, chunk, shards)
     covered = [i for _, a, b in chunks_of(single) for i in range(a, b)]
     assert covered == list(range(n))  # every sample once, in order
     for s, a, b in chunks_of(single):  # a chunk never crosses its shard's end
         assert b - a <= chunk
         assert s * n // single.n_shards <= a < b <= (s + 1) * n // single.n_shards
     for size in range(1, single.n_shards + 1):
-        parts = [D.CalibLayout.plan(n, chunk, shards, D.World(r, size)) for r in range(size)]
+        parts = [S.CalibLayout.plan(n, chunk, shards, D.World(r, size)) for r in range(size)]
         assert all(p.shard_of for p in parts)  # no rank without work
         assert [c for p in parts for c in chunks_of(p)] == chunks_of(single)
     with pytest.raises(InputError, match="shards"):
-        D.CalibLayout.plan(n, chunk, shards, D.World(0, single.n_shards + 1))
+        S.CalibLayout.plan(n, chunk, shards, D.World(0, single.n_shards + 1))
 
 
 def test_shard_fold_is_the_left_fold_in_shard_order():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    layout = D.CalibLayout.plan(24, 3, 4)  # 4 shards of 6 samples, 2 chunks each
+    layout = S.CalibLayout.plan(24, 3, 4)  # 4 shards of 6 samples, 2 chunks each
     xs = [torch.randn(b - a, 7, 16, generator=gen) for a, b in
           zip(layout.sample_start, layout.sample_end)]
-    fold = D.ShardFold(layout, lambda: HessianAccumulator(16))
+    fold = S.ShardFold(layout, lambda: HessianAccumulator(16))
     for k, x in enumerate(xs):
         fold.part(layout.shard_of[k]).add(x)
     got = fold.result()

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantizer.distributed import (any_true, assemble, fold_tensors, fold_values, layout_of,
-                                   run_units)
+from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
+                              run_units)
 from quantizer.kernels.packing import QuantizedWeight
 
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios

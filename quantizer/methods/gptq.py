@@ -10,7 +10,7 @@ import time
 import torch
 
 from quantizer.errors import InputError
-from quantizer.distributed import ShardFold, layout_of, run_units
+from quantizer.shards import ShardFold, layout_of, run_units
 from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
 
 from . import register_method
