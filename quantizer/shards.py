@@ -217,30 +217,61 @@ class ShardFold:
 # ---- module parallel ----------------------------------------------------------------------
 def run_units(layout: CalibLayout, units: list, fn) -> list:
     """fn(unit) for every unit, unit k on rank k % W; every rank gets every result (a
-    structure of tensors and plain values, moved to the caller's device)."""
+    structure of tensors and plain values). Each rank first runs all of its units, then the
+    results are shared in unit order."""
     w = layout.world
     if not w.distributed:
         return [fn(u) for u in units]
+    mine = {k: fn(u) for k, u in enumerate(units) if k % w.size == w.rank}
+    return [share(mine.get(k), k % w.size, w) for k in range(len(units))]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor sat in a shared structure (the tensor travels on its own)."""
+
+    index: int
+    shape: tuple
+    dtype: torch.dtype
+
+
+def share(obj, owner: int, w: World):
+    """`obj` from rank `owner` on every rank: its structure as a small pickled message, its
+    tensors by direct broadcasts on the rank's device (NVLink under NCCL, no pickling of
+    weight-sized data). Tensors arrive on each rank's device."""
     import torch.distributed as dist
-    out = []
-    for k, unit in enumerate(units):
-        owner = k % w.size
-        box = [_to(fn(unit), torch.device("cpu")) if w.rank == owner else None]
-        dist.broadcast_object_list(box, src=owner, device=comm_device(w))
-        out.append(_to(box[0], w.device))
-    return out
+    tensors: list[torch.Tensor] = []
+    box = [_map(obj, lambda t: _slot(t, tensors)) if w.rank == owner else None]
+    dist.broadcast_object_list(box, src=owner, device=comm_device(w))
+    dev = comm_device(w)
+
+    def fetch(slot: _Slot):
+        if w.rank == owner:
+            t = tensors[slot.index].to(dev).contiguous()
+        else:
+            t = torch.empty(slot.shape, dtype=slot.dtype, device=dev)
+        wire = t.view(torch.uint8) if t.dtype == torch.bool else t
+        dist.broadcast(wire, src=owner)
+        return t.to(w.device)
+
+    return _map(box[0], lambda x: fetch(x) if isinstance(x, _Slot) else x, slots=True)
 
 
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
+def _slot(t: torch.Tensor, tensors: list) -> _Slot:
+    tensors.append(t)
+    return _Slot(len(tensors) - 1, tuple(t.shape), t.dtype)
+
+
+def _map(obj, fn, slots: bool = False):
+    """obj with fn applied to every tensor (or, with slots, to every _Slot)."""
+    if (isinstance(obj, _Slot) if slots else torch.is_tensor(obj)):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _map(v, fn, slots) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    if hasattr(obj, "__dataclass_fields__"):
+        return type(obj)(_map(v, fn, slots) for v in obj)
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, _Slot):
         import dataclasses
-        return dataclasses.replace(obj, **{f.name: _to(getattr(obj, f.name), device)
-                                           for f in dataclasses.fields(obj)
-                                           if torch.is_tensor(getattr(obj, f.name))})
+        return dataclasses.replace(obj, **{f.name: _map(getattr(obj, f.name), fn, slots)
+                                           for f in dataclasses.fields(obj)})
     return obj

@@ -73,14 +73,14 @@ def test_devices_flag_parsing():
 def _jobs(model, root: Path, tag: str, devices=None):
     """(fn, args) of a GPTQ and an AWQ run with shards of uneven size and 2 chunks each."""
     from quantizer.api import _quantize_worker
-    common = dict(model=str(model), calib_data=str(CALIB), calib_samples=40, calib_seqlen=16,
+    common = dict(model=str(model), calib_data=str(CALIB), calib_samples=31, calib_seqlen=16,
                   calib_shards=3, group_size=32, overwrite=True, progress=False)
     if devices is None:
         common["device"] = "cpu"
     return [(_quantize_worker, (dict(common, output=str(root / f"{tag}-gptq"), method="gptq",
                                      act_order=True), False)),
             (_quantize_worker, (dict(common, output=str(root / f"{tag}-awq"), method="awq",
-                                     grid=4, clip_tokens=96), False))]
+                                     grid=3, clip_tokens=96), False))]
 
 
 def _same_files(a: Path, b: Path) -> None:
