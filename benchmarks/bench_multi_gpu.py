@@ -86,12 +86,25 @@ class Bench:
 
 
 # ---- (a) correctness -------------------------------------------------------------------------
-def quantlinear_cuda1():
+def _keep_current(d0: str) -> None:
+    """The current CUDA device stays d0's (cuda:0) throughout: work on d1 must not need it."""
+    import torch
+    if d0.startswith("cuda"):
+        torch.cuda.set_device(torch.device(d0))
+
+
+def _current_kept(d0: str) -> None:
+    import torch
+    if d0.startswith("cuda"):
+        assert torch.cuda.current_device() == torch.device(d0).index, "the current device moved"
+
+
+def quantlinear_cuda1(d0: str = "cuda:0", d1: str = "cuda:1"):
     import torch
     from quantizer.kernels.packing import QuantizedWeight
     from quantizer.kernels.quant_linear import QuantLinear
 
-    torch.cuda.set_device(0)
+    _keep_current(d0)
     gen = torch.Generator().manual_seed(int(time.time()))
     K, N, gs = 512, 256, 128
     q = QuantizedWeight(codes=torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8),
@@ -103,20 +116,21 @@ def quantlinear_cuda1():
     for layout in ("awq", "gptq"):
         for m in (1, 7, 64, 300):
             x = torch.randn(m, K, generator=gen).half()
-            ys = {}
-            for dev in ("cuda:0", "cuda:1"):
+            ys = []
+            for dev in (d0, d1):
                 mod = QuantLinear.from_quantized(q, layout=layout).to(dev)
-                ys[dev] = mod(x.to(dev))
-                assert ys[dev].device == torch.device(dev), (ys[dev].device, dev)
-                assert torch.cuda.current_device() == 0, "the current device moved"
-            same = torch.equal(ys["cuda:0"].cpu(), ys["cuda:1"].cpu())
+                ys.append(mod(x.to(dev)))
+                assert ys[-1].device == torch.device(dev), (ys[-1].device, dev)
+                _current_kept(d0)
+            same = torch.equal(ys[0].cpu(), ys[1].cpu())
             out[f"{layout}-M{m}"] = same
-            assert same, f"{layout} M={m}: cuda:1 output differs from cuda:0"
-        try:
-            mod(x.to("cuda:0"))  # module on cuda:1, input on cuda:0
-            raise AssertionError("a mixed-device input did not raise")
-        except ValueError as e:
-            out[f"{layout}-mixed-error"] = str(e)
+            assert same, f"{layout} M={m}: {d1} output differs from {d0}"
+        if d0 != d1:
+            try:
+                mod(x.to(d0))  # module on d1, input on d0
+                raise AssertionError("a mixed-device input did not raise")
+            except ValueError as e:
+                out[f"{layout}-mixed-error"] = str(e)
     return {"results": out}
 
 
@@ -154,35 +168,34 @@ def _sha(p: Path) -> str:
     return h.hexdigest()
 
 
-def quantize_cuda1(scratch: Path):
-    import torch
+def quantize_cuda1(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
     from quantizer import distributed as D
 
-    torch.cuda.set_device(0)
+    _keep_current(d0)
     model = _tiny(scratch)
-    D.run_sequence(_tiny_jobs(model, scratch, "cuda0", "cuda:0"))
-    D.run_sequence(_tiny_jobs(model, scratch, "cuda1", "cuda:1"))
-    res = {m: same_files(scratch / f"cuda0-{m}", scratch / f"cuda1-{m}") for m in ("gptq", "awq")}
-    assert torch.cuda.current_device() == 0
+    D.run_sequence(_tiny_jobs(model, scratch, "dev0", d0))
+    D.run_sequence(_tiny_jobs(model, scratch, "dev1", d1))
+    res = {m: same_files(scratch / f"dev0-{m}", scratch / f"dev1-{m}") for m in ("gptq", "awq")}
+    _current_kept(d0)
     assert all(r["same"] for r in res.values()), res
     return {"results": res}
 
 
-def eval_placement(scratch: Path):
-    import torch
+def eval_placement(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
     from quantizer.evaluation import evaluate
 
-    torch.cuda.set_device(0)
-    out = scratch / "cuda0-gptq"
+    _keep_current(d0)
+    out = scratch / "dev0-gptq"
     if not out.exists():
-        quantize_cuda1(scratch)
-    kw = dict(data="builtin", seqlen=64, max_windows=8, progress=False)
-    ref = evaluate(out, device="cuda:0", **kw)
-    res = {"cuda:0": [ref.quant_ppl, ref.kl]}
-    for placement in (["cuda:1"], ["cuda:0", "cuda:1"], ["cuda:1", "cuda:0"]):
+        quantize_cuda1(scratch, d0, d1)
+    kw = dict(data="builtin-eval", seqlen=64, max_windows=8, progress=False)
+    ref = evaluate(out, device=d0, **kw)
+    res = {d0: [ref.quant_ppl, ref.kl]}
+    for placement in ([d1], [d0, d1], [d1, d0]):
         got = evaluate(out, devices=placement, **kw)
         res["+".join(placement)] = [got.quant_ppl, got.kl]
         assert (got.quant_ppl, got.kl) == (ref.quant_ppl, ref.kl), res
+    _current_kept(d0)
     return {"results": res}
 
 
@@ -320,7 +333,10 @@ def main(argv=None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
     if "correctness" in parts:
-        if args.quick:
+        if args.quick:  # the same code paths with both "devices" on the host
+            bench.case("quantlinear-cpu", lambda: quantlinear_cuda1("cpu", "cpu"))
+            bench.case("quantize-cpu", lambda: quantize_cuda1(scratch / "c", "cpu", "cpu"))
+            bench.case("eval-placement-cpu", lambda: eval_placement(scratch / "c", "cpu", "cpu"))
             bench.case("gloo-2proc", lambda: nccl_2proc(scratch / "c", ["cpu", "cpu"], "cpu"))
         else:
             import torch

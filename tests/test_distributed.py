@@ -70,6 +70,13 @@ def test_devices_flag_parsing():
             D.parse_devices(bad)
 
 
+def test_eval_placement_is_contiguous_runs_of_layers():
+    from quantizer.evaluation import layer_devices
+    got = [str(d) for d in layer_devices(["cuda:0", "cuda:1"], 5)]
+    assert got == ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert [str(d) for d in layer_devices(["cuda:1"], 2)] == ["cuda:1", "cuda:1"]
+
+
 def _jobs(model, root: Path, tag: str, devices=None):
     """(fn, args) of a GPTQ and an AWQ run with shards of uneven size and 2 chunks each."""
     from quantizer.api import _quantize_worker
