@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, QuantizerError
 
 
 
@@ -105,10 +105,10 @@ def join(devices: list[str] | None = None) -> World:
         torch.cuda.set_device(device)  # NCCL and object collectives use the current device
     if not dist.is_initialized():
         # Rank 0 alone assembles the export while the others wait at the final barrier:
-        # allow it an hour before a collective counts as hung.
+        # allow it half an hour before a collective counts as hung.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(hours=1))
+                                timeout=timedelta(minutes=30))
     w = World(dist.get_rank(), dist.get_world_size(), device)
     _WORLD[0] = w
     return w
@@ -132,7 +132,10 @@ def launch(devices: list[str], fn, *args):
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
     results = elastic_launch(config, _worker)(devices, fn, args)
-    return results[0]
+    first = results[0]
+    if isinstance(first, _Refused):  # bad input: the same clean message as one process
+        raise first.error_type(first.message)
+    return first
 
 
 def run_sequence(calls: list) -> list:
@@ -141,10 +144,21 @@ def run_sequence(calls: list) -> list:
     return [fn(*args) for fn, args in calls]
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A worker's refusal (bad input), returned rather than raised so that the launcher can
+    raise it as itself instead of a ChildFailedError."""
+
+    error_type: type
+    message: str
+
+
 def _worker(devices, fn, args):
     join(devices)
     try:
         return fn(*args)
+    except QuantizerError as e:  # refusals happen on every rank alike (same inputs)
+        return _Refused(type(e), str(e))
     finally:
         leave()
 
