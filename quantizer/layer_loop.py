@@ -13,10 +13,10 @@ from dataclasses import asdict
 import torch
 
 from .distributed import world
-from .shards import CalibLayout, agree_min, fold_values
 from .layer_context import LayerContext
 from .memory import MemoryMeter
 from .report import LayerRecord
+from .shards import CalibLayout, agree_min, fold_values
 from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
                        release_layer, to_device)
 
