@@ -253,8 +253,24 @@ def scaling_run(model: Path, scratch: Path, method: str, devices: str, quick: bo
                s_per_layer_wo_l0=round(statistics.median(layers[1:] or layers), 3),
                layer_sum_s=round(sum(layers), 2),
                quantize_s=round(sum(r["quantize_s"] for r in result["layers"]), 2),
-               extra_processes=result.get("extra", {}).get("processes", 1))
+               extra_processes=result.get("extra", {}).get("processes", 1),
+               stages=stage_means(result["layers"]))
     return rec
+
+
+# where a layer's time goes (rank 0's view): GPTQ hessian/solve, AWQ calibrate/search/clip
+STAGE_KEYS = ("load_s", "quantize_s", "write_s", "hessian_s", "solve_s", "time_s.calibrate",
+              "time_s.search", "time_s.clip", "time_s.quantize")
+
+
+def stage_means(layers: list[dict]) -> dict:
+    out = {}
+    for key in STAGE_KEYS:
+        vals = [r.get(key, r.get("stats", {}).get(key)) for r in layers]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        if vals:
+            out[key] = round(sum(vals) / len(vals), 3)
+    return out
 
 
 def scaling(bench: Bench, scratch: Path) -> None:
@@ -312,6 +328,11 @@ def table(data: dict) -> str:
                      f"{r.get('s_per_layer', '-')} | {r.get('s_per_layer_wo_l0', '-')} | "
                      f"{r.get('speedup_wall', '-')} | {r.get('speedup_layers', '-')} | {same} | "
                      f"{r.get('status')} |")
+    lines += ["", "Mean seconds per layer by stage (rank 0):", ""]
+    for r in data["scaling"]:
+        if r.get("stages"):
+            lines.append(f"- {r['method']} x{r.get('processes', '?')}: " + ", ".join(
+                f"{k} {v}" for k, v in r["stages"].items()))
     return "\n".join(lines)
 
 
