@@ -249,7 +249,7 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     w = world()
     say = (log if w.main else None) or (lambda msg: None)
     if w.distributed:
-        check_distributed(settings)
+        check_distributed(settings, w.size)
         settings.device = str(w.device)
     job = plan_job(model_path, settings)
     output = Path(output).absolute()
@@ -319,11 +319,17 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                        seconds=time.perf_counter() - t_start, extra=extra)
 
 
-def check_distributed(settings: QuantSettings) -> None:
-    """What a multi-process run does not carry out yet: refuse before any work."""
+def check_distributed(settings: QuantSettings, processes: int) -> None:
+    """What a multi-process run cannot do: refuse before any work."""
     if settings.is_adaptive:
         raise InputError("adaptive bit allocation (--bits 4.5, --adaptive, --measurement) "
                          "runs on one device only; drop --devices")
+    shards = min(settings.calib.shards, max(settings.calib.samples, 1))
+    if get_method(settings.method).needs_calibration and processes > shards:
+        raise InputError(f"{processes} processes but only {shards} calibration shards "
+                         f"(--calib-shards {settings.calib.shards}, --calib-samples "
+                         f"{settings.calib.samples}): each process needs a shard; use at most "
+                         f"{shards} devices")
 
 
 def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra):
