@@ -228,11 +228,12 @@ def quant_matmul(x: torch.Tensor, kw, bias: torch.Tensor | None = None,
         x2 = x2.index_select(1, kw.perm)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, kw.out_features)
-    plan = _plan_for(kw, x2, bias, config)
-    # launches go to the weight's GPU even when another one is current (skip the switch,
-    # a few microseconds, when it already is)
+    # launches (and autotuning's timed launches, stream-capture check) go to the weight's
+    # GPU even when another one is current (skip the switch, a few microseconds, when it
+    # already is)
     switch = x2.is_cuda and x2.device.index != torch.cuda.current_device()
     ctx = torch.cuda.device(x2.device) if switch else contextlib.nullcontext()
     with ctx:
+        plan = _plan_for(kw, x2, bias, config)
         y = plan.run(x2, kw, bias)
     return y.reshape(*lead, kw.out_features)

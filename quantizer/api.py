@@ -37,6 +37,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              save_hidden: str = "auto", measurement: str | None = None,
              adaptive: bool = False, hessian_device: str = "auto",
              tp_size: int | None = None, pad_for_tp: int | None = None,
+             devices: str | list | None = None, calib_shards: int = 8,
              **method_options) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
 
@@ -44,10 +45,26 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
     or Ctrl-C, call again with resume=True to continue from the last finished layer.
 
     tp_size=N refuses before any work unless the export loads under tensor parallelism N;
-    pad_for_tp=N zero-pads the MLP intermediate width so that it does (exact)."""
+    pad_for_tp=N zero-pads the MLP intermediate width so that it does (exact).
+
+    devices="0,1" (or "all", or "cpu,cpu") runs one process per device through
+    torch.distributed (quantizer/distributed.py); the output is bit-identical to one
+    process's. calib_shards: the calibration set's shard count, which bounds the processes."""
+    from . import distributed as D
+
+    device_list = D.parse_devices(devices) if isinstance(devices, (str, type(None))) else \
+        D.parse_devices(",".join(map(str, devices)))
+    if device_list and len(device_list) == 1:
+        device = device_list[0]
+    elif device_list and not D.world().distributed:
+        kwargs = {k: v for k, v in locals().items()
+                  if k in _QUANTIZE_ARGS and k not in ("devices", "log")}
+        kwargs.update(method_options)
+        return D.launch(device_list, _quantize_worker, kwargs, log is not None)
     settings = QuantSettings(
         bits=bits, group_size=group_size, method=method, symmetric=symmetric,
-        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed), device=device,
+        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
+        device=device,
         dtype=dtype, export_format=export_format, method_options=method_options,
         vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
@@ -55,6 +72,23 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)
+
+
+_QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric", "calib_data",
+                  "calib_samples", "calib_seqlen", "seed", "device", "dtype", "export_format",
+                  "overwrite", "resume", "work_dir", "progress", "max_shard_bytes",
+                  "vram_budget", "ram_budget", "save_hidden", "measurement", "adaptive",
+                  "hessian_device", "tp_size", "pad_for_tp", "calib_shards")
+
+
+def _log_stderr(msg: str) -> None:
+    import sys
+    print(msg, file=sys.stderr)
+
+
+def _quantize_worker(kwargs: dict, logging: bool) -> QuantResult:
+    """One process of a multi-device run (started by quantizer.distributed.launch)."""
+    return quantize(**kwargs, log=_log_stderr if logging else None)
 
 
 __all__ = ["quantize", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]

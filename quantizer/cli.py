@@ -55,6 +55,12 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--devices", default=None, help="one process per device through "
+                   "torch.distributed: GPU indices (0,1), all, or cpu,cpu; under torchrun "
+                   "each process joins (default there: cuda:LOCAL_RANK)")
+    p.add_argument("--calib-shards", type=_positive, default=8, help="calibration shards: "
+                   "statistics are summed per shard in shard order, so any number of "
+                   "processes up to this gives the same output (default 8)")
     p.add_argument("--dtype", default="auto", help="working dtype: auto, float16, bfloat16, "
                    "float32")
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
@@ -101,6 +107,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--device", default="auto")
+    p.add_argument("--devices", default=None, help="spread the layers over these GPUs "
+                   "(e.g. 0,1: contiguous runs of layers per GPU)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -116,7 +124,11 @@ def default_method(bits: float = 4, adaptive: bool = False) -> str:
 
 def run_quantize_cli(argv) -> int:
     a = quantize_parser().parse_args(argv)
+    from . import distributed
     from .api import quantize
+    joined = distributed.under_launcher() and not distributed.world().distributed
+    if joined:
+        distributed.join(distributed.parse_devices(a.devices))  # started by torchrun
     options = {}
     if a.damp is not None:
         options["damp"] = a.damp
@@ -139,10 +151,13 @@ def run_quantize_cli(argv) -> int:
                       measurement=a.measurement, adaptive=a.adaptive,
                       vram_budget=a.vram_budget, ram_budget=a.ram_budget,
                       hessian_device=a.hessian_device, tp_size=a.tp_size,
-                      pad_for_tp=a.pad_for_tp,
+                      pad_for_tp=a.pad_for_tp, devices=a.devices, calib_shards=a.calib_shards,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
-    print(result.to_json() if a.json else result)
+    if distributed.world().main:
+        print(result.to_json() if a.json else result)
+    if joined:
+        distributed.leave()
     return 0
 
 
@@ -151,7 +166,7 @@ def run_eval_cli(argv) -> int:
     from .evaluation import evaluate
     result = evaluate(a.model, base=a.base, data=a.data, seqlen=a.seqlen,
                       max_windows=a.max_windows, device=a.device,
-                      progress=not (a.no_progress or a.json))
+                      progress=not (a.no_progress or a.json), devices=a.devices)
     print(result.to_json() if a.json else result)
     return 0
 

@@ -18,6 +18,9 @@ class CalibSettings:
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    # Statistics are summed per shard of the samples, shards in order: the same sums on any
+    # number of processes (quantizer/shards.py); at most this many processes share a run.
+    shards: int = 8
 
 
 @dataclass

@@ -44,20 +44,33 @@ class EvalResult:
         return json.dumps(asdict(self), indent=2)
 
 
+def layer_devices(devices, num_layers: int) -> list[torch.device]:
+    """Pipeline placement: contiguous runs of layers per device, in the order given (layer i
+    on devices[i * D // L])."""
+    devices = [torch.device(d) for d in devices]
+    return [devices[i * len(devices) // num_layers] for i in range(num_layers)]
+
+
 @torch.no_grad()
 def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
-                 progress: bool = False, desc: str = "eval") -> list[torch.Tensor]:
-    """Hidden states after the last decoder layer for every window, kept on the CPU."""
+                 progress: bool = False, desc: str = "eval",
+                 devices=None) -> list[torch.Tensor]:
+    """Hidden states after the last decoder layer for every window, kept on the CPU. With
+    `devices`, each layer runs on its pipeline placement (layer_devices); every tensor it
+    sees is moved there explicitly."""
     from tqdm.auto import tqdm
 
     model = loader.model
     _, kwargs = capture_layer0_inputs(model, windows[:1])
-    kwargs = to_device(kwargs, device, loader.dtype)
+    placement = layer_devices(devices or [device], loader.num_layers)
+    kwargs_on = {d: to_device(kwargs, d, loader.dtype) for d in set(placement)}
     embed = model.get_input_embeddings()
     hs = [embed(windows[i:i + chunk]).to("cpu", loader.dtype) for i in range(0, len(windows), chunk)]
     for i in tqdm(range(loader.num_layers), desc=desc, unit="layer", disable=not progress):
+        dev = placement[i]
+        loader.device = dev  # the loader materialises the next layer on its placed device
         layer = loader.load(i)
-        hs = [layer_output(layer(h.to(device), **kwargs)).to("cpu") for h in hs]
+        hs = [layer_output(layer(h.to(dev), **kwargs_on[dev])).to("cpu") for h in hs]
         loader.release(i)
     return hs
 
@@ -74,22 +87,30 @@ def _log_probs(loader: LayerLoader, h: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
              max_windows: int | None = 40, device: str = "auto", chunk: int = 4,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, devices=None) -> EvalResult:
     """Perplexity of `quantized` (any checkpoint we can read) and, when `base` is given or
-    recorded in the export's layerquant.json, of the original and the KL between them."""
+    recorded in the export's layerquant.json, of the original and the KL between them.
+
+    devices (e.g. ["cuda:0", "cuda:1"]): spread the layers over them (contiguous runs; the
+    head runs on the first). Evaluation streams one layer at a time, so one GPU always fits;
+    this places work where the caller wants it (and is what the cuda:1 tests use)."""
     t0 = time.perf_counter()
     quantized = Path(quantized)
     if base is None and (quantized / "layerquant.json").is_file():
         recorded = json.loads((quantized / "layerquant.json").read_text()).get("source")
         base = recorded if recorded and Path(recorded).is_dir() else None
+    if devices:
+        from .distributed import parse_devices
+        devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
+        device = devices[0]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
     dtype = torch.float32 if dev.type == "cpu" else torch.float16
     q_loader = LayerLoader(quantized, dtype, dev)
     windows = eval_tokens(q_loader, data, seqlen, max_windows)
-    q_hidden = final_hidden(q_loader, windows, dev, chunk, progress, "eval quantized")
+    q_hidden = final_hidden(q_loader, windows, dev, chunk, progress, "eval quantized", devices)
     b_loader = LayerLoader(base, dtype, dev) if base is not None else None
-    b_hidden = (final_hidden(b_loader, windows, dev, chunk, progress, "eval original")
+    b_hidden = (final_hidden(b_loader, windows, dev, chunk, progress, "eval original", devices)
                 if b_loader else None)
     nll_q = nll_b = kl = 0.0
     count = 0

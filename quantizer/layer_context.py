@@ -33,6 +33,9 @@ class LayerContext:
     log: Callable[[str], None] = print
     stats: dict = field(default_factory=dict)  # method-specific numbers for the report
     replaced: set = field(default_factory=set)  # linears whose weight set_quantized replaced
+    # quantizer.shards.CalibLayout: the calibration shard of each of `inputs` and this
+    # process's rank; None: one process, one shard.
+    layout: object = None
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

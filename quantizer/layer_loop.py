@@ -12,9 +12,11 @@ from dataclasses import asdict
 
 import torch
 
+from .distributed import world
 from .layer_context import LayerContext
 from .memory import MemoryMeter
 from .report import LayerRecord
+from .shards import CalibLayout, agree_min, fold_values
 from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
                        release_layer, to_device)
 
@@ -31,18 +33,26 @@ class LayerLoop:
         self.out_dtype = getattr(torch, s.out_dtype)
         self.progress = progress
         self.inputs, self.kwargs = [], {}
+        self.world = world()
+        self.layout = None
         if tokens is not None:
-            chunk = max(1, s.chunk_size)
+            # This process's calibration chunks: its shards' samples (all of them when alone),
+            # cut with one chunk size for all ranks (sums within a shard follow the chunks)
+            s.chunk_size = agree_min(self.world, s.chunk_size)
+            self.layout = CalibLayout.plan(len(tokens), s.chunk_size, s.calib.shards,
+                                           self.world)
             _, kwargs = capture_layer0_inputs(self.model, tokens[:1])
             embed = self.model.get_input_embeddings()
-            self.inputs = [embed(tokens[i:i + chunk]).to(self.hidden_dev)
-                           for i in range(0, len(tokens), chunk)]
+            self.inputs = [embed(tokens[a:b]).to(self.hidden_dev)
+                           for a, b in zip(self.layout.sample_start, self.layout.sample_end)]
             self.kwargs = to_device(kwargs, job.device, job.dtype)
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
         # auto: on a GPU replaying finished layers (one forward each) costs less than writing
         # every layer's hidden states to disk; on the CPU it is the other way round.
         self.save_hidden = {"always": True, "never": False}.get(
             s.save_hidden, job.device.type == "cpu" and hidden_bytes <= s.save_hidden_max_bytes)
+        if self.world.distributed:  # each rank holds only its shards: resume replays instead
+            self.save_hidden = False
         self._prefetch = None  # (index, future) of the next layer's tensors being read
 
     @staticmethod
@@ -62,7 +72,7 @@ class LayerLoop:
         if start and self.inputs:
             self._restore_inputs(start)
         bar = tqdm(total=n, initial=start, desc="layers", unit="layer",
-                   disable=not self.progress)
+                   disable=not (self.progress and self.world.main))
         for i in range(start, n):
             records.append(self._layer(i))
             bar.set_postfix_str(f"err {records[-1].error_str()}")
@@ -80,7 +90,8 @@ class LayerLoop:
         self._start_read(i + 1)
         t_load = time.perf_counter() - t0
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
+                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say,
+                           layout=self.layout)
         fp_out = ctx.outputs() if self.inputs else None
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
@@ -92,7 +103,7 @@ class LayerLoop:
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
             new = ctx.outputs()
-            out_err = _rel_chunks(new, fp_out)
+            out_err = _rel_chunks(new, fp_out, self.layout)
             self.inputs = new
         release_layer(self.model, i)
         t2 = time.perf_counter()
@@ -155,7 +166,7 @@ class LayerLoop:
     def _restore_inputs(self, start: int) -> None:
         """Hidden states entering layer `start`: from the job directory when saved, else by
         replaying the finished layers from their files (same code path as the first run)."""
-        if self.jobdir.has_hidden(start, STAGE):
+        if not self.world.distributed and self.jobdir.has_hidden(start, STAGE):
             self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
             self.say(f"resumed at layer {start} from saved hidden states")
             return
@@ -166,7 +177,8 @@ class LayerLoop:
                                job.padded_intermediate)
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
             ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                               self.inputs, self.kwargs, job.device, job.dtype)
+                               self.inputs, self.kwargs, job.device, job.dtype,
+                               layout=self.layout)
             self.inputs = ctx.outputs()
             release_layer(self.model, i)
         self.say(f"resumed at layer {start} by replaying {start} finished layers")
@@ -202,9 +214,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
-def _rel_chunks(new: list, ref: list) -> float:
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
+def _rel_chunks(new: list, ref: list, layout) -> float:
+    """Relative output error over every rank's chunks (shard sums, folded in order)."""
+    num, den = {}, {}
+    for k, (a, b) in enumerate(zip(new, ref)):
+        s = layout.shard_of[k]
+        num[s] = num.get(s, 0.0) + float((a.float() - b.float()).pow(2).sum())
+        den[s] = den.get(s, 0.0) + float(b.float().pow(2).sum())
+    num, den = fold_values(layout, num), fold_values(layout, den)
     return (num / max(den, 1e-30)) ** 0.5
 
 

@@ -243,8 +243,14 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                                                     job_fingerprint)
     from quantizer.measurements.jobstate import JobDir
 
+    from .distributed import begin_job, world
+
     t_start = time.perf_counter()
-    say = log or (lambda msg: None)
+    w = world()
+    say = (log if w.main else None) or (lambda msg: None)
+    if w.distributed:
+        check_distributed(settings, w.size)
+        settings.device = str(w.device)
     job = plan_job(model_path, settings)
     output = Path(output).absolute()
     if output.exists() and any(output.iterdir()) and not (overwrite or resume):
@@ -264,8 +270,10 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                                      measure_settings(settings))
     created = not work.exists()
     first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
-    state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=first)
-    extra = {}
+    # rank 0 alone owns (locks and writes) the job directory; other ranks read it
+    jobdir, state = begin_job(w, jobdir, fingerprint, resume=resume, overwrite=overwrite,
+                              first_stage=first)
+    extra = {"processes": w.size} if w.distributed else {}
     if job.plan is not None:
         extra["plan"] = {"predicted_peak": {f"cuda:{i}": b for i, b in
                                             job.plan.predicted_peak.items()},
@@ -287,25 +295,41 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                 jobdir.set_stage("export")
             else:
                 records = LayerLoop.records(jobdir)
-            assemble(job, jobdir, work / "final", max_shard_bytes,
-                     options.get("module_settings"))
-            publish(work / "final", output)
+            if w.main:
+                assemble(job, jobdir, work / "final", max_shard_bytes,
+                         options.get("module_settings"))
+                publish(work / "final", output)
         jobdir.finish()
+        w.barrier()  # every rank is done with the job directory before it goes
     except InputError:
         # Bad input (e.g. NaN weights) cannot be fixed by resuming: leave nothing behind.
         jobdir.unlock()
-        if created:
+        if created and w.main:
             shutil.rmtree(work, ignore_errors=True)
         raise
     except BaseException:
         jobdir.unlock()  # the job directory stays: rerun with --resume
         raise
     jobdir.unlock()
-    shutil.rmtree(work, ignore_errors=True)
+    if w.main:
+        shutil.rmtree(work, ignore_errors=True)
     return QuantResult(model=str(model_path), output=str(output), settings=settings.to_dict(),
                        group_size=job.group_size, export_format=job.export_format,
                        notes=job.notes, layers=records,
                        seconds=time.perf_counter() - t_start, extra=extra)
+
+
+def check_distributed(settings: QuantSettings, processes: int) -> None:
+    """What a multi-process run cannot do: refuse before any work."""
+    if settings.is_adaptive:
+        raise InputError("adaptive bit allocation (--bits 4.5, --adaptive, --measurement) "
+                         "runs on one device only; drop --devices")
+    shards = min(settings.calib.shards, max(settings.calib.samples, 1))
+    if get_method(settings.method).needs_calibration and processes > shards:
+        raise InputError(f"{processes} processes but only {shards} calibration shards "
+                         f"(--calib-shards {settings.calib.shards}, --calib-samples "
+                         f"{settings.calib.samples}): each process needs a shard; use at most "
+                         f"{shards} devices")
 
 
 def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra):

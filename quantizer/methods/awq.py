@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
+                              run_units)
 from quantizer.kernels.packing import QuantizedWeight
 
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios
@@ -235,18 +237,21 @@ class AWQ:
         names = [group.judge] if group.judge == first else [group.judge, first]
         cache = self._cache_device(ctx)
         judge_inputs = []
-        abs_sum = None
-        count = 0
-        for seen in ctx.capture(names, with_kwargs=True):
+        layout = layout_of(ctx)
+        abs_sum: dict[int, torch.Tensor] = {}  # per calibration shard, folded in order below
+        count: dict[int, float] = {}
+        for k, seen in enumerate(ctx.capture(names, with_kwargs=True)):
             jx, jkw = seen[group.judge]
             jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
             judge_inputs.append((_store(jx, cache), jkw))
             lx = seen[first][0]
             flat = lx.reshape(-1, lx.shape[-1])
             part = flat.abs().sum(dim=0, dtype=torch.float32)
-            abs_sum = part if abs_sum is None else abs_sum + part
-            count += flat.shape[0]
-        return GroupCapture(judge_inputs, abs_sum / max(count, 1))
+            s = layout.shard_of[k]
+            abs_sum[s] = part if s not in abs_sum else abs_sum[s] + part
+            count[s] = count.get(s, 0) + flat.shape[0]
+        return GroupCapture(judge_inputs, fold_tensors(layout, abs_sum)
+                            / max(fold_values(layout, count), 1))
 
     @staticmethod
     def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype):
@@ -260,30 +265,40 @@ class AWQ:
         inputs; None if any is non-finite."""
         cache = self._cache_device(ctx)
         refs = []
+        finite = True
         for x, kw in self._feed(ctx, data, eval_dtype):
             out = run_module(judge, x, kw)
             if not bool(torch.isfinite(out).all()):
-                return None
+                finite = False
+                break
             refs.append(_store(out, cache))
-        return refs
+        # every process must take the same branch
+        return None if any_true(layout_of(ctx), not finite) else refs
 
     def _search(self, ctx, prev_name: str, judge, linears, data: GroupCapture, refs,
                 w_mean, eval_dtype) -> dict:
         st = ctx.settings
         originals = [lin.weight.data.clone() for lin in linears]
-        numel = sum(r.numel() for r in refs)
+        layout = layout_of(ctx)
+        sizes: dict[int, float] = {}
+        for k, r in enumerate(refs):
+            sizes[layout.shard_of[k]] = sizes.get(layout.shard_of[k], 0) + r.numel()
+        numel = fold_values(layout, sizes)
 
         def loss_of(scales: torch.Tensor | None) -> float:
             if scales is not None and fold_overflows(ctx.layer, prev_name, scales):
                 return math.inf
             for lin, w0 in zip(linears, originals):
                 write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
-            total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for (x, kw), ref in zip(self._feed(ctx, data, eval_dtype), refs):
+            totals: dict[int, torch.Tensor] = {}  # per calibration shard
+            for k, ((x, kw), ref) in enumerate(zip(self._feed(ctx, data, eval_dtype), refs)):
                 diff = run_module(judge, x, kw).float()
                 diff.sub_(ref.to(ctx.device, non_blocking=True))
-                total += diff.square_().sum(dtype=torch.float64)
-            return float(total) / numel
+                s = layout.shard_of[k]
+                if s not in totals:
+                    totals[s] = torch.zeros((), dtype=torch.float64, device=ctx.device)
+                totals[s] += diff.square_().sum(dtype=torch.float64)
+            return fold_values(layout, {s: float(t) for s, t in totals.items()}) / numel
 
         try:
             result = grid_search(loss_of, data.x_abs_mean, w_mean, self.grid)
@@ -318,33 +333,40 @@ class AWQ:
         sample = self._sample_inputs(ctx, list(shared))
         st = ctx.settings
         ratios_grid = shrink_ratios(self.clip_grid, self.max_shrink)
+
+        def search(unit):
+            rep, name = unit
+            return search_clip(ctx.module(name).weight.data, sample[rep], st.bits,
+                               st.group_size, st.symmetric, ratios_grid)
+
+        # one unit per linear: with several processes they search on different ranks
+        units = [(rep, name) for rep, members in shared.items() for name in members]
         ratios = {}
-        for rep, members in shared.items():
-            x = sample[rep]
-            for name in members:
-                w = ctx.module(name).weight.data
-                r, stats = search_clip(w, x, st.bits, st.group_size, st.symmetric,
-                                       ratios_grid)
-                ratios[name] = r
-                ctx.stats["clip"][name] = stats
+        for (_, name), (r, stats) in zip(units, run_units(layout_of(ctx), units, search)):
+            ratios[name] = r
+            ctx.stats["clip"][name] = stats
         return ratios
 
     def _sample_inputs(self, ctx, names: list[str]) -> dict[str, torch.Tensor]:
         """Inputs of `names` on a seeded subsample of `clip_tokens` calibration tokens."""
-        sizes = [math.prod(x.shape[:-1]) for x in ctx.inputs]
+        layout = layout_of(ctx)
+        per_sample = math.prod(ctx.inputs[0].shape[1:-1])
         seed = int(ctx.settings.calib.seed) * 1_000_003 + int(ctx.index)
-        idx = sample_token_indices(sum(sizes), self.clip_tokens, seed)
-        picked = {n: [] for n in names}
-        start = 0
+        # indices into every process's tokens, in sample order (the same draw everywhere)
+        idx = sample_token_indices(layout.n_samples * per_sample, self.clip_tokens, seed)
+        picked: dict[str, torch.Tensor] = {}
         # Iterate the capture generator to its end (not zip): its cleanup removes the hooks.
         for chunk, seen in enumerate(ctx.capture(names)):
-            size = sizes[chunk]
-            local = idx[(idx >= start) & (idx < start + size)] - start
-            start += size
+            lo = layout.sample_start[chunk] * per_sample
+            hi = layout.sample_end[chunk] * per_sample
+            pos = ((idx >= lo) & (idx < hi)).nonzero().squeeze(1)
             for n in names:
-                x = seen[n]
-                picked[n].append(x.reshape(-1, x.shape[-1])[local.to(x.device)])
-        return {n: torch.cat(v, dim=0) for n, v in picked.items()}
+                x = seen[n].reshape(-1, seen[n].shape[-1])
+                if n not in picked:
+                    picked[n] = x.new_zeros((len(idx), x.shape[-1]))
+                picked[n][pos.to(x.device)] = x[(idx[pos] - lo).to(x.device)]
+        # each row was filled by the one process holding its token
+        return {n: assemble(t, layout.world) for n, t in picked.items()}
 
 
 def describe_stats(stats: dict) -> str:

@@ -10,6 +10,7 @@ import time
 import torch
 
 from quantizer.errors import InputError
+from quantizer.shards import ShardFold, layout_of, run_units
 from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
 
 from . import register_method
@@ -185,11 +186,14 @@ def group_hessians(ctx, groups) -> dict[tuple[str, ...], HessianAccumulator]:
     groups in one pass per chunk (capturing only each group's first member; the forward stops
     after the last one)."""
     firsts = [g[0] for g in groups]
-    accs = {g: HessianAccumulator(ctx.module(g[0]).in_features, ctx.device) for g in groups}
-    for seen in ctx.capture(firsts):
+    layout = layout_of(ctx)
+    # per calibration shard, folded in shard order: the same sums on any number of processes
+    folds = {g: ShardFold(layout, lambda g=g: HessianAccumulator(
+        ctx.module(g[0]).in_features, ctx.device)) for g in groups}
+    for k, seen in enumerate(ctx.capture(firsts)):  # to its end: that removes the hooks
         for g in groups:
-            accs[g].add(seen[g[0]])
-    return accs
+            folds[g].part(layout.shard_of[k]).add(seen[g[0]])
+    return {g: folds[g].result() for g in groups}
 
 
 def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
@@ -204,14 +208,22 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     buckets: dict[tuple[int, int], list[str]] = {}
     for name in group:
         buckets.setdefault(settings[name], []).append(name)
-    out, info = {}, {}
-    for (bits, gs), names in buckets.items():
+
+    def solve(unit):
+        (bits, gs), names = unit
         weights = [ctx.module(n).weight.data for n in names]
         stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
         q, info = gptq_quantize(stacked, None, bits, gs, symmetric, act_order, static_groups,
                                 damp, block, log=ctx.log, name=ctx.full_name(names[0]),
                                 prepared=prepared)
-        out.update(zip(names, split_rows(q, [w.shape[0] for w in weights])))
+        return split_rows(q, [w.shape[0] for w in weights]), info
+
+    # Each stacked solve is one unit of work; with several processes they run on different
+    # ranks at once and every rank receives every result (quantizer.distributed.run_units).
+    units = list(buckets.items())
+    out, info = {}, {}
+    for ((_, names), (qs, info)) in zip(units, run_units(layout_of(ctx), units, solve)):
+        out.update(zip(names, qs))
     return out, info
 
 

@@ -36,6 +36,22 @@ class HessianAccumulator:
             self.H.addmm_(x.t(), x, beta=self.n_tokens / total, alpha=2.0 / total)
         self.n_tokens = total
 
+    @torch.no_grad()
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Fold in another accumulator's mean (the running-mean rule for a block of tokens):
+        how calibration shards combine, in shard order (quantizer.distributed)."""
+        total = self.n_tokens + other.n_tokens
+        if total == 0:
+            return
+        self.H.mul_(self.n_tokens / total).add_(other.H, alpha=other.n_tokens / total)
+        self.n_tokens = total
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.H, torch.tensor([self.n_tokens], dtype=torch.int64, device=self.H.device)]
+
+    def load_state(self, tensors: list[torch.Tensor]) -> None:
+        self.H, self.n_tokens = tensors[0], int(tensors[1].item())
+
 
 @contextlib.contextmanager
 def _lossless_tf32(enable: bool):

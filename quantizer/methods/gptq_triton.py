@@ -70,12 +70,19 @@ BLOCK_O = 32
 
 def solve_columns_triton(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
     """Same contract as gptq._solve_columns (in place on WT, QT, scales, zeros)."""
-    from .gptq import gptq_group_params  # the one definition of a group's parameters
-
     if triton is None:
         raise RuntimeError("the triton GPTQ backend needs triton installed")
     if not (WT.is_cuda or interpreting()):
         raise RuntimeError("the triton GPTQ backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if WT.is_cuda:  # Triton launches on the current device: make it WT's
+        with torch.cuda.device(WT.device):
+            return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
+    return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
+
+
+def _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
+    from .gptq import gptq_group_params  # the one definition of a group's parameters
+
     n, out_f = WT.shape
     assert WT.is_contiguous() and QT.is_contiguous() and scales.is_contiguous()
     assert U.stride(1) == 1
