@@ -3,7 +3,8 @@ which modules share an input. Architecture files only *name* modules; the forwar
 transformers' own decoder layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class ScaleGroup:
     linears: tuple[str, ...]
     judge: str
     when: str | None = None
+    # Modules whose input columns take the fold (x · s) but are not quantized or searched: a
+    # MoE router reading the norm's output, or experts left to the RTN fallback.
+    also_scale: tuple[str, ...] = ()
+    # The module whose input gives the activation statistic (default: linears[0]); a MoE
+    # block's experts each see only their routed tokens, the block itself sees them all.
+    stat: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,11 @@ class ArchSpec:
     intermediate_key: str = "intermediate_size"
     not_quantized: tuple[str, ...] = ("lm_head",)
     notes: str = field(default="", compare=False)
+    # Linears AWQ's clip search leaves alone (None: the q/k suffix rule in methods/awq.py).
+    clip_skip: tuple[str, ...] | None = None
+    # Mixture-of-experts layers (quantizer/arch/moe.py); input_groups / scale_groups above then
+    # describe the dense layers, and for_layer() gives a MoE layer's own.
+    moe: "MoESpec | None" = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -51,6 +63,62 @@ class ArchSpec:
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
+
+    def is_moe_layer(self, config, index: int) -> bool:
+        if isinstance(config, dict):
+            config = _AttrView(config)
+        return self.moe is not None and self.moe.is_moe_layer(config, index)
+
+    def for_layer(self, config, index: int, rtn_experts: tuple[int, ...] = ()) -> "ArchSpec":
+        """The spec of decoder layer `index` as methods see it: a dense layer's is this one;
+        a MoE layer's names every expert linear (minus `rtn_experts`, left to the fallback)."""
+        if isinstance(config, dict):
+            config = _AttrView(config)
+        if not self.is_moe_layer(config, index):
+            return self
+        from .moe import moe_layer_spec
+        return moe_layer_spec(self, config, rtn_experts)
+
+    def representative_layers(self, config) -> tuple[int, ...]:
+        """One layer index of each kind (dense, MoE) the model has, for shape checks."""
+        cfg = _AttrView(config) if isinstance(config, dict) else config
+        kinds: dict[bool, int] = {}
+        for i in range(int(cfg.num_hidden_layers)):
+            kinds.setdefault(self.is_moe_layer(cfg, i), i)
+        return tuple(sorted(kinds.values()))
+
+
+class _AttrView:
+    """config.json as a dict, read like a transformers config (attributes)."""
+
+    def __init__(self, d: dict):
+        self._d = d
+
+    def __getattr__(self, key):
+        try:
+            return self._d[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a family keeps its experts. Names are on-disk (and vLLM) tensor names relative to
+    the decoder layer: expert e's linears are f"{disk_block}.{experts}.{e}.{linear}"."""
+
+    block: str  # the sparse block's attribute in transformers' decoder layer ("mlp")
+    disk_block: str  # its name on disk ("block_sparse_moe" for Mixtral, else == block)
+    expert_linears: tuple[str, str, str]  # (gate, up, down) linear names on disk
+    num_experts_key: str  # config key: routed experts per layer
+    width_key: str  # config key: one expert's intermediate width
+    is_moe_layer: Callable  # (config, layer index) -> bool
+    experts: str = "experts"
+    router: str = "gate"  # not quantized; takes the post-attention norm's fold
+    shared: str | None = None  # shared-expert MLP (gate_proj/up_proj/down_proj), quantized
+    shared_gate: str | None = None  # Linear(hidden, 1) scaling the shared expert: kept fp
+
+    def expert(self, e: int, which: int) -> str:
+        return f"{self.disk_block}.{self.experts}.{e}.{self.expert_linears[which]}"
 
 
 # The Llama-style dense decoder layer: shared by Llama, Mistral, Qwen2 and Qwen3.
