@@ -85,7 +85,7 @@ class LayerLoop:
         # MoE: the float pass also counts tokens per expert; the method then gets this
         # layer's own linears, less the experts that saw too few tokens (rounded after).
         coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
-                                  job.settings.min_expert_tokens)
+                                  job.settings.min_expert_tokens, bool(self.inputs))
         with coverage:
             fp_out = ctx.outputs() if self.inputs else None
         ctx.arch = coverage.layer_arch()

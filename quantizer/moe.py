@@ -121,10 +121,12 @@ class ExpertCoverage:
     warning; its gate/up still take the post-attention norm's AWQ fold, so they read the same
     inputs as before. The counts and the fallbacks go into the layer's report."""
 
-    def __init__(self, layer: nn.Module, arch: ArchSpec, config, index: int, min_tokens: int):
+    def __init__(self, layer: nn.Module, arch: ArchSpec, config, index: int, min_tokens: int,
+                 calibrated: bool = True):
         self.arch, self.config, self.index = arch, config, index
         self.min_tokens = int(min_tokens)
-        self.moe = arch.is_moe_layer(config, index)
+        # without calibration data there is nothing to count and nothing to fall back from
+        self.moe = calibrated and arch.is_moe_layer(config, index)
         self.experts = experts_module(layer, arch.moe) if self.moe else None
         self.counts: torch.Tensor | None = None
 

@@ -107,6 +107,9 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
         writer.add({name: t.to(dtype)})
     writer.finish()
     cfg = config.to_dict()
+    moe = get_arch(config.model_type).moe
+    if moe is not None:  # the key real checkpoints use (to_dict may write only an alias)
+        cfg[moe.num_experts_key] = getattr(config, moe.num_experts_key)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -65,15 +65,15 @@ class ArchSpec:
         return f"{self.layers_prefix}.{index}"
 
     def is_moe_layer(self, config, index: int) -> bool:
-        if isinstance(config, dict):
-            config = _AttrView(config)
+        if self.moe is not None and isinstance(config, dict):
+            config = _config_object(config)
         return self.moe is not None and self.moe.is_moe_layer(config, index)
 
     def for_layer(self, config, index: int, rtn_experts: tuple[int, ...] = ()) -> "ArchSpec":
         """The spec of decoder layer `index` as methods see it: a dense layer's is this one;
         a MoE layer's names every expert linear (minus `rtn_experts`, left to the fallback)."""
         if isinstance(config, dict):
-            config = _AttrView(config)
+            config = _config_object(config)
         if not self.is_moe_layer(config, index):
             return self
         from .moe import moe_layer_spec
@@ -81,24 +81,24 @@ class ArchSpec:
 
     def representative_layers(self, config) -> tuple[int, ...]:
         """One layer index of each kind (dense, MoE) the model has, for shape checks."""
-        cfg = _AttrView(config) if isinstance(config, dict) else config
+        cfg = _config_object(config) if isinstance(config, dict) else config
         kinds: dict[bool, int] = {}
         for i in range(int(cfg.num_hidden_layers)):
             kinds.setdefault(self.is_moe_layer(cfg, i), i)
         return tuple(sorted(kinds.values()))
 
 
-class _AttrView:
-    """config.json as a dict, read like a transformers config (attributes)."""
+def _config_object(d: dict):
+    """config.json as transformers reads it (attribute aliases such as Qwen-MoE's
+    num_experts <-> num_local_experts resolved the way the model's own code sees them)."""
+    import warnings
 
-    def __init__(self, d: dict):
-        self._d = d
+    from transformers import AutoConfig
 
-    def __getattr__(self, key):
-        try:
-            return self._d[key]
-        except KeyError:
-            raise AttributeError(key) from None
+    params = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoConfig.for_model(d["model_type"], **params)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,10 @@ class MoESpec:
     width_key: str  # config key: one expert's intermediate width
     is_moe_layer: Callable  # (config, layer index) -> bool
     experts: str = "experts"
-    router: str = "gate"  # not quantized; takes the post-attention norm's fold
+    # The router is not quantized (vLLM builds it with quant_config=None, so exports need not
+    # list it: AWQ's modules_to_not_convert matches by substring, and "mlp.gate" would also
+    # catch dense layers' mlp.gate_proj); it takes the post-attention norm's AWQ fold.
+    router: str = "gate"
     shared: str | None = None  # shared-expert MLP (gate_proj/up_proj/down_proj), quantized
     shared_gate: str | None = None  # Linear(hidden, 1) scaling the shared expert: kept fp
 

@@ -34,7 +34,6 @@ SPEC = ArchSpec(
     layers_prefix="model.layers",
     input_groups=MLA_INPUT_GROUPS,
     scale_groups=MLA_SCALE_GROUPS,
-    not_quantized=("lm_head", "mlp.gate"),
     moe=MoESpec(block="mlp", disk_block="mlp", expert_linears=("gate_proj", "up_proj",
                                                                 "down_proj"),
                 num_experts_key="n_routed_experts", width_key="moe_intermediate_size",

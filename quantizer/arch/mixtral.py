@@ -9,7 +9,6 @@ SPEC = ArchSpec(
     layers_prefix="model.layers",
     input_groups=LLAMA_INPUT_GROUPS,
     scale_groups=LLAMA_SCALE_GROUPS,
-    not_quantized=("lm_head", "block_sparse_moe.gate"),
     moe=MoESpec(block="mlp", disk_block="block_sparse_moe", expert_linears=("w1", "w3", "w2"),
                 num_experts_key="num_local_experts", width_key="intermediate_size",
                 is_moe_layer=lambda config, index: True),

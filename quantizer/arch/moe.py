@@ -69,12 +69,3 @@ def moe_layer_spec(spec: ArchSpec, config, rtn_experts: tuple[int, ...] = ()) ->
                                                   if f".{moe.experts}." in n)
     return replace(spec, input_groups=attn_groups + tuple(groups),
                    scale_groups=attn_scales + tuple(scales), clip_skip=clip_skip)
-
-
-def not_quantized(moe: MoESpec) -> tuple[str, ...]:
-    """Module-name patterns an export lists as unquantized (vLLM builds the router and the
-    shared-expert gate as linears and must not look for packed weights there)."""
-    names = [f"{moe.disk_block}.{moe.router}"]
-    if moe.shared_gate:
-        names.append(f"{moe.disk_block}.{moe.shared_gate}")
-    return tuple(names)
