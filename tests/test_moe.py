@@ -174,3 +174,26 @@ def test_layer_specs_name_dense_and_moe_layers():
     assert {"mlp.gate", "mlp.experts.3.gate_proj", "mlp.experts.3.up_proj"} <= set(
         norm.also_scale)
     assert arch.representative_layers(cfg) == (0, 1)
+
+
+def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_path, prose_file,
+                                                         monkeypatch):
+    """Experts' groups captured together (their inputs do not depend on each other) give
+    byte-identical exports to the true-sequential one-group-per-forward order."""
+    import quantizer.arch.moe as arch_moe
+
+    src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
+    spec = get_arch("qwen3_moe").for_layer(json.loads((src / "config.json").read_text()), 1)
+    batches = spec.capture_batches(lambda n: 128 if "down" not in n else 64)
+    assert [len(b) for b in batches] == [1, 1, 4, 4]  # qkv, o, 4 x gate/up, 4 x down
+    assert len(spec.capture_batches(lambda n: 128, max_bytes=4 * 128 ** 2 * 2)) == 2 + 2 + 2
+    exports = []
+    for cap in (1, 1 << 30):
+        monkeypatch.setattr(arch_moe, "EXPERT_BATCH_HESSIAN_BYTES", cap)
+        out = tmp_path / f"cap{cap}"
+        quantize(src, out, bits=4, group_size=32, method="gptq", export_format="gptq",
+                 calib_data=str(prose_file), calib_samples=4, calib_seqlen=32, progress=False,
+                 min_expert_tokens=1)
+        exports.append(load_file(out / "model.safetensors"))
+    assert exports[0].keys() == exports[1].keys()
+    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])

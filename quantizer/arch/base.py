@@ -79,6 +79,36 @@ class ArchSpec:
         from .moe import moe_layer_spec
         return moe_layer_spec(self, config, rtn_experts)
 
+    def capture_batches(self, in_features: Callable[[str], int],
+                        max_bytes: int | None = None) -> list[list[tuple[str, ...]]]:
+        """input_groups cut into batches whose inputs can be captured in one forward: a
+        group's input must not depend on another group of the same batch being quantized.
+        Dense layers: one group per batch (true-sequential). MoE: consecutive routed-expert
+        groups of the same kind (gate/up, or down) read inputs no other expert changes, so
+        they share a forward, up to `max_bytes` of float32 Hessians at once."""
+        if max_bytes is None:
+            from .moe import EXPERT_BATCH_HESSIAN_BYTES as max_bytes
+        batches: list[list[tuple[str, ...]]] = []
+        kind = None
+        size = 0
+        for group in self.input_groups:
+            this = self._expert_kind(group[0])
+            nbytes = 4 * in_features(group[0]) ** 2
+            if this is not None and this == kind and size + nbytes <= max_bytes:
+                batches[-1].append(group)
+                size += nbytes
+            else:
+                batches.append([group])
+                size = nbytes
+            kind = this
+        return batches
+
+    def _expert_kind(self, name: str) -> str | None:
+        """"gate_up" / "down" for a routed expert's linear, else None."""
+        if self.moe is None or f"{self.moe.disk_block}.{self.moe.experts}." not in name:
+            return None
+        return "down" if name.endswith("." + self.moe.expert_linears[2]) else "gate_up"
+
     def representative_layers(self, config) -> tuple[int, ...]:
         """One layer index of each kind (dense, MoE) the model has, for shape checks."""
         cfg = _config_object(config) if isinstance(config, dict) else config

@@ -8,6 +8,11 @@ from dataclasses import replace
 
 from .base import ArchSpec, MoESpec, ScaleGroup
 
+# GPTQ captures the inputs of several experts in one forward (their Hessians alive at once)
+# up to this many bytes of float32 Hessians: all of a Mixtral-8x7B layer's gate/up groups
+# (8 x 64 MiB), two of its down groups (784 MiB each), 32 of Qwen3-30B-A3B's gate/up groups.
+EXPERT_BATCH_HESSIAN_BYTES = 2 << 30
+
 # Attention linears AWQ never clips (as for dense layers: the q/k dot product amplifies it).
 _NO_CLIP_LEAVES = ("q_proj", "k_proj")
 
@@ -43,8 +48,11 @@ def moe_layer_spec(spec: ArchSpec, config, rtn_experts: tuple[int, ...] = ()) ->
     shared = shared_names(moe)
     if shared:
         groups += [shared[:2], shared[2:]]
-    for e in routed:
-        groups += [(moe.expert(e, 0), moe.expert(e, 1)), (moe.expert(e, 2),)]
+    # Every expert's gate/up, then every down: expert e's down reads only expert e's gate/up
+    # outputs, so this order is still true-sequential, and same-kind groups sit next to each
+    # other for ArchSpec.capture_batches to share forwards.
+    groups += [(moe.expert(e, 0), moe.expert(e, 1)) for e in routed]
+    groups += [(moe.expert(e, 2),) for e in routed]
 
     in_norm_group = list(shared[:2] if shared else ()) + [
         moe.expert(e, k) for e in routed for k in (0, 1)]
