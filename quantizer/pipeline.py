@@ -350,7 +350,7 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
     extra["measurement"] = str(store.path)
     outs = linear_out_features(job.source, job.padded_intermediate)
     ins = linear_in_features(job.source, job.padded_intermediate)
-    shapes = {name: (outs[name], ins[name]) for name in job.arch.linears}
+    shapes = {name: (outs[name], ins[name]) for name in outs}  # every layer kind's linears
     return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes)
 
 

@@ -197,3 +197,23 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
         exports.append(load_file(out / "model.safetensors"))
     assert exports[0].keys() == exports[1].keys()
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+
+
+def test_adaptive_bits_are_allocated_per_expert(tiny_checkpoint, tmp_path, prose_file):
+    """Fractional --bits on a MoE model: every expert is measured and gets its own width
+    (compressed-tensors config names them); the export reloads and matches its dequantized
+    form as transformers loads it."""
+    src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
+    out = tmp_path / "q"
+    result = quantize(src, out, bits=3.5, group_size=32, method="gptq",
+                      calib_data=str(prose_file), calib_samples=4, calib_seqlen=32,
+                      progress=False, min_expert_tokens=1)
+    assert abs(result.extra["bit_allocation"]["achieved_bpw"] - 3.5) < 0.05
+    assert len(result.extra["bit_allocation"]["modules_per_bits"]) > 1
+    from quantizer.loader import quant_spec
+    spec = quant_spec(json.loads((out / "config.json").read_text()))
+    widths = {spec.for_module(f"model.layers.{i}.block_sparse_moe.experts.{e}.{n}").bits
+              for i in range(2) for e in range(4) for n in ("w1", "w2", "w3")}
+    assert len(widths) > 1  # experts differ
+    dequantized_checkpoint(out, "compressed-tensors", tmp_path / "deq")
+    assert rel(logits(load(out)), logits(hf_model(tmp_path / "deq"))) < 5e-3
