@@ -8,7 +8,7 @@ whose forward takes what the fused module takes and computes the same thing. Loa
 methods, export and `quantizer.load` then see ordinary named linears, one expert at a time;
 no stacked copy of all experts is ever made.
 
-While counting is on, `UnfusedExperts` adds up how many tokens the router sent to each expert;
+While counting is on, each expert adds up how many tokens the router sent to it;
 `ExpertCoverage` turns those counts into the fallback for experts that saw too few."""
 from __future__ import annotations
 
@@ -31,8 +31,12 @@ class ExpertMLP(nn.Module):
         for name, (i, o) in zip(names, ((hidden, width), (hidden, width), (width, hidden))):
             self.add_module(name, nn.Linear(i, o, bias=False, device=device, dtype=dtype))
         self.act_fn = act
+        self.tokens_seen: int | None = None  # counted here, not by the caller, so that a
+        # block that indexes experts itself (transformers 4.x's ModuleList layout) is counted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens_seen is not None:
+            self.tokens_seen += x.numel() // x.shape[-1]
         gate, up, down = (getattr(self, n) for n in self.names)
         return down(self.act_fn(gate(x)) * up(x))
 
@@ -45,7 +49,17 @@ class UnfusedExperts(nn.ModuleList):
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
         self.num_experts = len(experts)
-        self.token_counts: torch.Tensor | None = None  # int64 (E,) on the CPU while counting
+
+    def start_counting(self) -> None:
+        for expert in self:
+            expert.tokens_seen = 0
+
+    def stop_counting(self) -> torch.Tensor:
+        """Tokens each expert was called on since start_counting (int64, CPU)."""
+        counts = torch.tensor([expert.tokens_seen or 0 for expert in self], dtype=torch.int64)
+        for expert in self:
+            expert.tokens_seen = None
+        return counts
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):
         index = top_k_index if top_k_index is not None else aliases.get("selected_experts")
@@ -57,9 +71,6 @@ class UnfusedExperts(nn.ModuleList):
         index, weights = index.to(dev), weights.to(dev)  # routers may run on another device
         out = torch.zeros_like(hidden_states)
         valid = (index >= 0) & (index < self.num_experts)  # expert-parallel masks use -1 / E
-        if self.token_counts is not None:
-            self.token_counts += torch.bincount(index[valid].flatten().cpu(),
-                                                minlength=self.num_experts)
         for e in torch.unique(index[valid]).tolist():
             token, slot = torch.where(index == e)
             y = self[e](hidden_states[token]) * weights[token, slot, None]
@@ -132,13 +143,12 @@ class ExpertCoverage:
 
     def __enter__(self):
         if self.experts is not None:
-            self.experts.token_counts = torch.zeros(self.experts.num_experts, dtype=torch.int64)
+            self.experts.start_counting()
         return self
 
     def __exit__(self, *exc):
         if self.experts is not None:
-            self.counts = self.experts.token_counts
-            self.experts.token_counts = None
+            self.counts = self.experts.stop_counting()
         return False
 
     @property

@@ -103,10 +103,11 @@ def test_unfused_experts_count_routed_tokens_and_skip_masked_slots():
     index[:, 1] = (index[:, 0] + 1) % 4
     index[3, 1] = -1  # an expert-parallel style masked slot: ignored, not counted
     weights = torch.rand(10, 2, generator=gen)
-    experts.token_counts = torch.zeros(4, dtype=torch.int64)
+    experts.start_counting()
     y = experts(x, index, weights)
     valid = index[index >= 0]
-    assert experts.token_counts.tolist() == torch.bincount(valid, minlength=4).tolist()
+    assert experts.stop_counting().tolist() == torch.bincount(valid, minlength=4).tolist()
+    assert all(e.tokens_seen is None for e in experts)  # counting is off again
     want = torch.zeros_like(x)
     for t in range(10):
         for k in range(2):
