@@ -115,3 +115,33 @@ def test_unfused_experts_count_routed_tokens_and_skip_masked_slots():
             if e >= 0:
                 want[t] += weights[t, k] * experts[e](x[t:t + 1])[0]
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)  # summation order differs
+
+
+def test_interrupted_moe_run_resumes_byte_identical(tiny_checkpoint, tmp_path, prose_file,
+                                                    monkeypatch):
+    """Stop after layer 0 of a GPTQ run on Qwen3-MoE; the resumed run replays layer 0 from its
+    file (per-expert tensors, hidden states not saved) and writes the same bytes."""
+    from quantizer.layer_loop import LayerLoop
+
+    src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
+    kw = dict(bits=4, group_size=32, method="gptq", export_format="gptq",
+              calib_data=str(prose_file), calib_samples=4, calib_seqlen=32, progress=False,
+              min_expert_tokens=1, save_hidden="never")
+    quantize(src, tmp_path / "straight", **kw)
+    original = LayerLoop._layer
+
+    def stop_at_layer_1(self, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    monkeypatch.setattr(LayerLoop, "_layer", stop_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, tmp_path / "resumed", **kw)
+    monkeypatch.setattr(LayerLoop, "_layer", original)
+    said = []
+    quantize(src, tmp_path / "resumed", resume=True, log=said.append, **kw)
+    assert any("replaying 1 finished layers" in m for m in said), said
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
