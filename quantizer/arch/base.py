@@ -3,7 +3,7 @@ which modules share an input. Architecture files only *name* modules; the forwar
 transformers' own decoder layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 
