@@ -62,8 +62,10 @@ class MeasureLoop(LayerLoop):
         t0 = time.perf_counter()
         layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                            job.padded_intermediate)
-        ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
+        # MoE layers: every expert's groups are measured, so bits are allocated per expert
+        ctx = LayerContext(i, layer, job.arch.for_layer(self.model.config, i), self.model.config,
+                           job.resolved_settings(), self.inputs, self.kwargs, job.device,
+                           job.dtype, log=self.say)
         results = measure_layer(ctx, damp=opts.get("damp", 0.01),
                                 act_order=bool(opts.get("act_order")),
                                 static_groups=bool(opts.get("static_groups")))

@@ -38,6 +38,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              adaptive: bool = False, hessian_device: str = "auto",
              tp_size: int | None = None, pad_for_tp: int | None = None,
              devices: str | list | None = None, calib_shards: int = 8,
+             min_expert_tokens: int = 16,
              **method_options) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
 
@@ -46,6 +47,9 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
 
     tp_size=N refuses before any work unless the export loads under tensor parallelism N;
     pad_for_tp=N zero-pads the MLP intermediate width so that it does (exact).
+
+    MoE: an expert routed fewer than min_expert_tokens calibration tokens is rounded to
+    nearest instead of calibrated (with a warning; the report lists tokens per expert).
 
     devices="0,1" (or "all", or "cpu,cpu") runs one process per device through
     torch.distributed (quantizer/distributed.py); the output is bit-identical to one
@@ -68,7 +72,8 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
         dtype=dtype, export_format=export_format, method_options=method_options,
         vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
-        hessian_device=hessian_device, tp_size=tp_size, pad_for_tp=pad_for_tp)
+        hessian_device=hessian_device, tp_size=tp_size, pad_for_tp=pad_for_tp,
+        min_expert_tokens=min_expert_tokens)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)

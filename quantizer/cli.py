@@ -78,6 +78,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "unless the export loads under tensor parallelism N (vLLM / Marlin shapes)")
     p.add_argument("--pad-for-tp", type=_positive, default=None, help="zero-pad the MLP "
                    "intermediate size so the export loads at TP N (exact; config.json updated)")
+    p.add_argument("--min-expert-tokens", type=int, default=16, help="MoE: experts routed "
+                   "fewer calibration tokens are rounded to nearest (RTN), with a warning")
     p.add_argument("--awq-grid", type=int, default=None, help="AWQ scale grid points (20)")
     p.add_argument("--awq-no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--awq-no-duo-scaling", action="store_true",
@@ -152,6 +154,7 @@ def run_quantize_cli(argv) -> int:
                       vram_budget=a.vram_budget, ram_budget=a.ram_budget,
                       hessian_device=a.hessian_device, tp_size=a.tp_size,
                       pad_for_tp=a.pad_for_tp, devices=a.devices, calib_shards=a.calib_shards,
+                      min_expert_tokens=a.min_expert_tokens,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     if distributed.world().main:

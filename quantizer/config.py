@@ -48,6 +48,9 @@ class QuantSettings:
     adaptive: bool = False  # measure + allocate bits even for an integer --bits target
     tp_size: int | None = None  # refuse before any work unless the export loads at TP N
     pad_for_tp: int | None = None  # zero-pad the MLP width so the export loads at TP N
+    # MoE: an expert routed fewer calibration tokens than this is rounded to nearest (RTN)
+    # instead of calibrated, with a warning; the report lists tokens per expert.
+    min_expert_tokens: int = 16
 
     # Settings that never change what a run produces: where and how fast work runs, and
     # tp_size, a check that either refuses before any work or lets the same output through

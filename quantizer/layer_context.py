@@ -92,10 +92,20 @@ class LayerContext:
                     self.layer(x, **self.layer_kwargs)
                 except _StopForward:
                     pass
+                for name in pending:  # never called on this chunk: a MoE expert no token
+                    empty = self._no_tokens(name, x)  # was routed to sees zero rows
+                    seen[name] = (empty, {}) if with_kwargs else empty
                 yield dict(seen)
         finally:
             for h in handles:
                 h.remove()
+
+    def _no_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        mod = self.module(name)
+        width = getattr(mod, "in_features", None)
+        if width is None:
+            raise RuntimeError(f"layer {self.index}: {name} was not reached by the forward")
+        return x.new_zeros((0, width))
 
     @torch.no_grad()
     def set_quantized(self, name: str, q: QuantizedWeight) -> None:

@@ -15,6 +15,7 @@ import torch
 from .distributed import world
 from .layer_context import LayerContext
 from .memory import MemoryMeter
+from .moe import ExpertCoverage
 from .report import LayerRecord
 from .shards import CalibLayout, agree_min, fold_values
 from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
@@ -92,9 +93,18 @@ class LayerLoop:
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
                            self.inputs, self.kwargs, job.device, job.dtype, log=self.say,
                            layout=self.layout)
-        fp_out = ctx.outputs() if self.inputs else None
+        # MoE: the float pass also counts tokens per expert; the method then gets this
+        # layer's own linears, less the experts that saw too few tokens (rounded after).
+        coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
+                                  job.settings.min_expert_tokens, bool(self.inputs))
+        with coverage:
+            fp_out = ctx.outputs() if self.inputs else None
+        coverage.sum_over_ranks(world())
+        ctx.arch = coverage.layer_arch()
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
+        coverage.quantize_fallbacks(ctx, quantized, self.say,
+                                    getattr(self.method, "module_settings", None))
         t_quant = time.perf_counter() - t1
         w_err = self._weight_errors(i, quantized, ctx)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,

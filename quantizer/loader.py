@@ -117,7 +117,8 @@ class LayerLoader:
         arch = self.source.arch
         if self.spec is not None:
             layer = decoder_layers(self.model)[index]
-            install_quant_linears(layer, arch.layer_prefix(index), arch.linears, self.spec,
+            linears = arch.for_layer(self.model.config, index).linears  # MoE: every expert
+            install_quant_linears(layer, arch.layer_prefix(index), linears, self.spec,
                                   self.dtype)
         return load_layer(self.model, self.source, index, self.device, self.dtype)
 

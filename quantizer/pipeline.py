@@ -136,6 +136,16 @@ def padded_width_and_group(source: CheckpointSource, settings: QuantSettings, in
     if tp:
         unit = math.lcm(unit, tp_multiple(tp, group_size))
     width = -(-intermediate // unit) * unit
+    arch = source.arch
+    if arch.moe is not None and all(arch.is_moe_layer(source.raw_config, i)
+                                    for i in arch.representative_layers(source.raw_config)):
+        width = intermediate  # no dense MLP to pad (Mixtral's intermediate_size is experts')
+    if width != intermediate and arch.moe is not None:
+        # Expert widths are never padded (they are in `fixed`); a dense MLP width of a MoE
+        # model could be, but no run has needed it yet: refuse rather than guess.
+        raise InputError(f"{source.arch.intermediate_key}={intermediate} would need padding "
+                         f"to {width} for {group_label(group_size)}; MoE models are not "
+                         f"padded: choose a --group-size that divides it")
     return (width if width != intermediate else None), group_size, msg
 
 
@@ -208,18 +218,26 @@ def config_dtype_from_raw(cfg: dict) -> torch.dtype:
     return getattr(torch, d, torch.float32)
 
 
+def layer_linears(source: CheckpointSource):
+    """(tensor name, linear name) of one layer of each kind: dense, and MoE (every expert)."""
+    arch = source.arch
+    for i in arch.representative_layers(source.raw_config):
+        for name in arch.for_layer(source.raw_config, i).linears:
+            yield f"{arch.layer_prefix(i)}.{name}.weight", name
+
+
 def linear_in_features(source: CheckpointSource, padded: int | None) -> dict[str, int]:
     widths = {}
-    for name in source.arch.linears:
-        shape = source.shape(f"{source.arch.layer_prefix(0)}.{name}.weight")
-        widths[name] = padded if (padded and name == source.arch.mlp_down) else shape[1]
+    for key, name in layer_linears(source):
+        widths[name] = padded if (padded and name == source.arch.mlp_down) else \
+            source.shape(key)[1]
     return widths
 
 
 def linear_out_features(source: CheckpointSource, padded: int | None) -> dict[str, int]:
     return {name: (padded if padded and name in source.arch.mlp_gate_up else
-                   source.shape(f"{source.arch.layer_prefix(0)}.{name}.weight")[0])
-            for name in source.arch.linears}
+                   source.shape(key)[0])
+            for key, name in layer_linears(source)}
 
 
 def calibration_tokens(job: Job) -> torch.Tensor | None:
@@ -356,7 +374,7 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
     extra["measurement"] = str(store.path)
     outs = linear_out_features(job.source, job.padded_intermediate)
     ins = linear_in_features(job.source, job.padded_intermediate)
-    shapes = {name: (outs[name], ins[name]) for name in job.arch.linears}
+    shapes = {name: (outs[name], ins[name]) for name in outs}  # every layer kind's linears
     return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes)
 
 

@@ -55,12 +55,41 @@ class QuantResult:
         return (f"{s['method']} {s['bits']}-bit g{self.group_size} -> {self.export_format} "
                 f"in {self.output} ({self.seconds:.1f} s, {len(self.layers)} layers)")
 
+    def expert_coverage(self) -> dict[int, dict]:
+        """MoE layers: calibration tokens routed to each expert (float pass) and the experts
+        that fell back to RTN for having fewer than the threshold."""
+        out = {}
+        for r in self.layers:
+            tokens = {int(k.split(".")[1]): int(v) for k, v in r.stats.items()
+                      if k.startswith("expert_tokens.")}
+            if tokens:
+                out[r.index] = {
+                    "tokens": [tokens[e] for e in sorted(tokens)],
+                    "fallback_rtn": sorted(int(k.split(".")[1]) for k in r.stats
+                                           if k.startswith("expert_fallback.")),
+                    "min_tokens": r.stats.get("expert_min_tokens")}
+        return out
+
+    def expert_lines(self) -> list[str]:
+        lines = []
+        for i, c in self.expert_coverage().items():
+            t = sorted(c["tokens"])
+            line = (f"layer {i} experts: tokens min {t[0]} median {t[len(t) // 2]} "
+                    f"max {t[-1]}")
+            if c["fallback_rtn"]:
+                line += (f"; RTN fallback (< {c['min_tokens']} tokens): " + ", ".join(
+                    f"{e} ({c['tokens'][e]})" for e in c["fallback_rtn"]))
+            lines.append(line)
+        return lines
+
     def __str__(self) -> str:
         rows = [self.HEADERS] + list(self.rows())
         widths = [max(len(r[c]) for r in rows) for c in range(len(self.HEADERS))]
         lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join([self.summary(), *self.notes, "", *lines])
+        experts = self.expert_lines()
+        return "\n".join([self.summary(), *self.notes, "", *lines]
+                         + (["", *experts] if experts else []))
 
     __repr__ = __str__
 
@@ -74,6 +103,9 @@ class QuantResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        coverage = self.expert_coverage()
+        if coverage:
+            d["expert_coverage"] = {str(k): v for k, v in coverage.items()}
         return d
 
     def to_json(self) -> str:

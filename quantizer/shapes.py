@@ -25,6 +25,9 @@ class ModelShapes:
     experts_per_tok: int = 0
     shared_expert_intermediate: int = 0
     moe_layers: int = 0  # how many decoder layers are MoE (the rest are dense)
+    # DeepSeek multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim); empty for ordinary attention
+    mla: tuple[int, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -52,6 +55,16 @@ class ModelShapes:
             return cls(**common, intermediate=0, num_experts=cfg["num_local_experts"],
                        moe_intermediate=need("intermediate_size"),
                        experts_per_tok=cfg.get("num_experts_per_tok") or 2, moe_layers=layers)
+        if cfg.get("n_routed_experts") and cfg.get("kv_lora_rank"):  # DeepSeek-V3 style
+            dense = min(int(cfg.get("first_k_dense_replace") or 0), layers)
+            mi = need("moe_intermediate_size")
+            return cls(**common, intermediate=int(cfg.get("intermediate_size") or 0),
+                       num_experts=cfg["n_routed_experts"], moe_intermediate=mi,
+                       experts_per_tok=cfg.get("num_experts_per_tok") or 1,
+                       shared_expert_intermediate=mi * int(cfg.get("n_shared_experts") or 0),
+                       moe_layers=layers - dense,
+                       mla=(need("q_lora_rank"), need("kv_lora_rank"), need("qk_nope_head_dim"),
+                            need("qk_rope_head_dim"), need("v_head_dim")))
         if cfg.get("num_experts") and cfg.get("moe_intermediate_size"):  # Qwen2-MoE / Qwen3-MoE
             step = cfg.get("decoder_sparse_step") or 1
             dense_only = set(cfg.get("mlp_only_layers") or ())
@@ -72,7 +85,8 @@ class Linear:
     name: str  # module name inside a decoder layer (experts: a label such as experts.down)
     in_features: int
     out_features: int
-    parallel: str  # how tensor parallelism splits it: "column" (outputs) or "row" (inputs)
+    parallel: str  # how tensor parallelism splits it: "column" (outputs), "row" (inputs) or
+    # "replicated" (DeepSeek's low-rank MLA "a" projections: whole on every GPU)
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,13 @@ def _dense_linear(name: str, s: ModelShapes, arch) -> Linear:
     # Attention projections by their role; the names themselves come from the arch file.
     roles = {"q_proj": (s.hidden, q, "column"), "k_proj": (s.hidden, kv, "column"),
              "v_proj": (s.hidden, kv, "column"), "o_proj": (q, s.hidden, "row")}
+    if s.mla:  # the low-rank "a" projections are replicated under TP, the "b" ones split
+        qr, kvr, nope, rope, v = s.mla
+        roles.update({"q_a_proj": (s.hidden, qr, "replicated"),
+                      "kv_a_proj_with_mqa": (s.hidden, kvr + rope, "replicated"),
+                      "q_b_proj": (qr, s.heads * (nope + rope), "column"),
+                      "kv_b_proj": (kvr, s.heads * (nope + v), "column"),
+                      "o_proj": (s.heads * v, s.hidden, "row")})
     leaf = name.rsplit(".", 1)[-1]
     if leaf not in roles:
         raise InputError(f"planner: no shape rule for module {name!r} of {arch.name}")

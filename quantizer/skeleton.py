@@ -41,6 +41,9 @@ def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     model.eval()
     model.requires_grad_(False)
+    # MoE: fused expert parameters -> per-expert linears named as on disk (still on meta)
+    from .moe import unfuse_model
+    unfuse_model(decoder_layers(model), source.arch, cfg)
     layers_prefix = source.arch.layers_prefix + "."
     wanted = {}
     for name, _ in model.named_parameters():

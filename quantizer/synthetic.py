@@ -30,6 +30,32 @@ PRESETS = {
     "tiny-mistral": dict(_TINY, model_type="mistral", sliding_window=64),
     "tiny-qwen2": dict(_TINY, model_type="qwen2"),
     "tiny-qwen3": dict(_TINY, model_type="qwen3", head_dim=32),
+    # MoE, written with per-expert tensors under their on-disk names. Benchmark widths are
+    # cut to a few layers with num_hidden_layers=... at write time.
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2,
+                         rope_theta=1e6),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          num_hidden_layers=48, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, rope_theta=1e6),
+    "tiny-mixtral": dict(_TINY, model_type="mixtral", intermediate_size=64,
+                         num_local_experts=4, num_experts_per_tok=2),
+    "tiny-qwen2-moe": dict(_TINY, model_type="qwen2_moe", moe_intermediate_size=64,
+                           shared_expert_intermediate_size=128, num_experts=4,
+                           num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+    "tiny-qwen3-moe": dict(_TINY, model_type="qwen3_moe", head_dim=32, moe_intermediate_size=64,
+                           num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                           decoder_sparse_step=1, mlp_only_layers=[]),
+    # DeepSeek-V3 style: MLA attention, layer 0 dense, layer 1 routed + shared experts.
+    "tiny-deepseek": dict(_TINY, model_type="deepseek_v3", num_key_value_heads=4,
+                          q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
+                          qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4,
+                          num_experts_per_tok=2, n_group=1, topk_group=1,
+                          moe_intermediate_size=64, n_shared_experts=1,
+                          first_k_dense_replace=1, rope_scaling=None),
 }
 
 
@@ -59,11 +85,17 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
+    # MoE: per-expert linears named as on disk, instead of transformers' fused parameters
+    from .arch import get_arch
+    from .moe import unfuse_model
+    from .skeleton import decoder_layers
+    unfuse_model(decoder_layers(model), get_arch(config.model_type), config)
     gen = torch.Generator().manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     outliers = torch.randperm(config.hidden_size, generator=gen)[:outlier_channels]
-    for name, p in model.named_parameters():
+    # Parameters and persistent buffers (DeepSeek's router score-correction bias).
+    for name, p in model.state_dict(keep_vars=True).items():
         if tied and name.endswith("lm_head.weight"):
             continue
         if name.endswith("norm.weight") or p.dim() == 1 and "norm" in name:
@@ -75,6 +107,9 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
         writer.add({name: t.to(dtype)})
     writer.finish()
     cfg = config.to_dict()
+    moe = get_arch(config.model_type).moe
+    if moe is not None:  # the key real checkpoints use (to_dict may write only an alias)
+        cfg[moe.num_experts_key] = getattr(config, moe.num_experts_key)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

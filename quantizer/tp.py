@@ -131,7 +131,10 @@ def _width_key(lin: Linear, config: dict, expert: bool) -> str:
 
 def _check_linear(lin: Linear, shapes: ModelShapes, n: int, g: int, expert: bool) -> str:
     """'' when `lin` is fine under TP n, else what is wrong with its per-GPU shape."""
-    if lin.parallel == "column":
+    if lin.parallel == "replicated":  # whole on every GPU (DeepSeek's MLA "a" projections)
+        part_in, part_out, split, uneven = lin.in_features, lin.out_features, "replicated", 0
+        side = ("output", lin.out_features)
+    elif lin.parallel == "column":
         part_in = lin.in_features
         if lin.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and shapes.kv_heads < n:
             part_out, split = shapes.head_dim, f"{shapes.kv_heads} KV heads replicated"

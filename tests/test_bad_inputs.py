@@ -42,7 +42,8 @@ def test_unsupported_architecture(tiny_checkpoint, tmp_path, capsys):
     cfg = json.loads((m / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (m / "config.json").write_text(json.dumps(cfg))
-    check_refused([str(m)], tmp_path / "out", capsys, "supported: llama, mistral, qwen2, qwen3")
+    check_refused([str(m)], tmp_path / "out", capsys, "supported: deepseek_v3, llama, mistral, "
+                  "mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe")
 
 
 @pytest.mark.parametrize("bits", ["1", "9"])

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from . import llama, mistral, qwen2, qwen3
-from .base import ArchSpec, ScaleGroup
+from . import deepseek, llama, mistral, mixtral, qwen2, qwen3, qwen_moe
+from .base import ArchSpec, MoESpec, ScaleGroup
 
 _SPECS: dict[str, ArchSpec] = {}
 
@@ -14,8 +14,9 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _module in (llama, mistral, qwen2, qwen3):
-    register(_module.SPEC)
+for _spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, mixtral.SPEC,
+              qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, deepseek.SPEC):
+    register(_spec)
 
 
 def supported() -> list[str]:
@@ -30,4 +31,4 @@ def get_arch(model_type: str) -> ArchSpec:
                          f"{', '.join(supported())}") from None
 
 
-__all__ = ["ArchSpec", "ScaleGroup", "get_arch", "register", "supported"]
+__all__ = ["ArchSpec", "MoESpec", "ScaleGroup", "get_arch", "register", "supported"]

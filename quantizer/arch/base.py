@@ -4,6 +4,7 @@ transformers' own decoder layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class ScaleGroup:
     linears: tuple[str, ...]
     judge: str
     when: str | None = None
+    # Modules whose input columns take the fold (x · s) but are not quantized or searched: a
+    # MoE router reading the norm's output, or experts left to the RTN fallback.
+    also_scale: tuple[str, ...] = ()
+    # The module whose input gives the activation statistic (default: linears[0]); a MoE
+    # block's experts each see only their routed tokens, the block itself sees them all.
+    stat: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,11 @@ class ArchSpec:
     intermediate_key: str = "intermediate_size"
     not_quantized: tuple[str, ...] = ("lm_head",)
     notes: str = field(default="", compare=False)
+    # Linears AWQ's clip search leaves alone (None: the q/k suffix rule in methods/awq.py).
+    clip_skip: tuple[str, ...] | None = None
+    # Mixture-of-experts layers (quantizer/arch/moe.py); input_groups / scale_groups above then
+    # describe the dense layers, and for_layer() gives a MoE layer's own.
+    moe: "MoESpec | None" = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -51,6 +63,95 @@ class ArchSpec:
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
+
+    def is_moe_layer(self, config, index: int) -> bool:
+        if self.moe is not None and isinstance(config, dict):
+            config = _config_object(config)
+        return self.moe is not None and self.moe.is_moe_layer(config, index)
+
+    def for_layer(self, config, index: int, rtn_experts: tuple[int, ...] = ()) -> "ArchSpec":
+        """The spec of decoder layer `index` as methods see it: a dense layer's is this one;
+        a MoE layer's names every expert linear (minus `rtn_experts`, left to the fallback)."""
+        if isinstance(config, dict):
+            config = _config_object(config)
+        if not self.is_moe_layer(config, index):
+            return self
+        from .moe import moe_layer_spec
+        return moe_layer_spec(self, config, rtn_experts)
+
+    def capture_batches(self, in_features: Callable[[str], int],
+                        max_bytes: int | None = None) -> list[list[tuple[str, ...]]]:
+        """input_groups cut into batches whose inputs can be captured in one forward: a
+        group's input must not depend on another group of the same batch being quantized.
+        Dense layers: one group per batch (true-sequential). MoE: consecutive routed-expert
+        groups of the same kind (gate/up, or down) read inputs no other expert changes, so
+        they share a forward, up to `max_bytes` of float32 Hessians at once."""
+        if max_bytes is None:
+            from .moe import EXPERT_BATCH_HESSIAN_BYTES as max_bytes
+        batches: list[list[tuple[str, ...]]] = []
+        kind = None
+        size = 0
+        for group in self.input_groups:
+            this = self._expert_kind(group[0])
+            nbytes = 4 * in_features(group[0]) ** 2
+            if this is not None and this == kind and size + nbytes <= max_bytes:
+                batches[-1].append(group)
+                size += nbytes
+            else:
+                batches.append([group])
+                size = nbytes
+            kind = this
+        return batches
+
+    def _expert_kind(self, name: str) -> str | None:
+        """"gate_up" / "down" for a routed expert's linear, else None."""
+        if self.moe is None or f"{self.moe.disk_block}.{self.moe.experts}." not in name:
+            return None
+        return "down" if name.endswith("." + self.moe.expert_linears[2]) else "gate_up"
+
+    def representative_layers(self, config) -> tuple[int, ...]:
+        """One layer index of each kind (dense, MoE) the model has, for shape checks."""
+        cfg = _config_object(config) if isinstance(config, dict) else config
+        kinds: dict[bool, int] = {}
+        for i in range(int(cfg.num_hidden_layers)):
+            kinds.setdefault(self.is_moe_layer(cfg, i), i)
+        return tuple(sorted(kinds.values()))
+
+
+def _config_object(d: dict):
+    """config.json as transformers reads it (attribute aliases such as Qwen-MoE's
+    num_experts <-> num_local_experts resolved the way the model's own code sees them)."""
+    import warnings
+
+    from transformers import AutoConfig
+
+    params = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoConfig.for_model(d["model_type"], **params)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a family keeps its experts. Names are on-disk (and vLLM) tensor names relative to
+    the decoder layer: expert e's linears are f"{disk_block}.{experts}.{e}.{linear}"."""
+
+    block: str  # the sparse block's attribute in transformers' decoder layer ("mlp")
+    disk_block: str  # its name on disk ("block_sparse_moe" for Mixtral, else == block)
+    expert_linears: tuple[str, str, str]  # (gate, up, down) linear names on disk
+    num_experts_key: str  # config key: routed experts per layer
+    width_key: str  # config key: one expert's intermediate width
+    is_moe_layer: Callable  # (config, layer index) -> bool
+    experts: str = "experts"
+    # The router is not quantized (vLLM builds it with quant_config=None, so exports need not
+    # list it: AWQ's modules_to_not_convert matches by substring, and "mlp.gate" would also
+    # catch dense layers' mlp.gate_proj); it takes the post-attention norm's AWQ fold.
+    router: str = "gate"
+    shared: str | None = None  # shared-expert MLP (gate_proj/up_proj/down_proj), quantized
+    shared_gate: str | None = None  # Linear(hidden, 1) scaling the shared expert: kept fp
+
+    def expert(self, e: int, which: int) -> str:
+        return f"{self.disk_block}.{self.experts}.{e}.{self.expert_linears[which]}"
 
 
 # The Llama-style dense decoder layer: shared by Llama, Mistral, Qwen2 and Qwen3.

@@ -174,7 +174,7 @@ class AWQ:
         if not ctx.arch.condition(group.when, ctx.model_config):
             self._skip(ctx, group, label, f"condition {group.when!r} does not hold")
             return
-        problem = fold_shape_problem(ctx.layer, group.prev, group.linears)
+        problem = fold_shape_problem(ctx.layer, group.prev, group.linears + group.also_scale)
         if problem:
             self._skip(ctx, group, label, problem)
             return
@@ -214,7 +214,8 @@ class AWQ:
             ctx.log(f"layer {ctx.index} AWQ {label}: no finite loss on the grid; "
                     f"keeping s = 1 (plain RTN) for this group")
         if result["alpha"] is not None:
-            fold_scales(ctx.layer, group.prev, group.linears, result["scales"])
+            fold_scales(ctx.layer, group.prev, group.linears + group.also_scale,
+                        result["scales"])
         ctx.stats["time_s"]["search"] += self._now(ctx) - t1
 
     def _skip(self, ctx, group, label: str, reason: str) -> None:
@@ -233,7 +234,7 @@ class AWQ:
 
     def _capture_group(self, ctx, group) -> GroupCapture:
         """Judge inputs (+kwargs) per chunk, and mean |x| of the linears' shared input."""
-        first = group.linears[0]
+        first = group.stat or group.linears[0]
         names = [group.judge] if group.judge == first else [group.judge, first]
         cache = self._cache_device(ctx)
         judge_inputs = []

@@ -267,45 +267,54 @@ class GPTQ:
         out: dict[str, QuantizedWeight] = {}
         per_module = ctx.stats.setdefault("modules", {})
         totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
-        for group in ctx.arch.input_groups:
+        # Groups of one batch share a capture forward (MoE experts); otherwise one each.
+        for batch in ctx.arch.capture_batches(lambda n: ctx.module(n).in_features):
             t0 = time.perf_counter()
-            acc = group_hessians(ctx, [group])[group]
+            accs = group_hessians(ctx, batch)
             _sync(ctx.device)
-            t1 = time.perf_counter()
-            settings = {name: self._settings(ctx, name) for name in group}
-            prepared = prepare_hessian(acc.H, self.act_order, self.damp, ctx.log)
-            if prepared.retries:
-                ctx.log(f"gptq: {ctx.full_name(group[0])} (+{len(group) - 1} sharing its "
-                        f"input) needed damp={prepared.damp_used:g} after "
-                        f"{prepared.retries} failed Cholesky attempt(s)")
-            qs, _ = quantize_group(ctx, group, acc.H, settings, ctx.settings.symmetric,
-                                   self.act_order, self.static_groups, self.damp, self.block,
-                                   prepared)
-            _sync(ctx.device)
-            t2 = time.perf_counter()
-            for name in group:
-                rec = {"hessian_s": t1 - t0, "solve_s": t2 - t1, "bits": settings[name][0],
-                       "group_size": settings[name][1], "damp_used": prepared.damp_used,
-                       "retries": prepared.retries, "dead_columns": int(prepared.dead.sum()),
-                       "tokens": acc.n_tokens, "shared_with": list(group)}
-                if self.report_error:
-                    w = ctx.module(name).weight.data.float()
-                    w_hat = qs[name].dequantize(torch.float32).to(w.device)
-                    rec["rel_error"] = output_error(w, w_hat, acc.H)
-                    # the float weight is replaced below; a caller comparing afterwards sees 0
-                    rec["weight_error"] = float((w_hat - w).norm() / w.norm().clamp(min=1e-12))
-                per_module[name] = rec
-            totals["hessian_s"] += t1 - t0
-            totals["solve_s"] += t2 - t1
-            totals["damp_retries"] += prepared.retries
-            # Later groups must see this group's quantized outputs (true-sequential).
-            for name in group:
-                ctx.set_quantized(name, qs[name])
-            out.update(qs)
-            del acc, prepared
+            t_capture = (time.perf_counter() - t0) / len(batch)
+            for group in batch:
+                self._quantize_group(ctx, group, accs.pop(group), t_capture, out, per_module,
+                                     totals)
         for k, v in totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
         return out
+
+    def _quantize_group(self, ctx, group, acc, t_capture, out, per_module, totals) -> None:
+        """GPTQ one input group against its Hessian, then swap in its quantized weights."""
+        t1 = time.perf_counter()
+        t0 = t1 - t_capture
+        settings = {name: self._settings(ctx, name) for name in group}
+        prepared = prepare_hessian(acc.H, self.act_order, self.damp, ctx.log)
+        if prepared.retries:
+            ctx.log(f"gptq: {ctx.full_name(group[0])} (+{len(group) - 1} sharing its "
+                    f"input) needed damp={prepared.damp_used:g} after "
+                    f"{prepared.retries} failed Cholesky attempt(s)")
+        qs, _ = quantize_group(ctx, group, acc.H, settings, ctx.settings.symmetric,
+                               self.act_order, self.static_groups, self.damp, self.block,
+                               prepared)
+        _sync(ctx.device)
+        t2 = time.perf_counter()
+        for name in group:
+            rec = {"hessian_s": t1 - t0, "solve_s": t2 - t1, "bits": settings[name][0],
+                   "group_size": settings[name][1], "damp_used": prepared.damp_used,
+                   "retries": prepared.retries, "dead_columns": int(prepared.dead.sum()),
+                   "tokens": acc.n_tokens, "shared_with": list(group)}
+            if self.report_error:
+                w = ctx.module(name).weight.data.float()
+                w_hat = qs[name].dequantize(torch.float32).to(w.device)
+                rec["rel_error"] = output_error(w, w_hat, acc.H)
+                # the float weight is replaced below; a caller comparing afterwards sees 0
+                rec["weight_error"] = float((w_hat - w).norm() / w.norm().clamp(min=1e-12))
+            per_module[name] = rec
+        totals["hessian_s"] += t1 - t0
+        totals["solve_s"] += t2 - t1
+        totals["damp_retries"] += prepared.retries
+        # Later groups must see this group's quantized outputs (true-sequential).
+        for name in group:
+            ctx.set_quantized(name, qs[name])
+        out.update(qs)
+        del acc, prepared
 
 
 register_method("gptq", GPTQ)

@@ -1,0 +1,79 @@
+"""A MoE decoder layer's quantization plan, derived from its family's MoESpec: which linears
+exist (every routed expert's gate/up/down, the shared expert's), in which input groups they
+run, and the AWQ scaling groups. Names are on-disk tensor names, one source of truth with the
+unfused expert modules in quantizer/moe.py (which are built from the same MoESpec)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .base import ArchSpec, MoESpec, ScaleGroup
+
+# GPTQ captures the inputs of several experts in one forward (their Hessians alive at once)
+# up to this many bytes of float32 Hessians: all of a Mixtral-8x7B layer's gate/up groups
+# (8 x 64 MiB), two of its down groups (784 MiB each), 32 of Qwen3-30B-A3B's gate/up groups.
+EXPERT_BATCH_HESSIAN_BYTES = 2 << 30
+
+# Attention linears AWQ never clips (as for dense layers: the q/k dot product amplifies it).
+_NO_CLIP_LEAVES = ("q_proj", "k_proj")
+
+
+def num_experts(moe: MoESpec, config) -> int:
+    return int(getattr(config, moe.num_experts_key))
+
+
+def expert_linear_names(moe: MoESpec, config) -> list[str]:
+    return [moe.expert(e, k) for e in range(num_experts(moe, config)) for k in range(3)]
+
+
+def shared_names(moe: MoESpec) -> tuple[str, str, str] | None:
+    if not moe.shared:
+        return None
+    return tuple(f"{moe.disk_block}.{moe.shared}.{n}" for n in ("gate_proj", "up_proj",
+                                                               "down_proj"))
+
+
+def moe_layer_spec(spec: ArchSpec, config, rtn_experts: tuple[int, ...] = ()) -> ArchSpec:
+    """`spec` with its dense MLP groups replaced by the MoE block's. Experts in `rtn_experts`
+    (too few calibration tokens) are left out of the groups -- the caller rounds them -- but
+    still take the post-attention norm's AWQ fold, so their inputs stay what they were."""
+    moe = spec.moe
+    dense_mlp = set(spec.mlp_gate_up) | {spec.mlp_down}
+    attn_groups = tuple(g for g in spec.input_groups if not set(g) & dense_mlp)
+    attn_scales = tuple(g for g in spec.scale_groups if not set(g.linears) & dense_mlp)
+    norm = next(g.prev for g in spec.scale_groups if set(g.linears) == set(spec.mlp_gate_up))
+    skip = set(rtn_experts)
+    routed = [e for e in range(num_experts(moe, config)) if e not in skip]
+
+    groups: list[tuple[str, ...]] = []
+    shared = shared_names(moe)
+    if shared:
+        groups += [shared[:2], shared[2:]]
+    # Every expert's gate/up, then every down: expert e's down reads only expert e's gate/up
+    # outputs, so this order is still true-sequential, and same-kind groups sit next to each
+    # other for ArchSpec.capture_batches to share forwards.
+    groups += [(moe.expert(e, 0), moe.expert(e, 1)) for e in routed]
+    groups += [(moe.expert(e, 2),) for e in routed]
+
+    in_norm_group = list(shared[:2] if shared else ()) + [
+        moe.expert(e, k) for e in routed for k in (0, 1)]
+    folded_only = [f"{moe.disk_block}.{moe.router}"]
+    if moe.shared_gate:
+        folded_only.append(f"{moe.disk_block}.{moe.shared_gate}")
+    folded_only += [moe.expert(e, k) for e in sorted(skip) for k in (0, 1)]
+    # With nothing left to search (every expert on the fallback, no shared expert) the norm
+    # keeps its weight and nothing needs the fold.
+    scales = [ScaleGroup(norm, tuple(in_norm_group), judge=moe.disk_block,
+                         also_scale=tuple(folded_only), stat=moe.disk_block)
+              ] if in_norm_group else []
+    if shared:
+        scales.append(ScaleGroup(shared[1], (shared[2],), judge=shared[2]))
+    scales += [ScaleGroup(moe.expert(e, 1), (moe.expert(e, 2),), judge=moe.expert(e, 2))
+               for e in routed]
+
+    # Routed experts see only their own tokens: the clip search samples a layer-wide token
+    # subset, which they do not have, so they keep their full range.
+    clip_skip = tuple(n for g in attn_groups for n in g if n.rsplit(".", 1)[-1]
+                      in _NO_CLIP_LEAVES) + tuple(n for g in groups for n in g
+                                                  if f".{moe.experts}." in n)
+    return replace(spec, input_groups=attn_groups + tuple(groups),
+                   scale_groups=attn_scales + tuple(scales), clip_skip=clip_skip)
