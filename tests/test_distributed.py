@@ -110,6 +110,25 @@ def test_two_gloo_processes_write_the_single_process_files(tiny_checkpoint, tmp_
     assert not list(tmp_path.glob("*.job"))
 
 
+def test_two_gloo_processes_moe_matches_single_process(tiny_checkpoint, tmp_path):
+    """Experts fall back to RTN by the whole run's token counts, not by one rank's share."""
+    model = tiny_checkpoint("tiny-mixtral")
+
+    def jobs(tag, dev, threshold):
+        return [(f, (dict(kw, min_expert_tokens=threshold), v))
+                for f, (kw, v) in _jobs(model, tmp_path, tag, dev)]
+
+    probe = D.run_sequence(jobs("probe", None, 1))[0].expert_coverage()
+    # the least-routed expert's whole-run count: it is calibrated, while a rank that counted
+    # only its own share (about half) would have rounded it to nearest instead
+    threshold = min(min(c["tokens"]) for c in probe.values())
+    single = D.run_sequence(jobs("one", None, threshold))
+    D.launch(["cpu", "cpu"], D.run_sequence, jobs("two", "cpu", threshold))
+    assert not any(c["fallback_rtn"] for c in single[0].expert_coverage().values())
+    for method in ("gptq", "awq"):
+        _same_files(tmp_path / f"one-{method}", tmp_path / f"two-{method}")
+
+
 # ---- CUDA (GPU box only) ------------------------------------------------------------------
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
