@@ -20,7 +20,8 @@ from .plan_format import _format_plan
 # Some names are imported only to be re-exported: callers import them from quantizer.plan.
 from .plan_memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions, Term,  # noqa: F401
                           _make_job, _peak, _Peak, _ram)
-from .plan_search import MAX_ROW_SLICES, TARGET_TOKENS, _apply, _ram_ok, _search  # noqa: F401
+from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS, _apply,  # noqa: F401
+                          _ram_ok, _search)
 from .shapes import (InputGroup, Linear, ModelShapes, layer_groups, layer_kinds,  # noqa: F401
                      resolve_arch)
 
@@ -190,7 +191,7 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
                 f"{format_size(ram_budget)} (--ram-budget)")
             host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu"
                            else dec.hidden)
-            if (job.method == "gptq" and dec.hessian == "gpu" and forced[1] == "auto"
+            if (job.method == "gptq" and dec.hessian in ("gpu", "park") and forced[1] == "auto"
                     and not on_host and _apply("hessian_off_gpu", job, dec, ram_budget) is None
                     and _peak(job, host).total < peak.total):  # blocked by host RAM
                 ram_note = (f" — Hessians on the CPU would fit the GPU but need "
@@ -215,7 +216,8 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
 def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
     """OOM recovery for the device that runs `layer_index` (and every later layer on it):
     halve the chunk; at chunk 1 move the largest movable item off the GPU (hidden states,
-    Hessians, the whole-layer weights, the fp32 weight copy). OutOfMemory when none is left."""
+    Hessians, the whole-layer weights, the fp32 weight copy). OutOfMemory when none is left.
+    Moves the layer loop does not carry out (layer_loop.CARRIED_OUT) are not offered."""
     dp = plan.device_plan_for(layer_index)
     job = _make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
                     plan.dtype_bytes, dp.device.is_host, plan.forced, arch)
@@ -228,6 +230,7 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
             sizes[t.kind] = sizes.get(t.kind, 0) + t.bytes
         options = []  # (bytes the move frees, move)
         for move, kinds in (("hidden_off_gpu", ("hidden", "reference")),
+                            ("hessian_park", ("hessian",)),
                             ("hessian_off_gpu", ("hessian", "cholesky")),
                             ("experts", ("hessian",)), ("by_group", ("weights",)),
                             ("row_slices", ("weight_fp32",))):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantizer.kernels.packing import QuantizedWeight
+from quantizer.plan_memory import AWQ_QUANTIZE_SLICE_ELEMENTS
 
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
@@ -85,8 +86,9 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
 
 
-# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries.
-_QUANTIZE_SLICE_ELEMENTS = 1 << 24
+# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries (the
+# planner's memory model counts them, so the number lives there).
+_QUANTIZE_SLICE_ELEMENTS = AWQ_QUANTIZE_SLICE_ELEMENTS
 
 
 def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
