@@ -33,6 +33,9 @@ class LayerContext:
     log: Callable[[str], None] = print
     stats: dict = field(default_factory=dict)  # method-specific numbers for the report
     replaced: set = field(default_factory=set)  # linears whose weight set_quantized replaced
+    # The memory plan's choices a method carries out itself (GPTQ: "hessian" gpu/park/cpu,
+    # "row_slices"); empty = everything on `device`, whole.
+    placement: dict = field(default_factory=dict)
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

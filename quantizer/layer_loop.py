@@ -12,8 +12,12 @@ from dataclasses import asdict
 
 import torch
 
+from .errors import OutOfMemory
+from .hidden_store import Chunks, HiddenStore
 from .layer_context import LayerContext
 from .memory import MemoryMeter
+from .oom import free_memory, injection_plan, is_oom, maybe_inject, shrink_local
+from .plan_memory import Decisions
 from .report import LayerRecord
 from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
                        release_layer, to_device)
@@ -27,16 +31,27 @@ class LayerLoop:
         self.say = say
         s = job.settings
         self.model = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
-        self.hidden_dev = torch.device("cpu" if s.hidden_device == "auto" else s.hidden_device)
+        self.plan = job.plan  # quantizer.plan.Plan on GPU runs; OOM recovery replaces it
+        # Without a plan (CPU runs) the settings say where hidden states wait.
+        hidden = {"disk": "disk"}.get(s.hidden_device,
+                                      "gpu" if s.hidden_device.startswith("cuda") else "cpu")
+        self._local = Decisions(hidden=hidden, hessian="gpu", mode="whole",
+                                chunk=max(1, s.chunk_size))
+        self.hidden = HiddenStore(job.device, jobdir.path / "hidden")
+        # where plain lists of hidden states go (the measurement pass keeps them in memory)
+        self.hidden_dev = torch.device(job.device if self.decisions(0).hidden == "gpu"
+                                       else "cpu")
         self.out_dtype = getattr(torch, s.out_dtype)
         self.progress = progress
-        self.inputs, self.kwargs = [], {}
+        self.inputs, self.kwargs = Chunks(), {}
+        self.inject = injection_plan()
         if tokens is not None:
-            chunk = max(1, s.chunk_size)
+            dec = self.decisions(0)
             _, kwargs = capture_layer0_inputs(self.model, tokens[:1])
             embed = self.model.get_input_embeddings()
-            self.inputs = [embed(tokens[i:i + chunk]).to(self.hidden_dev)
-                           for i in range(0, len(tokens), chunk)]
+            self.inputs = self.hidden.new(dec.hidden)
+            for i in range(0, len(tokens), dec.chunk):
+                self.hidden.append(self.inputs, embed(tokens[i:i + dec.chunk]))
             self.kwargs = to_device(kwargs, job.device, job.dtype)
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
         # auto: on a GPU replaying finished layers (one forward each) costs less than writing
@@ -44,6 +59,10 @@ class LayerLoop:
         self.save_hidden = {"always": True, "never": False}.get(
             s.save_hidden, job.device.type == "cpu" and hidden_bytes <= s.save_hidden_max_bytes)
         self._prefetch = None  # (index, future) of the next layer's tensors being read
+        self._pending: list[Chunks] = []  # hidden states the current attempt is writing
+
+    def decisions(self, i: int) -> Decisions:
+        return self.plan.decisions_for(i) if self.plan is not None else self._local
 
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
@@ -68,9 +87,53 @@ class LayerLoop:
             bar.set_postfix_str(f"err {records[-1].error_str()}")
             bar.update(1)
         bar.close()
+        self.hidden.release(self.inputs)
         return records
 
     def _layer(self, i: int) -> LayerRecord:
+        """Layer i, retried after an out-of-memory error with smaller decisions (halved chunk,
+        then the planner's next move off the GPU) until it fits or nothing is left to shrink
+        (OutOfMemory; finished layers stay committed for --resume). A retry redoes the layer
+        from its inputs, which the failed attempt never replaced; every statistic is summed
+        one sample at a time, so the chunk size does not change the numbers."""
+        retries: list[str] = []
+        while True:
+            dec = self.decisions(i)
+            if self.inputs:
+                self.inputs = self.hidden.move(self.hidden.rechunk(self.inputs, dec.chunk),
+                                              dec.hidden)
+            try:
+                return self._attempt(i, dec, retries)
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            # Outside the handler: the traceback (and every tensor its frames held) is gone.
+            release_layer(self.model, i)
+            for chunks in self._pending:
+                self.hidden.release(chunks)
+            self._pending.clear()
+            self._prefetch = None
+            free_memory(self.job.device)
+            step = self._shrink(i, dec, reason)
+            retries.append(f"{reason} -> {step}")
+            self.say(f"layer {i}: out of memory ({reason}); retrying with {step}")
+
+    def _shrink(self, i: int, dec: Decisions, reason: str) -> str:
+        if self.plan is not None:
+            from .plan import shrink
+            self.plan = shrink(self.plan, i, self.job.arch)  # OutOfMemory when none is left
+            new = self.plan.decisions_for(i)
+            return f"{self.plan.device_plan_for(i).steps[-1]} ({_describe(new)})"
+        moved = shrink_local(dec)
+        if moved is None:
+            raise OutOfMemory(f"layer {i} ran out of memory at chunk 1 with hidden states "
+                              f"on disk: nothing left to shrink ({reason}); finished layers "
+                              f"are kept: rerun with --resume after freeing memory")
+        self._local = moved[0]
+        return f"{moved[1]} ({_describe(moved[0])})"
+
+    def _attempt(self, i: int, dec: Decisions, retries: list[str]) -> LayerRecord:
         job = self.job
         meter = MemoryMeter(job.device)
         meter.reset()
@@ -80,32 +143,67 @@ class LayerLoop:
         self._start_read(i + 1)
         t_load = time.perf_counter() - t0
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say)
-        fp_out = ctx.outputs() if self.inputs else None
+                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say,
+                           placement={"hessian": dec.hessian, "row_slices": dec.row_slices})
+        fp_out = self._forward_all(ctx, dec) if self.inputs else None
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
         t_quant = time.perf_counter() - t1
+        maybe_inject(self.inject, i, len(retries))
         w_err = self._weight_errors(i, quantized, ctx)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
                                  self.out_dtype)
         out_err = None
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
-            new = ctx.outputs()
-            out_err = _rel_chunks(new, fp_out)
+            new, out_err = self._propagate(ctx, fp_out, dec)
+            self.hidden.release(fp_out)
+            self.hidden.release(self.inputs)
             self.inputs = new
+            self._pending.clear()
         release_layer(self.model, i)
+        peak = meter.peak()
         t2 = time.perf_counter()
+        predicted = (self.plan.device_plan_for(i).predicted_peak
+                     if self.plan is not None else None)
         record = LayerRecord(index=i, weight_error=max(w_err.values()), output_error=out_err,
                              seconds=0.0, load_s=t_load, quantize_s=t_quant,
-                             peak_bytes=meter.peak(), stats=_numbers(ctx.stats))
+                             peak_bytes=peak, stats=_numbers(ctx.stats),
+                             predicted_peak=predicted, decisions=_describe(dec),
+                             oom_retries=list(retries))
         self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
         if self.save_hidden and self.inputs and i + 1 < job.source.num_layers:
-            self.jobdir.save_hidden(i + 1, self.inputs)
+            self.jobdir.save_hidden(i + 1, list(self.inputs))
         record.write_s = time.perf_counter() - t2
         record.seconds = time.perf_counter() - t0
         self.jobdir.commit_layer(STAGE, i)
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next layer's sizes start from a clean cache
         return record
+
+    def _forward_all(self, ctx, dec: Decisions) -> Chunks:
+        """The float layer's output for every chunk (the reference for the output error)."""
+        out = self.hidden.new(dec.hidden)
+        self._pending.append(out)
+        for x in ctx.chunks():
+            self.hidden.append(out, ctx.forward(x))
+        return out
+
+    def _propagate(self, ctx, reference: Chunks, dec: Decisions) -> tuple[Chunks, float]:
+        """The quantized layer's outputs (the next layer's inputs) and their relative error
+        against `reference`, whose chunks are let go as they are compared."""
+        new = self.hidden.new(dec.hidden)
+        self._pending.append(new)
+        num = den = 0.0
+        for k, x in enumerate(ctx.chunks()):
+            y = ctx.forward(x)
+            ref = reference[k].to(y.device, non_blocking=True).float()
+            num += float((y.float() - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+            del ref
+            reference[k] = None
+            self.hidden.append(new, y)
+        return new, (num / max(den, 1e-30)) ** 0.5
 
     def _read(self, i: int) -> dict:
         """Layer i's tensors (host memory), from the read started while layer i-1 worked."""
@@ -155,8 +253,9 @@ class LayerLoop:
     def _restore_inputs(self, start: int) -> None:
         """Hidden states entering layer `start`: from the job directory when saved, else by
         replaying the finished layers from their files (same code path as the first run)."""
+        where = self.decisions(start).hidden
         if self.jobdir.has_hidden(start, STAGE):
-            self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
+            self.inputs = self.hidden.move(self.jobdir.load_hidden(start, STAGE), where)
             self.say(f"resumed at layer {start} from saved hidden states")
             return
         job = self.job
@@ -167,7 +266,10 @@ class LayerLoop:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
             ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
                                self.inputs, self.kwargs, job.device, job.dtype)
-            self.inputs = ctx.outputs()
+            new = self._forward_all(ctx, self.decisions(i))
+            self.hidden.release(self.inputs)
+            self.inputs = new
+            self._pending.clear()
             release_layer(self.model, i)
         self.say(f"resumed at layer {start} by replaying {start} finished layers")
 
@@ -202,10 +304,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
-def _rel_chunks(new: list, ref: list) -> float:
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
-    return (num / max(den, 1e-30)) ** 0.5
+def _describe(dec: Decisions) -> dict:
+    return {"hidden": dec.hidden, "hessian": dec.hessian, "mode": dec.mode, "chunk": dec.chunk,
+            "row_slices": dec.row_slices}
 
 
 def _numbers(stats: dict, prefix: str = "") -> dict:

@@ -20,8 +20,8 @@ from .plan_format import _format_plan
 # Some names are imported only to be re-exported: callers import them from quantizer.plan.
 from .plan_memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions, Term,  # noqa: F401
                           _make_job, _peak, _Peak, _ram)
-from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS, _apply,  # noqa: F401
-                          _ram_ok, _search)
+from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS,  # noqa: F401
+                          _MOVES, _apply, _ram_ok, _search)
 from .shapes import (InputGroup, Linear, ModelShapes, layer_groups, layer_kinds,  # noqa: F401
                      resolve_arch)
 
@@ -232,8 +232,9 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
         for move, kinds in (("hidden_off_gpu", ("hidden", "reference")),
                             ("hessian_park", ("hessian",)),
                             ("hessian_off_gpu", ("hessian", "cholesky")),
-                            ("experts", ("hessian",)), ("by_group", ("weights",)),
-                            ("row_slices", ("weight_fp32",))):
+                            ("experts", ("hessian",)), ("row_slices", ("weight_fp32",))):
+            if move not in _MOVES:  # modelled, not carried out (by_group)
+                continue
             cand = _apply(move, job, dec, plan.ram_budget)
             if cand is not None and cand != dec:
                 options.append((sum(sizes.get(k, 0) for k in kinds), move, cand))

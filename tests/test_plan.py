@@ -11,7 +11,8 @@ import pytest
 
 from quantizer.errors import InputError, OutOfMemory
 from quantizer.memsize import GIB, MIB, parse_budgets, parse_size
-from quantizer.plan import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes, PlanError, layer_groups,
+from quantizer.plan import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes,
+                            PlanError, layer_groups,
                             make_plan, plan_command, shrink)
 
 # Published config.json values (the fields the planner reads).

@@ -244,10 +244,12 @@ class AWQ:
             jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
             judge_inputs.append((_store(jx, cache), jkw))
             lx = seen[first][0]
-            flat = lx.reshape(-1, lx.shape[-1])
-            part = flat.abs().sum(dim=0, dtype=torch.float32)
-            abs_sum = part if abs_sum is None else abs_sum + part
-            count += flat.shape[0]
+            # One sample at a time, so the sum is the same bits however the samples were
+            # chunked (the chunk is a placement setting; OOM recovery halves it).
+            for sample in lx.reshape(-1, *lx.shape[-2:]):
+                part = sample.abs().sum(dim=0, dtype=torch.float32)
+                abs_sum = part if abs_sum is None else abs_sum + part
+                count += sample.shape[0]
         return GroupCapture(judge_inputs, abs_sum / max(count, 1))
 
     @staticmethod
@@ -284,7 +286,8 @@ class AWQ:
             for (x, kw), ref in zip(self._feed(ctx, data, eval_dtype), refs):
                 diff = run_module(judge, x, kw).float()
                 diff.sub_(ref.to(ctx.device, non_blocking=True))
-                total += diff.square_().sum(dtype=torch.float64)
+                for sample in diff.square_().reshape(-1, *diff.shape[-2:]):  # chunk-invariant
+                    total += sample.sum(dtype=torch.float64)
             return float(total) / numel
 
         try:
