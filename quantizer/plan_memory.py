@@ -34,8 +34,9 @@ class Decisions:
     forward. Either way calibration runs one pass per input group (true-sequential, as the
     methods do), so only one group's statistics/Hessian is alive at a time.
     row_slices: the quantize step handles a linear's output rows in this many slices (each row
-    is independent given the Hessian, so this is exact); it shrinks the fp32 weight copy, never
-    the Hessian, which spans the input dimension.
+    is independent given the Hessian, so this is exact in arithmetic, though the error
+    feedback's products may round differently in the last bit); it shrinks the fp32 weight
+    copies, never the Hessian, which spans the input dimension.
     experts_per_pass: MoE only, experts whose Hessians (and, by_group, weights) are alive in
     one calibration pass; fewer means more passes over the calibration data."""
 
