@@ -35,7 +35,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              work_dir=None, progress: bool = True, max_shard_bytes: int = 1 << 30, log=None,
              vram_budget: str | None = None, ram_budget: str | None = None,
              save_hidden: str = "auto", measurement: str | None = None,
-             adaptive: bool = False, hessian_device: str = "auto",
+             adaptive: bool = False, hessian_device: str = "auto", hidden_device: str = "auto",
              tp_size: int | None = None, pad_for_tp: int | None = None,
              **method_options) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
@@ -51,7 +51,8 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
         dtype=dtype, export_format=export_format, method_options=method_options,
         vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
-        hessian_device=hessian_device, tp_size=tp_size, pad_for_tp=pad_for_tp)
+        hessian_device=hessian_device, hidden_device=hidden_device, tp_size=tp_size,
+        pad_for_tp=pad_for_tp)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)

@@ -267,8 +267,13 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     state = jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=first)
     extra = {}
     if job.plan is not None:
+        from .plan import CUDA_CONTEXT
         extra["plan"] = {"predicted_peak": {f"cuda:{i}": b for i, b in
                                             job.plan.predicted_peak.items()},
+                         # the part of a predicted peak torch's allocator never sees
+                         "cuda_context": CUDA_CONTEXT,
+                         "decisions": {dp.device.label: dict(vars(dp.decisions))
+                                       for dp in job.plan.devices},
                          "text": job.plan.format()}
     try:
         if state["stage"] == "done" or (state["stage"] == "export" and output.is_dir()

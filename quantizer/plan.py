@@ -213,16 +213,28 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
                 ram_peak, ram_items, forced, tuple(notes))
 
 
+# OOM recovery's moves that leave every number as it was: they only change where a tensor
+# waits (hidden states in host RAM or on disk; a Hessian parked in host RAM during its solve).
+# A halved chunk changes nothing on the CPU, but on a GPU the matmuls of a smaller batch may
+# pick other kernels and round differently; Hessians solved on the CPU and row slices may too.
+NEUTRAL_MOVES = ("hidden_off_gpu", "hessian_park")
+
+
 def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
     """OOM recovery for the device that runs `layer_index` (and every later layer on it):
-    halve the chunk; at chunk 1 move the largest movable item off the GPU (hidden states,
-    Hessians, the whole-layer weights, the fp32 weight copy). OutOfMemory when none is left.
-    Moves the layer loop does not carry out (layer_loop.CARRIED_OUT) are not offered."""
+    first a move that cannot change the output (NEUTRAL_MOVES, in order); else halve the
+    chunk; at chunk 1 the move that frees the most (Hessians to the CPU, more row slices).
+    OutOfMemory when none is left. Moves the layer loop does not carry out (by_group) are not
+    offered."""
     dp = plan.device_plan_for(layer_index)
     job = _make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
                     plan.dtype_bytes, dp.device.is_host, plan.forced, arch)
     dec = dp.decisions
-    if dec.chunk > 1:
+    neutral = [(m, c) for m in NEUTRAL_MOVES if not dp.device.is_host
+               for c in [_apply(m, job, dec, plan.ram_budget)] if c is not None and c != dec]
+    if neutral:
+        new, step = neutral[0][1], f"oom: {neutral[0][0]}"
+    elif dec.chunk > 1:
         new, step = replace(dec, chunk=dec.chunk // 2), "oom: chunk"
     else:
         sizes: dict[str, int] = {}
@@ -230,7 +242,6 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
             sizes[t.kind] = sizes.get(t.kind, 0) + t.bytes
         options = []  # (bytes the move frees, move)
         for move, kinds in (("hidden_off_gpu", ("hidden", "reference")),
-                            ("hessian_park", ("hessian",)),
                             ("hessian_off_gpu", ("hessian", "cholesky")),
                             ("experts", ("hessian",)), ("row_slices", ("weight_fp32",))):
             if move not in _MOVES:  # modelled, not carried out (by_group)
