@@ -8,7 +8,7 @@ files, and a resumed run produces byte-identical output."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -62,7 +62,10 @@ class LayerLoop:
         self._pending: list[Chunks] = []  # hidden states the current attempt is writing
 
     def decisions(self, i: int) -> Decisions:
-        return self.plan.decisions_for(i) if self.plan is not None else self._local
+        dec = self.plan.decisions_for(i) if self.plan is not None else self._local
+        if dec.hidden == "none":  # planned without calibration (RTN) yet given tokens
+            dec = replace(dec, hidden="cpu")
+        return dec
 
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:

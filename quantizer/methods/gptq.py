@@ -180,6 +180,25 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     return out
 
 
+_PARKING: dict[str, torch.Tensor] = {}  # one pinned host buffer, reused by every group
+
+
+def _park(H: torch.Tensor) -> torch.Tensor:
+    """A host copy of a GPU Hessian, in a pinned buffer kept for the run (copies at PCIe speed
+    and no pinning cost per layer); pageable memory where pinning is refused."""
+    buf = _PARKING.get("H")
+    if buf is None or buf.numel() < H.numel():
+        _PARKING.pop("H", None)
+        try:
+            buf = torch.empty(H.numel(), dtype=H.dtype, pin_memory=True)
+        except RuntimeError:
+            return H.to("cpu")
+        _PARKING["H"] = buf
+    out = buf[:H.numel()].view(H.shape)
+    out.copy_(H)
+    return out
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -322,7 +341,7 @@ class GPTQ:
                 acc.add(seen[group[0]])
             H = acc.H
             if where == "park" and H.is_cuda:
-                H = H.to(host)
+                H = _park(H)
                 acc.H = None  # the GPU copy goes now: its factor takes its place
             _sync(ctx.device)
             t1 = time.perf_counter()

@@ -132,6 +132,31 @@ def _flip_in_place(M: torch.Tensor, rows: int = 1024) -> None:
         M[half] = M[half].flip(0)
 
 
+def _factor(make, shift: float) -> tuple[torch.Tensor | None, str]:
+    """(lower Cholesky factor of make() + shift·I, "") computed in place in that copy, or
+    (None, why) when it is not positive definite. A build that refuses the in-place form gets
+    the ordinary one (one more n×n copy for a moment)."""
+    S = make()
+    torch.diagonal(S).add_(shift)
+    info = torch.zeros((), dtype=torch.int32, device=S.device)
+    try:
+        try:
+            torch.linalg.cholesky_ex(S, out=(S, info))
+        except RuntimeError as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            S = make()
+            torch.diagonal(S).add_(shift)
+            S, info = torch.linalg.cholesky_ex(S)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # LinAlgError included
+        return None, str(e).splitlines()[0][:120]
+    if int(info):
+        return None, f"leading minor {int(info)} is not positive"
+    return S, ""
+
+
 def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retries: int = 4):
     """U, the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, on failure retrying with λ×10.
 
@@ -142,18 +167,8 @@ def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retri
     needs one n×n matrix beside H (the reference's cholesky_inverse route needs two)."""
     lam = damp
     for attempt in range(max_retries + 1):
-        S = make()
-        torch.diagonal(S).add_(lam * mean_diag)
-        try:
-            try:
-                torch.linalg.cholesky(S, out=S)
-            except RuntimeError as e:  # a build that refuses the in-place form
-                if "overlap" not in str(e) and "out=" not in str(e):
-                    raise
-                S = torch.linalg.cholesky(S)
-        except (RuntimeError, torch.linalg.LinAlgError) as e:  # not positive definite
-            reason = str(e).splitlines()[0][:120]
-            del S
+        S, reason = _factor(make, lam * mean_diag)
+        if reason:  # not positive definite at this damping
             if attempt < max_retries:
                 log(f"gptq: Cholesky failed at damp={lam:g} ({reason}); retrying at "
                     f"damp={lam * 10:g}")
@@ -162,7 +177,7 @@ def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retri
         S.tril_()
         _invert_lower_in_place(S)
         _flip_in_place(S)
-        if bool(torch.isfinite(torch.diagonal(S)).all()) and bool(torch.isfinite(S).all()):
+        if bool(torch.isfinite(S).all()):
             return S, lam, attempt
         raise InputError("GPTQ: the inverse Hessian has non-finite entries (calibration "
                          "inputs may contain NaN/inf)")
