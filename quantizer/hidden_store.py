@@ -36,8 +36,11 @@ class HiddenStore:
 
     def append(self, chunks: Chunks, x: torch.Tensor) -> None:
         """Store one more chunk in `chunks`, at its place."""
-        if chunks.where != "disk":
-            chunks.append(x.to(self.device if chunks.where == "gpu" else "cpu"))
+        if chunks.where == "gpu":
+            chunks.append(x.to(self.device))
+            return
+        if chunks.where == "cpu":
+            chunks.append(self._host(x))
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"h{next(self._names):07d}.bin"
@@ -47,6 +50,17 @@ class HiddenStore:
         chunks.files.append(path)
         chunks.append(torch.from_file(str(path), shared=False, size=x.numel(),
                                       dtype=x.dtype).view(x.shape))
+
+    def _host(self, x: torch.Tensor) -> torch.Tensor:
+        """A host copy; pinned on GPU runs (every calibration pass streams each chunk back to
+        the GPU: pinned copies run at PCIe speed), pageable where pinning is refused."""
+        if self.device.type != "cuda":
+            return x.to("cpu")
+        try:
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        except RuntimeError:
+            return x.to("cpu")
+        return out.copy_(x)
 
     def move(self, chunks, where: str) -> Chunks:
         """`chunks` (a Chunks or a plain list) at `where`; the same object if already there."""

@@ -24,7 +24,8 @@ ATTN_SCORE_COPIES = 1  # eager-like heads × S² scores per chunk: a conservativ
 
 @dataclass(frozen=True)
 class Decisions:
-    """hidden: where the layer inputs/outputs of all samples live (gpu, pinned cpu, disk).
+    """hidden: where the layer inputs/outputs of all samples live (gpu, cpu = host RAM, disk =
+    memory-mapped files in the job directory).
     hessian: where GPTQ accumulates Hessians AND solves ('cpu' = both on the host, so the GPU
     never holds an n×n matrix; 'park' = on the GPU, but the accumulated H waits in host RAM
     while its factor is prepared and the columns solved, so at most one n×n matrix is on the
@@ -182,8 +183,9 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
         res = resident(g, True)
         if job.method == "gptq":
             n = g.in_features
-            update = Term("hessian_update", f"chunk input in fp32 for X^T·X ({c}×{S}×{n})",
-                          c * S * n * 4)
+            # XᵀX is added one sample at a time (the same bits whatever the chunking)
+            update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
+                          S * n * 4)
             alive = [hessian(g)] if hess_local else []
             phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
         else:
@@ -242,7 +244,7 @@ def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
         items = [("layer weights staged from the checkpoint",
                   (sum(g.weight_elements() for g in groups) + extra) * d)]
         if job.calibrated and dec.hidden == "cpu":
-            items.append((f"hidden states in+out {N}×{S}×{H} (pinned)", 2 * N * S * H * d))
+            items.append((f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
         if job.method == "awq" and dec.hidden in ("cpu", "disk"):
             n = max(g.in_features for g in groups)
             items.append(("AWQ judge inputs + fp references (widest group)",

@@ -136,7 +136,7 @@ def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
     tok = dp.decisions.chunk * 512
     act = next(v for k, v in calib.items() if k.startswith("forward activations"))
     assert act == 4 * tok * h * d + 3 * tok * i * d
-    assert calib[f"chunk input in fp32 for X^T·X ({dp.decisions.chunk}×512×{i})"] == tok * i * 4
+    assert calib[f"one sample's input in fp32 for X^T·X (512×{i})"] == 512 * i * 4
 
 
 def test_cpu_hessian_frees_the_gpu_but_needs_ram():
