@@ -135,3 +135,33 @@ def test_hidden_store_round_trip_rechunk_and_release(tmp_path):
     assert ram.where == "cpu" and not any(p.exists() for p in (tmp_path / "h").iterdir())
     assert torch.equal(torch.cat(list(ram)), torch.cat(xs))
     assert store.move(ram, "cpu") is ram
+
+
+def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_path,
+                                                      monkeypatch):
+    """GPU runs take their decisions from the plan and recover through plan.shrink; on CPU the
+    same path runs with a plan made for the host (the planner plans a host 'device' too)."""
+    import quantizer.pipeline as pipeline
+    from quantizer.memsize import GIB
+    from quantizer.plan import ModelShapes, make_plan
+
+    model_dir, seed = model
+    real = pipeline.plan_job
+
+    def with_host_plan(path, s):
+        job = real(path, s)
+        job.plan = make_plan(ModelShapes.from_config(job.source.raw_config), "gptq",
+                             s.calib.samples, s.calib.seqlen, [], {}, 64 * GIB, 4)
+        return job
+
+    monkeypatch.setattr(pipeline, "plan_job", with_host_plan)
+    clean = run(model_dir, tmp_path / "clean", settings("gptq", prose_file, chunk=1))
+    assert {r.decisions["chunk"] for r in clean.layers} == {8}  # the plan's, not the setting's
+    assert all(r.predicted_peak and r.predicted_peak > 0 for r in clean.layers)
+    monkeypatch.setenv(INJECT_ENV, "2x2")
+    hit = run(model_dir, tmp_path / "hit", settings("gptq", prose_file, chunk=1))
+    assert files(tmp_path / "hit") == files(tmp_path / "clean"), f"seed {seed}"
+    steps = hit.layers[2].oom_retries
+    assert len(steps) == 2 and all("oom: chunk" in x for x in steps)
+    assert hit.layers[2].decisions["chunk"] == 2
+    assert hit.layers[2].predicted_peak < clean.layers[2].predicted_peak
