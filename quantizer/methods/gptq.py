@@ -106,7 +106,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     U, perm, dead = prepared.U, prepared.perm, prepared.dead
     out_f, n = W.shape
     gs = check_group_size(n, group_size, name)
-    W = W.to(U.device, torch.float32).clone()
+    W = W.to(U.device, torch.float32, copy=True)  # one fp32 copy (the planner counts two)
     W[:, dead] = 0
     n_groups = n // gs
     scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
