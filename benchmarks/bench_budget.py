@@ -51,12 +51,14 @@ def plan_cases(a) -> list[dict]:
     for model in a.models:
         for method in a.methods:
             add(model, method, first)
-            add(model, method)
+            if a.free:
+                add(model, method)
         if model == a.models[0] and a.inject:
             # Unconstrained, the first retry moves hidden states off the GPU (no number
             # changes); under the budget they are already off and the chunk halves, which on
             # a GPU may round differently (cuBLAS picks kernels by batch size): both reported.
-            add(model, a.methods[0], inject="1")
+            if a.free:
+                add(model, a.methods[0], inject="1")
             add(model, a.methods[0], first, inject="1")
         if a.peer and model == "70b":
             for method in a.methods:
@@ -240,7 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke mode: tiny-llama, 4×32 "
                    "calibration tokens, float32")
     p.add_argument("--only", default=None, help="comma list narrowing models (70b, 7b), "
-                   "methods (awq, gptq), budgets (8G, ...), and 'inject' / 'noinject'")
+                   "methods (awq, gptq), budgets (8G, ...); 'noinject' drops the injected-OOM "
+                   "runs, 'nofree' the unconstrained references, 'peer' = --peer")
     p.add_argument("--budgets", default="8G,16G,40G")
     p.add_argument("--peer", action="store_true", help="llm-compressor on the 70B-width model")
     p.add_argument("--peer-wheels", default=None, help="folder of wheels for llm-compressor")
@@ -257,6 +260,8 @@ def parse_args(argv=None):
     a.methods = [m for m in ("gptq", "awq") if not only & {"gptq", "awq"} or m in only]
     a.budgets = [b for b in a.budgets if not only & set(a.budgets) or b in only]
     a.inject = "noinject" not in only
+    a.free = "nofree" not in only
+    a.peer = a.peer or "peer" in only
     a.tiny = a.quick  # Bench's checkpoint/calibration switch
     a.layers = {m: (1 if a.quick else n) for m, n in MODEL_LAYERS.items()}
     a.model_layers = a.layers
