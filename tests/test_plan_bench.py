@@ -32,7 +32,8 @@ def test_cases_put_the_target_first_and_respect_only():
 def report(pred, reserved_per_layer, context=500 << 20, retries=()):
     layers = [{"index": i, "seconds": 1.0 + i, "load_s": 0.1, "quantize_s": 0.5, "write_s": 0.1,
                "output_error": 0.01, "predicted_peak": pred,
-               "peak_bytes": {"allocated": r - (100 << 20), "reserved": r, "nvml_used": r + context},
+               "peak_bytes": {"allocated": r - (100 << 20), "reserved": r,
+                              "nvml_used": r + context},
                "decisions": {"hidden": "cpu", "chunk": 8}, "oom_retries": list(retries)[:1]
                if i == 1 else []} for i, r in enumerate(reserved_per_layer)]
     return {"layers": layers, "seconds": 10.0, "notes": [],
