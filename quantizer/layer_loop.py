@@ -94,11 +94,12 @@ class LayerLoop:
         return records
 
     def _layer(self, i: int) -> LayerRecord:
-        """Layer i, retried after an out-of-memory error with smaller decisions (halved chunk,
-        then the planner's next move off the GPU) until it fits or nothing is left to shrink
-        (OutOfMemory; finished layers stay committed for --resume). A retry redoes the layer
-        from its inputs, which the failed attempt never replaced; every statistic is summed
-        one sample at a time, so the chunk size does not change the numbers."""
+        """Layer i, retried after an out-of-memory error with smaller decisions (plan.shrink:
+        first what cannot change the output, then a halved chunk, then the rest; without a
+        plan: halved chunk, then hidden states to disk) until it fits or nothing is left to
+        shrink (OutOfMemory; finished layers stay committed for --resume). A retry redoes the
+        layer from its inputs, which the failed attempt never replaced; every statistic is
+        summed one sample at a time, so the chunk size does not change the numbers."""
         retries: list[str] = []
         while True:
             dec = self.decisions(i)
