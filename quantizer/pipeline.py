@@ -200,7 +200,23 @@ def plan_memory(job: Job):
     if unsupported:
         job.notes.append("the plan also asks for " + ", ".join(unsupported) + ", which this "
                          "version does not carry out: the measured peak may exceed it")
+    if s.vram_budget:
+        job.notes.append(cap_allocator(index, budgets[index]))
     return plan
+
+
+def cap_allocator(index: int, budget: int) -> str:
+    """Make an explicit --vram-budget binding: torch's caching allocator may reserve at most
+    the budget less the CUDA context (which it never sees), so a layer that would exceed it
+    raises OutOfMemoryError there and OOM recovery shrinks it, instead of the run quietly
+    using memory the user gave to something else."""
+    from .plan import CUDA_CONTEXT
+
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, max(budget - CUDA_CONTEXT, 1) / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return (f"allocator capped at {fraction * total / 2**30:.2f} GiB on cuda:{index} "
+            f"(--vram-budget less the CUDA context)")
 
 
 def config_dtype_from_raw(cfg: dict) -> torch.dtype:

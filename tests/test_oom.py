@@ -165,3 +165,26 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
     assert len(steps) == 2 and all("oom: chunk" in x for x in steps)
     assert hit.layers[2].decisions["chunk"] == 2
     assert hit.layers[2].predicted_peak < clean.layers[2].predicted_peak
+
+
+def test_an_explicit_budget_caps_the_allocator(monkeypatch):
+    """--vram-budget binds: the allocator's limit is the budget less the CUDA context (GPU
+    calls replaced by fakes here; the GPU benchmark runs the real ones)."""
+    from types import SimpleNamespace
+
+    from quantizer.pipeline import cap_allocator
+    from quantizer.plan import CUDA_CONTEXT
+
+    total = random.randint(16, 140) << 30
+    budget = random.randint(4, 15) << 30
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=total))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, i: calls.append((f, i)))
+    note = cap_allocator(1, budget)
+    (fraction, index), = calls
+    assert index == 1 and fraction * total == pytest.approx(budget - CUDA_CONTEXT)
+    assert "capped" in note and "cuda:1" in note
+    cap_allocator(0, 2 * total)
+    assert calls[-1] == (1.0, 0)
