@@ -35,7 +35,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              work_dir=None, progress: bool = True, max_shard_bytes: int = 1 << 30, log=None,
              vram_budget: str | None = None, ram_budget: str | None = None,
              save_hidden: str = "auto", measurement: str | None = None,
-             adaptive: bool = False, hessian_device: str = "auto",
+             adaptive: bool = False, hessian_device: str = "auto", hidden_device: str = "auto",
              tp_size: int | None = None, pad_for_tp: int | None = None,
              devices: str | list | None = None, calib_shards: int = 8,
              min_expert_tokens: int = 16,
@@ -72,8 +72,8 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
         dtype=dtype, export_format=export_format, method_options=method_options,
         vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
-        hessian_device=hessian_device, tp_size=tp_size, pad_for_tp=pad_for_tp,
-        min_expert_tokens=min_expert_tokens)
+        hessian_device=hessian_device, hidden_device=hidden_device, tp_size=tp_size,
+        pad_for_tp=pad_for_tp, min_expert_tokens=min_expert_tokens)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)
@@ -83,7 +83,8 @@ _QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric"
                   "calib_samples", "calib_seqlen", "seed", "device", "dtype", "export_format",
                   "overwrite", "resume", "work_dir", "progress", "max_shard_bytes",
                   "vram_budget", "ram_budget", "save_hidden", "measurement", "adaptive",
-                  "hessian_device", "tp_size", "pad_for_tp", "calib_shards")
+                  "hessian_device", "hidden_device", "tp_size", "pad_for_tp", "calib_shards",
+                  "min_expert_tokens")
 
 
 def _log_stderr(msg: str) -> None:

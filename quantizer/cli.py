@@ -74,6 +74,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "(e.g. 40G, 12GiB, 0:20G,1:40G); default: free memory minus a margin")
     p.add_argument("--ram-budget", default=None, help="host memory budget (default: available)")
     p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    p.add_argument("--hidden-device", default="auto", choices=("auto", "gpu", "cpu", "disk"),
+                   help="where calibration hidden states wait between layers (auto: the plan)")
     p.add_argument("--tp-size", type=_positive, default=None, help="refuse before any work "
                    "unless the export loads under tensor parallelism N (vLLM / Marlin shapes)")
     p.add_argument("--pad-for-tp", type=_positive, default=None, help="zero-pad the MLP "
@@ -152,9 +154,9 @@ def run_quantize_cli(argv) -> int:
                       resume=a.resume, work_dir=a.work_dir, save_hidden=a.save_hidden,
                       measurement=a.measurement, adaptive=a.adaptive,
                       vram_budget=a.vram_budget, ram_budget=a.ram_budget,
-                      hessian_device=a.hessian_device, tp_size=a.tp_size,
-                      pad_for_tp=a.pad_for_tp, devices=a.devices, calib_shards=a.calib_shards,
-                      min_expert_tokens=a.min_expert_tokens,
+                      hessian_device=a.hessian_device, hidden_device=a.hidden_device,
+                      tp_size=a.tp_size, pad_for_tp=a.pad_for_tp, devices=a.devices,
+                      calib_shards=a.calib_shards, min_expert_tokens=a.min_expert_tokens,
                       progress=not (a.no_progress or a.json), max_shard_bytes=a.max_shard_size,
                       log=log, **options)
     if distributed.world().main:

@@ -36,6 +36,9 @@ class LayerContext:
     # quantizer.shards.CalibLayout: the calibration shard of each of `inputs` and this
     # process's rank; None: one process, one shard.
     layout: object = None
+    # The memory plan's choices a method carries out itself (GPTQ: "hessian" gpu/park/cpu,
+    # "row_slices"); empty = everything on `device`, whole.
+    placement: dict = field(default_factory=dict)
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

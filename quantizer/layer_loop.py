@@ -8,14 +8,18 @@ files, and a resumed run produces byte-identical output."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from .distributed import world
+from .errors import OutOfMemory
+from .hidden_store import Chunks, HiddenStore
 from .layer_context import LayerContext
 from .memory import MemoryMeter
 from .moe import ExpertCoverage
+from .oom import free_memory, injection_plan, is_oom, maybe_inject, shrink_local
+from .plan_memory import Decisions
 from .report import LayerRecord
 from .shards import CalibLayout, agree_min, fold_values
 from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
@@ -30,22 +34,33 @@ class LayerLoop:
         self.say = say
         s = job.settings
         self.model = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
-        self.hidden_dev = torch.device("cpu" if s.hidden_device == "auto" else s.hidden_device)
+        self.plan = job.plan  # quantizer.plan.Plan on GPU runs; OOM recovery replaces it
+        # Without a plan (CPU runs) the settings say where hidden states wait.
+        hidden = {"disk": "disk"}.get(s.hidden_device,
+                                      "gpu" if s.hidden_device.startswith("cuda") else "cpu")
+        self._local = Decisions(hidden=hidden, hessian="gpu", mode="whole",
+                                chunk=max(1, s.chunk_size))
+        self.hidden = HiddenStore(job.device, jobdir.path / "hidden")
+        # where plain lists of hidden states go (the measurement pass keeps them in memory)
+        self.hidden_dev = torch.device(job.device if self.decisions(0).hidden == "gpu"
+                                       else "cpu")
         self.out_dtype = getattr(torch, s.out_dtype)
         self.progress = progress
-        self.inputs, self.kwargs = [], {}
+        self.inputs, self.kwargs = Chunks(), {}
+        self.inject = injection_plan()
         self.world = world()
         self.layout = None
         if tokens is not None:
+            dec = self.decisions(0)
             # This process's calibration chunks: its shards' samples (all of them when alone),
-            # cut with one chunk size for all ranks (sums within a shard follow the chunks)
-            s.chunk_size = agree_min(self.world, s.chunk_size)
-            self.layout = CalibLayout.plan(len(tokens), s.chunk_size, s.calib.shards,
-                                           self.world)
+            # cut with one chunk size for all ranks; a chunk never crosses a shard
+            chunk = agree_min(self.world, dec.chunk)
+            self.layout = CalibLayout.plan(len(tokens), chunk, s.calib.shards, self.world)
             _, kwargs = capture_layer0_inputs(self.model, tokens[:1])
             embed = self.model.get_input_embeddings()
-            self.inputs = [embed(tokens[a:b]).to(self.hidden_dev)
-                           for a, b in zip(self.layout.sample_start, self.layout.sample_end)]
+            self.inputs = self.hidden.new(dec.hidden)
+            for a, b in zip(self.layout.sample_start, self.layout.sample_end):
+                self.hidden.append(self.inputs, embed(tokens[a:b]))
             self.kwargs = to_device(kwargs, job.device, job.dtype)
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
         # auto: on a GPU replaying finished layers (one forward each) costs less than writing
@@ -55,6 +70,13 @@ class LayerLoop:
         if self.world.distributed:  # each rank holds only its shards: resume replays instead
             self.save_hidden = False
         self._prefetch = None  # (index, future) of the next layer's tensors being read
+        self._pending: list[Chunks] = []  # hidden states the current attempt is writing
+
+    def decisions(self, i: int) -> Decisions:
+        dec = self.plan.decisions_for(i) if self.plan is not None else self._local
+        if dec.hidden == "none":  # planned without calibration (RTN) yet given tokens
+            dec = replace(dec, hidden="cpu")
+        return dec
 
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
@@ -79,9 +101,59 @@ class LayerLoop:
             bar.set_postfix_str(f"err {records[-1].error_str()}")
             bar.update(1)
         bar.close()
+        self.hidden.release(self.inputs)
         return records
 
     def _layer(self, i: int) -> LayerRecord:
+        """Layer i, retried after an out-of-memory error with smaller decisions (plan.shrink:
+        first what cannot change the output, then a halved chunk, then the rest; without a
+        plan: halved chunk, then hidden states to disk) until it fits or nothing is left to
+        shrink (OutOfMemory; finished layers stay committed for --resume). A retry redoes the
+        layer from its inputs, which the failed attempt never replaced; every statistic is
+        summed one sample at a time, so the chunk size does not change the numbers."""
+        retries: list[str] = []
+        while True:
+            dec = self.decisions(i)
+            if self.inputs:
+                if any(b - a > dec.chunk for a, b in zip(self.layout.sample_start,
+                                                          self.layout.sample_end)):
+                    self.layout = self.layout.split(dec.chunk)  # the chunks' shards follow
+                self.inputs = self.hidden.move(self.hidden.rechunk(self.inputs, dec.chunk),
+                                              dec.hidden)
+            try:
+                return self._attempt(i, dec, retries)
+            except BaseException as e:
+                # Several processes: the others would wait for this one in a collective, so
+                # an OOM ends the run (finished layers stay committed for --resume).
+                if not is_oom(e) or self.world.distributed:
+                    raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            # Outside the handler: the traceback (and every tensor its frames held) is gone.
+            release_layer(self.model, i)
+            for chunks in self._pending:
+                self.hidden.release(chunks)
+            self._pending.clear()
+            self._prefetch = None
+            free_memory(self.job.device)
+            step = self._shrink(i, dec, reason)
+            retries.append(f"{reason} -> {step}")
+            self.say(f"layer {i}: out of memory ({reason}); retrying with {step}")
+
+    def _shrink(self, i: int, dec: Decisions, reason: str) -> str:
+        if self.plan is not None:
+            from .plan import shrink
+            self.plan = shrink(self.plan, i, self.job.arch)  # OutOfMemory when none is left
+            new = self.plan.decisions_for(i)
+            return f"{self.plan.device_plan_for(i).steps[-1]} ({_describe(new)})"
+        moved = shrink_local(dec)
+        if moved is None:
+            raise OutOfMemory(f"layer {i} ran out of memory at chunk 1 with hidden states "
+                              f"on disk: nothing left to shrink ({reason}); finished layers "
+                              f"are kept: rerun with --resume after freeing memory")
+        self._local = moved[0]
+        return f"{moved[1]} ({_describe(moved[0])})"
+
+    def _attempt(self, i: int, dec: Decisions, retries: list[str]) -> LayerRecord:
         job = self.job
         meter = MemoryMeter(job.device)
         meter.reset()
@@ -92,41 +164,80 @@ class LayerLoop:
         t_load = time.perf_counter() - t0
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
                            self.inputs, self.kwargs, job.device, job.dtype, log=self.say,
-                           layout=self.layout)
+                           layout=self.layout,
+                           placement={"hessian": dec.hessian, "row_slices": dec.row_slices})
         # MoE: the float pass also counts tokens per expert; the method then gets this
         # layer's own linears, less the experts that saw too few tokens (rounded after).
         coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
                                   job.settings.min_expert_tokens, bool(self.inputs))
         with coverage:
-            fp_out = ctx.outputs() if self.inputs else None
-        coverage.sum_over_ranks(world())
+            fp_out = self._forward_all(ctx, dec) if self.inputs else None
+        coverage.sum_over_ranks(self.world)
         ctx.arch = coverage.layer_arch()
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
         coverage.quantize_fallbacks(ctx, quantized, self.say,
                                     getattr(self.method, "module_settings", None))
         t_quant = time.perf_counter() - t1
+        maybe_inject(self.inject, i, len(retries))
         w_err = self._weight_errors(i, quantized, ctx)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
                                  self.out_dtype)
         out_err = None
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
-            new = ctx.outputs()
-            out_err = _rel_chunks(new, fp_out, self.layout)
+            new, out_err = self._propagate(ctx, fp_out, dec)
+            self.hidden.release(fp_out)
+            self.hidden.release(self.inputs)
             self.inputs = new
+            self._pending.clear()
         release_layer(self.model, i)
+        peak = meter.peak()
         t2 = time.perf_counter()
+        predicted = (self.plan.device_plan_for(i).predicted_peak
+                     if self.plan is not None else None)
         record = LayerRecord(index=i, weight_error=max(w_err.values()), output_error=out_err,
                              seconds=0.0, load_s=t_load, quantize_s=t_quant,
-                             peak_bytes=meter.peak(), stats=_numbers(ctx.stats))
+                             peak_bytes=peak, stats=_numbers(ctx.stats),
+                             predicted_peak=predicted, decisions=_describe(dec),
+                             oom_retries=list(retries))
         self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
         if self.save_hidden and self.inputs and i + 1 < job.source.num_layers:
-            self.jobdir.save_hidden(i + 1, self.inputs)
+            self.jobdir.save_hidden(i + 1, list(self.inputs))
         record.write_s = time.perf_counter() - t2
         record.seconds = time.perf_counter() - t0
         self.jobdir.commit_layer(STAGE, i)
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next layer's sizes start from a clean cache
         return record
+
+    def _forward_all(self, ctx, dec: Decisions) -> Chunks:
+        """The float layer's output for every chunk (the reference for the output error)."""
+        out = self.hidden.new(dec.hidden)
+        self._pending.append(out)
+        for x in ctx.chunks():
+            self.hidden.append(out, ctx.forward(x))
+        return out
+
+    def _propagate(self, ctx, reference: Chunks, dec: Decisions) -> tuple[Chunks, float]:
+        """The quantized layer's outputs (the next layer's inputs) and their relative error
+        against `reference` over every rank's chunks (shard sums, folded in shard order);
+        the reference's chunks are let go as they are compared."""
+        new = self.hidden.new(dec.hidden)
+        self._pending.append(new)
+        num: dict[int, float] = {}
+        den: dict[int, float] = {}
+        for k, x in enumerate(ctx.chunks()):
+            y = ctx.forward(x)
+            ref = reference[k].to(y.device, non_blocking=True).float()
+            s = self.layout.shard_of[k]
+            num[s] = num.get(s, 0.0) + float((y.float() - ref).pow(2).sum())
+            den[s] = den.get(s, 0.0) + float(ref.pow(2).sum())
+            del ref
+            reference[k] = None
+            self.hidden.append(new, y)
+        total_num, total_den = fold_values(self.layout, num), fold_values(self.layout, den)
+        return new, (total_num / max(total_den, 1e-30)) ** 0.5
 
     def _read(self, i: int) -> dict:
         """Layer i's tensors (host memory), from the read started while layer i-1 worked."""
@@ -176,8 +287,9 @@ class LayerLoop:
     def _restore_inputs(self, start: int) -> None:
         """Hidden states entering layer `start`: from the job directory when saved, else by
         replaying the finished layers from their files (same code path as the first run)."""
+        where = self.decisions(start).hidden
         if not self.world.distributed and self.jobdir.has_hidden(start, STAGE):
-            self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
+            self.inputs = self.hidden.move(self.jobdir.load_hidden(start, STAGE), where)
             self.say(f"resumed at layer {start} from saved hidden states")
             return
         job = self.job
@@ -189,7 +301,10 @@ class LayerLoop:
             ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
                                self.inputs, self.kwargs, job.device, job.dtype,
                                layout=self.layout)
-            self.inputs = ctx.outputs()
+            new = self._forward_all(ctx, self.decisions(i))
+            self.hidden.release(self.inputs)
+            self.inputs = new
+            self._pending.clear()
             release_layer(self.model, i)
         self.say(f"resumed at layer {start} by replaying {start} finished layers")
 
@@ -224,15 +339,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
-def _rel_chunks(new: list, ref: list, layout) -> float:
-    """Relative output error over every rank's chunks (shard sums, folded in order)."""
-    num, den = {}, {}
-    for k, (a, b) in enumerate(zip(new, ref)):
-        s = layout.shard_of[k]
-        num[s] = num.get(s, 0.0) + float((a.float() - b.float()).pow(2).sum())
-        den[s] = den.get(s, 0.0) + float(b.float().pow(2).sum())
-    num, den = fold_values(layout, num), fold_values(layout, den)
-    return (num / max(den, 1e-30)) ** 0.5
+def _describe(dec: Decisions) -> dict:
+    return {"hidden": dec.hidden, "hessian": dec.hessian, "mode": dec.mode, "chunk": dec.chunk,
+            "row_slices": dec.row_slices}
 
 
 def _numbers(stats: dict, prefix: str = "") -> dict:

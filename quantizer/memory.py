@@ -23,10 +23,20 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> dict:
+        """allocated / reserved: the caching allocator's peaks since reset(); nvml_used: the
+        whole device's used memory now, as the driver sees it (context included; a sample
+        at the end of the layer, not a peak), when nvidia-ml-py answers."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return {"allocated": torch.cuda.max_memory_allocated(self.device),
-                    "reserved": torch.cuda.max_memory_reserved(self.device)}
+            out = {"allocated": torch.cuda.max_memory_allocated(self.device),
+                   "reserved": torch.cuda.max_memory_reserved(self.device)}
+            from .memsize import gpu_memory
+            index = self.device.index if self.device.index is not None else \
+                torch.cuda.current_device()
+            for i, _, total, free in gpu_memory([index]):
+                if i == index:
+                    out["nvml_used"] = total - free
+            return out
         return {"rss": rss_peak_bytes()}
 
 

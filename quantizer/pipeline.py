@@ -172,16 +172,16 @@ def check_tp_targets(cfg: dict, arch, settings: QuantSettings, padded: int | Non
     return notes
 
 
-MAX_CHUNK_TOKENS = 4096
-
-# Decisions of the planner this version carries out; others are reported, not silently dropped.
-HONOURED = {"hidden": ("gpu", "cpu"), "hessian": ("gpu", "none"), "mode": ("whole",),
-            "row_slices": (1,)}
+# Decisions of the planner this version carries out (the planner's search and OOM recovery
+# take no other moves); a plan asking for more is reported, never silently dropped.
+CARRIED_OUT = {"hidden": ("gpu", "cpu", "disk"), "hessian": ("gpu", "park", "cpu", "none"),
+               "mode": ("whole",)}
 
 
 def plan_memory(job: Job):
-    """The memory plan for this run (refuses before any work when nothing fits); its chunk
-    size and hidden-state placement become the run's."""
+    """The memory plan for this run (refuses before any work when nothing fits). The layer
+    loop runs each layer with its device's decisions: chunk size, where hidden states wait,
+    where GPTQ's Hessians live, row slices of the solve."""
     from .memsize import default_ram_budget, parse_budgets, parse_size
     from .plan import DeviceSpec, ModelShapes, default_vram_budgets, detect_devices, make_plan
 
@@ -199,18 +199,34 @@ def plan_memory(job: Job):
                      hidden if hidden in ("gpu", "cpu", "disk") else "auto", s.hessian_device,
                      arch=job.arch)
     dec = plan.decisions_for(0)
-    # Past ~4k tokens a forward chunk gains no speed, only memory: cap what the plan allows.
-    s.chunk_size = min(dec.chunk, max(1, MAX_CHUNK_TOKENS // max(1, s.calib.seqlen)))
-    s.hidden_device = str(job.device) if dec.hidden == "gpu" else "cpu"
-    unsupported = [f"{k}={getattr(dec, k)}" for k, ok in HONOURED.items()
+    s.chunk_size = dec.chunk
+    s.hidden_device = {"gpu": str(job.device)}.get(dec.hidden, dec.hidden)
+    unsupported = [f"{k}={getattr(dec, k)}" for k, ok in CARRIED_OUT.items()
                    if getattr(dec, k) not in ok]
     job.notes.append(f"memory plan: predicted peak {plan.predicted_peak[index] / 2**30:.2f} GiB "
-                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {s.chunk_size} "
-                     f"samples, hidden states on {dec.hidden}")
+                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {dec.chunk} "
+                     f"samples, hidden states on {dec.hidden}, Hessians {dec.hessian}, "
+                     f"row slices {dec.row_slices}")
     if unsupported:
         job.notes.append("the plan also asks for " + ", ".join(unsupported) + ", which this "
-                         "version does not carry out yet: the measured peak may exceed it")
+                         "version does not carry out: the measured peak may exceed it")
+    if s.vram_budget:
+        job.notes.append(cap_allocator(index, budgets[index]))
     return plan
+
+
+def cap_allocator(index: int, budget: int) -> str:
+    """Make an explicit --vram-budget binding: torch's caching allocator may reserve at most
+    the budget less the CUDA context (which it never sees), so a layer that would exceed it
+    raises OutOfMemoryError there and OOM recovery shrinks it, instead of the run quietly
+    using memory the user gave to something else."""
+    from .plan import CUDA_CONTEXT
+
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, max(budget - CUDA_CONTEXT, 1) / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return (f"allocator capped at {fraction * total / 2**30:.2f} GiB on cuda:{index} "
+            f"(--vram-budget less the CUDA context)")
 
 
 def config_dtype_from_raw(cfg: dict) -> torch.dtype:
@@ -293,8 +309,13 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                               first_stage=first)
     extra = {"processes": w.size} if w.distributed else {}
     if job.plan is not None:
+        from .plan import CUDA_CONTEXT
         extra["plan"] = {"predicted_peak": {f"cuda:{i}": b for i, b in
                                             job.plan.predicted_peak.items()},
+                         # the part of a predicted peak torch's allocator never sees
+                         "cuda_context": CUDA_CONTEXT,
+                         "decisions": {dp.device.label: dict(vars(dp.decisions))
+                                       for dp in job.plan.devices},
                          "text": job.plan.format()}
     try:
         if state["stage"] == "done" or (state["stage"] == "export" and output.is_dir()

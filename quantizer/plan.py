@@ -20,7 +20,8 @@ from .plan_format import _format_plan
 # Some names are imported only to be re-exported: callers import them from quantizer.plan.
 from .plan_memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions, Term,  # noqa: F401
                           _make_job, _peak, _Peak, _ram)
-from .plan_search import MAX_ROW_SLICES, TARGET_TOKENS, _apply, _ram_ok, _search  # noqa: F401
+from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS,  # noqa: F401
+                          _MOVES, _apply, _ram_ok, _search)
 from .shapes import (InputGroup, Linear, ModelShapes, layer_groups, layer_kinds,  # noqa: F401
                      resolve_arch)
 
@@ -190,7 +191,7 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
                 f"{format_size(ram_budget)} (--ram-budget)")
             host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu"
                            else dec.hidden)
-            if (job.method == "gptq" and dec.hessian == "gpu" and forced[1] == "auto"
+            if (job.method == "gptq" and dec.hessian in ("gpu", "park") and forced[1] == "auto"
                     and not on_host and _apply("hessian_off_gpu", job, dec, ram_budget) is None
                     and _peak(job, host).total < peak.total):  # blocked by host RAM
                 ram_note = (f" — Hessians on the CPU would fit the GPU but need "
@@ -212,15 +213,28 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
                 ram_peak, ram_items, forced, tuple(notes))
 
 
+# OOM recovery's moves that leave every number as it was: they only change where a tensor
+# waits (hidden states in host RAM or on disk; a Hessian parked in host RAM during its solve).
+# A halved chunk changes nothing on the CPU, but on a GPU the matmuls of a smaller batch may
+# pick other kernels and round differently; Hessians solved on the CPU and row slices may too.
+NEUTRAL_MOVES = ("hidden_off_gpu", "hessian_park")
+
+
 def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
     """OOM recovery for the device that runs `layer_index` (and every later layer on it):
-    halve the chunk; at chunk 1 move the largest movable item off the GPU (hidden states,
-    Hessians, the whole-layer weights, the fp32 weight copy). OutOfMemory when none is left."""
+    first a move that cannot change the output (NEUTRAL_MOVES, in order); else halve the
+    chunk; at chunk 1 the move that frees the most (Hessians to the CPU, more row slices).
+    OutOfMemory when none is left. Moves the layer loop does not carry out (by_group) are not
+    offered."""
     dp = plan.device_plan_for(layer_index)
     job = _make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
                     plan.dtype_bytes, dp.device.is_host, plan.forced, arch)
     dec = dp.decisions
-    if dec.chunk > 1:
+    neutral = [(m, c) for m in NEUTRAL_MOVES if not dp.device.is_host
+               for c in [_apply(m, job, dec, plan.ram_budget)] if c is not None and c != dec]
+    if neutral:
+        new, step = neutral[0][1], f"oom: {neutral[0][0]}"
+    elif dec.chunk > 1:
         new, step = replace(dec, chunk=dec.chunk // 2), "oom: chunk"
     else:
         sizes: dict[str, int] = {}
@@ -229,8 +243,9 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
         options = []  # (bytes the move frees, move)
         for move, kinds in (("hidden_off_gpu", ("hidden", "reference")),
                             ("hessian_off_gpu", ("hessian", "cholesky")),
-                            ("experts", ("hessian",)), ("by_group", ("weights",)),
-                            ("row_slices", ("weight_fp32",))):
+                            ("experts", ("hessian",)), ("row_slices", ("weight_fp32",))):
+            if move not in _MOVES:  # modelled, not carried out (by_group)
+                continue
             cand = _apply(move, job, dec, plan.ram_budget)
             if cand is not None and cand != dec:
                 options.append((sum(sizes.get(k, 0) for k in kinds), move, cand))

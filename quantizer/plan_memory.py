@@ -13,22 +13,31 @@ from .memsize import MIB
 from .shapes import InputGroup, ModelShapes, layer_groups, layer_kinds
 
 CUDA_CONTEXT = 500 * MIB  # context + cuBLAS workspace + allocator's first segments
-SLACK = 0.10  # allocator fragmentation and small tensors nobody lists
+# Allocator fragmentation and small tensors nobody lists. Fitted on H100 bf16, 7B width, 128×512
+# (benchmarks/results/speed_h100_run2.json): AWQ reserved 4.92 GiB against 4.11 GiB of terms.
+SLACK = 0.20
+# AWQ quantizes by row slices of this many elements (methods/awq.py imports it from here), so
+# its float32 temporaries are bounded whatever the width.
+AWQ_QUANTIZE_SLICE_ELEMENTS = 1 << 24
 ATTN_SCORE_COPIES = 1  # eager-like heads × S² scores per chunk: a conservative bound for sdpa
 
 
 @dataclass(frozen=True)
 class Decisions:
-    """hidden: where the layer inputs/outputs of all samples live (gpu, pinned cpu, disk).
+    """hidden: where the layer inputs/outputs of all samples live (gpu, cpu = host RAM, disk =
+    memory-mapped files in the job directory).
     hessian: where GPTQ accumulates Hessians AND solves ('cpu' = both on the host, so the GPU
-    never holds an n×n matrix); 'none' for other methods.
+    never holds an n×n matrix; 'park' = on the GPU, but the accumulated H waits in host RAM
+    while its factor is prepared and the columns solved, so at most one n×n matrix is on the
+    GPU at a time); 'none' for other methods.
     mode: 'whole' keeps the layer's weights on the GPU; 'by_group' keeps only the current
     input group's weights there and streams the other modules in one at a time for the
     forward. Either way calibration runs one pass per input group (true-sequential, as the
     methods do), so only one group's statistics/Hessian is alive at a time.
     row_slices: the quantize step handles a linear's output rows in this many slices (each row
-    is independent given the Hessian, so this is exact); it shrinks the fp32 weight copy, never
-    the Hessian, which spans the input dimension.
+    is independent given the Hessian, so this is exact in arithmetic, though the error
+    feedback's products may round differently in the last bit); it shrinks the fp32 weight
+    copies, never the Hessian, which spans the input dimension.
     experts_per_pass: MoE only, experts whose Hessians (and, by_group, weights) are alive in
     one calibration pass; fewer means more passes over the calibration data."""
 
@@ -103,12 +112,39 @@ def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) 
                  base + mlp)]
 
 
+def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
+                  hessian: Term) -> list[tuple[str, list[Term]]]:
+    """GPTQ's solve of one input group on the GPU (methods/gptq.py, gptq_hessian.py), as three
+    phases beside `base` (weights, hidden states): preparing the factor (a damped copy of H,
+    factored, inverted and factored again in place); the column solve of the group's linears
+    stacked by rows, one row slice at a time (U, the slice in the working dtype and two fp32
+    copies: the transposed weight and the codes as floats); the error report per linear (five
+    fp32 copies of a row slice: weight, dequantized weight, difference, its product with H,
+    that times the difference). The accumulated H is alive throughout unless it is parked in
+    host RAM (dec.hessian 'park') from the factor's preparation until the report."""
+    n = g.in_features
+    rows = -(-sum(lin.out_features for lin in g.linears) // dec.row_slices)
+    single = max(g.linears, key=lambda x: x.out_features)
+    srows = -(-single.out_features // dec.row_slices)
+    held_h = [] if dec.hessian == "park" else [hessian]
+    return [
+        (f"prepare the factor of {g.name}", base + held_h + [
+            Term("cholesky", f"damped copy of H, factored in place, {n}×{n} fp32", n * n * 4)]),
+        (f"solve {g.name}", base + held_h + [
+            Term("cholesky", f"U, the {n}×{n} fp32 factor of the damped inverse", n * n * 4),
+            Term("weight_fp32", f"{g.name} stacked ({rows}×{n} rows slice): working dtype + "
+                 f"2 fp32 copies", rows * n * (d + 8))]),
+        (f"error report {g.name}", base + [hessian, Term(
+            "weight_fp32", f"error report of {single.name} ({srows}×{n} rows slice): 5 fp32 "
+            f"copies", srows * n * 20)])]
+
+
 def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: bool,
                  dec: Decisions) -> list[tuple[str, list[Term]]]:
     s, d, N, S, H = job.shapes, job.d, job.samples, job.seqlen, job.shapes.hidden
     c = dec.chunk
     hidden_local = dec.hidden == "gpu" or (job.on_host and dec.hidden == "cpu")
-    hess_local = job.method == "gptq" and (dec.hessian == "gpu" or job.on_host)
+    hess_local = job.method == "gptq" and (dec.hessian in ("gpu", "park") or job.on_host)
     layer_w = (sum(g.weight_elements() for g in groups) + extra) * d
     # The largest thing streamed in for a by_group forward: one linear, or one whole expert.
     unit = max(max(g.weight_elements(1) if g.copies > 1 else
@@ -147,8 +183,9 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
         res = resident(g, True)
         if job.method == "gptq":
             n = g.in_features
-            update = Term("hessian_update", f"chunk input in fp32 for X^T·X ({c}×{S}×{n})",
-                          c * S * n * 4)
+            # XᵀX is added one sample at a time (the same bits whatever the chunking)
+            update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
+                          S * n * 4)
             alive = [hessian(g)] if hess_local else []
             phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
         else:
@@ -161,10 +198,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             if not hess_local:  # accumulated and solved on the host
                 phases.append((f"solve {g.name} (host)", res + held))
                 continue
-            n = g.in_features
-            workspace = Term("cholesky", f"Cholesky workspace {n}×{n} fp32", n * n * 4)
-            phases.append((f"solve {g.name}", res + held + [hessian(g), workspace,
-                                                             fp32_weight(g)]))
+            phases += _solve_phases(g, dec, d, res + held, hessian(g))
         else:  # AWQ: the search caches every chunk's judge input and fp reference output
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
@@ -172,16 +206,14 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             if not (hidden_local or job.on_host):  # cached in host RAM; one chunk copied in
                 cached = Term("reference", f"AWQ judge input + reference, chunk {c}",
                               c * S * (n + H) * d)
-            lin = max(g.linears, key=lambda x: x.in_features * x.out_features)
-            rows = -(-lin.out_features // dec.row_slices)
             phases.append((f"AWQ search {g.name}", resident(g, True) + held + act + [
                 cached,
                 Term("awq_scratch", f"candidate output and fp32 loss terms, chunk {c}",
                      c * S * H * (d + 8)),
                 Term("awq_backup", f"original weights of {g.name}",
                      g.weight_elements(_alive_copies(g, dec)) * d),
-                Term("weight_fp32", f"fp32 scaled and fake-quantized {lin.name} "
-                     f"({rows}×{lin.in_features} rows slice)", rows * lin.in_features * 8)]))
+                Term("weight_fp32", f"fp32 temporaries of quantizing by row slices of "
+                     f"{AWQ_QUANTIZE_SLICE_ELEMENTS} elements", AWQ_QUANTIZE_SLICE_ELEMENTS * 12)]))
     return phases
 
 
@@ -212,13 +244,16 @@ def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
         items = [("layer weights staged from the checkpoint",
                   (sum(g.weight_elements() for g in groups) + extra) * d)]
         if job.calibrated and dec.hidden == "cpu":
-            items.append((f"hidden states in+out {N}×{S}×{H} (pinned)", 2 * N * S * H * d))
+            items.append((f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
         if job.method == "awq" and dec.hidden in ("cpu", "disk"):
             n = max(g.in_features for g in groups)
             items.append(("AWQ judge inputs + fp references (widest group)",
                           N * S * (n + H) * d))
         if job.calibrated and dec.hidden == "disk":
             items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
+        if job.method == "gptq" and dec.hessian == "park":
+            n = max(g.in_features for g in groups)
+            items.append(("a GPTQ Hessian parked during its solve (fp32)", n * n * 4))
         if job.method == "gptq" and dec.hessian == "cpu":
             alive = max(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
             n = max(g.in_features for g in groups)

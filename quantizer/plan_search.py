@@ -13,13 +13,16 @@ from dataclasses import replace
 
 from .plan_memory import Decisions, _Job, _Peak, _peak, _ram
 
-TARGET_TOKENS = 4096  # tokens per forward beyond which a larger chunk buys little speed
+# Tokens per forward beyond which a larger chunk buys no speed, only memory: the first chunk
+# never exceeds it (the layer loop runs the planned chunk as it is).
+MAX_CHUNK_TOKENS = 4096
+TARGET_TOKENS = MAX_CHUNK_TOKENS  # the name older callers import
 MAX_ROW_SLICES = 32
 
 # Moves from the fastest configuration, cheapest first. Each is taken only when it lowers the
-# predicted peak; "chunk_to_target" shrinks chunks that are larger than a GPU needs to be busy.
-_MOVES = ("chunk_to_target", "row_slices", "hidden_off_gpu", "by_group", "experts", "chunk",
-          "hessian_off_gpu")
+# predicted peak. "by_group" (stream modules in for the forward) is modelled but the layer loop
+# does not carry it out, so neither the search nor OOM recovery takes it.
+_MOVES = ("hidden_off_gpu", "hessian_park", "row_slices", "experts", "chunk", "hessian_off_gpu")
 
 
 def _ram_ok(job: _Job, dec: Decisions, ram_budget: int) -> bool:
@@ -28,8 +31,6 @@ def _ram_ok(job: _Job, dec: Decisions, ram_budget: int) -> bool:
 
 def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions | None:
     hidden_forced, hessian_forced = job.forced
-    if move == "chunk_to_target" and dec.chunk > 1 and dec.chunk * job.seqlen > TARGET_TOKENS:
-        return replace(dec, chunk=dec.chunk // 2)
     if move == "chunk" and dec.chunk > 1:
         return replace(dec, chunk=dec.chunk // 2)
     if move == "row_slices" and dec.row_slices < MAX_ROW_SLICES:
@@ -40,12 +41,15 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
         if dec.hidden == "gpu":
             to_cpu = replace(dec, hidden="cpu")
             return to_cpu if _ram_ok(job, to_cpu, ram_budget) else replace(dec, hidden="disk")
+    if (move == "hessian_park" and job.method == "gptq" and hessian_forced == "auto"
+            and dec.hessian == "gpu" and not job.on_host):
+        return replace(dec, hessian="park")  # a few GB over PCIe per layer: cheap
     if move == "by_group" and dec.mode == "whole":
         return replace(dec, mode="by_group")
     if move == "experts" and dec.experts_per_pass > 1:
         return replace(dec, experts_per_pass=dec.experts_per_pass // 2)
     if (move == "hessian_off_gpu" and job.method == "gptq" and hessian_forced == "auto"
-            and dec.hessian == "gpu" and not job.on_host):
+            and dec.hessian in ("gpu", "park") and not job.on_host):
         moved = replace(dec, hessian="cpu")
         if _ram_ok(job, moved, ram_budget):
             return moved
@@ -64,7 +68,7 @@ def _start(job: _Job) -> Decisions:
         hessian = "cpu" if job.on_host else (hessian_forced if hessian_forced != "auto"
                                              else "gpu")
     chunk = 1
-    while chunk * 2 <= job.samples:
+    while chunk * 2 <= job.samples and chunk * 2 * job.seqlen <= MAX_CHUNK_TOKENS:
         chunk *= 2
     experts = max((g.copies for groups, _ in job.kinds for g in groups if g.copies > 1),
                   default=0)

@@ -17,8 +17,11 @@ class LayerRecord:
     load_s: float = 0.0
     quantize_s: float = 0.0
     write_s: float = 0.0
-    peak_bytes: dict = field(default_factory=dict)
+    peak_bytes: dict = field(default_factory=dict)  # measured: allocated/reserved/nvml, or rss
     stats: dict = field(default_factory=dict)
+    predicted_peak: int | None = None  # the memory plan's peak for this layer's device
+    decisions: dict = field(default_factory=dict)  # the plan's choices this layer ran with
+    oom_retries: list = field(default_factory=list)  # "error -> what was shrunk", per retry
 
     def error_str(self) -> str:
         return f"{self.output_error:.4f}" if self.output_error is not None else \
@@ -27,6 +30,9 @@ class LayerRecord:
     def peak_str(self) -> str:
         p = self.peak_bytes
         return fmt_bytes(p.get("reserved", p.get("rss")))
+
+    def predicted_str(self) -> str:
+        return fmt_bytes(self.predicted_peak) if self.predicted_peak is not None else "-"
 
 
 @dataclass
@@ -42,13 +48,14 @@ class QuantResult:
     extra: dict = field(default_factory=dict)
 
     HEADERS = ("layer", "out err", "weight err", "time s", "load s", "quant s", "write s",
-               "peak mem")
+               "peak mem", "predicted", "retries")
 
     def rows(self):
         for r in self.layers:
             yield (str(r.index), "-" if r.output_error is None else f"{r.output_error:.5f}",
                    f"{r.weight_error:.5f}", f"{r.seconds:.2f}", f"{r.load_s:.2f}",
-                   f"{r.quantize_s:.2f}", f"{r.write_s:.2f}", r.peak_str())
+                   f"{r.quantize_s:.2f}", f"{r.write_s:.2f}", r.peak_str(), r.predicted_str(),
+                   str(len(r.oom_retries)))
 
     def summary(self) -> str:
         s = self.settings

@@ -64,6 +64,17 @@ class CalibLayout:
                 ends.append(min(a + max(1, chunk), hi))
         return cls(shard_of, starts, ends, n_samples, shards, w)
 
+    def split(self, size: int) -> "CalibLayout":
+        """The layout after every chunk is cut into pieces of at most `size` samples (what
+        HiddenStore.rechunk does to the chunks themselves): pieces stay in their shard."""
+        shard_of, starts, ends = [], [], []
+        for s, a, b in zip(self.shard_of, self.sample_start, self.sample_end):
+            for lo in range(a, b, max(1, size)):
+                shard_of.append(s)
+                starts.append(lo)
+                ends.append(min(lo + max(1, size), b))
+        return CalibLayout(shard_of, starts, ends, self.n_samples, self.n_shards, self.world)
+
     @classmethod
     def single(cls, inputs) -> "CalibLayout":
         """One shard holding every chunk: what a LayerContext built without a layout gets

@@ -11,7 +11,8 @@ import pytest
 
 from quantizer.errors import InputError, OutOfMemory
 from quantizer.memsize import GIB, MIB, parse_budgets, parse_size
-from quantizer.plan import (CUDA_CONTEXT, DeviceSpec, ModelShapes, PlanError, layer_groups,
+from quantizer.plan import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes,
+                            PlanError, layer_groups,
                             make_plan, plan_command, shrink)
 
 # Published config.json values (the fields the planner reads).
@@ -40,7 +41,7 @@ CONFIGS = {"llama-2-7b": LLAMA2_7B, "llama-3-8b": LLAMA3_8B, "llama-2-70b": LLAM
 BUDGETS = ("40G", "24G", "16G", "8G")  # shrinking
 RAM = 64 * GIB
 GPU0 = [DeviceSpec(0, "test GPU")]
-RANK = {"gpu": 0, "cpu": 1, "disk": 2, "none": 0, "whole": 0, "by_group": 1}
+RANK = {"gpu": 0, "park": 1, "cpu": 2, "disk": 3, "none": 0, "whole": 0, "by_group": 1}
 
 
 def plan_for(cfg, method, budget, samples=128, seqlen=512, **kw):
@@ -103,27 +104,39 @@ def test_plans_fit_and_shrink_monotonically(name, method):
 
 def test_70b_gptq_keeps_hessian_on_gpu_at_8g_and_everything_at_40g():
     tight = plan_for(LLAMA2_70B, "gptq", "8G").devices[0]
-    assert tight.decisions.hessian == "gpu"  # a CPU solve would be far slower than 1.3×
-    assert tight.decisions.hidden != "gpu" and tight.decisions.mode == "by_group"
+    # a CPU solve would be far slower than 1.3×: H stays on the GPU, parked during its solve
+    assert tight.decisions.hessian == "park"
+    assert tight.decisions.hidden != "gpu" and tight.decisions.mode == "whole"
     roomy = plan_for(LLAMA2_70B, "gptq", "40G").devices[0].decisions
     assert (roomy.hidden, roomy.hessian, roomy.mode) == ("gpu", "gpu", "whole")
-    assert roomy.chunk > tight.decisions.chunk
+    assert roomy.chunk >= tight.decisions.chunk
+    assert roomy.chunk == MAX_CHUNK_TOKENS // 512  # no larger than a forward needs to be busy
 
 
-def test_down_proj_calibration_terms_match_hand_formulas():
-    dp = plan_for(LLAMA2_70B, "gptq", "9G", hessian_device="gpu", hidden_device="cpu").devices[0]
-    assert dp.peak_phase == "calibrate mlp.down_proj"
+def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
+    dp = plan_for(LLAMA2_70B, "gptq", "10G", hessian_device="gpu", hidden_device="cpu").devices[0]
+    assert dp.peak_phase == "solve mlp.down_proj"
     terms = dict(dp.breakdown)
-    h, i, d, tok = 8192, 28672, 2, dp.decisions.chunk * 512
+    h, i, kv, d = 8192, 28672, 1024, 2
+    rows = -(-h // dp.decisions.row_slices)
     assert terms["the 28672×28672 fp32 Hessian of mlp.down_proj"] == i * i * 4
-    assert terms["weights of mlp.down_proj"] == h * i * d
-    assert terms["one streamed module (by_group forward)"] == h * i * d  # gate or up
-    # residual + normed copy + this chunk's inputs/outputs, and gate, up, act·up
-    act = next(v for k, v in terms.items() if k.startswith("forward activations"))
-    assert act == 4 * tok * h * d + 3 * tok * i * d
-    assert terms[f"chunk input in fp32 for X^T·X ({dp.decisions.chunk}×512×{i})"] == \
-        tok * i * 4
+    assert terms["U, the 28672×28672 fp32 factor of the damped inverse"] == i * i * 4
+    assert terms["layer weights (2-byte)"] == (2 * h * h + 2 * h * kv + 3 * h * i) * d
+    assert terms[f"mlp.down_proj stacked ({rows}×{i} rows slice): working dtype + 2 fp32 "
+                 "copies"] == rows * i * (d + 8)
     assert terms["CUDA context"] == CUDA_CONTEXT
+    # the calibration phase of the same plan: residual + normed copy + this chunk's
+    # inputs/outputs, gate, up, act·up, and the chunk's input in fp32 for XᵀX
+    from quantizer.plan_memory import _make_job, _phase_terms
+    job = _make_job(ModelShapes.from_config(LLAMA2_70B), "gptq", 128, 512, d, False,
+                    ("cpu", "gpu"), None)
+    (groups, extra), = job.kinds
+    phases = dict(_phase_terms(job, groups, extra, False, dp.decisions))
+    calib = {t.label: t.bytes for t in phases["calibrate mlp.down_proj"]}
+    tok = dp.decisions.chunk * 512
+    act = next(v for k, v in calib.items() if k.startswith("forward activations"))
+    assert act == 4 * tok * h * d + 3 * tok * i * d
+    assert calib[f"one sample's input in fp32 for X^T·X (512×{i})"] == 512 * i * 4
 
 
 def test_cpu_hessian_frees_the_gpu_but_needs_ram():
@@ -214,10 +227,11 @@ def test_host_only_plan_has_no_cuda_context():
     assert "CUDA context" not in dict(dp.breakdown) and dp.decisions.hessian == "cpu"
 
 
-def test_shrink_halves_then_moves_then_gives_up():
+def test_shrink_moves_neutral_items_then_halves_then_moves_then_gives_up():
     plan = plan_for(LLAMA2_70B, "gptq", "40G")
     chunk = plan.decisions_for(3).chunk
     seen = [plan.decisions_for(3)]
+    assert (seen[0].hidden, seen[0].hessian) == ("gpu", "gpu")
     for _ in range(40):
         try:
             plan = shrink(plan, 3)
@@ -226,15 +240,25 @@ def test_shrink_halves_then_moves_then_gives_up():
             break
         dec = plan.decisions_for(3)
         assert dec != seen[-1]
-        if seen[-1].chunk > 1:
-            assert dec.chunk == seen[-1].chunk // 2
         seen.append(dec)
     else:
         pytest.fail("shrink never ran out of moves")
+    # first what cannot change the output: hidden states off the GPU, the Hessian parked
+    assert (seen[1].hidden, seen[1].hessian, seen[1].chunk) == ("cpu", "gpu", chunk)
+    assert (seen[2].hidden, seen[2].hessian, seen[2].chunk) == ("cpu", "park", chunk)
+    # then the chunk halves down to 1, then the rest
+    halving = seen[2:]
+    for a, b in zip(halving, halving[1:]):
+        if a.chunk > 1:
+            assert b.chunk == a.chunk // 2
     last = seen[-1]
     assert chunk > 1 and last.chunk == 1
-    assert (last.hidden, last.hessian, last.mode) == ("cpu", "cpu", "by_group")
+    # by_group is modelled but not carried out by the layer loop: recovery never picks it
+    assert (last.hidden, last.hessian, last.mode) == ("cpu", "cpu", "whole")
+    assert all(dec.mode == "whole" for dec in seen)
     assert any(n.startswith("layer 3: out of memory") for n in plan.notes)
+    assert plan.device_plan_for(3).steps[-len(seen) + 1:][:2] == ("oom: hidden_off_gpu",
+                                                                   "oom: hessian_park")
 
 
 def test_random_shapes_keep_the_invariants():

@@ -27,6 +27,7 @@ from torch import nn
 from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
                               run_units)
 from quantizer.kernels.packing import QuantizedWeight
+from quantizer.plan_memory import AWQ_QUANTIZE_SLICE_ELEMENTS
 
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
@@ -79,6 +80,13 @@ def module_in_dtype(module: nn.Module, dtype: torch.dtype):
         module.to(orig)
 
 
+def _samples(x: torch.Tensor):
+    """A chunk's samples, one (seq, n) block each, for sums that must not depend on how
+    samples were chunked. A routed expert's input is already a flat (tokens, n) selection:
+    it is one block (its sums follow the chunking, which the MoE notes state)."""
+    return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else (x,)
+
+
 def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep `t` on `device`; host copies are pinned so they stream back asynchronously."""
     if t.device == device:
@@ -87,8 +95,9 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
 
 
-# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries.
-_QUANTIZE_SLICE_ELEMENTS = 1 << 24
+# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries (the
+# planner's memory model counts them, so the number lives there).
+_QUANTIZE_SLICE_ELEMENTS = AWQ_QUANTIZE_SLICE_ELEMENTS
 
 
 def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
@@ -246,11 +255,14 @@ class AWQ:
             jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
             judge_inputs.append((_store(jx, cache), jkw))
             lx = seen[first][0]
-            flat = lx.reshape(-1, lx.shape[-1])
-            part = flat.abs().sum(dim=0, dtype=torch.float32)
+            # One sample at a time, so the sum is the same bits however the samples were
+            # chunked (the chunk is a placement setting; OOM recovery halves it); per
+            # calibration shard, so it is the same on any number of processes.
             s = layout.shard_of[k]
-            abs_sum[s] = part if s not in abs_sum else abs_sum[s] + part
-            count[s] = count.get(s, 0) + flat.shape[0]
+            for sample in _samples(lx):
+                part = sample.abs().sum(dim=0, dtype=torch.float32)
+                abs_sum[s] = part if s not in abs_sum else abs_sum[s] + part
+                count[s] = count.get(s, 0) + sample.shape[0]
         return GroupCapture(judge_inputs, fold_tensors(layout, abs_sum)
                             / max(fold_values(layout, count), 1))
 
@@ -298,7 +310,8 @@ class AWQ:
                 s = layout.shard_of[k]
                 if s not in totals:
                     totals[s] = torch.zeros((), dtype=torch.float64, device=ctx.device)
-                totals[s] += diff.square_().sum(dtype=torch.float64)
+                for sample in _samples(diff.square_()):  # chunk-invariant
+                    totals[s] += sample.sum(dtype=torch.float64)
             return fold_values(layout, {s: float(t) for s, t in totals.items()}) / numel
 
         try:

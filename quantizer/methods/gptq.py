@@ -107,7 +107,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     U, perm, dead = prepared.U, prepared.perm, prepared.dead
     out_f, n = W.shape
     gs = check_group_size(n, group_size, name)
-    W = W.to(U.device, torch.float32).clone()
+    W = W.to(U.device, torch.float32, copy=True)  # one fp32 copy (the planner counts two)
     W[:, dead] = 0
     n_groups = n // gs
     scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
@@ -136,10 +136,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
         solve_columns_triton(WT, *args)
     elif backend == "auto" and WT.is_cuda and _triton_usable():
         from .gptq_triton import solve_columns_triton
-        backup = WT.clone()
+        # A copy to fall back on only until the kernel has built and run once in this
+        # process: after that the copy would be an fp32 weight of GPU memory for nothing.
+        backup = None if _TRITON_STATE.get("proven") else WT.clone()
         try:
             solve_columns_triton(WT, *args)
+            _TRITON_STATE["proven"] = True
         except Exception as e:  # a kernel that fails to build must not fail the run
+            if backup is None or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
             _TRITON_STATE["broken"] = True
             log(f"gptq: Triton solver failed ({type(e).__name__}: {str(e)[:200]}); "
                 f"using the Python column loop from now on")
@@ -176,33 +181,75 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     return out
 
 
+_PARKING: dict[str, torch.Tensor] = {}  # one pinned host buffer, reused by every group
+
+
+def _park(H: torch.Tensor) -> torch.Tensor:
+    """A host copy of a GPU Hessian, in a pinned buffer kept for the run (copies at PCIe speed
+    and no pinning cost per layer); pageable memory where pinning is refused."""
+    buf = _PARKING.get("H")
+    if buf is None or buf.numel() < H.numel():
+        _PARKING.pop("H", None)
+        try:
+            buf = torch.empty(H.numel(), dtype=H.dtype, pin_memory=True)
+        except RuntimeError:
+            return H.to("cpu")
+        _PARKING["H"] = buf
+    out = buf[:H.numel()].view(H.shape)
+    out.copy_(H)
+    return out
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def group_hessians(ctx, groups) -> dict[tuple[str, ...], HessianAccumulator]:
+def group_hessians(ctx, groups, device=None) -> dict[tuple[str, ...], HessianAccumulator]:
     """One Hessian per input group from its shared input over every calibration chunk, all
     groups in one pass per chunk (capturing only each group's first member; the forward stops
     after the last one)."""
     firsts = [g[0] for g in groups]
     layout = layout_of(ctx)
     # per calibration shard, folded in shard order: the same sums on any number of processes
+    device = ctx.device if device is None else device
     folds = {g: ShardFold(layout, lambda g=g: HessianAccumulator(
-        ctx.module(g[0]).in_features, ctx.device)) for g in groups}
+        ctx.module(g[0]).in_features, device)) for g in groups}
     for k, seen in enumerate(ctx.capture(firsts)):  # to its end: that removes the hooks
         for g in groups:
             folds[g].part(layout.shard_of[k]).add(seen[g[0]])
     return {g: folds[g].result() for g in groups}
 
 
+def _rows(weights: list[torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of the weights stacked by rows, copying only those rows."""
+    parts, start = [], 0
+    for w in weights:
+        a, b = max(r0 - start, 0), min(r1 - start, w.shape[0])
+        if a < b:
+            parts.append(w[a:b])
+        start += w.shape[0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]),
+                           torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), first.bits, first.group_size,
+                           first.g_idx, first.symmetric)
+
+
 def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
                    act_order: bool, static_groups: bool, damp: float, block: int,
-                   prepared: PreparedHessian | None = None):
+                   prepared: PreparedHessian | None = None, row_slices: int = 1):
     """GPTQ every linear of one input group against the group's H. Linears with the same
     (bits, group_size) are stacked row-wise into one solve (GPTQ treats rows independently
-    given H, so this is exact and visits each column once instead of once per linear).
-    Returns ({name: QuantizedWeight}, info)."""
+    given H, so this is exact and visits each column once instead of once per linear), in
+    `row_slices` slices of rows (the planner's choice: each slice's fp32 copies are that much
+    smaller). Returns ({name: QuantizedWeight}, info)."""
     if prepared is None:
         prepared = prepare_hessian(H, act_order, damp, ctx.log)
     buckets: dict[tuple[int, int], list[str]] = {}
@@ -212,11 +259,16 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     def solve(unit):
         (bits, gs), names = unit
         weights = [ctx.module(n).weight.data for n in names]
-        stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-        q, info = gptq_quantize(stacked, None, bits, gs, symmetric, act_order, static_groups,
-                                damp, block, log=ctx.log, name=ctx.full_name(names[0]),
-                                prepared=prepared)
-        return split_rows(q, [w.shape[0] for w in weights]), info
+        total = sum(w.shape[0] for w in weights)
+        step = -(-total // max(1, row_slices))
+        parts = []
+        for r0 in range(0, total, step):
+            q, info = gptq_quantize(_rows(weights, r0, min(r0 + step, total)), None, bits, gs,
+                                    symmetric, act_order, static_groups, damp, block,
+                                    log=ctx.log, name=ctx.full_name(names[0]),
+                                    prepared=prepared)
+            parts.append(q)
+        return split_rows(_cat_rows(parts), [w.shape[0] for w in weights]), info
 
     # Each stacked solve is one unit of work; with several processes they run on different
     # ranks at once and every rank receives every result (quantizer.distributed.run_units).
@@ -225,6 +277,24 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     for ((_, names), (qs, info)) in zip(units, run_units(layout_of(ctx), units, solve)):
         out.update(zip(names, qs))
     return out, info
+
+
+def _report_errors(w: torch.Tensor, q: QuantizedWeight, H: torch.Tensor,
+                   row_slices: int) -> tuple[float, float]:
+    """(output error against H, relative weight error) of q against w, by row slices so the
+    fp32 copies are a slice each (the planner counts five of them)."""
+    num = den = wnum = wden = 0.0
+    step = -(-w.shape[0] // max(1, row_slices))
+    sizes = [min(step, w.shape[0] - r0) for r0 in range(0, w.shape[0], step)]
+    for r0, qs in zip(range(0, w.shape[0], step), split_rows(q, sizes)):
+        ws = w[r0:r0 + step].to(H.device, torch.float32)
+        d = ws - qs.dequantize(torch.float32).to(H.device)
+        num += float(((d @ H) * d).sum())
+        den += float(((ws @ H) * ws).sum())
+        wnum += float(d.square().sum())
+        wden += float(ws.square().sum())
+    rel = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+    return rel, math.sqrt(wnum) / max(math.sqrt(wden), 1e-12)
 
 
 class GPTQ:
@@ -264,57 +334,79 @@ class GPTQ:
         return int(bits), int(ctx.settings.group_size)
 
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
+        """Per input group: accumulate H, factor it, solve, report. Where H lives follows the
+        plan (ctx.placement 'hessian'): 'gpu'; 'park', on the GPU but moved to host RAM while
+        its factor is prepared and the columns solved; 'cpu', accumulated and solved on the
+        host. 'row_slices' splits the solve by output rows."""
         out: dict[str, QuantizedWeight] = {}
         per_module = ctx.stats.setdefault("modules", {})
         totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
+        placement = getattr(ctx, "placement", None) or {}
+        where = placement.get("hessian", "gpu")
+        slices = int(placement.get("row_slices", 1))
+        acc_dev = torch.device("cpu") if where == "cpu" else ctx.device
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
         for batch in ctx.arch.capture_batches(lambda n: ctx.module(n).in_features):
             t0 = time.perf_counter()
-            accs = group_hessians(ctx, batch)
+            accs = group_hessians(ctx, batch, acc_dev)
             _sync(ctx.device)
             t_capture = (time.perf_counter() - t0) / len(batch)
             for group in batch:
                 self._quantize_group(ctx, group, accs.pop(group), t_capture, out, per_module,
-                                     totals)
+                                     totals, where, slices)
         for k, v in totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
         return out
 
-    def _quantize_group(self, ctx, group, acc, t_capture, out, per_module, totals) -> None:
-        """GPTQ one input group against its Hessian, then swap in its quantized weights."""
+    def _quantize_group(self, ctx, group, acc, t_capture, out, per_module, totals,
+                        where: str = "gpu", slices: int = 1) -> None:
+        """GPTQ one input group against its Hessian, then swap in its quantized weights.
+        where: the plan's Hessian placement (gpu; park: H waits in host memory while its
+        factor is made and the columns solved; cpu: accumulated and solved on the host)."""
         t1 = time.perf_counter()
         t0 = t1 - t_capture
+        H = acc.H
+        if where == "park" and H.is_cuda:
+            H = _park(H)
+            acc.H = None  # the GPU copy goes now: its factor takes its place
+        solve_dev = torch.device("cpu") if where == "cpu" else ctx.device
         settings = {name: self._settings(ctx, name) for name in group}
-        prepared = prepare_hessian(acc.H, self.act_order, self.damp, ctx.log)
+        prepared = prepare_hessian(H, self.act_order, self.damp, ctx.log, device=solve_dev)
         if prepared.retries:
             ctx.log(f"gptq: {ctx.full_name(group[0])} (+{len(group) - 1} sharing its "
                     f"input) needed damp={prepared.damp_used:g} after "
                     f"{prepared.retries} failed Cholesky attempt(s)")
-        qs, _ = quantize_group(ctx, group, acc.H, settings, ctx.settings.symmetric,
+        qs, _ = quantize_group(ctx, group, H, settings, ctx.settings.symmetric,
                                self.act_order, self.static_groups, self.damp, self.block,
-                               prepared)
+                               prepared, row_slices=slices)
+        info = {"damp_used": prepared.damp_used, "retries": prepared.retries,
+                "dead_columns": int(prepared.dead.sum())}
+        del prepared  # U is not needed for the report: H comes back in its place
         _sync(ctx.device)
         t2 = time.perf_counter()
+        if self.report_error and where == "park":
+            H = H.to(ctx.device)
         for name in group:
             rec = {"hessian_s": t1 - t0, "solve_s": t2 - t1, "bits": settings[name][0],
-                   "group_size": settings[name][1], "damp_used": prepared.damp_used,
-                   "retries": prepared.retries, "dead_columns": int(prepared.dead.sum()),
+                   "group_size": settings[name][1], **info,
                    "tokens": acc.n_tokens, "shared_with": list(group)}
             if self.report_error:
-                w = ctx.module(name).weight.data.float()
-                w_hat = qs[name].dequantize(torch.float32).to(w.device)
-                rec["rel_error"] = output_error(w, w_hat, acc.H)
                 # the float weight is replaced below; a caller comparing afterwards sees 0
-                rec["weight_error"] = float((w_hat - w).norm() / w.norm().clamp(min=1e-12))
+                rec["rel_error"], rec["weight_error"] = _report_errors(
+                    ctx.module(name).weight.data, qs[name], H, slices)
             per_module[name] = rec
         totals["hessian_s"] += t1 - t0
         totals["solve_s"] += t2 - t1
-        totals["damp_retries"] += prepared.retries
+        totals["damp_retries"] += info["retries"]
         # Later groups must see this group's quantized outputs (true-sequential).
         for name in group:
             ctx.set_quantized(name, qs[name])
         out.update(qs)
-        del acc, prepared
+        del acc, H
+        if ctx.device.type == "cuda":
+            # The next group's n×n matrices differ in size: without this the cached blocks
+            # of this one stay reserved beside them (H100 7B: reserved 1.45× allocated).
+            torch.cuda.empty_cache()
 
 
 register_method("gptq", GPTQ)

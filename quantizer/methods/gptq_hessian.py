@@ -16,7 +16,10 @@ class HessianAccumulator:
     """Running mean of 2 x xᵀ over calibration tokens, in float32 whatever the input dtype.
 
     The running-mean scaling keeps H's magnitude independent of the number of tokens (as
-    the reference implementation does) so float32 never overflows on long calibration sets."""
+    the reference implementation does) so float32 never overflows on long calibration sets.
+    A batch of samples (batch, seq, n) is added one sample at a time, so H is the same bits
+    however the samples were chunked for the forward (OOM recovery halves chunks mid-run, and
+    the chunk size is a placement setting that must not change the output)."""
 
     def __init__(self, n_features: int, device: torch.device | str = "cpu"):
         self.H = torch.zeros((n_features, n_features), dtype=torch.float32, device=device)
@@ -24,8 +27,15 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        if x.dim() >= 3:
+            for sample in x.reshape(-1, *x.shape[-2:]):
+                self._add_rows(sample)
+        else:
+            self._add_rows(x)
+
+    def _add_rows(self, x: torch.Tensor) -> None:
         half = x.dtype in (torch.float16, torch.bfloat16)
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device).to(torch.float32)
         m = x.shape[0]
         if m == 0:
             return
@@ -87,37 +97,106 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else 0.0
 
 
-def _inverse_hessian_cholesky(box: list, damp: float, log, max_retries: int = 4):
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; on failure retry with λ×10.
+def _scratch(H: torch.Tensor, order: torch.Tensor, fix: torch.Tensor, device,
+             rows: int = 1024) -> torch.Tensor:
+    """A float32 copy of H on `device` with rows and columns in `order` and `fix` added to its
+    diagonal, built a block of rows at a time so no second n×n matrix exists beside it (H
+    may be on the host: a parked Hessian is read straight into the copy)."""
+    n = H.shape[0]
+    out = torch.empty((n, n), dtype=torch.float32, device=device)
+    order_h = order.to(H.device)
+    order_d = order.to(device)
+    for r0 in range(0, n, rows):
+        block = H.index_select(0, order_h[r0:r0 + rows]).to(device, torch.float32)
+        out[r0:r0 + rows] = block.index_select(1, order_d)
+    torch.diagonal(out).add_(fix.to(device, torch.float32)[order_d])
+    return out
 
-    `box` holds the only reference to a scratch copy of H, which is damped in place and
-    dropped as soon as its factor exists: at most three n×n matrices live at once (the
-    caller's H, one factor, its inverse), which matters for an 11008-wide down_proj."""
-    H = box.pop()
-    diag = torch.diagonal(H)
-    mean_diag = float(diag.mean())
-    lam, applied = damp, 0.0
-    for attempt in range(max_retries + 1):
-        diag += (lam - applied) * mean_diag
-        applied = lam
+
+def _invert_lower_in_place(L: torch.Tensor, base: int = 512) -> None:
+    """L <- L⁻¹ for lower-triangular L, in place: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0],
+    [-C⁻¹ B A⁻¹, C⁻¹]], the off-diagonal block updated a slice at a time so the scratch is a
+    slice, never a second n×n matrix (what LAPACK's trtri does, which torch does not expose)."""
+    n = L.shape[0]
+    if n <= base:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
+    h = n // 2
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    _invert_lower_in_place(A, base)
+    _invert_lower_in_place(C, base)
+    step = max(1, (1 << 24) // max(h, 1))
+    for r0 in range(0, n - h, step):
+        B[r0:r0 + step] = B[r0:r0 + step] @ A
+    for c0 in range(0, h, step):
+        B[:, c0:c0 + step] = -(C @ B[:, c0:c0 + step])
+
+
+def _flip_in_place(M: torch.Tensor, rows: int = 1024) -> None:
+    """M <- M reversed along both dimensions (M[i, j] = M[n-1-i, n-1-j]), by pairs of row
+    blocks, so the scratch is two blocks of rows."""
+    n = M.shape[0]
+    half = n // 2
+    for a in range(0, half, rows):
+        b = min(a + rows, half)
+        top = M[a:b].flip(0, 1)
+        bottom = M[n - b:n - a].flip(0, 1)
+        M[a:b] = bottom
+        M[n - b:n - a] = top
+    if n % 2:
+        M[half] = M[half].flip(0)
+
+
+def _factor(make, shift: float) -> tuple[torch.Tensor | None, str]:
+    """(lower Cholesky factor of make() + shift·I, "") computed in place in that copy, or
+    (None, why) when it is not positive definite. A build that refuses the in-place form gets
+    the ordinary one (one more n×n copy for a moment)."""
+    S = make()
+    torch.diagonal(S).add_(shift)
+    info = torch.zeros((), dtype=torch.int32, device=S.device)
+    try:
         try:
-            L = torch.linalg.cholesky(H)
-        except (RuntimeError, torch.linalg.LinAlgError) as e:  # not positive definite
-            reason = str(e).splitlines()[0][:120]
-        else:
-            del H, diag
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U = torch.linalg.cholesky(Hinv, upper=True)
-            del Hinv
-            U = U.contiguous()
-            if bool(torch.isfinite(U).all()):
-                return U, lam, attempt
-            raise InputError("GPTQ: the inverse Hessian has non-finite entries (calibration "
-                             "inputs may contain NaN/inf)")
-        if attempt < max_retries:
-            log(f"gptq: Cholesky failed at damp={lam:g} ({reason}); retrying at damp={lam * 10:g}")
-            lam *= 10
+            torch.linalg.cholesky_ex(S, out=(S, info))
+        except RuntimeError as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            S = make()
+            torch.diagonal(S).add_(shift)
+            S, info = torch.linalg.cholesky_ex(S)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # LinAlgError included
+        return None, str(e).splitlines()[0][:120]
+    if int(info):
+        return None, f"leading minor {int(info)} is not positive"
+    return S, ""
+
+
+def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retries: int = 4):
+    """U, the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, on failure retrying with λ×10.
+
+    `make()` returns a fresh float32 copy of H with rows and columns reversed (P H P, P the
+    exchange matrix). With P H P = M Mᵀ (M lower), H⁻¹ = P M⁻ᵀ M⁻¹ P = Uᵀ U for
+    U = P M⁻¹ P, which is upper triangular with a positive diagonal: the factor GPTQ needs.
+    Factoring, inverting and reversing all happen in that one copy, so preparing the factor
+    needs one n×n matrix beside H (the reference's cholesky_inverse route needs two)."""
+    lam = damp
+    for attempt in range(max_retries + 1):
+        S, reason = _factor(make, lam * mean_diag)
+        if reason:  # not positive definite at this damping
+            if attempt < max_retries:
+                log(f"gptq: Cholesky failed at damp={lam:g} ({reason}); retrying at "
+                    f"damp={lam * 10:g}")
+                lam *= 10
+            continue
+        S.tril_()
+        _invert_lower_in_place(S)
+        _flip_in_place(S)
+        if bool(torch.isfinite(S).all()):
+            return S, lam, attempt
+        raise InputError("GPTQ: the inverse Hessian has non-finite entries (calibration "
+                         "inputs may contain NaN/inf)")
     raise InputError(f"GPTQ: the Hessian is not positive definite even at damp={lam:g} "
                      f"(calibration inputs may contain NaN/inf)")
 
@@ -136,23 +215,25 @@ class PreparedHessian:
 
 @torch.no_grad()
 def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01,
-                    log=print) -> PreparedHessian:
-    if not bool(torch.isfinite(torch.diagonal(H)).all()):
+                    log=print, device=None) -> PreparedHessian:
+    """The factor GPTQ solves with, on `device` (default: H's). H itself is never modified
+    and may live elsewhere (a Hessian parked in host RAM is read into the GPU copy)."""
+    device = torch.device(device) if device is not None else H.device
+    diag = torch.diagonal(H).to(device, torch.float32)
+    if not bool(torch.isfinite(diag).all()):
         raise InputError("GPTQ: the Hessian has non-finite entries (calibration inputs "
                          "contain NaN/inf)")
     # A column that never saw a non-zero input contributes nothing: its weights are set to 0
     # (in gptq_quantize) and H_ii = 1 keeps H invertible.
-    dead = torch.diagonal(H) == 0
+    dead = diag == 0
+    fix = dead.to(torch.float32)
     perm = None
+    order = torch.arange(H.shape[0], device=device)
     if act_order:
-        perm = torch.argsort(torch.diagonal(H) + dead.to(H.dtype), descending=True)
-        H = H.index_select(0, perm).index_select(1, perm).to(torch.float32)
-        dead_here = dead[perm]
-    else:
-        H = H.to(torch.float32, copy=True)
-        dead_here = dead
-    torch.diagonal(H).add_(dead_here.to(H.dtype))  # dead columns: H_ii 0 -> 1
-    box = [H]
-    del H
-    U, damp_used, retries = _inverse_hessian_cholesky(box, damp, log)
+        perm = torch.argsort(diag + fix, descending=True)
+        order = perm
+    mean_diag = float((diag + fix).mean())
+    reverse = order.flip(0)  # P H P in quantization order: see _upper_factor_of_inverse
+    U, damp_used, retries = _upper_factor_of_inverse(
+        lambda: _scratch(H, reverse, fix, device), damp, mean_diag, log)
     return PreparedHessian(U, perm, dead, damp_used, retries)
