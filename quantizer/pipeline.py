@@ -3,9 +3,11 @@ layer at a time, then assemble the export. Host and GPU memory hold one layer pl
 calibration hidden states, never the model."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -223,6 +225,12 @@ def cap_allocator(index: int, budget: int) -> str:
     from .plan import CUDA_CONTEXT
 
     total = torch.cuda.get_device_properties(index).total_memory
+    # Under a cap, fragmentation decides whether a plan fits: n×n Hessians, their factors and
+    # layer weights of many sizes leave reserved-but-unusable holes. Expandable segments let
+    # freed blocks merge (when the allocator has not been configured by the user).
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        with contextlib.suppress(Exception):  # a private API; a no-op where it is missing
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     fraction = min(1.0, max(budget - CUDA_CONTEXT, 1) / total)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return (f"allocator capped at {fraction * total / 2**30:.2f} GiB on cuda:{index} "
