@@ -3,11 +3,9 @@ layer at a time, then assemble the export. Host and GPU memory hold one layer pl
 calibration hidden states, never the model."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from .export import get_exporter
 from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
 from .layer_loop import LayerLoop
 from .methods import get_method
+from .plan_apply import plan_memory
 from .report import QuantResult
 from .source import CheckpointSource
 from .tp import check_tp, describe_problems, tp_multiple
@@ -176,67 +175,6 @@ def check_tp_targets(cfg: dict, arch, settings: QuantSettings, padded: int | Non
 
 # Decisions of the planner this version carries out (the planner's search and OOM recovery
 # take no other moves); a plan asking for more is reported, never silently dropped.
-CARRIED_OUT = {"hidden": ("gpu", "cpu", "disk"), "hessian": ("gpu", "park", "cpu", "none"),
-               "mode": ("whole",)}
-
-
-def plan_memory(job: Job):
-    """The memory plan for this run (refuses before any work when nothing fits). The layer
-    loop runs each layer with its device's decisions: chunk size, where hidden states wait,
-    where GPTQ's Hessians live, row slices of the solve."""
-    from .memsize import default_ram_budget, parse_budgets, parse_size
-    from .plan import DeviceSpec, ModelShapes, default_vram_budgets, detect_devices, make_plan
-
-    s = job.settings
-    index = job.device.index if job.device.index is not None else torch.cuda.current_device()
-    devices = [d for d in detect_devices([index]) if d.index == index] or [DeviceSpec(index)]
-    budgets = (parse_budgets(s.vram_budget, [index]) if s.vram_budget
-               else default_vram_budgets(devices))
-    ram = parse_size(s.ram_budget) if s.ram_budget else default_ram_budget()
-    method = s.method if s.method in ("rtn", "awq", "gptq") else "gptq"
-    samples = s.calib.samples if s.calib.samples > 0 else 1
-    hidden = {"cuda": "gpu", "cpu": "cpu"}.get(s.hidden_device, s.hidden_device)
-    plan = make_plan(ModelShapes.from_config(job.source.raw_config), method, samples,
-                     s.calib.seqlen, devices, budgets, ram, torch.finfo(job.dtype).bits // 8,
-                     hidden if hidden in ("gpu", "cpu", "disk") else "auto", s.hessian_device,
-                     arch=job.arch)
-    dec = plan.decisions_for(0)
-    s.chunk_size = dec.chunk
-    s.hidden_device = {"gpu": str(job.device)}.get(dec.hidden, dec.hidden)
-    unsupported = [f"{k}={getattr(dec, k)}" for k, ok in CARRIED_OUT.items()
-                   if getattr(dec, k) not in ok]
-    job.notes.append(f"memory plan: predicted peak {plan.predicted_peak[index] / 2**30:.2f} GiB "
-                     f"of {budgets[index] / 2**30:.2f} GiB on {job.device}; chunk {dec.chunk} "
-                     f"samples, hidden states on {dec.hidden}, Hessians {dec.hessian}, "
-                     f"row slices {dec.row_slices}")
-    if unsupported:
-        job.notes.append("the plan also asks for " + ", ".join(unsupported) + ", which this "
-                         "version does not carry out: the measured peak may exceed it")
-    if s.vram_budget:
-        job.notes.append(cap_allocator(index, budgets[index]))
-    return plan
-
-
-def cap_allocator(index: int, budget: int) -> str:
-    """Make an explicit --vram-budget binding: torch's caching allocator may reserve at most
-    the budget less the CUDA context (which it never sees), so a layer that would exceed it
-    raises OutOfMemoryError there and OOM recovery shrinks it, instead of the run quietly
-    using memory the user gave to something else."""
-    from .plan import CUDA_CONTEXT
-
-    total = torch.cuda.get_device_properties(index).total_memory
-    # Under a cap, fragmentation decides whether a plan fits: n×n Hessians, their factors and
-    # layer weights of many sizes leave reserved-but-unusable holes. Expandable segments let
-    # freed blocks merge (when the allocator has not been configured by the user).
-    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        with contextlib.suppress(Exception):  # a private API; a no-op where it is missing
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    fraction = min(1.0, max(budget - CUDA_CONTEXT, 1) / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    return (f"allocator capped at {fraction * total / 2**30:.2f} GiB on cuda:{index} "
-            f"(--vram-budget less the CUDA context)")
-
-
 def config_dtype_from_raw(cfg: dict) -> torch.dtype:
     d = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     return getattr(torch, d, torch.float32)

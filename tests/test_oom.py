@@ -175,7 +175,7 @@ def test_an_explicit_budget_caps_the_allocator(monkeypatch):
     calls replaced by fakes here; the GPU benchmark runs the real ones)."""
     from types import SimpleNamespace
 
-    from quantizer.pipeline import cap_allocator
+    from quantizer.plan_apply import cap_allocator
     from quantizer.plan import CUDA_CONTEXT
 
     total = random.randint(16, 140) << 30
