@@ -127,7 +127,7 @@ class LayerLoop:
                 # an OOM ends the run (finished layers stay committed for --resume).
                 if not is_oom(e) or self.world.distributed:
                     raise
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                reason = f"{type(e).__name__} at {_our_frame(e)}: {str(e).splitlines()[0][:200]}"
             # Outside the handler: the traceback (and every tensor its frames held) is gone.
             release_layer(self.model, i)
             for chunks in self._pending:
@@ -337,6 +337,19 @@ def materialise(layer, prefix: str, tensors: dict, exporter) -> None:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def _our_frame(e: BaseException) -> str:
+    """file:line (function) of the innermost frame of this package in e's traceback: which
+    allocation the memory model missed, for the report."""
+    import traceback
+
+    ours = [f for f in traceback.extract_tb(e.__traceback__)
+            if "/quantizer/" in f.filename.replace("\\", "/")]
+    if not ours:
+        return "?"
+    f = ours[-1]
+    return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
 
 
 def _describe(dec: Decisions) -> dict:
