@@ -187,6 +187,11 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
                           S * n * 4)
             alive = [hessian(g)] if hess_local else []
+            if dec.hessian == "gpu" and N > 1 and not job.on_host:
+                # The shard fold (quantizer/shards.py) keeps its running total beside the
+                # current shard's partial; under 'park' the total waits in host RAM instead.
+                alive.append(Term("hessian", f"the running shard fold of {g.name}'s Hessian",
+                                  hessian(g).bytes))
             phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
         else:
             stats = g.in_features * g.copies * 4

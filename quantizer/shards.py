@@ -174,8 +174,9 @@ class ShardFold:
     once, so it holds two accumulators; a later rank keeps its shards' partials until the
     running fold of the ranks before it arrives (`result`)."""
 
-    def __init__(self, layout: CalibLayout, new):
+    def __init__(self, layout: CalibLayout, new, host_total: bool = False):
         self.layout, self.new = layout, new
+        self.host_total = host_total  # keep the running fold in host RAM (acc.to_host())
         self.total = None  # the running fold
         self.parts: list[tuple[int, object]] = []
 
@@ -191,6 +192,8 @@ class ShardFold:
     def _absorb(self, acc) -> None:
         if self.total is None:
             self.total = acc
+            if self.host_total:
+                acc.to_host()
         else:
             self.total.merge(acc)
 
@@ -213,14 +216,21 @@ class ShardFold:
     @staticmethod
     def _transfer(acc, op: str, peer: int):
         import torch.distributed as dist
-        state = acc.state()
-        for t in state:
+        from .distributed import comm_device, world
+
+        comm = comm_device(world())
+        state = []
+        for t in acc.state():
+            buf = t if t.device == comm else t.to(comm)  # a host-kept total under NCCL
             if op == "send":
-                dist.send(t, dst=peer)
+                dist.send(buf, dst=peer)
             elif op == "recv":
-                dist.recv(t, src=peer)
+                dist.recv(buf, src=peer)
             else:
-                dist.broadcast(t, src=peer)
+                dist.broadcast(buf, src=peer)
+            if buf is not t:
+                t.copy_(buf)
+            state.append(t)
         acc.load_state(state)
         return acc
 

@@ -93,3 +93,31 @@ def test_error_report_by_row_slices_equals_the_direct_formula():
                                                  rel=1e-4), seed
         direct = float((w_hat - weights[n]).norm() / weights[n].norm())
         assert rec["weight_error"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_host_kept_fold_total_merges_to_the_same_bits():
+    """'park' keeps the shard fold's running total in host RAM and merges it a block of rows
+    at a time on the partial's device: the same elementwise arithmetic as the whole update."""
+    from quantizer.methods.gptq_hessian import HessianAccumulator, merge_rows
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    parts = [torch.randn(3, 40, 24, generator=g) for _ in range(4)]
+    accs = []
+    for x in parts:
+        acc = HessianAccumulator(24)
+        acc.add(x)
+        accs.append(acc)
+    whole = HessianAccumulator(24)
+    whole.load_state([accs[0].H.clone(), torch.tensor([accs[0].n_tokens])])
+    blocked = whole.H.clone()
+    n = accs[0].n_tokens
+    for acc in accs[1:]:
+        a, b = n / (n + acc.n_tokens), acc.n_tokens / (n + acc.n_tokens)
+        whole.merge(acc)
+        merge_rows(blocked, acc.H, a, b, rows=5)  # uneven blocks: 5 rows of 24
+        n += acc.n_tokens
+    assert torch.equal(whole.H, blocked)
+    assert whole.n_tokens == n
+    acc = HessianAccumulator(24)
+    acc.to_host()  # a no-op off the GPU
+    assert acc.H.device.type == "cpu"

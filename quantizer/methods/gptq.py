@@ -205,7 +205,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def group_hessians(ctx, groups, device=None) -> dict[tuple[str, ...], HessianAccumulator]:
+def group_hessians(ctx, groups, device=None, host_total: bool = False
+                   ) -> dict[tuple[str, ...], HessianAccumulator]:
     """One Hessian per input group from its shared input over every calibration chunk, all
     groups in one pass per chunk (capturing only each group's first member; the forward stops
     after the last one)."""
@@ -214,7 +215,7 @@ def group_hessians(ctx, groups, device=None) -> dict[tuple[str, ...], HessianAcc
     # per calibration shard, folded in shard order: the same sums on any number of processes
     device = ctx.device if device is None else device
     folds = {g: ShardFold(layout, lambda g=g: HessianAccumulator(
-        ctx.module(g[0]).in_features, device)) for g in groups}
+        ctx.module(g[0]).in_features, device), host_total) for g in groups}
     for k, seen in enumerate(ctx.capture(firsts)):  # to its end: that removes the hooks
         for g in groups:
             folds[g].part(layout.shard_of[k]).add(seen[g[0]])
@@ -348,7 +349,10 @@ class GPTQ:
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
         for batch in ctx.arch.capture_batches(lambda n: ctx.module(n).in_features):
             t0 = time.perf_counter()
-            accs = group_hessians(ctx, batch, acc_dev)
+            # park: the shard fold's running total waits in host RAM, where the solve
+            # wants H anyway, so the GPU holds one n×n matrix while accumulating
+            accs = group_hessians(ctx, batch, acc_dev,
+                                  host_total=where == "park" and ctx.device.type == "cuda")
             _sync(ctx.device)
             t_capture = (time.perf_counter() - t0) / len(batch)
             for group in batch:

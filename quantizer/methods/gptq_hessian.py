@@ -49,18 +49,49 @@ class HessianAccumulator:
     @torch.no_grad()
     def merge(self, other: "HessianAccumulator") -> None:
         """Fold in another accumulator's mean (the running-mean rule for a block of tokens):
-        how calibration shards combine, in shard order (quantizer.distributed)."""
+        how calibration shards combine, in shard order (quantizer.distributed). A total kept in
+        host RAM (to_host) is merged a block of rows at a time on the other's device: the same
+        elementwise arithmetic, so the same bits, with one n×n matrix on the GPU."""
         total = self.n_tokens + other.n_tokens
         if total == 0:
             return
-        self.H.mul_(self.n_tokens / total).add_(other.H, alpha=other.n_tokens / total)
+        a, b = self.n_tokens / total, other.n_tokens / total
+        if self.H.device == other.H.device:
+            self.H.mul_(a).add_(other.H, alpha=b)
+        else:
+            merge_rows(self.H, other.H, a, b)
         self.n_tokens = total
+
+    def to_host(self) -> None:
+        """Keep H in (pinned, where allowed) host memory from now on: the GPU then holds only
+        the shard partial being accumulated (the plan's Hessian placement 'park')."""
+        if not self.H.is_cuda:
+            return
+        try:
+            host = torch.empty(self.H.shape, dtype=self.H.dtype, pin_memory=True)
+        except RuntimeError:
+            host = torch.empty(self.H.shape, dtype=self.H.dtype)
+        host.copy_(self.H)
+        self.H = host
 
     def state(self) -> list[torch.Tensor]:
         return [self.H, torch.tensor([self.n_tokens], dtype=torch.int64, device=self.H.device)]
 
     def load_state(self, tensors: list[torch.Tensor]) -> None:
         self.H, self.n_tokens = tensors[0], int(tensors[1].item())
+
+
+@torch.no_grad()
+def merge_rows(dst: torch.Tensor, src: torch.Tensor, a: float, b: float,
+               rows: int | None = None) -> None:
+    """dst <- dst·a + src·b, computed on src's device a block of rows at a time (dst may live
+    elsewhere, e.g. in host RAM): per element the same two operations as the whole-matrix
+    update, so the same result."""
+    rows = rows or max(1, (64 << 20) // (4 * dst.shape[1]))  # 64 MiB blocks
+    for r0 in range(0, dst.shape[0], rows):
+        block = dst[r0:r0 + rows].to(src.device)
+        block.mul_(a).add_(src[r0:r0 + rows], alpha=b)
+        dst[r0:r0 + rows].copy_(block)
 
 
 @contextlib.contextmanager
