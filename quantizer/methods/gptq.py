@@ -245,7 +245,8 @@ def _cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
                    act_order: bool, static_groups: bool, damp: float, block: int,
-                   prepared: PreparedHessian | None = None, row_slices: int = 1):
+                   prepared: PreparedHessian | None = None, row_slices: int = 1,
+                   parallel: bool = True):
     """GPTQ every linear of one input group against the group's H. Linears with the same
     (bits, group_size) are stacked row-wise into one solve (GPTQ treats rows independently
     given H, so this is exact and visits each column once instead of once per linear), in
@@ -275,7 +276,9 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     # ranks at once and every rank receives every result (quantizer.distributed.run_units).
     units = list(buckets.items())
     out, info = {}, {}
-    for ((_, names), (qs, info)) in zip(units, run_units(layout_of(ctx), units, solve)):
+    solved = (run_units(layout_of(ctx), units, solve) if parallel
+              else [solve(u) for u in units])  # already inside another rank's unit
+    for ((_, names), (qs, info)) in zip(units, solved):
         out.update(zip(names, qs))
     return out, info
 
@@ -355,20 +358,33 @@ class GPTQ:
                                   host_total=where == "park" and ctx.device.type == "cuda")
             _sync(ctx.device)
             t_capture = (time.perf_counter() - t0) / len(batch)
+            layout = layout_of(ctx)
+            if len(batch) > 1 and layout.world.distributed:
+                # MoE experts: independent groups, each a unit solved on one rank while the
+                # others solve theirs (every rank holds every folded H for the report)
+                hs = {g: accs[g].H for g in batch}  # 'park' drops acc.H on the solving rank
+                solved = run_units(layout, list(batch), lambda g: self._solve_group(
+                    ctx, g, accs[g], where, slices, parallel=False)[:3])
+                for group, (qs, info, seconds) in zip(batch, solved):
+                    self._finish_group(ctx, group, accs.pop(group), hs.pop(group), qs, info,
+                                       t_capture, seconds, out, per_module, totals, where,
+                                       slices)
+                continue
             for group in batch:
-                self._quantize_group(ctx, group, accs.pop(group), t_capture, out, per_module,
-                                     totals, where, slices)
+                acc = accs.pop(group)
+                qs, info, seconds, H = self._solve_group(ctx, group, acc, where, slices)
+                self._finish_group(ctx, group, acc, H, qs, info, t_capture, seconds, out,
+                                   per_module, totals, where, slices)
         for k, v in totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
         return out
 
-    def _quantize_group(self, ctx, group, acc, t_capture, out, per_module, totals,
-                        where: str = "gpu", slices: int = 1) -> None:
-        """GPTQ one input group against its Hessian, then swap in its quantized weights.
+    def _solve_group(self, ctx, group, acc, where: str = "gpu", slices: int = 1,
+                     parallel: bool = True):
+        """GPTQ one input group against its Hessian: (codes per linear, info, seconds, H).
         where: the plan's Hessian placement (gpu; park: H waits in host memory while its
         factor is made and the columns solved; cpu: accumulated and solved on the host)."""
         t1 = time.perf_counter()
-        t0 = t1 - t_capture
         H = acc.H
         if where == "park" and H.is_cuda:
             H = _park(H)
@@ -382,25 +398,30 @@ class GPTQ:
                     f"{prepared.retries} failed Cholesky attempt(s)")
         qs, _ = quantize_group(ctx, group, H, settings, ctx.settings.symmetric,
                                self.act_order, self.static_groups, self.damp, self.block,
-                               prepared, row_slices=slices)
+                               prepared, row_slices=slices, parallel=parallel)
         info = {"damp_used": prepared.damp_used, "retries": prepared.retries,
                 "dead_columns": int(prepared.dead.sum())}
         del prepared  # U is not needed for the report: H comes back in its place
         _sync(ctx.device)
-        t2 = time.perf_counter()
-        if self.report_error and where == "park":
+        return qs, info, time.perf_counter() - t1, H
+
+    def _finish_group(self, ctx, group, acc, H, qs, info, t_capture, seconds, out,
+                      per_module, totals, where, slices) -> None:
+        """Report the group's errors, then swap in its quantized weights."""
+        if self.report_error and H.device != ctx.device and where != "cpu":
             H = H.to(ctx.device)
         for name in group:
-            rec = {"hessian_s": t1 - t0, "solve_s": t2 - t1, "bits": settings[name][0],
-                   "group_size": settings[name][1], **info,
-                   "tokens": acc.n_tokens, "shared_with": list(group)}
+            bits, gs = self._settings(ctx, name)
+            rec = {"hessian_s": t_capture, "solve_s": seconds, "bits": bits,
+                   "group_size": gs, **info, "tokens": acc.n_tokens,
+                   "shared_with": list(group)}
             if self.report_error:
                 # the float weight is replaced below; a caller comparing afterwards sees 0
                 rec["rel_error"], rec["weight_error"] = _report_errors(
                     ctx.module(name).weight.data, qs[name], H, slices)
             per_module[name] = rec
-        totals["hessian_s"] += t1 - t0
-        totals["solve_s"] += t2 - t1
+        totals["hessian_s"] += t_capture
+        totals["solve_s"] += seconds
         totals["damp_retries"] += info["retries"]
         # Later groups must see this group's quantized outputs (true-sequential).
         for name in group:
