@@ -251,7 +251,8 @@ def checks(rows: list[dict]) -> dict:
 
 
 NOTES = [
-    "fp16 row: the unquantized checkpoint, evaluated in float32 on CPU (as every row).",
+    "fp16 row: the unquantized checkpoint, evaluated in the working dtype of the machine that "
+    "ran the table (float32 on CPU; GPU tables: the checkpoint's fp16, see the environment).",
     "bpw is per weight of the original model: padding added by the export (stories260K's "
     "intermediate 172 -> 192 at g32) counts as cost; the adaptive optimiser counts per padded weight, "
     "so on stories260K its rows land slightly above their target by this count.",
@@ -263,6 +264,9 @@ NOTES = [
     "its weights already lie on a 4-bit grid of other groups, so every 4-bit row re-quantizes.",
     "stories260K is a TinyStories model: WikiText-2 is far out of its domain (fp ppl ~99), "
     "so KL to the original is the steadier fidelity measure there.",
+    "The SmolLM2 rows of every method, with built-in and in-domain calibration, measured on an "
+    "H200 in fp16: results/quality_gpu.md (GPTQ fits its calibration domain; measured per layer "
+    "there). Those adaptive rows used the optimiser's earlier objective (a plain sum of errors).",
 ]
 
 
