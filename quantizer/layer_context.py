@@ -39,6 +39,9 @@ class LayerContext:
     # The memory plan's choices a method carries out itself (GPTQ: "hessian" gpu/park/cpu,
     # "row_slices"); empty = everything on `device`, whole.
     placement: dict = field(default_factory=dict)
+    # MoE: calibration tokens routed to each expert of this layer (summed over processes);
+    # None for dense layers.
+    expert_tokens: torch.Tensor | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

@@ -174,6 +174,7 @@ class LayerLoop:
             fp_out = self._forward_all(ctx, dec) if self.inputs else None
         coverage.sum_over_ranks(self.world)
         ctx.arch = coverage.layer_arch()
+        ctx.expert_tokens = coverage.counts
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
         coverage.quantize_fallbacks(ctx, quantized, self.say,

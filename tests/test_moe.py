@@ -199,6 +199,36 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
 
 
+def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_path, prose_file,
+                                                        monkeypatch):
+    """AWQ's expert up -> down groups captured together give byte-identical exports to one
+    capture forward per group, and take fewer forwards."""
+    from quantizer.arch.base import ArchSpec
+
+    src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
+    spec = get_arch("qwen3_moe").for_layer(json.loads((src / "config.json").read_text()), 1)
+    sizes = [len(b) for b in spec.scale_batches(torch.tensor([10, 10, 10, 10]), 30)]
+    assert sizes == [1, 1, 1, 3, 1]  # qkv, v -> o, experts' gate/up, then 3 + 1 up -> down
+    assert [len(b) for b in spec.scale_batches(None, 30)] == [1] * 7
+    real = ArchSpec.scale_batches
+    calls = {}
+    exports = []
+    for mode in ("single", "batched"):
+        def batches(self, tokens, cap, mode=mode):
+            out = real(self, tokens, cap)
+            out = out if mode == "batched" else [[g] for b in out for g in b]
+            calls[mode] = calls.get(mode, 0) + len(out)
+            return out
+        monkeypatch.setattr(ArchSpec, "scale_batches", batches)
+        out = tmp_path / mode
+        quantize(src, out, bits=4, group_size=32, method="awq", calib_data=str(prose_file),
+                 calib_samples=4, calib_seqlen=32, progress=False, min_expert_tokens=1)
+        exports.append(load_file(out / "model.safetensors"))
+    assert exports[0].keys() == exports[1].keys()
+    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+    assert calls["batched"] < calls["single"]  # batches, not one capture per expert
+
+
 def test_adaptive_bits_are_allocated_per_expert(tiny_checkpoint, tmp_path, prose_file):
     """Fractional --bits on a MoE model: every expert is measured and gets its own width
     (compressed-tensors config names them); the export reloads and matches its dequantized

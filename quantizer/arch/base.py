@@ -103,6 +103,28 @@ class ArchSpec:
             kind = this
         return batches
 
+    def scale_batches(self, expert_tokens, max_tokens: int) -> list[list[ScaleGroup]]:
+        """scale_groups in order, cut into batches whose inputs one forward can capture.
+        Routed experts' up -> down groups are independent (folding expert e's scales changes
+        only expert e's down input), so consecutive ones share a forward -- else a 128-expert
+        layer runs 128 partial forwards -- while the tokens routed to them (`expert_tokens`,
+        per expert) add up to at most `max_tokens`. Every other group is its own batch."""
+        batches: list[list[ScaleGroup]] = []
+        used = 0
+        after_expert = False
+        for group in self.scale_groups:
+            e = (self.moe.expert_index(group.judge, 2)
+                 if self.moe is not None and expert_tokens is not None else None)
+            tokens = 0 if e is None else int(expert_tokens[e])
+            if e is not None and after_expert and used + tokens <= max_tokens:
+                batches[-1].append(group)
+                used += tokens
+            else:
+                batches.append([group])
+                used = tokens
+            after_expert = e is not None
+        return batches
+
     def _expert_kind(self, name: str) -> str | None:
         """"gate_up" / "down" for a routed expert's linear, else None."""
         if self.moe is None or f"{self.moe.disk_block}.{self.moe.experts}." not in name:
@@ -152,6 +174,12 @@ class MoESpec:
 
     def expert(self, e: int, which: int) -> str:
         return f"{self.disk_block}.{self.experts}.{e}.{self.expert_linears[which]}"
+
+    def expert_index(self, name: str, which: int) -> int | None:
+        """e if `name` is routed expert e's linear number `which` (0 gate, 1 up, 2 down)."""
+        head = f"{self.disk_block}.{self.experts}."
+        e, _, leaf = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+        return int(e) if e.isdigit() and leaf == self.expert_linears[which] else None
 
 
 # The Llama-style dense decoder layer: shared by Llama, Mistral, Qwen2 and Qwen3.

@@ -157,8 +157,13 @@ class AWQ:
         times = {"calibrate": 0.0, "search": 0.0, "clip": 0.0, "quantize": 0.0}
         # Dicts keyed by module name (not lists) so flattened reports keep every number.
         ctx.stats.update(groups={}, skipped_groups={}, clip={}, time_s=times)
-        for group in ctx.arch.scale_groups:
-            self._scale_group(ctx, group)
+        # Routed experts' up -> down groups share capture forwards; the routed tokens of a
+        # batch add up to at most all calibration tokens, the judge inputs the planner counts.
+        tokens = layout_of(ctx).n_samples * math.prod(ctx.inputs[0].shape[1:-1])
+        for batch in ctx.arch.scale_batches(ctx.expert_tokens, tokens):
+            captured = self._capture_groups(ctx, batch) if len(batch) > 1 else [None]
+            for group, data in zip(batch, captured):
+                self._scale_group(ctx, group, data)
         t0 = self._now(ctx)
         ratios = self._clip_all(ctx) if self.clip else {}
         times["clip"] = self._now(ctx) - t0
@@ -178,7 +183,7 @@ class AWQ:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ scale search
-    def _scale_group(self, ctx, group) -> None:
+    def _scale_group(self, ctx, group, data: GroupCapture | None = None) -> None:
         label = f"{group.prev} -> {','.join(group.linears)}"
         if not ctx.arch.condition(group.when, ctx.model_config):
             self._skip(ctx, group, label, f"condition {group.when!r} does not hold")
@@ -188,7 +193,8 @@ class AWQ:
             self._skip(ctx, group, label, problem)
             return
         t0 = self._now(ctx)
-        data = self._capture_group(ctx, group)
+        if data is None:
+            data = self._capture_groups(ctx, [group])[0]
         judge = ctx.module(group.judge)
         linears = [ctx.module(n) for n in group.linears]
         w_mean = (weight_group_mean([lin.weight.data for lin in linears],
@@ -241,30 +247,33 @@ class AWQ:
             return ctx.device if self.cache_device == "device" else torch.device("cpu")
         return ctx.inputs[0].device if ctx.inputs else ctx.device
 
-    def _capture_group(self, ctx, group) -> GroupCapture:
-        """Judge inputs (+kwargs) per chunk, and mean |x| of the linears' shared input."""
-        first = group.stat or group.linears[0]
-        names = [group.judge] if group.judge == first else [group.judge, first]
+    def _capture_groups(self, ctx, groups) -> list[GroupCapture]:
+        """Per group: judge inputs (+kwargs) per chunk, and mean |x| of the linears' shared
+        input, from one capture forward for all of `groups`."""
         cache = self._cache_device(ctx)
-        judge_inputs = []
         layout = layout_of(ctx)
-        abs_sum: dict[int, torch.Tensor] = {}  # per calibration shard, folded in order below
-        count: dict[int, float] = {}
+        firsts = [g.stat or g.linears[0] for g in groups]
+        names = list(dict.fromkeys(n for g, f in zip(groups, firsts) for n in (g.judge, f)))
+        judge_inputs: list[list] = [[] for _ in groups]
+        # per group, per calibration shard; folded in shard order below
+        abs_sum: list[dict[int, torch.Tensor]] = [{} for _ in groups]
+        count: list[dict[int, float]] = [{} for _ in groups]
         for k, seen in enumerate(ctx.capture(names, with_kwargs=True)):
-            jx, jkw = seen[group.judge]
-            jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
-            judge_inputs.append((_store(jx, cache), jkw))
-            lx = seen[first][0]
-            # One sample at a time, so the sum is the same bits however the samples were
-            # chunked (the chunk is a placement setting; OOM recovery halves it); per
-            # calibration shard, so it is the same on any number of processes.
             s = layout.shard_of[k]
-            for sample in _samples(lx):
-                part = sample.abs().sum(dim=0, dtype=torch.float32)
-                abs_sum[s] = part if s not in abs_sum else abs_sum[s] + part
-                count[s] = count.get(s, 0) + sample.shape[0]
-        return GroupCapture(judge_inputs, fold_tensors(layout, abs_sum)
-                            / max(fold_values(layout, count), 1))
+            for i, (group, first) in enumerate(zip(groups, firsts)):
+                jx, jkw = seen[group.judge]
+                jkw = {k: v for k, v in jkw.items() if k != "hidden_states"}
+                judge_inputs[i].append((_store(jx, cache), jkw))
+                # One sample at a time, so the sum is the same bits however the samples were
+                # chunked (the chunk is a placement setting; OOM recovery halves it); per
+                # calibration shard, so it is the same on any number of processes.
+                for sample in _samples(seen[first][0]):
+                    part = sample.abs().sum(dim=0, dtype=torch.float32)
+                    abs_sum[i][s] = part if s not in abs_sum[i] else abs_sum[i][s] + part
+                    count[i][s] = count[i].get(s, 0) + sample.shape[0]
+        return [GroupCapture(judge_inputs[i], fold_tensors(layout, abs_sum[i])
+                             / max(fold_values(layout, count[i]), 1))
+                for i in range(len(groups))]
 
     @staticmethod
     def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype):
