@@ -144,7 +144,9 @@ def run_quantize_cli(argv) -> int:
         options["clip"] = False
     if a.awq_no_duo_scaling:
         options["duo_scaling"] = False
-    log = (lambda m: print(m, file=sys.stderr)) if not a.json else None
+    # Log lines go to stderr with --json too (stdout then holds only the report): a run
+    # killed by a time limit still shows its plan and any out-of-memory retries.
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = quantize(a.model, a.output, bits=a.bits, group_size=a.group_size,
                       method=a.method or default_method(a.bits, a.adaptive or bool(a.measurement)),
                       symmetric=a.sym,
