@@ -43,6 +43,14 @@ class LayerContext:
     # None for dense layers.
     expert_tokens: torch.Tensor | None = None
 
+    def mark(self, phase: str) -> None:
+        """Record the layer's GPU peak so far (max allocated since the layer began) at the end
+        of `phase`: the first phase that reaches the layer's peak is the one the memory plan
+        must account for (the report keeps these beside the prediction)."""
+        if self.device.type == "cuda":
+            self.stats.setdefault("peak_after", {})[phase] = torch.cuda.max_memory_allocated(
+                self.device)
+
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 

@@ -172,6 +172,7 @@ class LayerLoop:
                                   job.settings.min_expert_tokens, bool(self.inputs))
         with coverage:
             fp_out = self._forward_all(ctx, dec) if self.inputs else None
+        ctx.mark("float forward")
         coverage.sum_over_ranks(self.world)
         ctx.arch = coverage.layer_arch()
         ctx.expert_tokens = coverage.counts
@@ -188,6 +189,7 @@ class LayerLoop:
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
             new, out_err = self._propagate(ctx, fp_out, dec)
+            ctx.mark("propagate")
             self.hidden.release(fp_out)
             self.hidden.release(self.inputs)
             self.inputs = new

@@ -42,7 +42,9 @@ def test_hessian_accumulator_is_running_mean_of_2xtx():
 # widens later groups' ranges); act-order fixes that, so 2-bit is checked with it.
 @pytest.mark.parametrize("bits,act_order", [(2, True), (3, False), (4, False), (4, True)])
 def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    # A fixed draw: over 300 random draws the gain fell short of 5% for ~1% of them (3-4 bit
+    # without act-order), so a fresh seed per run made CI fail now and then.
+    gen = torch.Generator().manual_seed(1234 + bits)
     x = correlated_inputs(1024, 128, gen)
     H = hessian_of(x).H
     w = torch.randn(48, 128, generator=gen)

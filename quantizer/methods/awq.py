@@ -164,9 +164,12 @@ class AWQ:
             captured = self._capture_groups(ctx, batch) if len(batch) > 1 else [None]
             for group, data in zip(batch, captured):
                 self._scale_group(ctx, group, data)
+            ctx.mark(f"search {batch[0].prev}" + (f" +{len(batch) - 1}" if len(batch) > 1
+                                                  else ""))
         t0 = self._now(ctx)
         ratios = self._clip_all(ctx) if self.clip else {}
         times["clip"] = self._now(ctx) - t0
+        ctx.mark("clip")
         t0 = self._now(ctx)
         s = ctx.settings
         out = {}
@@ -174,6 +177,7 @@ class AWQ:
             out[name] = quantize_by_rows(ctx.module(name).weight.data, s,
                                          ratios.get(name), ctx.full_name(name))
         times["quantize"] = self._now(ctx) - t0
+        ctx.mark("quantize")
         return out
 
     @staticmethod

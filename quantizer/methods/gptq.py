@@ -357,6 +357,8 @@ class GPTQ:
             accs = group_hessians(ctx, batch, acc_dev,
                                   host_total=where == "park" and ctx.device.type == "cuda")
             _sync(ctx.device)
+            ctx.mark(f"calibrate {batch[0][0]}" + (f" +{len(batch) - 1}" if len(batch) > 1
+                                                   else ""))
             t_capture = (time.perf_counter() - t0) / len(batch)
             layout = layout_of(ctx)
             if len(batch) > 1 and layout.world.distributed:
@@ -373,6 +375,7 @@ class GPTQ:
             for group in batch:
                 acc = accs.pop(group)
                 qs, info, seconds, H = self._solve_group(ctx, group, acc, where, slices)
+                ctx.mark(f"solve {group[0]}")
                 self._finish_group(ctx, group, acc, H, qs, info, t_capture, seconds, out,
                                    per_module, totals, where, slices)
         for k, v in totals.items():
@@ -427,6 +430,7 @@ class GPTQ:
         for name in group:
             ctx.set_quantized(name, qs[name])
         out.update(qs)
+        ctx.mark(f"report {group[0]}")
         del acc, H
         if ctx.device.type == "cuda":
             # The next group's n×n matrices differ in size: without this the cached blocks
