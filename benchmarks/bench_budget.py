@@ -66,6 +66,8 @@ def plan_cases(a) -> list[dict]:
         for budget in rest:
             for method in a.methods:
                 add(model, method, budget)
+    if a.peer_only:
+        cases = [c for c in cases if c["who"] == "peer"]
     return cases
 
 
@@ -261,7 +263,8 @@ def parse_args(argv=None):
     a.budgets = [b for b in a.budgets if not only & set(a.budgets) or b in only]
     a.inject = "noinject" not in only
     a.free = "nofree" not in only
-    a.peer = a.peer or "peer" in only
+    a.peer = a.peer or "peer" in only or "peeronly" in only
+    a.peer_only = "peeronly" in only
     a.tiny = a.quick  # Bench's checkpoint/calibration switch
     a.layers = {m: (1 if a.quick else n) for m, n in MODEL_LAYERS.items()}
     a.model_layers = a.layers
