@@ -98,6 +98,13 @@ def summarize_budget(report: dict, budget: int | None) -> dict:
     s["decisions"] = plan.get("decisions")
     s["nvml_used_max"] = max((l.get("peak_bytes", {}).get("nvml_used") or 0 for l in layers),
                              default=None) or None
+    # the process's own driver-side memory beyond the allocator (context, workspaces): the
+    # peak the budget must cover is peak reserved plus this
+    outside = [l.get("peak_bytes", {}).get("outside_allocator") for l in layers]
+    outside = [o for o in outside if o is not None]
+    if outside and s.get("peak_reserved"):
+        s["outside_allocator"] = max(outside)
+        s["peak_process"] = s["peak_reserved"] + max(outside)
     if s.get("predicted_peak") is not None and s.get("peak_reserved"):
         s["predicted_allocator"] = s["predicted_peak"] - context
         s["pred_rel_error"] = abs(s["predicted_allocator"] - s["peak_reserved"]) / \

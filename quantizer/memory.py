@@ -30,12 +30,17 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             out = {"allocated": torch.cuda.max_memory_allocated(self.device),
                    "reserved": torch.cuda.max_memory_reserved(self.device)}
-            from .memsize import gpu_memory
+            from .memsize import gpu_memory, process_gpu_bytes
             index = self.device.index if self.device.index is not None else \
                 torch.cuda.current_device()
             for i, _, total, free in gpu_memory([index]):
                 if i == index:
                     out["nvml_used"] = total - free
+            mine = process_gpu_bytes(index)
+            if mine is not None:  # ours alone, sampled now: beyond the allocator's reservation
+                # it is the CUDA context and library workspaces, which a budget covers too
+                out["nvml_process"] = mine
+                out["outside_allocator"] = mine - torch.cuda.memory_reserved(self.device)
             return out
         return {"rss": rss_peak_bytes()}
 

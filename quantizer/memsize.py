@@ -151,3 +151,33 @@ def default_ram_budget() -> int:
 
     available = psutil.virtual_memory().available
     return max(0, available - max(GIB, available // 10))
+
+
+def process_gpu_bytes(index: int) -> int | None:
+    """GPU memory this process holds on torch's cuda:`index` as the driver counts it (CUDA
+    context, cuBLAS workspaces and the caching allocator's reservations together): what a
+    --vram-budget must cover. None when nvidia-ml-py cannot say (not installed, or a PID
+    namespace hides our process id from the driver)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        physical = index
+        if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p):
+            physical = [int(p) for p in visible.split(",") if p.strip()][index]
+        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        return None
+    except Exception:  # NVMLError subclasses: an unsupported query is an unknown, not a failure
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
