@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_budget import export_hash  # noqa: E402  (the same sha256 of the export's files)
 FULL = dict(presets=("mixtral-8x7b", "qwen3-30b-a3b"), layers=2, samples=128, seqlen=512,
             dtype="bfloat16", group_size="128", device="auto")
 QUICK = dict(presets=("tiny-mixtral", "tiny-qwen3-moe"), layers=2, samples=4, seqlen=32,
@@ -44,16 +46,6 @@ def write_model(scratch: Path, preset: str, layers: int) -> tuple[Path, float]:
     t0 = time.perf_counter()
     write_checkpoint(path, preset=preset, num_hidden_layers=layers, dtype=torch.float16)
     return path, time.perf_counter() - t0
-
-
-def export_hash(folder: Path) -> str | None:
-    import hashlib
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16] if files else None
 
 
 def devices_arg(cfg: dict, gpus: int) -> list[str]:
@@ -134,7 +126,7 @@ def table(results: dict) -> str:
                      gib(r["peak_reserved"]), gib(r["peak_rss"]),
                      " ".join(f"{e:.4f}" for e in r["output_error"] if e is not None),
                      str(sum(len(v) for v in r["experts_rtn_fallback"].values())),
-                     r.get("export_hash") or ""))
+                     (r.get("export_hash") or "")[:16]))
     widths = [max(len(str(row[c])) for row in rows) for c in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

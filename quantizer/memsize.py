@@ -6,6 +6,7 @@ units (an "80 GB" H100 has 80 GiB) and a budget that silently shrinks by 7% when
 "GB" would surprise more than it would help. A bare number is a count of bytes."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -114,35 +115,49 @@ def vram_margin(total_bytes: int) -> int:
     return max(512 * MIB, total_bytes // 20)
 
 
-def gpu_memory(indices: list[int] | None = None) -> list[tuple[int, str, int, int]]:
-    """(index, name, total bytes, free bytes) per visible GPU from nvidia-ml-py, imported
-    lazily; [] when it is not installed or no NVIDIA driver answers. Honors
-    CUDA_VISIBLE_DEVICES when it lists plain indices, so index i is what torch calls cuda:i."""
+@contextlib.contextmanager
+def _nvml():
+    """nvidia-ml-py, initialised (imported lazily), or None when it is not installed or no
+    NVIDIA driver answers (pynvml raises NVMLError subclasses)."""
     try:
         import pynvml
-    except ImportError:
-        return []
-    try:
         pynvml.nvmlInit()
-    except Exception:  # pynvml raises NVMLError subclasses; no driver means no GPU to plan
-        return []
+    except Exception:
+        pynvml = None
+    if pynvml is None:
+        yield None
+        return
     try:
-        physical = list(range(pynvml.nvmlDeviceGetCount()))
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p):
-            physical = [int(p) for p in visible.split(",") if p.strip()]
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _physical_indices(count: int) -> list[int]:
+    """The NVML index of each torch cuda:i: CUDA_VISIBLE_DEVICES when it lists plain indices
+    (UUIDs and an unset variable leave NVML's order, which is then torch's)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p):
+        return [int(p) for p in visible.split(",") if p.strip()]
+    return list(range(count))
+
+
+def gpu_memory(indices: list[int] | None = None) -> list[tuple[int, str, int, int]]:
+    """(index, name, total bytes, free bytes) per visible GPU from nvidia-ml-py; [] without
+    it or without a driver. Index i is what torch calls cuda:i."""
+    with _nvml() as nvml:
+        if nvml is None:
+            return []
         out = []
-        for logical, phys in enumerate(physical):
+        for logical, phys in enumerate(_physical_indices(nvml.nvmlDeviceGetCount())):
             if indices is not None and logical not in indices:
                 continue
-            handle = pynvml.nvmlDeviceGetHandleByIndex(phys)
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
+            handle = nvml.nvmlDeviceGetHandleByIndex(phys)
+            info = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else str(name)
             out.append((logical, name, int(info.total), int(info.free)))
         return out
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def default_ram_budget() -> int:
@@ -158,26 +173,15 @@ def process_gpu_bytes(index: int) -> int | None:
     context, cuBLAS workspaces and the caching allocator's reservations together): what a
     --vram-budget must cover. None when nvidia-ml-py cannot say (not installed, or a PID
     namespace hides our process id from the driver)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        physical = index
-        if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p):
-            physical = [int(p) for p in visible.split(",") if p.strip()][index]
-        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
-                return int(proc.usedGpuMemory)
-        return None
-    except Exception:  # NVMLError subclasses: an unsupported query is an unknown, not a failure
-        return None
-    finally:
-        pynvml.nvmlShutdown()
-
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
+        try:
+            phys = _physical_indices(nvml.nvmlDeviceGetCount())[index]
+            handle = nvml.nvmlDeviceGetHandleByIndex(phys)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory)
+        except Exception:  # NVMLError subclasses: an unsupported query is an unknown
+            return None
+    return None

@@ -127,9 +127,12 @@ class ArchSpec:
 
     def _expert_kind(self, name: str) -> str | None:
         """"gate_up" / "down" for a routed expert's linear, else None."""
-        if self.moe is None or f"{self.moe.disk_block}.{self.moe.experts}." not in name:
+        if self.moe is None:
             return None
-        return "down" if name.endswith("." + self.moe.expert_linears[2]) else "gate_up"
+        if self.moe.expert_index(name, 2) is not None:
+            return "down"
+        return "gate_up" if any(self.moe.expert_index(name, k) is not None
+                                for k in (0, 1)) else None
 
     def representative_layers(self, config) -> tuple[int, ...]:
         """One layer index of each kind (dense, MoE) the model has, for shape checks."""
