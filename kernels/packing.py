@@ -31,6 +31,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+# Weights per slice when dequantizing into another tensor (QuantizedWeight.dequantize_to):
+# 64 MiB of float32; the planner counts two such slices.
+DEQUANT_SLICE_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -60,10 +63,38 @@ class QuantizedWeight:
         return torch.arange(self.in_features, device=self.codes.device) // gs
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_index()
-        s = self.scales.to(dtype)[:, g]
-        z = self.zeros.to(dtype)[:, g]
-        return (self.codes.to(dtype) - z) * s
+        """(codes - zero) * scale in `dtype`. Contiguous groups broadcast each group's scale
+        and zero over its columns, in place in the one (out, in) result; only act-order's
+        g_idx gathers them into (out, in) copies first. Same values either way."""
+        if self.g_idx is not None:
+            g = self.g_idx.long()
+            return ((self.codes.to(dtype) - self.zeros.to(dtype)[:, g])
+                    * self.scales.to(dtype)[:, g])
+        out_f, in_f = self.codes.shape
+        gs = in_f if self.group_size == -1 else self.group_size
+        w = self.codes.to(dtype, copy=True).reshape(out_f, in_f // gs, gs)
+        w.sub_(self.zeros.to(dtype).unsqueeze(-1)).mul_(self.scales.to(dtype).unsqueeze(-1))
+        return w.reshape(out_f, in_f)
+
+    def rows(self, r0: int, r1: int) -> "QuantizedWeight":
+        """Output rows r0..r1 (views; g_idx is per input column, so shared)."""
+        return QuantizedWeight(self.codes[r0:r1], self.scales[r0:r1], self.zeros[r0:r1],
+                               self.bits, self.group_size, self.g_idx, self.symmetric)
+
+    def row_steps(self, elements: int = DEQUANT_SLICE_ELEMENTS):
+        """(r0, r1) row ranges of at most `elements` weights each."""
+        step = max(1, elements // max(1, self.in_features))
+        return [(r0, min(r0 + step, self.out_features))
+                for r0 in range(0, self.out_features, step)]
+
+    def dequantize_to(self, dest: torch.Tensor,
+                      elements: int = DEQUANT_SLICE_ELEMENTS) -> torch.Tensor:
+        """dest <- dequantize(float32) in dest's dtype and device, a slice of rows at a time:
+        the float32 temporaries stay a slice (whole, a 8192×28672 weight costs 0.9 GiB per
+        float32 copy, which is what ran an 8 GiB budget out of memory)."""
+        for r0, r1 in self.row_steps(elements):
+            dest[r0:r1].copy_(self.rows(r0, r1).dequantize(torch.float32))
+        return dest
 
     def storage_bits(self) -> int:
         """Bits on disk: codes + fp16 scales + packed zeros (+ g_idx when present)."""
@@ -87,13 +118,18 @@ def _check_codes(codes: torch.Tensor, bits: int) -> None:
 # Sequential packing along one dimension (GPTQ, compressed-tensors): value j -> bits j*b.
 # ----------------------------------------------------------------------------------------
 def pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack integer codes along `dim` into int32 words, value j of a run at bit offset j*bits.
+    """Pack integer codes along `dim` into int32 words, value j of a run at bit offset j*bits
+    (a slice of the other dimension at a time: see _by_slices).
 
     For bits that do not divide 32 (3, 5, 6, 7) values straddle word boundaries: the run of
     32 values fills `bits` words exactly, as GPTQ's 3-bit layout does. Vectorised over runs of
     32 values (32 shift-or steps whatever the length), so packing a 28672-wide weight on a GPU
     is a few dozen kernel launches, not tens of thousands."""
     _check_codes(codes, bits)
+    return _by_slices(_pack_sequential, codes, 1 - dim % 2, bits, dim)
+
+
+def _pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     x = codes.movedim(dim, 0).to(torch.int64)
     n = x.shape[0]
     if (n * bits) % 32:
@@ -117,8 +153,13 @@ def pack_sequential(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return out.reshape((n_words,) + x.shape[1:]).movedim(0, dim).contiguous()
 
 
-def unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int) -> torch.Tensor:
-    """Inverse of pack_sequential: `size` codes along `dim` (int32 output)."""
+def unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int,
+                      dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Inverse of pack_sequential: `size` codes along `dim`, as `dtype`."""
+    return _by_slices(_unpack_sequential, packed, 1 - dim % 2, bits, dim, size, dtype=dtype)
+
+
+def _unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int) -> torch.Tensor:
     x = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     flat = x.reshape(x.shape[0], -1)
     mask = (1 << bits) - 1
@@ -140,6 +181,26 @@ def unpack_sequential(packed: torch.Tensor, bits: int, dim: int, size: int) -> t
     return out.to(torch.int32).reshape((size,) + x.shape[1:]).movedim(0, dim).contiguous()
 
 
+# Elements per slice when packing or unpacking: the int64 temporaries stay 128 MiB each (whole,
+# a 8192×28672 weight takes 1.8 GiB per int64 copy, more than an 8 GiB budget has to spare).
+PACK_SLICE_ELEMENTS = 1 << 24
+
+
+def _by_slices(fn, x: torch.Tensor, along: int, *args, dtype: torch.dtype | None = None):
+    """fn(x, *args) for a 2-D x whose dimension `along` fn treats element by element:
+    computed a slice along it at a time (each result cast to `dtype` if given) and
+    concatenated, so the same result with a slice's worth of temporaries."""
+    n = x.shape[along]
+    step = max(1, PACK_SLICE_ELEMENTS // max(1, x.numel() // max(n, 1)))
+    parts = []
+    for i in range(0, n, step):
+        part = fn(x.narrow(along, i, min(step, n - i)), *args)
+        parts.append(part if dtype is None else part.to(dtype))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=along)
+
+
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
     """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
     x = x & 0xFFFFFFFF
@@ -152,9 +213,14 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
 def pack_awq(intweight: torch.Tensor) -> torch.Tensor:
     """(rows, cols) 4-bit codes -> (rows, cols/8) int32, nibble k = column AWQ_ORDER[k]."""
     _check_codes(intweight, 4)
+    if intweight.shape[1] % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 output channels, got "
+                         f"{intweight.shape[1]}")
+    return _by_slices(_pack_awq, intweight, 0)
+
+
+def _pack_awq(intweight: torch.Tensor) -> torch.Tensor:
     rows, cols = intweight.shape
-    if cols % 8:
-        raise ValueError(f"AWQ packing needs a multiple of 8 output channels, got {cols}")
     x = intweight.to(torch.int64).reshape(rows, cols // 8, 8)
     out = torch.zeros((rows, cols // 8), dtype=torch.int64, device=intweight.device)
     for k, c in enumerate(AWQ_ORDER):
@@ -162,8 +228,12 @@ def pack_awq(intweight: torch.Tensor) -> torch.Tensor:
     return _to_int32(out)
 
 
-def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
-    """(rows, cols/8) int32 -> (rows, cols) int32 codes in natural column order."""
+def unpack_awq(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """(rows, cols/8) int32 -> (rows, cols) codes (as `dtype`) in natural column order."""
+    return _by_slices(_unpack_awq, packed, 0, dtype=dtype)
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     x = packed.to(torch.int64) & 0xFFFFFFFF
     rows, words = x.shape
     out = torch.empty((rows, words, 8), dtype=torch.int64, device=packed.device)
@@ -188,7 +258,7 @@ def awq_pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def awq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       group_size: int) -> QuantizedWeight:
-    codes = unpack_awq(qweight).t().contiguous()
+    codes = unpack_awq(qweight, torch.uint8).t().contiguous()
     zeros = unpack_awq(qzeros).t().contiguous()
     return QuantizedWeight(codes=codes, scales=scales.t().contiguous(), zeros=zeros, bits=4,
                            group_size=group_size)
@@ -231,7 +301,8 @@ def gptq_unpack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torc
     """GPTQ tensors -> canonical. A g_idx equal to arange(in) // group_size is dropped."""
     in_features = qweight.shape[0] * 32 // bits
     out_features = qweight.shape[1]
-    codes = unpack_sequential(qweight, bits, dim=0, size=in_features).t().contiguous()
+    codes = unpack_sequential(qweight, bits, dim=0, size=in_features,
+                              dtype=torch.uint8).t().contiguous()
     zeros = unpack_sequential(qzeros, bits, dim=1, size=out_features)
     zeros = _gptq_stored_zeros(zeros, bits, checkpoint_format, to_disk=False).t().contiguous()
     gs = in_features if group_size == -1 else group_size
@@ -267,7 +338,7 @@ def ct_unpack_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero_point: torch.Tensor | None = None,
                      weight_g_idx: torch.Tensor | None = None) -> QuantizedWeight:
     out_features, in_features = (int(v) for v in weight_shape)
-    codes = unpack_sequential(weight_packed, bits, dim=1, size=in_features)
+    codes = unpack_sequential(weight_packed, bits, dim=1, size=in_features, dtype=torch.uint8)
     n_groups = weight_scale.shape[1]
     if weight_zero_point is None:
         zeros = torch.full((out_features, n_groups), 1 << (bits - 1), dtype=torch.int32,

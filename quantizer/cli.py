@@ -230,6 +230,20 @@ def run_check_cli(argv) -> int:
     return 2
 
 
+def _dump_stacks_every(seconds: str | None) -> None:
+    """LAYERQUANT_DUMP_STACKS=60: every 60 s, every thread's Python stack to stderr. A run
+    that is killed for time (a benchmark's limit) then shows where it spent it."""
+    if not seconds:
+        return
+    import faulthandler
+    try:
+        every = float(seconds)
+    except ValueError:
+        raise InputError(f"LAYERQUANT_DUMP_STACKS must be seconds, got {seconds!r}") from None
+    if every > 0:
+        faulthandler.dump_traceback_later(every, repeat=True, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"eval": run_eval_cli, "plan": run_plan_cli, "demo": run_demo_cli,
@@ -239,6 +253,7 @@ def main(argv=None) -> int:
         handler = handlers[argv.pop(0)]
     debug = bool(os.environ.get("LAYERQUANT_DEBUG"))
     try:
+        _dump_stacks_every(os.environ.get("LAYERQUANT_DUMP_STACKS"))
         return handler(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,10 +8,75 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 
 PLACES = ("gpu", "cpu", "disk")
+
+
+def host_copy(x: torch.Tensor, pinned: bool, non_blocking: bool = False) -> torch.Tensor:
+    """A host copy of `x`. Pinned (for GPU runs): the copy runs at PCIe speed both ways, and
+    torch's host allocator caches pinned blocks, so a layer reuses the previous layer's pages
+    (a pageable copy plus pin_memory() costs two host copies and fresh page faults each
+    time). non_blocking: the device-to-host copy is only ordered on x's stream, so the host
+    may read the result only after a sync -- fine for data that goes back to the GPU on that
+    stream. Pageable where pinning is refused."""
+    if x.device.type == "cpu" and (not pinned or x.is_pinned()):
+        return x
+    if pinned:
+        try:
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        except RuntimeError:
+            return x.to("cpu")
+        return out.copy_(x, non_blocking=non_blocking and x.is_cuda)
+    return x.to("cpu")
+
+
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def to_device_ahead(items: Sequence[Sequence[torch.Tensor]], device: torch.device,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each item's tensors on `device` (floating ones in `dtype` if given), in order, with the
+    next item's host-to-device copies already running on a side stream while the caller
+    computes on this one: a pass over host-resident chunks then costs max(copy, compute),
+    not their sum. Two items are on the device at a time (the planner counts them).
+
+    The side stream first waits for the work queued so far: a host chunk may still be
+    arriving from an asynchronous device-to-host copy (methods/awq.py stores that way)."""
+    device = torch.device(device)
+
+    def load(item):
+        return tuple(t.to(device, dtype if dtype is not None and t.is_floating_point()
+                          else t.dtype, non_blocking=True) for t in item)
+
+    if device.type != "cuda" or all(t.device == device for item in items for t in item):
+        for item in items:
+            yield load(item)
+        return
+    compute = torch.cuda.current_stream(device)
+    side = _COPY_STREAMS.get(device)
+    if side is None:
+        side = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(compute)
+
+    def issue(item):
+        with torch.cuda.stream(side):
+            out = load(item)
+            done = torch.cuda.Event()
+            done.record(side)
+        return item, out, done
+
+    nxt = issue(items[0]) if len(items) else None
+    for k in range(len(items)):
+        src, out, done = nxt
+        compute.wait_event(done)
+        for a, b in zip(src, out):
+            if b.data_ptr() != a.data_ptr():  # made on the side stream, used on compute's
+                b.record_stream(compute)
+        nxt = issue(items[k + 1]) if k + 1 < len(items) else None
+        yield out
 
 
 class Chunks(list):
@@ -52,15 +117,8 @@ class HiddenStore:
                                       dtype=x.dtype).view(x.shape))
 
     def _host(self, x: torch.Tensor) -> torch.Tensor:
-        """A host copy; pinned on GPU runs (every calibration pass streams each chunk back to
-        the GPU: pinned copies run at PCIe speed), pageable where pinning is refused."""
-        if self.device.type != "cuda":
-            return x.to("cpu")
-        try:
-            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        except RuntimeError:
-            return x.to("cpu")
-        return out.copy_(x)
+        # every calibration pass streams each chunk back to the GPU
+        return host_copy(x, pinned=self.device.type == "cuda")
 
     def move(self, chunks, where: str) -> Chunks:
         """`chunks` (a Chunks or a plain list) at `where`; the same object if already there."""

@@ -12,6 +12,7 @@ from quantizer.kernels.packing import QuantizedWeight
 
 from .arch import ArchSpec
 from .config import QuantSettings
+from .hidden_store import to_device_ahead
 from .skeleton import layer_output
 
 
@@ -58,8 +59,9 @@ class LayerContext:
         return f"{self.arch.layer_prefix(self.index)}.{name}"
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        for x in self.inputs:
-            yield x.to(self.device, self.dtype, non_blocking=True)
+        # host-resident chunks: the next one's copy overlaps this one's forward
+        for (x,) in to_device_ahead([(x,) for x in self.inputs], self.device, self.dtype):
+            yield x
 
     def kwargs_for(self, module_kwargs: dict | None = None) -> dict:
         return dict(self.layer_kwargs if module_kwargs is None else module_kwargs)
@@ -126,5 +128,5 @@ class LayerContext:
         """Replace a linear's float weight by its dequantized value (what the next modules and
         layers must see: errors propagate, as llm-compressor's propagate stage does)."""
         lin = self.module(name)
-        lin.weight.data = q.dequantize(torch.float32).to(lin.weight.device, lin.weight.dtype)
+        lin.weight.data = q.dequantize_to(torch.empty_like(lin.weight.data))
         self.replaced.add(name)

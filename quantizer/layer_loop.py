@@ -12,6 +12,8 @@ from dataclasses import asdict, replace
 
 import torch
 
+from quantizer.kernels.packing import QuantizedWeight
+
 from .distributed import world
 from .errors import OutOfMemory
 from .hidden_store import Chunks, HiddenStore
@@ -185,6 +187,7 @@ class LayerLoop:
         w_err = self._weight_errors(i, quantized, ctx)
         tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
                                  self.out_dtype)
+        del quantized  # the codes (a byte per weight) are in `tensors`, in host RAM
         out_err = None
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
@@ -272,18 +275,16 @@ class LayerLoop:
         errors = {}
         for name, q in quantized.items():
             if name not in ctx.replaced:
-                w = ctx.module(name).weight
-                errors[name] = _rel(q.dequantize().to(w.device), w)
+                errors[name] = _rel(q, ctx.module(name).weight)
                 continue
             known = ctx.stats.get("modules", {}).get(name, {}).get("weight_error")
             if known is not None:  # the method measured it before replacing the weight
                 errors[name] = float(known)
                 continue
             key = f"{prefix}.{name}.weight"
-            w = job.source.load([key], device=job.device, dtype=torch.float32,
-                                check_finite=False)
+            w = job.source.load([key], device="cpu", dtype=torch.float32, check_finite=False)
             pad_mlp(w, job.arch, prefix, job.padded_intermediate or 0)
-            errors[name] = _rel(q.dequantize().to(job.device), w[key])
+            errors[name] = _rel(q, w[key])
         return errors
 
     # ---- resume ----------------------------------------------------------------------------
@@ -335,11 +336,18 @@ def materialise(layer, prefix: str, tensors: dict, exporter) -> None:
             p.data = tensors[key].to(p.device, p.dtype)
         else:
             q = exporter.linear_from_tensors(key[:-len(".weight")], tensors)
-            p.data = q.dequantize(torch.float32).to(p.device, p.dtype)
+            p.data = q.dequantize_to(torch.empty_like(p.data))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+def _rel(q: QuantizedWeight, w: torch.Tensor) -> float:
+    """||dequantize(q) - w|| / ||w||, a slice of rows at a time on q's device (w may be in
+    host RAM): float32 copies of a whole wide weight would not fit a small budget."""
+    num = den = 0.0
+    for r0, r1 in q.row_steps():
+        ws = w[r0:r1].to(q.codes.device, torch.float32)
+        num += float((q.rows(r0, r1).dequantize() - ws).square().sum(dtype=torch.float64))
+        den += float(ws.square().sum(dtype=torch.float64))
+    return (num ** 0.5) / max(den ** 0.5, 1e-12)
 
 
 def _our_frame(e: BaseException) -> str:

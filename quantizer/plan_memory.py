@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from quantizer.kernels.packing import DEQUANT_SLICE_ELEMENTS, PACK_SLICE_ELEMENTS
+
 from .memsize import MIB
 from .shapes import InputGroup, ModelShapes, layer_groups, layer_kinds
 
-CUDA_CONTEXT = 500 * MIB  # context + cuBLAS workspace + allocator's first segments
-# Allocator fragmentation and small tensors nobody lists. Fitted on H100 bf16, 7B width, 128×512
-# (benchmarks/results/speed_h100_run2.json): AWQ reserved 4.92 GiB against 4.11 GiB of terms.
-SLACK = 0.20
+# What the process holds outside torch's allocator: CUDA context, cuBLAS/cuSOLVER workspaces,
+# loaded kernels. Measured by NVML's per-process query minus max reserved, H200, torch 2.11:
+# 756 MiB (AWQ), 854 MiB (GPTQ, with its Triton solver) -- benchmarks/results/budget_h200_70b_s4_*.
+CUDA_CONTEXT = 900 * MIB
+# Allocator fragmentation and small tensors nobody lists. Fitted on the same runs: max
+# reserved / the terms' sum = 1.07 to 1.15 for GPTQ at 70B width.
+SLACK = 0.15
 # AWQ quantizes by row slices of this many elements (methods/awq.py imports it from here), so
 # its float32 temporaries are bounded whatever the width.
 AWQ_QUANTIZE_SLICE_ELEMENTS = 1 << 24
@@ -93,8 +98,8 @@ def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) 
     tok = c * S
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     base = 2 * tok * s.hidden * d  # residual stream + normed copy
-    if not hidden_local:
-        base += 2 * tok * s.hidden * d  # this chunk's inputs and outputs, copied in
+    if not hidden_local:  # this chunk's input and output, and the next input copied ahead
+        base += 3 * tok * s.hidden * d
     attn = tok * (2 * q + 2 * kv) * d + (2 * tok * q * d if kv < q else 0)  # q,k,v,out; GQA
     scores = ATTN_SCORE_COPIES * c * s.heads * S * S * d
     if moe:  # router logits, k routed copies of the tokens through gate/up/act, shared expert
@@ -112,6 +117,14 @@ def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) 
                  base + mlp)]
 
 
+def _swap_in(lin_elements: int, d: int) -> Term:
+    """Replacing a float weight by its dequantized codes: the new weight beside the old one,
+    written from float32 row slices (QuantizedWeight.dequantize_to)."""
+    return Term("weights", "a quantized linear dequantized beside its float weight, from "
+                "fp32 row slices", lin_elements * d + 2 * min(DEQUANT_SLICE_ELEMENTS,
+                                                              lin_elements) * 4)
+
+
 def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
                   hessian: Term) -> list[tuple[str, list[Term]]]:
     """GPTQ's solve of one input group on the GPU (methods/gptq.py, gptq_hessian.py), as three
@@ -121,7 +134,9 @@ def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
     copies: the transposed weight and the codes as floats); the error report per linear (five
     fp32 copies of a row slice: weight, dequantized weight, difference, its product with H,
     that times the difference). The accumulated H is alive throughout unless it is parked in
-    host RAM (dec.hessian 'park') from the factor's preparation until the report."""
+    host RAM (dec.hessian 'park') from the factor's preparation until the report; it is
+    gone before the group's quantized weights are swapped in. `base` includes the codes
+    quantized so far."""
     n = g.in_features
     rows = -(-sum(lin.out_features for lin in g.linears) // dec.row_slices)
     single = max(g.linears, key=lambda x: x.out_features)
@@ -136,7 +151,8 @@ def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
                  f"2 fp32 copies", rows * n * (d + 8))]),
         (f"error report {g.name}", base + [hessian, Term(
             "weight_fp32", f"error report of {single.name} ({srows}×{n} rows slice): 5 fp32 "
-            f"copies", srows * n * 20)])]
+            f"copies", srows * n * 20)]),
+        (f"swap in {g.name}", base + [_swap_in(single.out_features * n, d)])]
 
 
 def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: bool,
@@ -171,14 +187,32 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
         many = f"{k}× " if k > 1 else ""
         return Term("hessian", f"{many}the {n}×{n} fp32 Hessian of {g.name}", k * n * n * 4)
 
+    # One byte per weight: the codes of every linear quantized so far stay where they were
+    # solved until the layer is exported (the last group's solve sees all of them), and the
+    # export is packed there. A host solve (hessian 'cpu') leaves the GPU only the swap-in.
+    on_device = not (job.method == "gptq" and dec.hessian == "cpu")
+    codes = [Term("codes", "quantized codes of the layer (1 byte per weight)",
+                  layer_w // d)] if on_device else []
+    whole = [Term("weights", f"layer weights ({d}-byte)", layer_w)]
+    widest = max((lin for g in groups for lin in g.linears),
+                 key=lambda x: x.in_features * x.out_features)
+    export = ("export and materialise", whole + [_swap_in(
+        widest.in_features * widest.out_features, d)] + (codes + [
+            Term("codes", "the layer's packed export (at most 1 byte per weight)",
+                 layer_w // d),
+            Term("weight_fp32", "int64 temporaries of packing by slices", 3 * min(
+                PACK_SLICE_ELEMENTS, widest.in_features * widest.out_features) * 8)]
+        if on_device else []))
     if not job.calibrated:
-        return [(f"quantize {g.name}", resident(g, False) + [fp32_weight(g)]) for g in groups]
+        return [(f"quantize {g.name}", resident(g, False) + codes + [fp32_weight(g)])
+                for g in groups] + [export]
     held = []
     if hidden_local:
         held.append(Term("hidden", f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
     act = _activation_terms(job, moe, dec, hidden_local)
     biggest = max(groups, key=lambda g: g.weight_elements(_alive_copies(g, dec)))
-    phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act)]
+    phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act),
+              (export[0], export[1] + held)]
     for g in groups:
         res = resident(g, True)
         if job.method == "gptq":
@@ -203,14 +237,14 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             if not hess_local:  # accumulated and solved on the host
                 phases.append((f"solve {g.name} (host)", res + held))
                 continue
-            phases += _solve_phases(g, dec, d, res + held, hessian(g))
+            phases += _solve_phases(g, dec, d, res + held + codes, hessian(g))
         else:  # AWQ: the search caches every chunk's judge input and fp reference output
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
                           f"{N}×{S}×({n}+{H})", N * S * (n + H) * d)
-            if not (hidden_local or job.on_host):  # cached in host RAM; one chunk copied in
-                cached = Term("reference", f"AWQ judge input + reference, chunk {c}",
-                              c * S * (n + H) * d)
+            if not (hidden_local or job.on_host):  # in host RAM; the next chunk copied ahead
+                cached = Term("reference", f"AWQ judge input + reference, 2 chunks of {c}",
+                              2 * c * S * (n + H) * d)
             phases.append((f"AWQ search {g.name}", resident(g, True) + held + act + [
                 cached,
                 Term("awq_scratch", f"candidate output and fp32 loss terms, chunk {c}",
@@ -219,6 +253,10 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
                      g.weight_elements(_alive_copies(g, dec)) * d),
                 Term("weight_fp32", f"fp32 temporaries of quantizing by row slices of "
                      f"{AWQ_QUANTIZE_SLICE_ELEMENTS} elements", AWQ_QUANTIZE_SLICE_ELEMENTS * 12)]))
+    if job.method != "gptq":  # AWQ quantizes every linear at the end
+        phases.append(("quantize the layer", whole + held + codes + [Term(
+            "weight_fp32", f"fp32 temporaries of quantizing by row slices of "
+            f"{AWQ_QUANTIZE_SLICE_ELEMENTS} elements", AWQ_QUANTIZE_SLICE_ELEMENTS * 12)]))
     return phases
 
 

@@ -60,3 +60,45 @@ def test_awq_linear_round_trip_and_refusals():
         awq_pack_linear(q3)
     with pytest.raises(ValueError):
         pack_awq(torch.zeros(4, 12, dtype=torch.int32))  # not a multiple of 8 columns
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_packing_by_slices_equals_packing_whole(monkeypatch, bits):
+    """Packing and unpacking run a slice at a time (bounded int64 temporaries on wide
+    weights): the result must not depend on the slice size."""
+    import quantizer.kernels.packing as P
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (64, 96), generator=g, dtype=torch.uint8)
+    whole = [pack_sequential(codes, bits, 0), pack_sequential(codes, bits, 1)]
+    awq = pack_awq(codes) if bits == 4 else None
+    monkeypatch.setattr(P, "PACK_SLICE_ELEMENTS", 100)  # slices of one or two lines
+    assert torch.equal(pack_sequential(codes, bits, 0), whole[0])
+    assert torch.equal(pack_sequential(codes, bits, 1), whole[1])
+    for dim, packed in enumerate(whole):
+        out = unpack_sequential(packed, bits, dim, codes.shape[dim], dtype=torch.uint8)
+        assert out.dtype == torch.uint8 and torch.equal(out, codes)
+    if awq is not None:
+        assert torch.equal(pack_awq(codes), awq)
+        assert torch.equal(unpack_awq(awq, torch.uint8), codes)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (-1, False), (32, True)])
+def test_dequantize_by_rows_equals_the_gathered_formula(group_size, act_order):
+    """dequantize broadcasts scales over groups in place, dequantize_to writes row slices
+    into another dtype: both must equal (codes - zero[g]) * scale[g] exactly."""
+    g = torch.Generator().manual_seed(7)
+    out_f, in_f = 40, 128
+    n_groups = 1 if group_size == -1 else in_f // group_size
+    q = QuantizedWeight(torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8),
+                        torch.rand(out_f, n_groups, generator=g),
+                        torch.randint(0, 16, (out_f, n_groups), generator=g, dtype=torch.int32),
+                        4, group_size,
+                        (torch.randperm(in_f, generator=g) // 32).int() if act_order else None)
+    gi = q.group_index()
+    want = (q.codes.float() - q.zeros.float()[:, gi]) * q.scales[:, gi]
+    assert torch.equal(q.dequantize(), want)
+    dest = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    steps = q.row_steps(3 * in_f)
+    assert len(steps) == 14 and steps[-1] == (39, 40)
+    assert torch.equal(q.dequantize_to(dest, elements=3 * in_f), want.to(torch.bfloat16))
+    assert torch.equal(q.codes, q.rows(0, out_f).codes)  # dequantize left the codes alone

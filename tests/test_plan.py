@@ -114,21 +114,21 @@ def test_70b_gptq_keeps_hessian_on_gpu_at_8g_and_everything_at_40g():
 
 
 def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
-    dp = plan_for(LLAMA2_70B, "gptq", "10G", hessian_device="gpu", hidden_device="cpu").devices[0]
+    dp = plan_for(LLAMA2_70B, "gptq", "12G", hessian_device="gpu", hidden_device="cpu").devices[0]
     # with H on the GPU, accumulation holds the shard fold's running total beside the current
     # shard's partial: two 28672² matrices (measured on an H200: an 8G run ran out of memory
     # there, allocating the second one)
-    assert dp.peak_phase == "calibrate mlp.down_proj"
+    assert dp.peak_phase in ("calibrate mlp.down_proj", "solve mlp.down_proj")
     h, i, kv, d = 8192, 28672, 1024, 2
-    peak = dict(dp.breakdown)
-    assert peak["the 28672×28672 fp32 Hessian of mlp.down_proj"] == i * i * 4
-    assert peak["the running shard fold of mlp.down_proj's Hessian"] == i * i * 4
-    assert peak["CUDA context"] == CUDA_CONTEXT
+    assert dict(dp.breakdown)["CUDA context"] == CUDA_CONTEXT
     from quantizer.plan_memory import _make_job, _phase_terms
     job = _make_job(ModelShapes.from_config(LLAMA2_70B), "gptq", 128, 512, d, False,
                     ("cpu", "gpu"), None)
     (groups, extra), = job.kinds
     phases = dict(_phase_terms(job, groups, extra, False, dp.decisions))
+    peak = {t.label: t.bytes for t in phases["calibrate mlp.down_proj"]}
+    assert peak["the 28672×28672 fp32 Hessian of mlp.down_proj"] == i * i * 4
+    assert peak["the running shard fold of mlp.down_proj's Hessian"] == i * i * 4
     terms = {t.label: t.bytes for t in phases["solve mlp.down_proj"]}
     rows = -(-h // dp.decisions.row_slices)
     assert terms["the 28672×28672 fp32 Hessian of mlp.down_proj"] == i * i * 4
@@ -136,12 +136,12 @@ def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
     assert terms["layer weights (2-byte)"] == (2 * h * h + 2 * h * kv + 3 * h * i) * d
     assert terms[f"mlp.down_proj stacked ({rows}×{i} rows slice): working dtype + 2 fp32 "
                  "copies"] == rows * i * (d + 8)
-    # the calibration phase: residual + normed copy + this chunk's inputs/outputs, gate, up,
-    # act·up, and one sample's input in fp32 for XᵀX
+    # the calibration phase: residual + normed copy + this chunk's input/output and the next
+    # input copied ahead, gate, up, act·up, and one sample's input in fp32 for XᵀX
     calib = {t.label: t.bytes for t in phases["calibrate mlp.down_proj"]}
     tok = dp.decisions.chunk * 512
     act = next(v for k, v in calib.items() if k.startswith("forward activations"))
-    assert act == 4 * tok * h * d + 3 * tok * i * d
+    assert act == 5 * tok * h * d + 3 * tok * i * d
     assert calib[f"one sample's input in fp32 for X^T·X (512×{i})"] == 512 * i * 4
     # parked, the running total waits in host RAM: one matrix on the GPU while accumulating
     parked = plan_for(LLAMA2_70B, "gptq", "8G").devices[0]

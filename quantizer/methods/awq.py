@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantizer.hidden_store import host_copy, to_device_ahead
 from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
                               run_units)
 from quantizer.kernels.packing import QuantizedWeight
@@ -88,11 +89,13 @@ def _samples(x: torch.Tensor):
 
 
 def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep `t` on `device`; host copies are pinned so they stream back asynchronously."""
+    """Keep `t` on `device`. A host copy is pinned and made asynchronously: it only ever
+    goes back to the GPU (to_device_ahead orders that after this copy)."""
     if t.device == device:
         return t
-    t = t.to(device)
-    return t.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else t
+    if device.type == "cpu":
+        return host_copy(t, pinned=torch.cuda.is_available(), non_blocking=True)
+    return t.to(device)
 
 
 # Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries (the
@@ -280,11 +283,16 @@ class AWQ:
                 for i in range(len(groups))]
 
     @staticmethod
-    def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype):
-        """(input, kwargs) per chunk on the compute device in the evaluation dtype."""
-        for x, kw in data.judge_inputs:
-            x = x.to(ctx.device, eval_dtype, non_blocking=True)
-            yield x, (kw if eval_dtype == ctx.dtype else _cast_floats(kw, eval_dtype))
+    def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype, refs=None):
+        """(input, kwargs, reference or None) per chunk on the compute device, the input in
+        the evaluation dtype; from host RAM, the next chunk's copies overlap this one's work."""
+        items = [(x,) if refs is None else (x, r)
+                 for (x, _), r in zip(data.judge_inputs, refs or data.judge_inputs)]
+        loaded = to_device_ahead(items, ctx.device)
+        for (_, kw), tensors in zip(data.judge_inputs, loaded):
+            x = tensors[0].to(eval_dtype)
+            yield (x, kw if eval_dtype == ctx.dtype else _cast_floats(kw, eval_dtype),
+                   tensors[1] if refs is not None else None)
 
     def _references(self, ctx, judge, data: GroupCapture, eval_dtype):
         """The judge's output per chunk with the current (float) weights, stored beside the
@@ -292,7 +300,7 @@ class AWQ:
         cache = self._cache_device(ctx)
         refs = []
         finite = True
-        for x, kw in self._feed(ctx, data, eval_dtype):
+        for x, kw, _ in self._feed(ctx, data, eval_dtype):
             out = run_module(judge, x, kw)
             if not bool(torch.isfinite(out).all()):
                 finite = False
@@ -317,9 +325,9 @@ class AWQ:
             for lin, w0 in zip(linears, originals):
                 write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)
             totals: dict[int, torch.Tensor] = {}  # per calibration shard
-            for k, ((x, kw), ref) in enumerate(zip(self._feed(ctx, data, eval_dtype), refs)):
+            for k, (x, kw, ref) in enumerate(self._feed(ctx, data, eval_dtype, refs)):
                 diff = run_module(judge, x, kw).float()
-                diff.sub_(ref.to(ctx.device, non_blocking=True))
+                diff.sub_(ref)
                 s = layout.shard_of[k]
                 if s not in totals:
                     totals[s] = torch.zeros((), dtype=torch.float64, device=ctx.device)

@@ -368,16 +368,24 @@ class GPTQ:
                 solved = run_units(layout, list(batch), lambda g: self._solve_group(
                     ctx, g, accs[g], where, slices, parallel=False)[:3])
                 for group, (qs, info, seconds) in zip(batch, solved):
-                    self._finish_group(ctx, group, accs.pop(group), hs.pop(group), qs, info,
-                                       t_capture, seconds, out, per_module, totals, where,
-                                       slices)
+                    acc = accs.pop(group)
+                    errors = self._report(ctx, group, qs, hs.pop(group), where, slices)
+                    acc.H = None
+                    self._finish_group(ctx, group, acc.n_tokens, qs, info, errors,
+                                       t_capture, seconds, out, per_module, totals)
                 continue
             for group in batch:
                 acc = accs.pop(group)
                 qs, info, seconds, H = self._solve_group(ctx, group, acc, where, slices)
                 ctx.mark(f"solve {group[0]}")
-                self._finish_group(ctx, group, acc, H, qs, info, t_capture, seconds, out,
-                                   per_module, totals, where, slices)
+                errors = self._report(ctx, group, qs, H, where, slices)
+                ctx.mark(f"report {group[0]}")
+                # H goes before the quantized weights come in (the plan counts one or the
+                # other beside the layer, not both)
+                del H
+                acc.H = None
+                self._finish_group(ctx, group, acc.n_tokens, qs, info, errors, t_capture,
+                                   seconds, out, per_module, totals)
         for k, v in totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
         return out
@@ -408,34 +416,38 @@ class GPTQ:
         _sync(ctx.device)
         return qs, info, time.perf_counter() - t1, H
 
-    def _finish_group(self, ctx, group, acc, H, qs, info, t_capture, seconds, out,
-                      per_module, totals, where, slices) -> None:
-        """Report the group's errors, then swap in its quantized weights."""
-        if self.report_error and H.device != ctx.device and where != "cpu":
+    def _report(self, ctx, group, qs, H, where, slices) -> dict:
+        """{linear: (output error against H, relative weight error)}, or {} when the report
+        is off. H may wait in host RAM ('park'): it comes back for this."""
+        if not self.report_error:
+            return {}
+        if H.device != ctx.device and where != "cpu":
             H = H.to(ctx.device)
+        # the float weight is replaced afterwards; a caller comparing later sees 0
+        return {name: _report_errors(ctx.module(name).weight.data, qs[name], H, slices)
+                for name in group}
+
+    def _finish_group(self, ctx, group, tokens, qs, info, errors, t_capture, seconds, out,
+                      per_module, totals) -> None:
+        """Record the group, then swap in its quantized weights."""
         for name in group:
             bits, gs = self._settings(ctx, name)
             rec = {"hessian_s": t_capture, "solve_s": seconds, "bits": bits,
-                   "group_size": gs, **info, "tokens": acc.n_tokens,
-                   "shared_with": list(group)}
-            if self.report_error:
-                # the float weight is replaced below; a caller comparing afterwards sees 0
-                rec["rel_error"], rec["weight_error"] = _report_errors(
-                    ctx.module(name).weight.data, qs[name], H, slices)
+                   "group_size": gs, **info, "tokens": tokens, "shared_with": list(group)}
+            if name in errors:
+                rec["rel_error"], rec["weight_error"] = errors[name]
             per_module[name] = rec
         totals["hessian_s"] += t_capture
         totals["solve_s"] += seconds
         totals["damp_retries"] += info["retries"]
-        # Later groups must see this group's quantized outputs (true-sequential).
-        for name in group:
-            ctx.set_quantized(name, qs[name])
-        out.update(qs)
-        ctx.mark(f"report {group[0]}")
-        del acc, H
         if ctx.device.type == "cuda":
             # The next group's n×n matrices differ in size: without this the cached blocks
             # of this one stay reserved beside them (H100 7B: reserved 1.45× allocated).
             torch.cuda.empty_cache()
+        # Later groups must see this group's quantized outputs (true-sequential).
+        for name in group:
+            ctx.set_quantized(name, qs[name])
+        out.update(qs)
 
 
 register_method("gptq", GPTQ)

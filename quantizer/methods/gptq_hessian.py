@@ -131,15 +131,17 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 def _scratch(H: torch.Tensor, order: torch.Tensor, fix: torch.Tensor, device,
              rows: int = 1024) -> torch.Tensor:
     """A float32 copy of H on `device` with rows and columns in `order` and `fix` added to its
-    diagonal, built a block of rows at a time so no second n×n matrix exists beside it (H
-    may be on the host: a parked Hessian is read straight into the copy)."""
+    diagonal, built a block of rows at a time so no second n×n matrix exists beside it. H may
+    be in host RAM (a parked Hessian): its rows go over in natural, contiguous blocks (a
+    pinned block copies at full PCIe speed) and are put in order on the device."""
     n = H.shape[0]
     out = torch.empty((n, n), dtype=torch.float32, device=device)
-    order_h = order.to(H.device)
     order_d = order.to(device)
+    position = torch.empty_like(order_d)  # where each row of H goes: out[position[i]] = H[i]
+    position[order_d] = torch.arange(n, device=device)
     for r0 in range(0, n, rows):
-        block = H.index_select(0, order_h[r0:r0 + rows]).to(device, torch.float32)
-        out[r0:r0 + rows] = block.index_select(1, order_d)
+        block = H[r0:r0 + rows].to(device, torch.float32)
+        out.index_copy_(0, position[r0:r0 + rows], block.index_select(1, order_d))
     torch.diagonal(out).add_(fix.to(device, torch.float32)[order_d])
     return out
 
