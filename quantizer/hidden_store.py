@@ -43,13 +43,15 @@ def to_device_ahead(items: Sequence[Sequence[torch.Tensor]], device: torch.devic
     computes on this one: a pass over host-resident chunks then costs max(copy, compute),
     not their sum. Two items are on the device at a time (the planner counts them).
 
-    The side stream first waits for the work queued so far: a host chunk may still be
-    arriving from an asynchronous device-to-host copy (methods/awq.py stores that way)."""
+    Each copy first waits for the work queued so far: a host chunk may still be arriving
+    from an asynchronous device-to-host copy (methods/awq.py stores that way)."""
     device = torch.device(device)
 
+    def target(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
     def load(item):
-        return tuple(t.to(device, dtype if dtype is not None and t.is_floating_point()
-                          else t.dtype, non_blocking=True) for t in item)
+        return tuple(t.to(device, target(t), non_blocking=True) for t in item)
 
     if device.type != "cuda" or all(t.device == device for item in items for t in item):
         for item in items:
@@ -59,24 +61,34 @@ def to_device_ahead(items: Sequence[Sequence[torch.Tensor]], device: torch.devic
     side = _COPY_STREAMS.get(device)
     if side is None:
         side = _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(compute)
 
     def issue(item):
+        # Allocated from the compute stream's pool (a block freed there is reused at once, so
+        # reserved memory follows allocated; side-stream blocks would pile up until the
+        # budget's cap); the copy waits for the compute work queued so far, which may still
+        # read a reused block.
+        out = tuple(t.to(target(t)) if t.device == device else
+                    torch.empty(t.shape, dtype=target(t), device=device) for t in item)
+        side.wait_stream(compute)
         with torch.cuda.stream(side):
-            out = load(item)
+            for src, dst in zip(item, out):
+                if src.device != device:
+                    dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(side)
-        return item, out, done
+        return out, done
 
     nxt = issue(items[0]) if len(items) else None
-    for k in range(len(items)):
-        src, out, done = nxt
-        compute.wait_event(done)
-        for a, b in zip(src, out):
-            if b.data_ptr() != a.data_ptr():  # made on the side stream, used on compute's
-                b.record_stream(compute)
-        nxt = issue(items[k + 1]) if k + 1 < len(items) else None
-        yield out
+    try:
+        for k in range(len(items)):
+            out, done = nxt
+            compute.wait_event(done)
+            nxt = None
+            nxt = issue(items[k + 1]) if k + 1 < len(items) else None
+            yield out
+    finally:
+        if nxt is not None:  # abandoned early: its copy must land before its memory is reused
+            compute.wait_event(nxt[1])
 
 
 class Chunks(list):

@@ -19,11 +19,13 @@ from .shapes import InputGroup, ModelShapes, layer_groups, layer_kinds
 # 756 MiB (AWQ), 854 MiB (GPTQ, with its Triton solver) -- benchmarks/results/budget_h200_70b_s4_*.
 CUDA_CONTEXT = 900 * MIB
 # Allocator fragmentation and small tensors nobody lists. Fitted on the same runs: max
-# reserved / the terms' sum = 1.07 to 1.15 for GPTQ at 70B width.
-SLACK = 0.15
+# reserved / the terms' sum = 0.96 to 1.17 over AWQ and GPTQ at 7B and 70B width.
+SLACK = 0.12
 # AWQ quantizes by row slices of this many elements (methods/awq.py imports it from here), so
 # its float32 temporaries are bounded whatever the width.
 AWQ_QUANTIZE_SLICE_ELEMENTS = 1 << 24
+# ... and writes each search candidate's fake-quantized weights by row slices of this many.
+AWQ_CANDIDATE_SLICE_ELEMENTS = 1 << 22
 ATTN_SCORE_COPIES = 1  # eager-like heads × S² scores per chunk: a conservative bound for sdpa
 
 
@@ -32,9 +34,9 @@ class Decisions:
     """hidden: where the layer inputs/outputs of all samples live (gpu, cpu = host RAM, disk =
     memory-mapped files in the job directory).
     hessian: where GPTQ accumulates Hessians AND solves ('cpu' = both on the host, so the GPU
-    never holds an n×n matrix; 'park' = on the GPU, but the accumulated H waits in host RAM
-    while its factor is prepared and the columns solved, so at most one n×n matrix is on the
-    GPU at a time); 'none' for other methods.
+    never holds an n×n matrix; 'park' = on the GPU, but the widest group's accumulated H
+    waits in host RAM while its factor is prepared and the columns solved, so at most one
+    such n×n matrix is on the GPU at a time); 'none' for other methods.
     mode: 'whole' keeps the layer's weights on the GPU; 'by_group' keeps only the current
     input group's weights there and streams the other modules in one at a time for the
     forward. Either way calibration runs one pass per input group (true-sequential, as the
@@ -125,15 +127,22 @@ def _swap_in(lin_elements: int, d: int) -> Term:
                                                               lin_elements) * 4)
 
 
+def _parks(g: InputGroup, groups: tuple[InputGroup, ...], dec: Decisions) -> bool:
+    """Whether GPTQ parks this group's Hessian under dec.hessian 'park': the widest input
+    group and expert groups do; a narrower dense group keeps H and its fold on the GPU
+    (methods/gptq.py GPTQ.quantize_layer)."""
+    return dec.hessian == "park" and (
+        g.copies > 1 or g.in_features >= max(x.in_features for x in groups))
+
+
 def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
-                  hessian: Term) -> list[tuple[str, list[Term]]]:
+                  hessian: Term, parked: bool) -> list[tuple[str, list[Term]]]:
     """GPTQ's solve of one input group on the GPU (methods/gptq.py, gptq_hessian.py), as three
     phases beside `base` (weights, hidden states): preparing the factor (a damped copy of H,
     factored, inverted and factored again in place); the column solve of the group's linears
     stacked by rows, one row slice at a time (U, the slice in the working dtype and two fp32
-    copies: the transposed weight and the codes as floats); the error report per linear (five
-    fp32 copies of a row slice: weight, dequantized weight, difference, its product with H,
-    that times the difference). The accumulated H is alive throughout unless it is parked in
+    copies: the transposed weight and the codes as floats); the error report per linear (two
+    fp32 copies of a row slice: the weight or its error, and that times H). The accumulated H is alive throughout unless it is parked in
     host RAM (dec.hessian 'park') from the factor's preparation until the report; it is
     gone before the group's quantized weights are swapped in. `base` includes the codes
     quantized so far."""
@@ -141,7 +150,7 @@ def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
     rows = -(-sum(lin.out_features for lin in g.linears) // dec.row_slices)
     single = max(g.linears, key=lambda x: x.out_features)
     srows = -(-single.out_features // dec.row_slices)
-    held_h = [] if dec.hessian == "park" else [hessian]
+    held_h = [] if parked else [hessian]
     return [
         (f"prepare the factor of {g.name}", base + held_h + [
             Term("cholesky", f"damped copy of H, factored in place, {n}×{n} fp32", n * n * 4)]),
@@ -150,8 +159,8 @@ def _solve_phases(g: InputGroup, dec: Decisions, d: int, base: list[Term],
             Term("weight_fp32", f"{g.name} stacked ({rows}×{n} rows slice): working dtype + "
                  f"2 fp32 copies", rows * n * (d + 8))]),
         (f"error report {g.name}", base + [hessian, Term(
-            "weight_fp32", f"error report of {single.name} ({srows}×{n} rows slice): 5 fp32 "
-            f"copies", srows * n * 20)]),
+            "weight_fp32", f"error report of {single.name} ({srows}×{n} rows slice): 2 fp32 "
+            f"copies", srows * n * 8)]),
         (f"swap in {g.name}", base + [_swap_in(single.out_features * n, d)])]
 
 
@@ -221,7 +230,8 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
                           S * n * 4)
             alive = [hessian(g)] if hess_local else []
-            if dec.hessian == "gpu" and N > 1 and not job.on_host:
+            if (dec.hessian == "gpu" or dec.hessian == "park" and not _parks(g, groups, dec)) \
+                    and N > 1 and not job.on_host:
                 # The shard fold (quantizer/shards.py) keeps its running total beside the
                 # current shard's partial; under 'park' the total waits in host RAM instead.
                 alive.append(Term("hessian", f"the running shard fold of {g.name}'s Hessian",
@@ -237,7 +247,8 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             if not hess_local:  # accumulated and solved on the host
                 phases.append((f"solve {g.name} (host)", res + held))
                 continue
-            phases += _solve_phases(g, dec, d, res + held + codes, hessian(g))
+            phases += _solve_phases(g, dec, d, res + held + codes, hessian(g),
+                                    _parks(g, groups, dec))
         else:  # AWQ: the search caches every chunk's judge input and fp reference output
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
@@ -251,8 +262,9 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
                      c * S * H * (d + 8)),
                 Term("awq_backup", f"original weights of {g.name}",
                      g.weight_elements(_alive_copies(g, dec)) * d),
-                Term("weight_fp32", f"fp32 temporaries of quantizing by row slices of "
-                     f"{AWQ_QUANTIZE_SLICE_ELEMENTS} elements", AWQ_QUANTIZE_SLICE_ELEMENTS * 12)]))
+                Term("weight_fp32", f"fp32 temporaries of fake-quantizing by row slices of "
+                     f"{AWQ_CANDIDATE_SLICE_ELEMENTS} elements",
+                     AWQ_CANDIDATE_SLICE_ELEMENTS * 12)]))
     if job.method != "gptq":  # AWQ quantizes every linear at the end
         phases.append(("quantize the layer", whole + held + codes + [Term(
             "weight_fp32", f"fp32 temporaries of quantizing by row slices of "

@@ -169,6 +169,11 @@ class AWQ:
                 self._scale_group(ctx, group, data)
             ctx.mark(f"search {batch[0].prev}" + (f" +{len(batch) - 1}" if len(batch) > 1
                                                   else ""))
+            if ctx.device.type == "cuda":
+                # Each group's caches differ in size: without this the blocks of the last
+                # stay reserved beside the next's (H200 70B at 8G: reserved 7.05 GiB for
+                # 4.11 allocated)
+                torch.cuda.empty_cache()
         t0 = self._now(ctx)
         ratios = self._clip_all(ctx) if self.clip else {}
         times["clip"] = self._now(ctx) - t0

@@ -9,12 +9,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from quantizer.plan_memory import AWQ_CANDIDATE_SLICE_ELEMENTS
+
 from .awq_clip import fake_quantize_float
 from .rtn import check_group_size
 
 # Elements of one row slice when writing a candidate weight: the float32 temporaries of the
-# fake-quantizer stay at a few x 16 MiB whatever the linear's size.
-_CANDIDATE_SLICE_ELEMENTS = 1 << 22
+# fake-quantizer stay at a few x 16 MiB whatever the linear's size (the planner counts them).
+_CANDIDATE_SLICE_ELEMENTS = AWQ_CANDIDATE_SLICE_ELEMENTS
 
 
 def write_candidate(dest: torch.Tensor, w0: torch.Tensor, scales: torch.Tensor | None,

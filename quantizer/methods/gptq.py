@@ -285,18 +285,19 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
 
 def _report_errors(w: torch.Tensor, q: QuantizedWeight, H: torch.Tensor,
                    row_slices: int) -> tuple[float, float]:
-    """(output error against H, relative weight error) of q against w, by row slices so the
-    fp32 copies are a slice each (the planner counts five of them)."""
+    """(output error against H, relative weight error) of q against w, by row slices, at
+    most two float32 copies of a slice alive at a time (the planner counts two)."""
     num = den = wnum = wden = 0.0
     step = -(-w.shape[0] // max(1, row_slices))
-    sizes = [min(step, w.shape[0] - r0) for r0 in range(0, w.shape[0], step)]
-    for r0, qs in zip(range(0, w.shape[0], step), split_rows(q, sizes)):
+    for r0 in range(0, w.shape[0], step):
         ws = w[r0:r0 + step].to(H.device, torch.float32)
-        d = ws - qs.dequantize(torch.float32).to(H.device)
-        num += float(((d @ H) * d).sum())
-        den += float(((ws @ H) * ws).sum())
-        wnum += float(d.square().sum())
-        wden += float(ws.square().sum())
+        wden += float(torch.linalg.vector_norm(ws)) ** 2
+        den += float(torch.mm(ws, H).mul_(ws).sum())
+        d = q.rows(r0, r0 + ws.shape[0]).dequantize(torch.float32).to(H.device).sub_(ws)
+        del ws
+        wnum += float(torch.linalg.vector_norm(d)) ** 2
+        num += float(torch.mm(d, H).mul_(d).sum())
+        del d
     rel = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
     return rel, math.sqrt(wnum) / max(math.sqrt(wden), 1e-12)
 
@@ -350,7 +351,16 @@ class GPTQ:
         slices = int(placement.get("row_slices", 1))
         acc_dev = torch.device("cpu") if where == "cpu" else ctx.device
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
-        for batch in ctx.arch.capture_batches(lambda n: ctx.module(n).in_features):
+        batches = list(ctx.arch.capture_batches(lambda n: ctx.module(n).in_features))
+        widest = max(ctx.module(g[0]).in_features for b in batches for g in b)
+        layer_where = where
+        for batch in batches:
+            # Only the widest Hessian is parked: a narrower one with its fold fits beside
+            # what the plan counts for the widest (parking costs PCIe round trips).
+            where = layer_where
+            if where == "park" and len(batch) == 1 and \
+                    ctx.module(batch[0][0]).in_features < widest:
+                where = "gpu"
             t0 = time.perf_counter()
             # park: the shard fold's running total waits in host RAM, where the solve
             # wants H anyway, so the GPU holds one n×n matrix while accumulating

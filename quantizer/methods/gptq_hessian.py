@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from quantizer.errors import InputError
+from quantizer.hidden_store import to_device_ahead
 
 
 class HessianAccumulator:
@@ -86,12 +87,14 @@ def merge_rows(dst: torch.Tensor, src: torch.Tensor, a: float, b: float,
                rows: int | None = None) -> None:
     """dst <- dst·a + src·b, computed on src's device a block of rows at a time (dst may live
     elsewhere, e.g. in host RAM): per element the same two operations as the whole-matrix
-    update, so the same result."""
+    update, so the same result. From pinned host memory the next block's copy in runs while
+    this block's copy out does (both directions of the bus at once)."""
     rows = rows or max(1, (64 << 20) // (4 * dst.shape[1]))  # 64 MiB blocks
-    for r0 in range(0, dst.shape[0], rows):
-        block = dst[r0:r0 + rows].to(src.device)
+    starts = range(0, dst.shape[0], rows)
+    blocks = to_device_ahead([(dst[r0:r0 + rows],) for r0 in starts], src.device)
+    for r0, (block,) in zip(starts, blocks):
         block.mul_(a).add_(src[r0:r0 + rows], alpha=b)
-        dst[r0:r0 + rows].copy_(block)
+        dst[r0:r0 + rows].copy_(block, non_blocking=True)
 
 
 @contextlib.contextmanager
