@@ -16,7 +16,7 @@ from .shapes import InputGroup, ModelShapes, layer_groups, layer_kinds
 
 # What the process holds outside torch's allocator: CUDA context, cuBLAS/cuSOLVER workspaces,
 # loaded kernels. Measured by NVML's per-process query minus max reserved, H200, torch 2.11:
-# 756 MiB (AWQ), 854 MiB (GPTQ, with its Triton solver) -- benchmarks/results/budget_h200_70b_s4_*.
+# 756 MiB (AWQ), 854 MiB (GPTQ, with its Triton solver) -- benchmarks/results/budget_h200_s4_*.json.
 CUDA_CONTEXT = 900 * MIB
 # Allocator fragmentation and small tensors nobody lists. Fitted on the same runs: max
 # reserved / the terms' sum = 0.96 to 1.17 over AWQ and GPTQ at 7B and 70B width.
