@@ -262,6 +262,9 @@ def parse_args(argv=None):
                    help="seconds for everything; runs that no longer fit are skipped")
     p.add_argument("--run-timeout", type=float, default=420, help="seconds per run")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --quick)")
+    p.add_argument("--layers", dest="model_layers_arg", default=None,
+                   help="decoder layers per model, e.g. 70b=3 (default 70b=2,7b=4): more "
+                   "layers after layer 0 measure the steady state better")
     a = p.parse_args(argv)
     only = {t.strip() for t in (a.only or "").split(",") if t.strip()}
     a.budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
@@ -274,6 +277,9 @@ def parse_args(argv=None):
     a.peer_only = "peeronly" in only
     a.tiny = a.quick  # Bench's checkpoint/calibration switch
     a.layers = {m: (1 if a.quick else n) for m, n in MODEL_LAYERS.items()}
+    for item in filter(None, (a.model_layers_arg or "").split(",")):
+        model, _, n = item.partition("=")
+        a.layers[model.strip()] = int(n)
     a.model_layers = a.layers
     a.calib_samples, a.calib_seqlen = (4, 32) if a.quick else (128, 512)
     a.dtype = a.dtype or ("float32" if a.quick else "bfloat16")
