@@ -14,7 +14,8 @@ from quantizer.shards import ShardFold, layout_of, run_units
 from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
 
 from . import register_method
-from .gptq_hessian import HessianAccumulator, PreparedHessian, output_error, prepare_hessian
+from .gptq_hessian import (HessianAccumulator, PreparedHessian, output_error, park,
+                           prepare_hessian, report_errors)
 from .rtn import check_group_size, group_params
 
 __all__ = ["GPTQ", "HessianAccumulator", "PreparedHessian", "gptq_group_params",
@@ -181,25 +182,6 @@ def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     return out
 
 
-_PARKING: dict[str, torch.Tensor] = {}  # one pinned host buffer, reused by every group
-
-
-def _park(H: torch.Tensor) -> torch.Tensor:
-    """A host copy of a GPU Hessian, in a pinned buffer kept for the run (copies at PCIe speed
-    and no pinning cost per layer); pageable memory where pinning is refused."""
-    buf = _PARKING.get("H")
-    if buf is None or buf.numel() < H.numel():
-        _PARKING.pop("H", None)
-        try:
-            buf = torch.empty(H.numel(), dtype=H.dtype, pin_memory=True)
-        except RuntimeError:
-            return H.to("cpu")
-        _PARKING["H"] = buf
-    out = buf[:H.numel()].view(H.shape)
-    out.copy_(H)
-    return out
-
-
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,25 +263,6 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     for ((_, names), (qs, info)) in zip(units, solved):
         out.update(zip(names, qs))
     return out, info
-
-
-def _report_errors(w: torch.Tensor, q: QuantizedWeight, H: torch.Tensor,
-                   row_slices: int) -> tuple[float, float]:
-    """(output error against H, relative weight error) of q against w, by row slices, at
-    most two float32 copies of a slice alive at a time (the planner counts two)."""
-    num = den = wnum = wden = 0.0
-    step = -(-w.shape[0] // max(1, row_slices))
-    for r0 in range(0, w.shape[0], step):
-        ws = w[r0:r0 + step].to(H.device, torch.float32)
-        wden += float(torch.linalg.vector_norm(ws)) ** 2
-        den += float(torch.mm(ws, H).mul_(ws).sum())
-        d = q.rows(r0, r0 + ws.shape[0]).dequantize(torch.float32).to(H.device).sub_(ws)
-        del ws
-        wnum += float(torch.linalg.vector_norm(d)) ** 2
-        num += float(torch.mm(d, H).mul_(d).sum())
-        del d
-    rel = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
-    return rel, math.sqrt(wnum) / max(math.sqrt(wden), 1e-12)
 
 
 class GPTQ:
@@ -408,7 +371,7 @@ class GPTQ:
         t1 = time.perf_counter()
         H = acc.H
         if where == "park" and H.is_cuda:
-            H = _park(H)
+            H = park(H)
             acc.H = None  # the GPU copy goes now: its factor takes its place
         solve_dev = torch.device("cpu") if where == "cpu" else ctx.device
         settings = {name: self._settings(ctx, name) for name in group}
@@ -434,7 +397,7 @@ class GPTQ:
         if H.device != ctx.device and where != "cpu":
             H = H.to(ctx.device)
         # the float weight is replaced afterwards; a caller comparing later sees 0
-        return {name: _report_errors(ctx.module(name).weight.data, qs[name], H, slices)
+        return {name: report_errors(ctx.module(name).weight.data, qs[name], H, slices)
                 for name in group}
 
     def _finish_group(self, ctx, group, tokens, qs, info, errors, t_capture, seconds, out,

@@ -1,6 +1,7 @@
 """What GPTQ needs from the calibration inputs: the Hessian H = 2XᵀX (accumulated in float32
-as a running mean), the relative output error it implies for any weight change, and H's
-damped inverse Cholesky factor with dead columns and act-order resolved."""
+as a running mean, parked in host RAM when the plan says so), the relative output error it
+implies for any weight change, and H's damped inverse Cholesky factor with dead columns and
+act-order resolved."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from quantizer.errors import InputError
+from quantizer.kernels.packing import QuantizedWeight
 from quantizer.hidden_store import to_device_ahead
 
 
@@ -129,6 +131,44 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     num = ((d @ H) * d).sum()
     den = ((w @ H) * w).sum()
     return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else 0.0
+
+
+def report_errors(w: torch.Tensor, q: QuantizedWeight, H: torch.Tensor,
+                   row_slices: int) -> tuple[float, float]:
+    """(output_error, relative weight error) of quantized q against w, by row slices, at
+    most two float32 copies of a slice alive at a time (the planner counts two)."""
+    num = den = wnum = wden = 0.0
+    step = -(-w.shape[0] // max(1, row_slices))
+    for r0 in range(0, w.shape[0], step):
+        ws = w[r0:r0 + step].to(H.device, torch.float32)
+        wden += float(torch.linalg.vector_norm(ws)) ** 2
+        den += float(torch.mm(ws, H).mul_(ws).sum())
+        d = q.rows(r0, r0 + ws.shape[0]).dequantize(torch.float32).to(H.device).sub_(ws)
+        del ws
+        wnum += float(torch.linalg.vector_norm(d)) ** 2
+        num += float(torch.mm(d, H).mul_(d).sum())
+        del d
+    rel = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+    return rel, math.sqrt(wnum) / max(math.sqrt(wden), 1e-12)
+
+
+_PARKING: dict[str, torch.Tensor] = {}  # one pinned host buffer, reused by every group
+
+
+def park(H: torch.Tensor) -> torch.Tensor:
+    """A host copy of a GPU Hessian, in a pinned buffer kept for the run (copies at PCIe speed
+    and no pinning cost per layer); pageable memory where pinning is refused."""
+    buf = _PARKING.get("H")
+    if buf is None or buf.numel() < H.numel():
+        _PARKING.pop("H", None)
+        try:
+            buf = torch.empty(H.numel(), dtype=H.dtype, pin_memory=True)
+        except RuntimeError:
+            return H.to("cpu")
+        _PARKING["H"] = buf
+    out = buf[:H.numel()].view(H.shape)
+    out.copy_(H)
+    return out
 
 
 def _scratch(H: torch.Tensor, order: torch.Tensor, fix: torch.Tensor, device,
