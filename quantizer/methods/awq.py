@@ -291,8 +291,8 @@ class AWQ:
     def _feed(ctx, data: GroupCapture, eval_dtype: torch.dtype, refs=None):
         """(input, kwargs, reference or None) per chunk on the compute device, the input in
         the evaluation dtype; from host RAM, the next chunk's copies overlap this one's work."""
-        items = [(x,) if refs is None else (x, r)
-                 for (x, _), r in zip(data.judge_inputs, refs or data.judge_inputs)]
+        items = [(x,) if refs is None else (x, refs[k])
+                 for k, (x, _) in enumerate(data.judge_inputs)]
         loaded = to_device_ahead(items, ctx.device)
         for (_, kw), tensors in zip(data.judge_inputs, loaded):
             x = tensors[0].to(eval_dtype)

@@ -310,20 +310,17 @@ class GPTQ:
         per_module = ctx.stats.setdefault("modules", {})
         totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
         placement = getattr(ctx, "placement", None) or {}
-        where = placement.get("hessian", "gpu")
+        layer_where = placement.get("hessian", "gpu")
         slices = int(placement.get("row_slices", 1))
-        acc_dev = torch.device("cpu") if where == "cpu" else ctx.device
+        acc_dev = torch.device("cpu") if layer_where == "cpu" else ctx.device
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
         batches = list(ctx.arch.capture_batches(lambda n: ctx.module(n).in_features))
         widest = max(ctx.module(g[0]).in_features for b in batches for g in b)
-        layer_where = where
         for batch in batches:
             # Only the widest Hessian is parked: a narrower one with its fold fits beside
             # what the plan counts for the widest (parking costs PCIe round trips).
-            where = layer_where
-            if where == "park" and len(batch) == 1 and \
-                    ctx.module(batch[0][0]).in_features < widest:
-                where = "gpu"
+            narrow = len(batch) == 1 and ctx.module(batch[0][0]).in_features < widest
+            where = "gpu" if layer_where == "park" and narrow else layer_where
             t0 = time.perf_counter()
             # park: the shard fold's running total waits in host RAM, where the solve
             # wants H anyway, so the GPU holds one n×n matrix while accumulating
