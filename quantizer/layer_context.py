@@ -2,6 +2,7 @@
 entering it, and helpers to run it and watch its linears' inputs. Methods never touch files."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -43,14 +44,22 @@ class LayerContext:
     # MoE: calibration tokens routed to each expert of this layer (summed over processes);
     # None for dense layers.
     expert_tokens: torch.Tensor | None = None
+    last_mark: float = field(default_factory=time.perf_counter)  # when mark() last ran
 
     def mark(self, phase: str) -> None:
         """Record the layer's GPU peak so far (max allocated since the layer began) at the end
         of `phase`: the first phase that reaches the layer's peak is the one the memory plan
-        must account for (the report keeps these beside the prediction)."""
+        must account for (the report keeps these beside the prediction). Also the seconds
+        since the previous mark (the device's queued work included), which is where a budget's
+        placements show up as time."""
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             self.stats.setdefault("peak_after", {})[phase] = torch.cuda.max_memory_allocated(
                 self.device)
+        now = time.perf_counter()
+        times = self.stats.setdefault("phase_s", {})
+        times[phase] = times.get(phase, 0.0) + now - self.last_mark
+        self.last_mark = now
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

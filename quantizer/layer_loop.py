@@ -191,6 +191,7 @@ class LayerLoop:
         out_err = None
         if self.inputs:
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
+            ctx.mark("export")
             new, out_err = self._propagate(ctx, fp_out, dec)
             ctx.mark("propagate")
             self.hidden.release(fp_out)
