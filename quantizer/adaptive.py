@@ -56,6 +56,7 @@ class MeasureLoop(LayerLoop):
 
     def _measure(self, i: int) -> None:
         from .methods.measure import measure_layer, store_groups
+        from .methods.residual_share import residual_shares
 
         job = self.job
         opts = job.settings.method_options
@@ -69,9 +70,13 @@ class MeasureLoop(LayerLoop):
         results = measure_layer(ctx, damp=opts.get("damp", 0.01),
                                 act_order=bool(opts.get("act_order")),
                                 static_groups=bool(opts.get("static_groups")))
-        self.inputs = ctx.outputs()
+        with residual_shares(ctx) as shares:  # the optimiser's weights, same forward
+            self.inputs = ctx.outputs()
+        if not shares:
+            self.say(f"measure: layer {i} is not h + block(h) in form: the optimiser weighs "
+                     f"every group's error 1 (no residual shares)")
         release_layer(self.model, i)
-        self.store.record_layer(i, store_groups(ctx, results))
+        self.store.record_layer(i, store_groups(ctx, results), blocks=shares)
         if self.save_hidden and i + 1 < job.source.num_layers:
             self.jobdir.save_hidden(i + 1, self.inputs)
         self.jobdir.commit_layer(STAGE, i, has_file=False)
@@ -104,10 +109,12 @@ def packable(candidate: dict, shapes: dict[str, tuple[int, int]], symmetric: boo
 
 
 def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
-                    shapes: dict[str, tuple[int, int]]
+                    shapes: dict[str, tuple[int, int]], error_weights: str = "residual"
                     ) -> tuple[dict[str, tuple[int, int]], dict]:
     """{full module name: (bits, group_size)} meeting `target_bpw`, and a summary.
-    `shapes` maps each linear's name in the layer to (out_features, in_features)."""
+    `shapes` maps each linear's name in the layer to (out_features, in_features);
+    `error_weights`: "residual" (each group's block's residual share, when the file has them)
+    or "none"."""
     from quantizer.measurements.optimizer import choose
 
     from .methods.measure import module_settings_from_selection, vllm_can_load
@@ -118,15 +125,20 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
     def allowed(c):
         return storable(c) and vllm_can_load(c, symmetric)
 
+    weighted = error_weights == "residual" and store.residual_weighted
+    weight = None if weighted else (lambda index, name: 1.0)
+    if error_weights == "residual" and not weighted:
+        say(f"measurement {store.path} has no residual shares (measured by an older "
+            f"layerquant): every group's error weighs 1; measure again to weigh them")
     t0 = time.perf_counter()
     try:
-        choice = choose(store.groups(allowed=allowed), float(target_bpw))
+        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw))
     except InputError as e:
         # Below what vLLM's kernels serve (e.g. 3 bpw asymmetric): widen to every measured
         # candidate; quantizer.load() and transformers read the result, vLLM may not.
         say(f"{e}; using every measured candidate instead (the export may not load in vLLM)")
         allowed = storable
-        choice = choose(store.groups(allowed=allowed), float(target_bpw))
+        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw))
     selection = store.selection(choice, allowed=allowed)
     settings = module_settings_from_selection(selection, arch)
     widths: dict[int, int] = {}
@@ -134,6 +146,7 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
         widths[bits] = widths.get(bits, 0) + 1
     summary = {"target_bpw": float(target_bpw), "achieved_bpw": choice.bpw,
                "vllm_candidates_only": allowed is not storable,
+               "error_weights": "residual share" if weighted else "none",
                "objective": choice.objective, "optimality_gap": choice.gap,
                "exact": choice.exact, "seconds": time.perf_counter() - t0,
                "modules_per_bits": {str(k): v for k, v in sorted(widths.items())}}

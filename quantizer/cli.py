@@ -66,6 +66,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
                    "mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--error-weights", choices=("residual", "none"), default=None,
+                   help="adaptive GPTQ: weigh each group's measured error by its block's "
+                   "share of the residual stream (default), or not at all")
     p.add_argument("--measurement", default=None, help="reuse this measurement.json: skip "
                    "measuring and allocate bits for --bits (adaptive GPTQ)")
     p.add_argument("--adaptive", action="store_true", help="measure and allocate bits per "
@@ -138,6 +141,8 @@ def run_quantize_cli(argv) -> int:
         options["damp"] = a.damp
     if a.act_order:
         options["act_order"] = True
+    if a.error_weights is not None:
+        options["error_weights"] = a.error_weights
     if a.awq_grid is not None:
         options["grid"] = a.awq_grid
     if a.awq_no_clip:

@@ -21,6 +21,15 @@ class _StopForward(Exception):
     pass
 
 
+def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call a captured submodule on `x` with its captured kwargs; first output if a tuple."""
+    if "hidden_states" in kwargs:
+        out = module(**{**kwargs, "hidden_states": x})
+    else:
+        out = module(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @dataclass
 class LayerContext:
     index: int

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantizer.hidden_store import host_copy, to_device_ahead
+from quantizer.layer_context import run_module
 from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
                               run_units)
 from quantizer.kernels.packing import QuantizedWeight
@@ -46,15 +47,6 @@ class GroupCapture:
 
     judge_inputs: list[tuple[torch.Tensor, dict]]
     x_abs_mean: torch.Tensor  # float32 (in_features,)
-
-
-def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Call a captured submodule on `x` with its captured kwargs; first output if a tuple."""
-    if "hidden_states" in kwargs:
-        out = module(**{**kwargs, "hidden_states": x})
-    else:
-        out = module(x, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:

@@ -277,10 +277,14 @@ class GPTQ:
     def __init__(self, damp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, block: int = 128,
                  module_settings: dict[str, tuple[int, int]] | None = None,
-                 report_error: bool = True, **unknown):
+                 report_error: bool = True, error_weights: str = "residual", **unknown):
         if unknown:
             raise InputError(f"unknown GPTQ option(s) {sorted(unknown)}; known: damp, "
-                             f"act_order, static_groups, block, module_settings")
+                             f"act_order, static_groups, block, module_settings, "
+                             f"error_weights")
+        if error_weights not in ERROR_WEIGHTS:
+            raise InputError(f"error_weights must be one of {ERROR_WEIGHTS}, got "
+                             f"{error_weights!r}")
         if not 0 < float(damp) < 1:
             raise InputError(f"--damp must be in (0, 1), got {damp}")
         self.damp = float(damp)
@@ -419,5 +423,8 @@ class GPTQ:
             ctx.set_quantized(name, qs[name])
         out.update(qs)
 
+
+# How adaptive GPTQ's bit allocation weighs each group's measured error (quantizer.adaptive)
+ERROR_WEIGHTS = ("residual", "none")
 
 register_method("gptq", GPTQ)

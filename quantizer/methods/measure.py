@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .gptq import group_hessians, prepare_hessian, quantize_group
+from .block_error import judge_for
+from .residual_share import block_of
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ class CandidateResult:
     uniform: bool = True
     storage_bits: int = 0
     parts: list[dict] = field(default_factory=list)  # mixtures: share of weights per setting
+    # relative error of the group's block output (methods/block_error.py); None where the
+    # group's own output is the block's (o_proj, down_proj) or for routed experts
+    block_err: float | None = None
 
     def to_dict(self) -> dict:
         """The measurement.json candidate: everything needed to quantize it again."""
@@ -130,6 +135,8 @@ class CandidateResult:
                          for m, s in self.modules.items()}}
         if not self.uniform:
             d["parts"] = self.parts
+        if self.block_err is not None:
+            d["block_err"] = self.block_err
         return d
 
 
@@ -157,12 +164,23 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
     hessians = group_hessians(ctx, groups)
     t_hess = time.perf_counter() - t0
     results: dict[str, list[CandidateResult]] = {}
-    solves, t_solve = 0, 0.0
+    solves, t_solve, t_judge = 0, 0.0, 0.0
+    judges: dict = {}  # block name -> BlockJudge, while its groups are measured
     for group in groups:
+        t2 = time.perf_counter()
+        judge = judge_for(ctx, group, judges)
+        if judge is None:
+            judges.clear()  # past the block's last judged group: free its cached tokens
+        t_judge += time.perf_counter() - t2
         acc = hessians.pop(group)
         H = acc.H
         in_features = ctx.module(group[0]).in_features
         plans = plans_for(candidates, group, in_features)
+        # settings a mixture still needs after their own turn (uniform candidates are judged
+        # as soon as their setting is quantized, so only these wait, as codes)
+        mixed = {s for c, ss in plans if not c.uniform for s in ss.values()}
+        kept: dict = {}
+        block_err: dict[str, float] = {}
         t1 = time.perf_counter()
         prepared = prepare_hessian(H, act_order, damp, ctx.log)
         weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
@@ -179,7 +197,23 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
             for n in members:
                 d = weights[n] - qs[n].dequantize(torch.float32).to(H.device)
                 per_setting[setting][n] = (float(((d @ H) * d).sum()), qs[n].storage_bits())
+            if judge is not None:
+                t2 = time.perf_counter()
+                for cand, ss in plans:
+                    if set(ss.values()) == {setting}:
+                        block_err[cand.label] = judge.error({n: qs[n] for n in ss})
+                if setting in mixed:
+                    kept[setting] = qs  # the codes, a byte per weight
+                t_judge += time.perf_counter() - t2
+            del qs
         t_solve += time.perf_counter() - t1
+        if judge is not None:
+            t2 = time.perf_counter()
+            for cand, ss in plans:
+                if cand.label not in block_err:
+                    block_err[cand.label] = judge.error({n: kept[s][n] for n, s in ss.items()})
+            kept.clear()
+            t_judge += time.perf_counter() - t2
         den = sum(signal.values())
         numel = sum(w.numel() for w in weights.values())
         out = []
@@ -198,12 +232,13 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
                 group_size=gsz.pop() if len(gsz) == 1 else None, numel=numel,
                 modules=dict(settings), uniform=len(share) == 1, storage_bits=bits_on_disk,
                 parts=[{"bits": s.bits, "group_size": s.group_size, "fraction": k / numel}
-                       for s, k in share.items()]))
+                       for s, k in share.items()], block_err=block_err.get(cand.label)))
         results[group_label(group)] = out
         del acc, H, prepared
     ctx.stats["measure_hessian_s"] = ctx.stats.get("measure_hessian_s", 0.0) + t_hess
     ctx.stats["measure_solve_s"] = ctx.stats.get("measure_solve_s", 0.0) + t_solve
     ctx.stats["measure_solves"] = ctx.stats.get("measure_solves", 0) + solves
+    ctx.stats["measure_block_s"] = ctx.stats.get("measure_block_s", 0.0) + t_judge
     return results
 
 
@@ -211,6 +246,7 @@ def store_groups(ctx, results: dict[str, list[CandidateResult]]) -> dict[str, di
     """One layer's results in measurement.json form (MeasurementStore.record_layer)."""
     by_label = {group_label(g): g for g in ctx.arch.input_groups}
     return {label: {"numel": res[0].numel, "modules": list(by_label[label]),
+                    "block": block_of(by_label[label][0]),
                     "candidates": [r.to_dict() for r in res]}
             for label, res in results.items()}
 
