@@ -60,13 +60,14 @@ ROWS = {
     "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
     # adaptive at exactly the storage cost of the uniform GPTQ row (issue 5: must be no worse)
     "adaptive-at-gptq": dict(method="gptq", bits="gptq", adaptive=True),
-    # the same allocations with every group's error weighing 1 (no residual shares): what
-    # the weighting buys, from the same measurement.json
-    "adaptive-at-gptq-flat": dict(method="gptq", bits="gptq", adaptive=True,
-                                  error_weights="none"),
-    "adaptive-4.0-flat": dict(method="gptq", bits=4.0, adaptive=True, error_weights="none"),
+    # the allocation weighing each group's error by its block's residual-stream share
+    # (--error-weights residual), from the same measurement.json
+    "adaptive-at-gptq-residual": dict(method="gptq", bits="gptq", adaptive=True,
+                                      error_weights="residual"),
+    "adaptive-4.0-residual": dict(method="gptq", bits=4.0, adaptive=True,
+                                  error_weights="residual"),
 }
-DEFAULT_ROWS = [r for r in ROWS if not r.endswith("-flat")]
+DEFAULT_ROWS = [r for r in ROWS if not r.endswith("-residual")]
 
 # Tensors of one quantized linear in the exports we write (GPTQ / AWQ layouts, and
 # compressed-tensors pack-quantized). g_idx is counted separately: it is an index, not weight

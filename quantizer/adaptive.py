@@ -70,11 +70,11 @@ class MeasureLoop(LayerLoop):
         results = measure_layer(ctx, damp=opts.get("damp", 0.01),
                                 act_order=bool(opts.get("act_order")),
                                 static_groups=bool(opts.get("static_groups")))
-        with residual_shares(ctx) as shares:  # the optimiser's weights, same forward
+        with residual_shares(ctx) as shares:  # for --error-weights residual, same forward
             self.inputs = ctx.outputs()
         if not shares:
-            self.say(f"measure: layer {i} is not h + block(h) in form: the optimiser weighs "
-                     f"every group's error 1 (no residual shares)")
+            self.say(f"measure: layer {i} is not h + block(h) in form: no residual shares "
+                     f"(--error-weights residual will weigh every group 1)")
         release_layer(self.model, i)
         self.store.record_layer(i, store_groups(ctx, results), blocks=shares)
         if self.save_hidden and i + 1 < job.source.num_layers:
@@ -109,12 +109,12 @@ def packable(candidate: dict, shapes: dict[str, tuple[int, int]], symmetric: boo
 
 
 def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
-                    shapes: dict[str, tuple[int, int]], error_weights: str = "residual"
+                    shapes: dict[str, tuple[int, int]], error_weights: str = "none"
                     ) -> tuple[dict[str, tuple[int, int]], dict]:
     """{full module name: (bits, group_size)} meeting `target_bpw`, and a summary.
     `shapes` maps each linear's name in the layer to (out_features, in_features);
-    `error_weights`: "residual" (each group's block's residual share, when the file has them)
-    or "none"."""
+    `error_weights`: "none" (every group's block error counts alike) or "residual" (weighed
+    by its block's residual-stream share, when the file has them)."""
     from quantizer.measurements.optimizer import choose
 
     from .methods.measure import module_settings_from_selection, vllm_can_load
@@ -126,7 +126,7 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
         return storable(c) and vllm_can_load(c, symmetric)
 
     weighted = error_weights == "residual" and store.residual_weighted
-    weight = None if weighted else (lambda index, name: 1.0)
+    weight = store.residual_weight if weighted else None
     if error_weights == "residual" and not weighted:
         say(f"measurement {store.path} has no residual shares (measured by an older "
             f"layerquant): every group's error weighs 1; measure again to weigh them")

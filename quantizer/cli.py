@@ -66,9 +66,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
                    "mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
-    p.add_argument("--error-weights", choices=("residual", "none"), default=None,
-                   help="adaptive GPTQ: weigh each group's measured error by its block's "
-                   "share of the residual stream (default), or not at all")
+    p.add_argument("--error-weights", choices=("none", "residual"), default=None,
+                   help="adaptive GPTQ: count every group's measured block error alike "
+                   "(default), or weigh it by its block's share of the residual stream")
     p.add_argument("--measurement", default=None, help="reuse this measurement.json: skip "
                    "measuring and allocate bits for --bits (adaptive GPTQ)")
     p.add_argument("--adaptive", action="store_true", help="measure and allocate bits per "

@@ -343,7 +343,7 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
     ins = linear_in_features(job.source, job.padded_intermediate)
     shapes = {name: (outs[name], ins[name]) for name in outs}  # every layer kind's linears
     return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes,
-                           s.method_options.get("error_weights", "residual"))
+                           s.method_options.get("error_weights", "none"))
 
 
 def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,

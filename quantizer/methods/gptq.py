@@ -277,7 +277,7 @@ class GPTQ:
     def __init__(self, damp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, block: int = 128,
                  module_settings: dict[str, tuple[int, int]] | None = None,
-                 report_error: bool = True, error_weights: str = "residual", **unknown):
+                 report_error: bool = True, error_weights: str = "none", **unknown):
         if unknown:
             raise InputError(f"unknown GPTQ option(s) {sorted(unknown)}; known: damp, "
                              f"act_order, static_groups, block, module_settings, "
@@ -424,7 +424,10 @@ class GPTQ:
         out.update(qs)
 
 
-# How adaptive GPTQ's bit allocation weighs each group's measured error (quantizer.adaptive)
-ERROR_WEIGHTS = ("residual", "none")
+# How adaptive GPTQ's bit allocation weighs each group's measured (block output) error:
+# "none" by default; "residual" by its block's share of the residual stream, which helped on
+# stories260K but hurt on SmolLM2, whose massive activations make every middle layer's share
+# tiny (benchmarks/results/quality_gpu_s5.md)
+ERROR_WEIGHTS = ("none", "residual")
 
 register_method("gptq", GPTQ)
