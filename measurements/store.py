@@ -5,9 +5,15 @@ any bits-per-weight target (the optimiser reads it; nothing is measured twice).
 
     {"schema_version": 1, "kind": "layerquant-measurement", "fingerprint": {...},
      "layers": [{"index": 0, "groups": {"self_attn.qkv": {
-         "numel": 25165824, "modules": ["self_attn.q_proj", ...],
+         "numel": 25165824, "modules": ["self_attn.q_proj", ...], "block": "self_attn",
          "candidates": [{"label": "4b g128", "bits": 4, "group_size": 128,
-                         "bpw": 4.156, "err": 0.0123}, ...]}}}, ...]}
+                         "bpw": 4.156, "err": 0.0123, "block_err": 0.0071}, ...]}},
+       "blocks": {"self_attn": {"output_sq": 0.61, "residual_sq": 9.8}, ...}}, ...]}
+
+"block_err" (optional): the relative error of the group's block output with this candidate
+(quantizer/methods/block_error.py); the optimiser compares it instead of "err" where present.
+"blocks" (optional) holds each block's output energy and the residual stream's just after it
+(quantizer/methods/residual_share.py): the optimiser weighs a group's error by that share.
 
 A candidate may describe a per-part mixture with "parts": [{"bits", "group_size",
 "fraction"}, ...] (then "bits" is the weighted mean width); any other keys a method needs to
@@ -91,12 +97,16 @@ class MeasurementStore:
         atomic_write_json(self.path, doc, sort_keys=False)
 
     # ---- recording -----------------------------------------------------------------------
-    def record_layer(self, index: int, groups: Mapping[str, Mapping[str, Any]]) -> None:
-        """Store one layer's measurements and write the file (atomically). Layers arrive in
-        order; recording the last layer again (a redo after a kill) replaces it."""
+    def record_layer(self, index: int, groups: Mapping[str, Mapping[str, Any]],
+                     blocks: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        """Store one layer's measurements (and its blocks' residual statistics, if measured)
+        and write the file (atomically). Layers arrive in order; recording the last layer
+        again (a redo after a kill) replaces it."""
         if not 0 <= index <= len(self.layers):
             raise ValueError(f"layer {index} recorded after {len(self.layers)} layers")
         layer = {"index": index, "groups": {name: dict(g) for name, g in groups.items()}}
+        if blocks:
+            layer["blocks"] = {name: dict(b) for name, b in blocks.items()}
         layer = json.loads(json.dumps(layer, default=str))  # as it will read back; keeps order
         _validate_layer(self.path, index, layer)
         if index == len(self.layers):
@@ -132,12 +142,25 @@ class MeasurementStore:
                                      f"layer {layer['index']} group {name}")
                 yield layer["index"], name, g, cands
 
+    @property
+    def residual_weighted(self) -> bool:
+        """Whether every layer recorded its blocks' residual shares (files measured before
+        they were recorded have none: their groups then all weigh 1)."""
+        return bool(self.layers) and all(
+            share((layer.get("blocks") or {}).get(g.get("block"))) is not None
+            for layer in self.layers for g in layer["groups"].values())
+
+    def residual_weight(self, index: int, name: str) -> float:
+        layer = self.layers[index]
+        return share((layer.get("blocks") or {}).get(layer["groups"][name].get("block"))) or 1.0
+
     def groups(self, weight: Callable[[int, str], float] | None = None,
                allowed: Callable[[dict], bool] | None = None) -> list[Group]:
         """Every (layer, group) as an optimiser Group named "<layer>.<group>", in file order,
         each candidate's cost its squared relative output error.
-        `weight(layer_index, group_name)` gives its importance (default 1); `allowed(candidate)`
-        drops candidates the export cannot use (pass the same to `selection`)."""
+        `weight(layer_index, group_name)` gives its importance (default 1; `residual_weight`:
+        its block's residual share); `allowed(candidate)` drops candidates the export cannot
+        use (pass the same to `selection`)."""
         out = []
         for index, name, g, cands in self._entries(allowed):
             w = 1.0 if weight is None else float(weight(index, name))
@@ -145,8 +168,11 @@ class MeasurementStore:
             # quadratically in small output perturbations, so a plain sum overvalues shaving
             # already-small errors (on stories260K at the uniform GPTQ cost, the plain sum's
             # choice lost to uniform GPTQ in perplexity; the squared sum's beat it in ppl and KL).
-            out.append(Group(g["numel"], [Candidate(c["bpw"], c["err"] ** 2, c["label"])
-                                          for c in cands], w, f"{index}.{name}"))
+            # The error compared is the block output's where measured (q/k/v, gate/up):
+            # a group's own output error is not what the residual stream sees.
+            out.append(Group(g["numel"], [Candidate(c["bpw"], c.get("block_err", c["err"]) ** 2,
+                                                    c["label"]) for c in cands],
+                             w, f"{index}.{name}"))
         return out
 
     def selection(self, choice: Choice, allowed: Callable[[dict], bool] | None = None
@@ -162,6 +188,14 @@ class MeasurementStore:
         return out
 
 
+def share(block: Any) -> float | None:
+    """A block's E‖out‖² / E‖h after‖² from its recorded statistics, None when unrecorded."""
+    if not isinstance(block, dict) or not _num(block.get("residual_sq")) \
+            or not _num(block.get("output_sq")) or block["residual_sq"] <= 0:
+        return None
+    return float(block["output_sq"]) / float(block["residual_sq"])
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -170,6 +204,13 @@ def _validate_layer(path: Path, pos: int, layer: Any) -> None:
     where = f"measurement file {path}, layer entry {pos}"
     if not isinstance(layer, dict) or layer.get("index") != pos:
         raise InputError(f"{where}: expected {{\"index\": {pos}, \"groups\": ...}}")
+    blocks = layer.get("blocks", {})
+    if not isinstance(blocks, dict) or any(
+            not isinstance(b, dict) or not all(_num(b.get(k)) and b[k] >= 0
+                                               for k in ("output_sq", "residual_sq"))
+            for b in blocks.values()):
+        raise InputError(f"{where}: 'blocks' must map block names to non-negative "
+                         f"'output_sq' and 'residual_sq', got {blocks!r}")
     groups = layer.get("groups")
     if not isinstance(groups, dict) or not groups:
         raise InputError(f"{where}: 'groups' must be a non-empty object")
@@ -182,9 +223,12 @@ def _validate_layer(path: Path, pos: int, layer: Any) -> None:
         cands = g.get("candidates")
         if not isinstance(cands, list) or not cands:
             raise InputError(f"{gw}: 'candidates' must be a non-empty list")
+        if "block" in g and not isinstance(g["block"], str):
+            raise InputError(f"{gw}: 'block' must be a string, got {g['block']!r}")
         for j, c in enumerate(cands):
             if not (isinstance(c, dict) and isinstance(c.get("label"), str)
                     and _num(c.get("bpw")) and c["bpw"] > 0
-                    and _num(c.get("err")) and c["err"] >= 0):
+                    and _num(c.get("err")) and c["err"] >= 0
+                    and (_num(c.get("block_err", 0)) and c.get("block_err", 0) >= 0)):
                 raise InputError(f"{gw}, candidate {j}: needs a string 'label', a positive "
                                  f"'bpw' and a finite non-negative 'err', got {c!r}")
