@@ -150,6 +150,13 @@ class MeasurementStore:
             share((layer.get("blocks") or {}).get(g.get("block"))) is not None
             for layer in self.layers for g in layer["groups"].values())
 
+    @property
+    def has_block_errors(self) -> bool:
+        """Whether q/k/v and gate/up were judged on their block's output (files measured
+        before that compare every group's own output error)."""
+        return any("block_err" in c for layer in self.layers for g in layer["groups"].values()
+                   for c in g["candidates"])
+
     def residual_weight(self, index: int, name: str) -> float:
         layer = self.layers[index]
         return share((layer.get("blocks") or {}).get(layer["groups"][name].get("block"))) or 1.0

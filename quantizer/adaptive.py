@@ -125,6 +125,9 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
     def allowed(c):
         return storable(c) and vllm_can_load(c, symmetric)
 
+    if not store.has_block_errors:
+        say(f"measurement {store.path} has no block errors (measured by an older layerquant): "
+            f"comparing each group's own output error; measure again for a better allocation")
     weighted = error_weights == "residual" and store.residual_weighted
     weight = store.residual_weight if weighted else None
     if error_weights == "residual" and not weighted:

@@ -84,7 +84,7 @@ def test_measurement_records_block_errors_and_shares(tmp_path):
                                                           "settings": {}})
     store.record_layer(0, store_groups(ctx, results), blocks=shares)
     store = MeasurementStore.load(tmp_path / "m.json")
-    assert store.residual_weighted
+    assert store.residual_weighted and store.has_block_errors
     flat = store.groups()
     weighted = store.groups(store.residual_weight)
     for g, w in zip(flat, weighted):

@@ -181,7 +181,7 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
         mixed = {s for c, ss in plans if not c.uniform for s in ss.values()}
         kept: dict = {}
         block_err: dict[str, float] = {}
-        t1 = time.perf_counter()
+        t1, judged_s = time.perf_counter(), 0.0
         prepared = prepare_hessian(H, act_order, damp, ctx.log)
         weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
         # ‖W X‖² per linear (the denominator), and per (linear, setting): ‖(W-Ŵ)X‖², bits.
@@ -204,9 +204,10 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
                         block_err[cand.label] = judge.error({n: qs[n] for n in ss})
                 if setting in mixed:
                     kept[setting] = qs  # the codes, a byte per weight
-                t_judge += time.perf_counter() - t2
+                judged_s += time.perf_counter() - t2
             del qs
-        t_solve += time.perf_counter() - t1
+        t_solve += time.perf_counter() - t1 - judged_s
+        t_judge += judged_s
         if judge is not None:
             t2 = time.perf_counter()
             for cand, ss in plans:
