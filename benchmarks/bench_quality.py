@@ -273,6 +273,9 @@ NOTES = [
     "The SmolLM2 rows of every method, with built-in and in-domain calibration, measured on an "
     "H200 in fp16: results/quality_gpu.md (GPTQ fits its calibration domain; measured per layer "
     "there). Those adaptive rows used the optimiser's earlier objective (a plain sum of errors).",
+    "Adaptive rows compare block output errors (q/k/v and gate/up judged through their block, "
+    "DESIGN.md); -residual rows weigh them by the block's residual-stream share "
+    "(--error-weights residual). Tables before session 5 used each group's own error.",
 ]
 
 
