@@ -104,3 +104,18 @@ def test_shares_left_out_when_the_layer_is_not_residual():
     finally:
         hook.remove()
     assert shares == {}
+
+
+def test_judge_stops_at_its_token_budget_and_leaves_no_hooks():
+    ctx = tiny_llama_context(bits=4, seed=7, n_chunks=3)
+    per_chunk = ctx.inputs[0].numel() // ctx.inputs[0].shape[-1]
+    forwards = []
+    counter = ctx.module("self_attn").register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        judge = BlockJudge(ctx, "mlp", max_tokens=per_chunk)
+    finally:
+        counter.remove()
+    assert len(judge.data) == 1 and len(forwards) == 1  # no forward of the other chunks
+    module = ctx.module("mlp")
+    assert not module._forward_pre_hooks and not ctx.layer._forward_pre_hooks
+    assert BlockJudge(ctx, "mlp").error({}) == 0.0  # all chunks, same result as before

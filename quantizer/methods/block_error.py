@@ -14,6 +14,7 @@ Routed-expert groups keep their own output error: one forward of a sparse block 
 and candidate is too many (and an expert's share of the block is its routing's business)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,11 +39,15 @@ class BlockJudge:
         self.module = block_module(ctx.layer, ctx.arch, block)
         self.data: list[tuple[torch.Tensor, dict]] = []
         tokens = 0
-        for seen in ctx.capture([block], with_kwargs=True):  # to its end: removes the hooks
-            x, kwargs = seen[block]
-            if tokens < max_tokens:
+        # closing() removes capture's hooks when the loop stops early: the chunks after the
+        # first max_tokens need no forward at all
+        with contextlib.closing(ctx.capture([block], with_kwargs=True)) as captures:
+            for seen in captures:
+                x, kwargs = seen[block]
                 self.data.append((x, kwargs))
                 tokens += x.numel() // x.shape[-1]
+                if tokens >= max_tokens:
+                    break
         self.refs = [run_module(self.module, x, kw) for x, kw in self.data]
 
     @torch.no_grad()
