@@ -292,8 +292,12 @@ def _reduced_dp(cost, werr, budget, keep, total, lam, upper):
     return idx, exact, note
 
 
-def choose(groups: Sequence[Group], target_bpw: float) -> Choice:
-    """Pick one candidate per group: least Σ weight·err with average bpw ≤ target_bpw."""
+def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None = None
+           ) -> Choice:
+    """Pick one candidate per group: least Σ weight·err with average bpw ≤ target_bpw.
+    The average is over `per_weights` weights (default Σ numel). A model whose export pads
+    widths (TP alignment, ragged groups) stores bits for padded weights, yet its bpw is
+    counted per weight of the original: pass the original count so the target holds there."""
     t0 = time.perf_counter()
     if not groups:
         raise InputError("no module groups to choose bit widths for")
@@ -312,7 +316,9 @@ def choose(groups: Sequence[Group], target_bpw: float) -> Choice:
                                  f"positive and err non-negative and finite ({c})")
             cost[i, j] = g.numel * c.bpw
             werr[i, j] = g.weight * c.err
-    total = float(sum(g.numel for g in groups))
+    total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
+    if not total > 0:
+        raise InputError(f"per_weights must be positive, got {per_weights}")
     mins = cost.min(axis=1)
     min_bpw = math.fsum(mins) / total
     if target_bpw < min_bpw * (1 - 1e-12):

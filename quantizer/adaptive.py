@@ -37,6 +37,7 @@ class MeasureLoop(LayerLoop):
         self.store = store
         self.measured = 0  # layers measured by this process (tests assert reuse with it)
         self.seconds: list[float] = []  # wall time of each layer measured by this process
+        self.stats: list[dict] = []  # each measured layer's measure_* timings and counts
 
     @torch.no_grad()
     def run(self) -> None:
@@ -82,6 +83,7 @@ class MeasureLoop(LayerLoop):
         self.jobdir.commit_layer(STAGE, i, has_file=False)
         self.measured += 1
         self.seconds.append(time.perf_counter() - t0)
+        self.stats.append({k: v for k, v in ctx.stats.items() if k.startswith("measure_")})
 
     def _restore_float_inputs(self, start: int) -> None:
         if self.jobdir.has_hidden(start, STAGE):
@@ -109,10 +111,13 @@ def packable(candidate: dict, shapes: dict[str, tuple[int, int]], symmetric: boo
 
 
 def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
-                    shapes: dict[str, tuple[int, int]], error_weights: str = "none"
+                    shapes: dict[str, tuple[int, int]], error_weights: str = "none",
+                    original_shapes: dict[str, tuple[int, int]] | None = None
                     ) -> tuple[dict[str, tuple[int, int]], dict]:
     """{full module name: (bits, group_size)} meeting `target_bpw`, and a summary.
-    `shapes` maps each linear's name in the layer to (out_features, in_features);
+    `shapes` maps each linear's name in the layer to (out_features, in_features) as quantized
+    (padded); `original_shapes` the same before padding: the target is bits per weight of
+    the original model, so padding is paid for out of it;
     `error_weights`: "none" (every group's block error counts alike) or "residual" (weighed
     by its block's residual-stream share, when the file has them)."""
     from quantizer.measurements.optimizer import choose
@@ -133,15 +138,16 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
     if error_weights == "residual" and not weighted:
         say(f"measurement {store.path} has no residual shares (measured by an older "
             f"layerquant): every group's error weighs 1; measure again to weigh them")
+    per_weights = original_weights(store, shapes, original_shapes or shapes)
     t0 = time.perf_counter()
     try:
-        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw))
+        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw), per_weights)
     except InputError as e:
         # Below what vLLM's kernels serve (e.g. 3 bpw asymmetric): widen to every measured
         # candidate; quantizer.load() and transformers read the result, vLLM may not.
         say(f"{e}; using every measured candidate instead (the export may not load in vLLM)")
         allowed = storable
-        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw))
+        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw), per_weights)
     selection = store.selection(choice, allowed=allowed)
     settings = module_settings_from_selection(selection, arch)
     widths: dict[int, int] = {}
@@ -157,6 +163,19 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
         f"({'exact' if choice.exact else f'gap {choice.gap:.2e}'}), modules per width "
         f"{summary['modules_per_bits']}")
     return settings, summary
+
+
+def original_weights(store, shapes: dict[str, tuple[int, int]],
+                     original_shapes: dict[str, tuple[int, int]]) -> float:
+    """How many weights of the original model the measured groups quantize: each group's
+    (padded) numel scaled by its linears' original / padded sizes."""
+    total = 0.0
+    for layer in store.layers:
+        for g in layer["groups"].values():
+            padded = sum(shapes[m][0] * shapes[m][1] for m in g["modules"])
+            original = sum(original_shapes[m][0] * original_shapes[m][1] for m in g["modules"])
+            total += g["numel"] * original / padded
+    return total
 
 
 def load_measurement(path, fingerprint: dict):

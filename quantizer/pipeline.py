@@ -232,10 +232,13 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
         check_distributed(settings, w.size)
         settings.device = str(w.device)
     job = plan_job(model_path, settings)
+    phases = {"plan": time.perf_counter() - t_start}  # fixed costs, apart from the layers
     output = Path(output).absolute()
     if output.exists() and any(output.iterdir()) and not (overwrite or resume):
         raise InputError(f"output {output} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
     tokens = calibration_tokens(job)
+    phases["calibration_tokens"] = time.perf_counter() - t0
     for n in job.notes:
         say(n)
     work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
@@ -276,14 +279,19 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
             method = get_method(settings.method, **options)
             exporter = get_exporter(job.export_format)
             if jobdir.stage == "quantize":
-                records = LayerLoop(job, method, exporter, jobdir, tokens, progress, say).run()
+                t0 = time.perf_counter()
+                loop = LayerLoop(job, method, exporter, jobdir, tokens, progress, say)
+                phases["embed"] = time.perf_counter() - t0  # skeleton, embeddings
+                records = loop.run()
                 jobdir.set_stage("export")
             else:
                 records = LayerLoop.records(jobdir)
             if w.main:
+                t0 = time.perf_counter()
                 assemble(job, jobdir, work / "final", max_shard_bytes,
                          options.get("module_settings"))
                 publish(work / "final", output)
+                phases["export"] = time.perf_counter() - t0
         jobdir.finish()
         w.barrier()  # every rank is done with the job directory before it goes
     except InputError:
@@ -298,6 +306,7 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     jobdir.unlock()
     if w.main:
         shutil.rmtree(work, ignore_errors=True)
+    extra["phases_s"] = phases
     return QuantResult(model=str(model_path), output=str(output), settings=settings.to_dict(),
                        group_size=job.group_size, export_format=job.export_format,
                        notes=job.notes, layers=records,
@@ -334,6 +343,7 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
             loop.run()
             extra["layers_measured"] = loop.measured
             extra["measure_seconds"] = loop.seconds
+            extra["measure_stats"] = loop.stats
             jobdir.set_stage("quantize")
     if not store.is_complete(job.source.num_layers):
         raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
@@ -342,8 +352,10 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
     outs = linear_out_features(job.source, job.padded_intermediate)
     ins = linear_in_features(job.source, job.padded_intermediate)
     shapes = {name: (outs[name], ins[name]) for name in outs}  # every layer kind's linears
+    outs, ins = linear_out_features(job.source, None), linear_in_features(job.source, None)
+    original = {name: (outs[name], ins[name]) for name in outs}
     return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes,
-                           s.method_options.get("error_weights", "none"))
+                           s.method_options.get("error_weights", "none"), original)
 
 
 def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,

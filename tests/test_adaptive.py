@@ -23,6 +23,18 @@ def quantized_bits(out_dir) -> tuple[int, int]:
     return bits, numel
 
 
+def original_linear_weights(model_dir) -> int:
+    from safetensors import safe_open
+    numel = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if ".layers." in k and k.endswith("_proj.weight"):
+                    shape = st.get_slice(k).get_shape()
+                    numel += shape[0] * shape[1]
+    return numel
+
+
 @pytest.mark.slow
 def test_two_targets_one_measurement(tiny_checkpoint, tmp_path, prose_file):
     model = tiny_checkpoint("tiny-llama")
@@ -67,3 +79,19 @@ def test_measurement_from_other_model_is_refused(tiny_checkpoint, tmp_path, pros
                  str(tmp_path / "qa" / "measurement.json"), *args])
     assert code == 2
     assert "model" in capsys.readouterr().err
+
+
+def test_target_counts_weights_of_the_original_model(tiny_checkpoint, tmp_path, prose_file):
+    """A padded MLP (172 -> 192 at g32) stores bits for its padding: the target is per weight
+    of the original model, so the export's real cost stays within it."""
+    model = tiny_checkpoint("tiny-llama", intermediate_size=172)
+    out = tmp_path / "q"
+    r = quantize(model, out, bits=4.7, method="gptq", group_size=32, calib_data=str(prose_file),
+                 calib_samples=4, calib_seqlen=32, progress=False)
+    assert any("172 -> 192" in n for n in r.notes)
+    bits, padded = quantized_bits(out)  # weight_shape: the padded widths
+    numel = original_linear_weights(model)
+    assert padded > numel
+    alloc = r.extra["bit_allocation"]
+    assert bits / numel <= 4.7 + 1e-9, (bits / numel, alloc)
+    assert abs(bits / numel - alloc["achieved_bpw"]) < 1e-6, (bits / numel, alloc)
