@@ -27,7 +27,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="llama2-7b")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--scratch", default="/tmp/layerquant_measure")
     a = ap.parse_args()
@@ -39,20 +39,41 @@ def main():
     runs = {"uniform": quantize(model, Path(a.scratch) / "u", "--dtype", a.dtype),
             "adaptive-4.25": quantize(model, Path(a.scratch) / "a", "--bits", "4.25",
                                       "--dtype", a.dtype)}
-    rows = []
-    for name, r in runs.items():
-        if r["rc"]:
-            rows.append(f"| {name} | failed: {r['stderr'][-300:]!r} |")
-            continue
-        rep = r["report"]
-        q = [x["seconds"] for x in rep["layers"]]
-        m = rep.get("extra", {}).get("measure_seconds", [])
-        rows.append(f"| {name} | {statistics.median(m) if m else '-'} | {statistics.median(q):.2f} | "
-                    f"{rep['seconds']:.1f} | {rep.get('extra', {}).get('bit_allocation', {}).get('achieved_bpw', '-')} |")
     Path(a.out).write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1, default=str))
-    print("| run | measure s/layer (median) | quantize s/layer (median) | total s | bpw |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(table(runs))
+
+
+def steady(values):
+    """Median over layers >= 1 (layer 0 pays kernel compiles), or all when there is one."""
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def table(runs: dict) -> str:
+    """Measurement s/layer and its parts beside a uniform GPTQ pass's s/layer, and the ratio:
+    how many uniform quantizations of a layer one measurement of it costs."""
+    bad = [f"{name}: failed: {r['stderr'][-300:]!r}" for name, r in runs.items() if r["rc"]]
+    if bad:
+        return "\n".join(bad)
+    uni = runs["uniform"]["report"]
+    ada = runs["adaptive-4.25"]["report"]
+    q = steady([x["seconds"] for x in uni["layers"]])
+    m = steady(ada["extra"]["measure_seconds"])
+    stats = ada["extra"].get("measure_stats") or []
+    parts = {k: steady([st.get(k, 0.0) for st in stats]) for k in
+             ("measure_hessian_s", "measure_solve_s", "measure_block_s", "measure_solves")} \
+        if stats else {}
+    rows = ["| layers | uniform GPTQ s/layer | measure s/layer | of which Hessians | solves "
+            "(count) | block judging | measure / uniform | adaptive quantize s/layer | bpw |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {len(uni['layers'])} | {q:.2f} | {m:.2f} | "
+            f"{parts.get('measure_hessian_s', float('nan')):.2f} | "
+            f"{parts.get('measure_solve_s', float('nan')):.2f} "
+            f"({parts.get('measure_solves', 0):.0f}) | "
+            f"{parts.get('measure_block_s', float('nan')):.2f} | {m / q:.1f}x | "
+            f"{steady([x['seconds'] for x in ada['layers']]):.2f} | "
+            f"{ada['extra'].get('bit_allocation', {}).get('achieved_bpw', float('nan')):.3f} |"]
+    return "\n".join(rows) + ("\n(steady state: medians over layers >= 1; one measurement "
+                               "serves every later target)")
 
 
 if __name__ == "__main__":
