@@ -65,7 +65,10 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "float32")
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
                    "mean diagonal)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order: columns in "
+                   "order of decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups "
+                   "fixed before reordering: no g_idx, the fast serving path")
     p.add_argument("--error-weights", choices=("none", "residual"), default=None,
                    help="adaptive GPTQ: count every group's measured block error alike "
                    "(default), or weigh it by its block's share of the residual stream")
@@ -141,6 +144,8 @@ def run_quantize_cli(argv) -> int:
         options["damp"] = a.damp
     if a.act_order:
         options["act_order"] = True
+    if a.static_groups:
+        options["static_groups"] = True
     if a.error_weights is not None:
         options["error_weights"] = a.error_weights
     if a.awq_grid is not None:

@@ -375,13 +375,15 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
         writer.add(dict(sorted(tensors.items())))
     writer.finish()
     exporter = get_exporter(job.export_format)
+    opts = job.settings.method_options
+    act_order = bool(opts.get("act_order"))
     qcfg = exporter.quantization_config(
         bits=job.settings.bits, group_size=job.group_size,
         not_converted=list(job.arch.not_quantized), symmetric=job.settings.symmetric,
-        act_order=bool(job.settings.method_options.get("act_order")),
+        act_order=act_order, static_groups=bool(opts.get("static_groups")),
+        damp=float(opts.get("damp", 0.01)),
         module_bits=None if module_settings is None else {
-            name: (bits, gs, job.settings.symmetric,
-                   bool(job.settings.method_options.get("act_order")))
+            name: (bits, gs, job.settings.symmetric, act_order)
             for name, (bits, gs) in module_settings.items()})
     if module_settings is not None and (jobdir.path / "measurement.json").is_file():
         shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")

@@ -95,3 +95,35 @@ def test_target_counts_weights_of_the_original_model(tiny_checkpoint, tmp_path, 
     alloc = r.extra["bit_allocation"]
     assert bits / numel <= 4.7 + 1e-9, (bits / numel, alloc)
     assert abs(bits / numel - alloc["achieved_bpw"]) < 1e-6, (bits / numel, alloc)
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, "gptq"), (4, "compressed-tensors"), (4.5, "auto")])
+def test_static_groups_reach_the_export_config(tiny_checkpoint, tmp_path, prose_file, bits, fmt):
+    """Act-order with static groups keeps groups contiguous: the config must say so (GPTQ:
+    desc_act false; compressed-tensors: actorder "weight", no g_idx), or loaders expect a
+    g_idx the export does not have (the adaptive export could not be loaded)."""
+    model = tiny_checkpoint("tiny-llama")
+    out = tmp_path / "q"
+    quantize(model, out, bits=bits, method="gptq", act_order=True, static_groups=True,
+             export_format=fmt, calib_data=str(prose_file), calib_samples=4, calib_seqlen=32,
+             progress=False)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    if cfg["quant_method"] == "gptq":
+        assert cfg["desc_act"] is False and cfg["static_groups"] is True
+    else:
+        orders = {g["weights"]["actorder"] for g in cfg["config_groups"].values()}
+        assert orders == {"weight"}, cfg
+    ev = evaluate(out, base=model, data=str(prose_file), seqlen=32, max_windows=2,
+                  progress=False)
+    assert 0 <= ev.kl < 1
+
+
+def test_cli_passes_act_order_and_static_groups(tiny_checkpoint, tmp_path, prose_file):
+    from quantizer.cli import main
+    model = tiny_checkpoint("tiny-llama")
+    out = tmp_path / "q"
+    assert main([str(model), "-o", str(out), "--method", "gptq", "--act-order",
+                 "--static-groups", "--calib-data", str(prose_file), "--calib-samples", "4",
+                 "--calib-seqlen", "16", "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["static_groups"] is True and cfg["desc_act"] is False
