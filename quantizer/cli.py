@@ -65,10 +65,12 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "float32")
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (fraction of "
                    "mean diagonal)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order: columns in "
-                   "order of decreasing Hessian diagonal")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups "
-                   "fixed before reordering: no g_idx, the fast serving path")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order: columns in order of decreasing Hessian diagonal "
+                   "(default: off; adaptive GPTQ: on, with static groups)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order with groups fixed before reordering: no g_idx, the "
+                   "fast serving path")
     p.add_argument("--error-weights", choices=("none", "residual"), default=None,
                    help="adaptive GPTQ: count every group's measured block error alike "
                    "(default), or weigh it by its block's share of the residual stream")
@@ -142,10 +144,9 @@ def run_quantize_cli(argv) -> int:
     options = {}
     if a.damp is not None:
         options["damp"] = a.damp
-    if a.act_order:
-        options["act_order"] = True
-    if a.static_groups:
-        options["static_groups"] = True
+    for key in ("act_order", "static_groups"):
+        if getattr(a, key) is not None:
+            options[key] = getattr(a, key)
     if a.error_weights is not None:
         options["error_weights"] = a.error_weights
     if a.awq_grid is not None:

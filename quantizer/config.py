@@ -75,6 +75,15 @@ class QuantSettings:
         if isinstance(self.group_size, int) and self.group_size != -1 and (
                 self.group_size < 1):
             raise InputError(f"--group-size must be positive, -1 or auto, got {self.group_size}")
+        if self.is_adaptive and self.method == "gptq" and not (
+                {"act_order", "static_groups"} & set(self.method_options)):
+            # Adaptive GPTQ quantizes in activation order with static groups unless told
+            # otherwise (ExLlamaV2 always uses act-order; llm-compressor's GPTQ defaults to
+            # static). On SmolLM2 at uniform GPTQ's cost this is what makes the allocation
+            # no worse than uniform GPTQ with either calibration (results/quality_gpu_s6*.md),
+            # and static groups need no g_idx: serving engines' fast path.
+            self.method_options = {**self.method_options, "act_order": True,
+                                   "static_groups": True}
         for flag, value in (("--tp-size", self.tp_size), ("--pad-for-tp", self.pad_for_tp)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

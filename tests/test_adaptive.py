@@ -127,3 +127,19 @@ def test_cli_passes_act_order_and_static_groups(tiny_checkpoint, tmp_path, prose
                  "--calib-seqlen", "16", "--no-progress"]) == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["static_groups"] is True and cfg["desc_act"] is False
+
+
+def test_adaptive_defaults_to_act_order_with_static_groups():
+    from quantizer.config import QuantSettings
+
+    def opts(**kw):
+        s = QuantSettings(method="gptq", **kw)
+        s.validate()
+        return s.method_options
+
+    assert opts(bits=4.5) == {"act_order": True, "static_groups": True}
+    assert opts(bits=4, adaptive=True) == {"act_order": True, "static_groups": True}
+    assert opts(bits=4) == {}  # uniform GPTQ: off unless asked
+    # any explicit choice is the user's: no defaults mixed into it
+    assert opts(bits=4.5, method_options={"act_order": False}) == {"act_order": False}
+    assert opts(bits=4.5, method_options={"act_order": True}) == {"act_order": True}
