@@ -294,9 +294,10 @@ NOTES = [
     "its weights already lie on a 4-bit grid of other groups, so every 4-bit row re-quantizes.",
     "stories260K is a TinyStories model: WikiText-2 is far out of its domain (fp ppl ~99), "
     "so KL to the original is the steadier fidelity measure there.",
-    "The SmolLM2 rows of every method, with built-in and in-domain calibration, measured on an "
-    "H200 in fp16: results/quality_gpu.md (GPTQ fits its calibration domain; measured per layer "
-    "there). Those adaptive rows used the optimiser's earlier objective (a plain sum of errors).",
+    "GPU tables (SmolLM2 in fp16 on an H200): results/quality_gpu_s6.md; earlier ones "
+    "(quality_gpu*.md) predate block errors, act-order adaptive and the target fix.",
+    "Adaptive GPTQ quantizes in act-order with static groups by default (no g_idx); "
+    "adaptive-at-gptq-plain is the same allocation without act-order.",
     "Adaptive rows compare block output errors (q/k/v and gate/up judged through their block, "
     "DESIGN.md); -residual rows weigh them by the block's residual-stream share "
     "(--error-weights residual). Tables before session 5 used each group's own error.",
@@ -389,7 +390,8 @@ def save(doc: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="stories,smollm2", help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--models", default="stories-wiki,stories,smollm2-wiki,smollm2",
+                    help="comma list of " + ",".join(MODELS))
     ap.add_argument("--methods", default=",".join(DEFAULT_ROWS),
                     help="comma list of rows: " + ",".join(ROWS))
     ap.add_argument("--quick", action="store_true", help=f"tiny settings for tests: {QUICK}")
