@@ -5,7 +5,7 @@
 """
 __version__ = "0.1.0"
 
-_API = ("quantize", "evaluate", "load", "QuantResult", "EvalResult")
+_API = ("quantize", "measure", "evaluate", "load", "QuantResult", "EvalResult")
 
 
 def __getattr__(name):

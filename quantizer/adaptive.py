@@ -186,11 +186,64 @@ def load_measurement(path, fingerprint: dict):
     return store
 
 
+def run_measure(model_path, output, settings, progress: bool = True, overwrite: bool = False,
+                resume: bool = False, work_dir=None, log=None) -> dict:
+    """`quantize measure`: the measurement pass alone, into the file `output`. Resumable
+    like a quantize job (OUTPUT.job holds the layers measured so far); the file serves any
+    number of later `--measurement` runs with the same model, calibration and GPTQ options."""
+    import shutil
+    from pathlib import Path
+
+    from quantizer.measurements.atomic import atomic_write_bytes
+    from quantizer.measurements.fingerprint import (fingerprint_calibration,
+                                                    fingerprint_model, job_fingerprint)
+    from quantizer.measurements.jobstate import JobDir
+    from quantizer.measurements.store import MeasurementStore
+
+    from .distributed import world
+    from .pipeline import calibration_tokens, plan_job
+
+    say = log or (lambda msg: None)
+    if world().distributed:
+        raise InputError("quantize measure runs in one process (no --devices / torchrun)")
+    t0 = time.perf_counter()
+    settings.adaptive = True
+    job = plan_job(model_path, settings)  # validates: adaptive GPTQ options, act-order default
+    output = Path(output).absolute()
+    if output.is_dir() or (output.exists() and not (overwrite or resume)):
+        raise InputError(f"output {output} exists; pass --overwrite to replace it"
+                         if not output.is_dir() else f"output {output} is a directory: "
+                         "name the measurement file (e.g. -o measurement.json)")
+    tokens = calibration_tokens(job)
+    for n in job.notes:
+        say(n)
+    fingerprint = job_fingerprint(fingerprint_model(job.source.path),
+                                  fingerprint_calibration(tokens), measure_settings(settings))
+    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
+    jobdir = JobDir(work)
+    jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=STAGE)
+    try:
+        store = MeasurementStore.open(jobdir.path / MEASURE_NAME, fingerprint)
+        loop = MeasureLoop(job, store, jobdir, tokens, progress, say)
+        loop.run()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output, (jobdir.path / MEASURE_NAME).read_bytes())
+        jobdir.finish()
+    finally:
+        jobdir.unlock()
+    shutil.rmtree(work, ignore_errors=True)
+    return {"model": str(model_path), "measurement": str(output),
+            "layers": job.source.num_layers, "layers_measured": loop.measured,
+            "measure_seconds": loop.seconds, "measure_stats": loop.stats,
+            "settings": measure_settings(settings), "notes": job.notes,
+            "seconds": time.perf_counter() - t0}
+
+
 def check_adaptive(settings) -> None:
     if settings.method != "gptq":
         raise InputError(f"fractional --bits / --measurement need --method gptq (adaptive "
                          f"GPTQ), got --method {settings.method}")
 
 
-__all__ = ["MeasureLoop", "choose_settings", "measure_settings", "load_measurement",
+__all__ = ["MeasureLoop", "run_measure", "choose_settings", "measure_settings", "load_measurement",
            "MEASURE_NAME", "LayerRecord"]

@@ -1,4 +1,4 @@
-"""The Python API: `quantize`, `evaluate`, `load` — the same code paths as the CLI."""
+"""The Python API: `quantize`, `measure`, `evaluate`, `load` — the same code paths as the CLI."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,6 +79,29 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
                         max_shard_bytes=max_shard_bytes, log=log)
 
 
+def measure(model: str, output: str, calib_data: str = "builtin", calib_samples: int = 128,
+            calib_seqlen: int = 512, seed: int = 0, symmetric: bool = False,
+            group_size="auto", device: str = "auto", dtype: str = "auto",
+            overwrite: bool = False, resume: bool = False, work_dir=None, progress: bool = True,
+            log=None, vram_budget: str | None = None, ram_budget: str | None = None,
+            hessian_device: str = "auto", hidden_device: str = "auto", calib_shards: int = 8,
+            **method_options) -> dict:
+    """Adaptive GPTQ's measurement pass alone: per layer and module group, the error and exact
+    cost of every candidate setting, written to the file `output` (measurement.json). Then
+    `quantize(model, out, bits=<any target>, measurement=output)` allocates bits from it with
+    no second measuring pass. GPTQ options (act_order, static_groups, damp) go in
+    `method_options` and must match the later quantize calls'. Returns a summary dict."""
+    from .adaptive import run_measure
+    settings = QuantSettings(
+        bits=4, group_size=group_size, method="gptq", symmetric=symmetric,
+        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
+        device=device, dtype=dtype, method_options=method_options, vram_budget=vram_budget,
+        ram_budget=ram_budget, adaptive=True, hessian_device=hessian_device,
+        hidden_device=hidden_device)
+    return run_measure(resolve_model(str(model)), output, settings, progress=progress,
+                       overwrite=overwrite, resume=resume, work_dir=work_dir, log=log)
+
+
 _QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric", "calib_data",
                   "calib_samples", "calib_seqlen", "seed", "device", "dtype", "export_format",
                   "overwrite", "resume", "work_dir", "progress", "max_shard_bytes",
@@ -97,4 +120,4 @@ def _quantize_worker(kwargs: dict, logging: bool) -> QuantResult:
     return quantize(**kwargs, log=_log_stderr if logging else None)
 
 
-__all__ = ["quantize", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]
+__all__ = ["quantize", "measure", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]

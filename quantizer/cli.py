@@ -8,7 +8,7 @@ import sys
 
 from .errors import InputError, OutOfMemory, QuantizerError
 
-SUBCOMMANDS = ("eval", "plan", "demo", "check")
+SUBCOMMANDS = ("eval", "plan", "demo", "check", "measure")
 
 
 def _size(text: str) -> int:
@@ -179,6 +179,39 @@ def run_quantize_cli(argv) -> int:
     return 0
 
 
+def run_measure_cli(argv) -> int:
+    """`quantize measure MODEL -o measurement.json`: the quantize options that a measurement
+    depends on (calibration, --sym, --damp, --act-order, --static-groups, placement)."""
+    p = quantize_parser()
+    p.prog = "quantize measure"
+    p.description = ("Measure adaptive GPTQ's candidates into measurement.json; then "
+                     "`quantize MODEL --bits T --measurement FILE` for any target T")
+    a = p.parse_args(argv)
+    from .api import measure
+    options = {}
+    if a.damp is not None:
+        options["damp"] = a.damp
+    for key in ("act_order", "static_groups"):
+        if getattr(a, key) is not None:
+            options[key] = getattr(a, key)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    summary = measure(a.model, a.output, calib_data=a.calib_data, calib_samples=a.calib_samples,
+                      calib_seqlen=a.calib_seqlen, seed=a.seed, symmetric=a.sym,
+                      group_size=a.group_size, device=a.device, dtype=a.dtype,
+                      overwrite=a.overwrite, resume=a.resume, work_dir=a.work_dir,
+                      progress=not (a.no_progress or a.json), log=log,
+                      vram_budget=a.vram_budget, ram_budget=a.ram_budget,
+                      hessian_device=a.hessian_device, hidden_device=a.hidden_device,
+                      calib_shards=a.calib_shards, **options)
+    if a.json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        print(f"measured {summary['layers_measured']} of {summary['layers']} layers into "
+              f"{summary['measurement']} ({summary['seconds']:.1f} s); quantize with "
+              f"--measurement {summary['measurement']} --bits TARGET")
+    return 0
+
+
 def run_eval_cli(argv) -> int:
     a = eval_parser().parse_args(argv)
     from .evaluation import evaluate
@@ -258,7 +291,7 @@ def _dump_stacks_every(seconds: str | None) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"eval": run_eval_cli, "plan": run_plan_cli, "demo": run_demo_cli,
-                "check": run_check_cli}
+                "check": run_check_cli, "measure": run_measure_cli}
     handler = run_quantize_cli
     if argv and argv[0] in handlers:
         handler = handlers[argv.pop(0)]

@@ -143,3 +143,30 @@ def test_adaptive_defaults_to_act_order_with_static_groups():
     # any explicit choice is the user's: no defaults mixed into it
     assert opts(bits=4.5, method_options={"act_order": False}) == {"act_order": False}
     assert opts(bits=4.5, method_options={"act_order": True}) == {"act_order": True}
+
+
+def test_measure_subcommand_then_two_targets(tiny_checkpoint, tmp_path, prose_file, capsys):
+    """`quantize measure` writes measurement.json alone; quantize runs at two targets reuse it
+    without measuring, and a measurement with other GPTQ options is refused."""
+    from quantizer.cli import main
+    model = tiny_checkpoint("tiny-llama")
+    calib = ["--calib-data", str(prose_file), "--calib-samples", "4", "--calib-seqlen", "16",
+             "--no-progress"]
+    meas = tmp_path / "m" / "measurement.json"
+    assert main(["measure", str(model), "-o", str(meas), *calib]) == 0
+    assert "measured 2 of 2 layers" in capsys.readouterr().out
+    store = MeasurementStore.load(meas)
+    assert store.layers_done() == 2 and not (tmp_path / "m" / "measurement.json.job").exists()
+    assert store.fingerprint["settings"]["act_order"] is True  # adaptive's default
+    for target in (4.3, 5.0):
+        r = quantize(model, tmp_path / f"q{target}", bits=target, method="gptq",
+                     measurement=str(meas), calib_data=str(prose_file), calib_samples=4,
+                     calib_seqlen=16, progress=False)
+        assert "layers_measured" not in r.extra
+        assert r.extra["bit_allocation"]["achieved_bpw"] <= target + 1e-9
+    # the file exists: refused without --overwrite
+    assert main(["measure", str(model), "-o", str(meas), *calib]) == 2
+    # measured with act-order, used without: the fingerprint says what differs
+    assert main([str(model), "-o", str(tmp_path / "qx"), "--bits", "4.5", "--no-act-order",
+                 "--measurement", str(meas), *calib]) == 2
+    assert "act_order" in capsys.readouterr().err
