@@ -134,6 +134,15 @@ def default_method(bits: float = 4, adaptive: bool = False) -> str:
     return "awq" if "awq" in available() and float(bits) == 4 else "gptq"
 
 
+def gptq_options(a) -> dict:
+    """The GPTQ options given on the command line (absent ones keep the method's defaults)."""
+    options = {} if a.damp is None else {"damp": a.damp}
+    for key in ("act_order", "static_groups"):
+        if getattr(a, key) is not None:
+            options[key] = getattr(a, key)
+    return options
+
+
 def run_quantize_cli(argv) -> int:
     a = quantize_parser().parse_args(argv)
     from . import distributed
@@ -141,12 +150,7 @@ def run_quantize_cli(argv) -> int:
     joined = distributed.under_launcher() and not distributed.world().distributed
     if joined:
         distributed.join(distributed.parse_devices(a.devices))  # started by torchrun
-    options = {}
-    if a.damp is not None:
-        options["damp"] = a.damp
-    for key in ("act_order", "static_groups"):
-        if getattr(a, key) is not None:
-            options[key] = getattr(a, key)
+    options = gptq_options(a)
     if a.error_weights is not None:
         options["error_weights"] = a.error_weights
     if a.awq_grid is not None:
@@ -188,12 +192,7 @@ def run_measure_cli(argv) -> int:
                      "`quantize MODEL --bits T --measurement FILE` for any target T")
     a = p.parse_args(argv)
     from .api import measure
-    options = {}
-    if a.damp is not None:
-        options["damp"] = a.damp
-    for key in ("act_order", "static_groups"):
-        if getattr(a, key) is not None:
-            options[key] = getattr(a, key)
+    options = gptq_options(a)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     summary = measure(a.model, a.output, calib_data=a.calib_data, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, seed=a.seed, symmetric=a.sym,
