@@ -28,6 +28,13 @@ def measure_settings(settings) -> dict:
             "static_groups": bool(opts.get("static_groups")), "dtype": settings.dtype}
 
 
+def measurement_fingerprint(model_fp: str, calib_fp: str, settings) -> dict:
+    """What a measurement.json must match to be reused: one definition for `quantize measure`
+    and for the measurement a quantize run makes or loads."""
+    from quantizer.measurements.fingerprint import job_fingerprint
+    return job_fingerprint(model_fp, calib_fp, measure_settings(settings))
+
+
 class MeasureLoop(LayerLoop):
     """The measurement pass: float layers throughout (every candidate is judged on the same
     inputs), one measurement.json entry per layer, resumable like the quantize pass."""
@@ -195,8 +202,7 @@ def run_measure(model_path, output, settings, progress: bool = True, overwrite: 
     from pathlib import Path
 
     from quantizer.measurements.atomic import atomic_write_bytes
-    from quantizer.measurements.fingerprint import (fingerprint_calibration,
-                                                    fingerprint_model, job_fingerprint)
+    from quantizer.measurements.fingerprint import fingerprint_calibration, fingerprint_model
     from quantizer.measurements.jobstate import JobDir
     from quantizer.measurements.store import MeasurementStore
 
@@ -217,8 +223,8 @@ def run_measure(model_path, output, settings, progress: bool = True, overwrite: 
     tokens = calibration_tokens(job)
     for n in job.notes:
         say(n)
-    fingerprint = job_fingerprint(fingerprint_model(job.source.path),
-                                  fingerprint_calibration(tokens), measure_settings(settings))
+    fingerprint = measurement_fingerprint(fingerprint_model(job.source.path),
+                                          fingerprint_calibration(tokens), settings)
     work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
     jobdir = JobDir(work)
     jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=STAGE)

@@ -196,6 +196,13 @@ def linear_in_features(source: CheckpointSource, padded: int | None) -> dict[str
     return widths
 
 
+def linear_shapes(source: CheckpointSource, padded: int | None) -> dict[str, tuple[int, int]]:
+    """{linear name: (out_features, in_features)} of every layer kind's linears, with the MLP
+    width `padded` (None: as in the checkpoint)."""
+    outs, ins = linear_out_features(source, padded), linear_in_features(source, padded)
+    return {name: (outs[name], ins[name]) for name in outs}
+
+
 def linear_out_features(source: CheckpointSource, padded: int | None) -> dict[str, int]:
     return {name: (padded if padded and name in source.arch.mlp_gate_up else
                    source.shape(key)[0])
@@ -248,9 +255,9 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                                   settings.result_dict())
     measure_fp = None
     if settings.is_adaptive:
-        from .adaptive import measure_settings
-        measure_fp = job_fingerprint(fingerprint["model"], fingerprint["calibration"],
-                                     measure_settings(settings))
+        from .adaptive import measurement_fingerprint
+        measure_fp = measurement_fingerprint(fingerprint["model"], fingerprint["calibration"],
+                                             settings)
     created = not work.exists()
     first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
     # rank 0 alone owns (locks and writes) the job directory; other ranks read it
@@ -349,13 +356,10 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
         raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
                          f"{job.source.num_layers} layers")
     extra["measurement"] = str(store.path)
-    outs = linear_out_features(job.source, job.padded_intermediate)
-    ins = linear_in_features(job.source, job.padded_intermediate)
-    shapes = {name: (outs[name], ins[name]) for name in outs}  # every layer kind's linears
-    outs, ins = linear_out_features(job.source, None), linear_in_features(job.source, None)
-    original = {name: (outs[name], ins[name]) for name in outs}
-    return choose_settings(store, job.arch, float(s.bits), s.symmetric, say, shapes,
-                           s.method_options.get("error_weights", "none"), original)
+    return choose_settings(store, job.arch, float(s.bits), s.symmetric, say,
+                           linear_shapes(job.source, job.padded_intermediate),
+                           s.method_options.get("error_weights", "none"),
+                           linear_shapes(job.source, None))
 
 
 def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
