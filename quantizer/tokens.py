@@ -29,12 +29,12 @@ def has_tokenizer(path) -> bool:
 def tokenizer_or_bytes(source: CheckpointSource):
     """(tokenizer, note): the checkpoint's own tokenizer, else the byte fallback with a note."""
     if has_tokenizer(source.path):
-        from quantizer.calibration import tokenizer_for
+        from quantizer.calibration.sampling import tokenizer_for
         return tokenizer_for(source.path), None
     vocab = int(source.raw_config["vocab_size"])
     return ByteTokenizer(vocab), f"no tokenizer in {source.path}: using UTF-8 bytes mod {vocab}"
 
 
 def calibration_batch(tokenizer, source: str, samples: int, seqlen: int, seed: int):
-    from quantizer.calibration import calibration_batch as batch
+    from quantizer.calibration.sampling import calibration_batch as batch
     return batch(tokenizer, source=source, samples=samples, seqlen=seqlen, seed=seed)

@@ -55,3 +55,22 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def tested_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    parts = []
+    for dist in ("torch", "transformers", "triton", "safetensors", "kernels", "numpy"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    return "layerquant tested with: " + ", ".join(parts)
+
+
+def pytest_sessionstart(session):
+    """The versions this run tested, first in the output even under -q (issue 17: a green run
+    must say what it ran with)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(tested_versions())

@@ -79,3 +79,37 @@ def test_nan_in_weight(tiny_checkpoint, tmp_path, capsys):
 def test_awq_export_refuses_3bit(tiny_checkpoint, tmp_path, capsys):
     check_refused([str(tiny_checkpoint()), "--bits", "3", "--format", "awq"], tmp_path / "out",
                   capsys, "4-bit weights only")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--method", "awq", "--damp", "0.05"], "--damp"),
+    (["--method", "rtn", "--damp", "0.05"], "--damp"),
+    (["--method", "gptq", "--damp", "1.5"], "--damp"),
+    (["--method", "gptq", "--damp", "nan"], "--damp"),
+    (["--method", "awq", "--awq-grid", "0"], "--awq-grid"),
+    (["--method", "gptq", "--awq-grid", "10"], "--awq-grid"),
+    (["--method", "rtn", "--act-order"], "--act-order"),
+    (["--method", "awq", "--static-groups"], "--static-groups"),
+    (["--method", "rtn", "--awq-no-clip"], "--awq-no-clip"),
+    (["--method", "awq", "--error-weights", "residual"], "--error-weights"),
+    (["--method", "fancy"], "--method"),
+])
+def test_option_errors_name_the_option_and_write_nothing(args, flag, tiny_checkpoint, tmp_path,
+                                                         capsys):
+    """Issue 17: every option error is one line, exit 2, nothing on disk, naming the option."""
+    model = tiny_checkpoint("tiny-llama")
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([str(model), "-o", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and flag in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # no OUT, no OUT.job
+
+
+def test_api_refuses_options_of_another_method(tiny_checkpoint, tmp_path):
+    from quantizer import quantize
+    from quantizer.errors import InputError
+    with pytest.raises(InputError, match="--damp applies to --method gptq only"):
+        quantize(str(tiny_checkpoint("tiny-llama")), str(tmp_path / "o"), method="awq", damp=0.05)
+    assert list(tmp_path.iterdir()) == []

@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantizer.calibration import (
-    builtin_documents,
-    calibration_batch,
-    eval_windows,
-    load_texts,
-    token_stream,
-    tokenizer_for,
-)
+from quantizer.calibration.builtin_text import builtin_documents
+from quantizer.calibration.sampling import calibration_batch, eval_windows, token_stream, tokenizer_for
+from quantizer.calibration.sources import load_texts
 from quantizer.calibration import builtin_text, sampling, sources
 from quantizer.errors import InputError
 

@@ -56,7 +56,7 @@ def test_second_call_uses_the_cache(converted):
 def test_converted_model_runs_and_predicts_prose(converted):
     from transformers import AutoModelForCausalLM
 
-    from quantizer.calibration import eval_windows, tokenizer_for
+    from quantizer.calibration.sampling import eval_windows, tokenizer_for
 
     _, path, _ = converted
     tokenizer = tokenizer_for(path)

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from quantizer.kernels.quant_linear import QuantLinear  # noqa: E402
 from quantizer.kernels import triton_dispatch as D  # noqa: E402
-from tests.test_kernels_quant_linear import random_quantized  # noqa: E402
+from test_kernels_quant_linear import random_quantized  # noqa: E402
 
 if not (D.interpreting() or torch.cuda.is_available()):
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
