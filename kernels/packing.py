@@ -351,10 +351,17 @@ def ct_unpack_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------
-# Kernel layout (in memory only, built at first use by QuantLinear; never written to disk):
-# codes transposed to (in, out) and packed along the *input* dim into int32 words, value j
-# of a word at bits j*cb, where the container width cb is 2, 4 or 8 (3-bit codes sit in
-# 4-bit containers, 5..7-bit in 8-bit ones) so every word holds a whole number of values.
+# Kernel layout (in memory only, built once at load by QuantLinear; never written to disk).
+# Codes stay (out, in) row-major and are packed along the *input* dim into int32 words of
+# PW = 32 / cb values, where the container width cb is 2, 4 or 8 (3-bit codes sit in 4-bit
+# containers, 5..7-bit in 8-bit ones). Inputs are taken in blocks of KB = BW * PW; a block is
+# split into PW "planes" of BW consecutive inputs, and word w of a row holds, in value slot j
+# (bits j*cb), input
+#     k(w, j) = (w // BW) * KB + j * BW + w % BW.
+# With KB = the group size, every word lies in one group and a run of words read as value
+# slot j meets a run of *consecutive* inputs, so a GEMV loads its activations as plain
+# vectors, applies one zero point per word run and needs no per-value shifts of the
+# activations (kernels/triton_w4a16.py).
 # ----------------------------------------------------------------------------------------
 def kernel_container_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
@@ -362,23 +369,48 @@ def kernel_container_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def pack_kernel(codes_out_in: torch.Tensor, bits: int) -> torch.Tensor:
-    """(out, in) codes -> (in * cb / 32, out) int32 words (vectorised; no per-row loop)."""
+def kernel_plane_words(bits: int, group_size: int, in_features: int) -> int:
+    """BW: words per plane run. One block per group (KB = group size) when the group splits
+    into whole planes, else BW = 1 (each word holds PW consecutive inputs)."""
+    per_word = 32 // kernel_container_bits(bits)
+    gs = in_features if group_size == -1 else group_size
+    return gs // per_word if gs % per_word == 0 and in_features % gs == 0 else 1
+
+
+def kernel_input_order(in_features: int, bits: int, block_words: int) -> torch.Tensor:
+    """(in,) int64: position p = w * PW + j of the kernel layout holds input order[p]."""
+    per_word = 32 // kernel_container_bits(bits)
+    kb = block_words * per_word
+    if in_features % kb:
+        raise ValueError(f"in_features={in_features} is not a multiple of the kernel block {kb}")
+    w = torch.arange(in_features // per_word).view(-1, 1)
+    j = torch.arange(per_word).view(1, -1)
+    return ((w // block_words) * kb + j * block_words + w % block_words).reshape(-1)
+
+
+def pack_kernel(codes_out_in: torch.Tensor, bits: int, block_words: int = 1) -> torch.Tensor:
+    """(out, in) codes -> (out, in * cb / 32) int32 words of the kernel layout (vectorised)."""
     _check_codes(codes_out_in, bits)
     cb = kernel_container_bits(bits)
     per_word = 32 // cb
     out_f, in_f = codes_out_in.shape
     if in_f % per_word:
         raise ValueError(f"in_features={in_f} is not a multiple of {per_word} ({bits}-bit)")
-    x = codes_out_in.t().to(torch.int64).reshape(in_f // per_word, per_word, out_f)
-    shifts = (torch.arange(per_word, device=x.device) * cb).view(1, per_word, 1)
-    return _to_int32((x << shifts).sum(dim=1))
+    order = kernel_input_order(in_f, bits, block_words).to(codes_out_in.device)
+    x = codes_out_in.index_select(1, order).to(torch.int64).reshape(out_f, in_f // per_word,
+                                                                      per_word)
+    shifts = (torch.arange(per_word, device=x.device) * cb).view(1, 1, per_word)
+    return _to_int32((x << shifts).sum(dim=2))
 
 
-def unpack_kernel(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """(in * cb / 32, out) int32 words -> (in, out) int32 codes."""
+def unpack_kernel(words: torch.Tensor, bits: int, block_words: int = 1) -> torch.Tensor:
+    """(out, in * cb / 32) int32 words -> (out, in) int32 codes in natural input order."""
     cb = kernel_container_bits(bits)
     per_word = 32 // cb
-    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int32) * cb)
-    vals = (words.unsqueeze(1) >> shifts.view(1, per_word, 1)) & ((1 << cb) - 1)
-    return vals.reshape(words.shape[0] * per_word, words.shape[1])
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * cb
+    vals = (words.unsqueeze(2) >> shifts.view(1, 1, per_word)) & ((1 << cb) - 1)
+    out_f, n_words = words.shape
+    order = kernel_input_order(n_words * per_word, bits, block_words).to(words.device)
+    out = torch.empty((out_f, n_words * per_word), dtype=torch.int32, device=words.device)
+    out[:, order] = vals.reshape(out_f, -1)
+    return out

@@ -3,8 +3,8 @@
 Buffers carry exactly the tensor names, shapes and dtypes of the checkpoint layout, so a
 module built with the right constructor arguments takes `load_state_dict(..., assign=True)`
 straight from a shard. The first forward repacks them (once, cached) into the kernel layout
-of kernels/packing.py (`pack_kernel`) plus dense per-group scales/zeros; the on-disk buffers
-stay untouched for state_dict(). On CPU, or without Triton, forward dequantizes + matmuls;
+of kernels/packing.py (`pack_kernel`, the "planes" order) plus dense per-group scales and
+zeros; the on-disk buffers stay untouched for state_dict(). On CPU, or without Triton, forward dequantizes + matmuls;
 on CUDA it runs the fused Triton kernels of kernels/triton_w4a16.py (imported lazily, so the
 CPU path never imports triton).
 """
@@ -28,12 +28,15 @@ def _n_groups(in_features: int, group_size: int) -> int:
 
 
 class KernelWeight:
-    """The cached kernel-side form of one QuantLinear weight on one device.
+    """The cached kernel-side form of one QuantLinear weight on one device, made once at load.
 
-    words: (K*cb/32, N) int32; scales/zeros: (n_groups, N) in the activation dtype (zeros
-    as floats so the kernel computes (code - zero) * scale without integer unpacking);
-    perm: input permutation that makes act-order groups contiguous (or None);
-    g_idx: per-input group index when groups are not contiguous even after sorting."""
+    words: (N, K*cb/32) int32 in the "planes" layout of packing.pack_kernel (block_words =
+    BW: one block per group where the group splits into whole planes); scales/zeros:
+    (n_groups, N) in the activation dtype (zeros as floats: the kernels subtract them
+    exactly); perm: input permutation that makes act-order groups contiguous (or None);
+    g_idx: per-input group index when groups are not contiguous even after sorting.
+    `extra` holds forms of other kernels (torch's tinygemm), built only where the dispatch
+    chose them; `plans` the launch plans per (M, bias, config)."""
 
     def __init__(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device):
         self.bits = q.bits
@@ -50,15 +53,21 @@ class KernelWeight:
             else:
                 self.g_idx = g.to(torch.int32).to(device)
         self.group_size = gs
-        self.words = packing.pack_kernel(codes, q.bits).to(device)
+        self.block_words = packing.kernel_plane_words(q.bits, gs, q.in_features)
+        self.words = packing.pack_kernel(codes, q.bits, self.block_words).to(device)
         self.scales = q.scales.t().contiguous().to(device=device, dtype=dtype)
         self.zeros = q.zeros.t().contiguous().to(device=device, dtype=dtype)
         self.dtype, self.device = dtype, self.words.device  # "cuda" -> "cuda:0"
         self.plans: dict = {}  # launch plans per (M, bias, config), see triton_dispatch
+        self.extra: dict = {}  # other kernels' forms of this weight, see triton_dispatch
+
+    def codes_nk(self) -> torch.Tensor:
+        """(N, K) int32 codes in kernel input order (inputs already permuted by `perm`)."""
+        return packing.unpack_kernel(self.words, self.bits, self.block_words)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(K, N) weight in kernel input order (inputs already permuted by `perm`)."""
-        codes = packing.unpack_kernel(self.words, self.bits).to(dtype)
+        codes = self.codes_nk().t().to(dtype)
         if self.g_idx is not None:
             g = self.g_idx.long()
         else:

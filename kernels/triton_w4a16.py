@@ -1,115 +1,226 @@
 """Fused dequantize + matmul Triton kernels over the kernel layout of kernels/packing.py.
 
-Weight: words (K*cb/32, N) int32, value j of a word = input row (word*32/cb + j) at bits j*cb;
-scales/zeros (n_groups, N) in the activation dtype; W[k, n] = (code - zero) * scale.
+Weight: words (N, K*cb/32) int32 in the "planes" order of `packing.pack_kernel` (value slot j
+of word w of a row holds input (w // BW) * KB + j * BW + w % BW, KB = BW * PW); scales and
+zeros (n_groups, N) in the activation dtype; W[n, k] = (code - zero) * scale.
 
-Three kernels, chosen per call by kernels/triton_dispatch.py (`quant_matmul`):
-- `_gemv_kernel` (M <= 8; BLOCK_M rows per program share one weight read): CUDA-core dot products in fp32; when a K-tile lies
-  inside one group it sums x*code and x once and applies scale/zero per tile, not per weight.
-- `_dot_kernel` (tensor cores): dequantizes a (BLOCK_K, BLOCK_N) tile in registers into the
-  activation dtype and feeds tl.dot with an fp32 accumulator.
-- `_dequant_kernel`: writes the dense (K, N) weight once, for large M where cuBLAS wins.
-Split-K writes fp32 partials to a workspace that `_splitk_reduce_kernel` sums in a fixed
-order (deterministic; no atomics), adding the bias and casting.
+Integer -> float without a conversion instruction (`_plane`): a value at bits p..p+cb-1 of a
+word, masked in place and OR-ed into the float32 2^(23-p) (exponent 150-p), reads as
+2^(23-p) + code exactly, because bit p of that float's mantissa weighs exactly 1; subtracting
+(2^(23-p) + zero), a per-group constant, gives code - zero exactly. So each weight costs one
+and-or (LOP3), one float subtract and its FMA (plus one shift per word for the values above
+bit 23). The first version's shift + mask + I2F ran the conversion at a quarter of the FMA
+rate and bounded the GEMV.
 
-GROUP_MODE: 0 = every K-tile inside one group (scale row k0 // G); 1 = group k // G per row;
-2 = group read from g_idx per row (act-order that could not be made contiguous).
-This module decorates kernels at import: set TRITON_INTERPRET=1 before importing it to run
-them on CPU.
+Kernels, chosen per call by kernels/triton_dispatch.py:
+- `_gemv_kernel` (CUDA cores; BLOCK_M <= 4 rows share each weight read). Value slot j of a
+  run of BLOCK_KW words meets BLOCK_KW consecutive inputs, so its activations load as one
+  vector; when a run lies in one group (GROUP_MODE 0) the scale is applied once per run.
+- `_dot_kernel` (tensor cores): unpacks a (BLOCK_N, BLOCK_KW * PW) tile with `tl.join` (the
+  values of a word stay in the thread that loaded it), gathers the activations in the same
+  order, and calls tl.dot, either x @ W^T or, for small M, (W @ x^T)^T (SWAP) so that the
+  weight tile fills the MMA's 64-row side.
+- `_dequant_kernel`: writes the dense (N, K) weight once, for large M where cuBLAS wins.
+Split-K: every split writes an fp32 partial; the last program to finish a tile (an atomic
+counter per tile, reset by that program) sums the partials in split order (deterministic,
+no second launch), adds the bias and casts.
+
+GROUP_MODE: 0 = each run of BLOCK_KW words inside one group (KB == G and BLOCK_KW | BW);
+1 = group k // G per value; 2 = group read from g_idx per value (act-order that could not be
+made contiguous). This module decorates kernels at import: set TRITON_INTERPRET=1 before
+importing it to run them on CPU.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-
 @triton.jit
-def _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_kn, N, G,
-                       GROUP_MODE: tl.constexpr):
-    """Scales and zeros broadcastable against a (.., BLOCK_N) tile whose rows are `ks`."""
-    if GROUP_MODE == 0:
-        g = k0 // G
-        s = tl.load(s_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+def _plane(words, words_hi, vmask, J: tl.constexpr, CB: tl.constexpr, zero):
+    """float32 code - zero of value slot J of int32 `words` (words_hi = words >> 16), exact.
+    `zero` is float32, one per row (1-D) or broadcastable against words. `vmask` is
+    (1 << CB) - 1 passed at run time: as a register operand, each slot is one LOP3 with the
+    exponent as its immediate (as two immediates, ptxas re-materialises the mask with a MOV
+    per value)."""
+    P: tl.constexpr = J * CB
+    if P + CB <= 23:  # in place: exponent 150 - P makes bit P weigh 1
+        EXP_LO: tl.constexpr = 150 - P
+        v = (words & (vmask << P)) | (EXP_LO << 23)
+        off = tl.full((), EXP_LO << 23, tl.int32).to(tl.float32, bitcast=True)
+    else:  # bits above 23 come from the word shifted down by 16
+        EXP_HI: tl.constexpr = 166 - P
+        v = (words_hi & (vmask << (P - 16))) | (EXP_HI << 23)
+        off = tl.full((), EXP_HI << 23, tl.int32).to(tl.float32, bitcast=True)
+    if len(zero.shape) == 1:  # one zero per row
+        return v.to(tl.float32, bitcast=True) - (zero + off)[:, None]
     else:
-        if GROUP_MODE == 1:
-            g = ks // G
-        else:
-            g = tl.load(gidx_ptr + ks)  # callers clamp rows past K to 0
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_kn, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_kn, other=0.0)
-    return s, z
+        return v.to(tl.float32, bitcast=True) - (zero + off)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
-                 M, N, K, stride_xm, G, K_PER_SPLIT,
-                 SPLIT_K, CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_KW: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """BLOCK_M (1..8) activation rows share each unpacked weight tile (one HBM read)."""
-    PER_WORD: tl.constexpr = 32 // CB
-    BLOCK_K: tl.constexpr = BLOCK_KW * PER_WORD
-    MASK: tl.constexpr = (1 << CB) - 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row0 = tl.program_id(2) * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_w = tl.arange(0, BLOCK_KW)
-    offs_j = tl.arange(0, PER_WORD)
-    shifts = (offs_j * CB)[None, :, None]
-    n_words = K // PER_WORD
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        w_rows = k0 // PER_WORD + offs_w
-        words = tl.load(w_ptr + w_rows[:, None] * N + offs_n[None, :],
-                        mask=(w_rows[:, None] < n_words) & mask_n[None, :], other=0)
-        codes = ((words[:, None, :] >> shifts) & MASK).to(tl.float32)  # (KW, PW, N)
-        ks = k0 + offs_w[:, None] * PER_WORD + offs_j[None, :]  # (KW, PW)
-        if GROUP_MODE == 0:
-            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_n, N, G,
-                                      GROUP_MODE)
-            s = s.to(tl.float32)
-            z = z.to(tl.float32)
-            w = codes
-        else:
-            ks3 = ks[:, :, None]
-            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, tl.where(ks3 < K, ks3, 0), k0,
-                                      offs_n[None, None, :], (ks3 < K) & mask_n[None, None, :],
-                                      N, G, GROUP_MODE)
-            w = (codes - z.to(tl.float32)) * s.to(tl.float32)
-        for mm in tl.static_range(BLOCK_M):
-            m = row0 + mm
-            k_lim = tl.where(m < M, K, 0)  # rows past M read nothing
-            xk = tl.load(x_ptr + m * stride_xm + ks, mask=ks < k_lim, other=0.0).to(tl.float32)
-            xw = tl.sum(tl.sum(xk[:, :, None] * w, axis=1), axis=0)
-            if GROUP_MODE == 0:  # tile inside one group: scale/zero once per tile
-                xw = s * (xw - z * tl.sum(tl.sum(xk, axis=1), axis=0))
-            if BLOCK_M == 1:
-                acc += xw[None, :]
-            else:
-                acc = tl.where((tl.arange(0, BLOCK_M) == mm)[:, None], acc + xw[None, :], acc)
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+def _slot_inputs(ws, j, BW: tl.constexpr, PW: tl.constexpr):
+    """Input index of value slot j of words ws."""
+    return (ws // BW) * (BW * PW) + j * BW + ws % BW
+
+
+@triton.jit
+def _group_of(ks, gidx_ptr, G, GROUP_MODE: tl.constexpr):
+    if GROUP_MODE == 1:
+        return ks // G
+    else:
+        return tl.load(gidx_ptr + ks)  # callers clamp inputs past K to 0
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
+                  GROUP_MODE: tl.constexpr):
+    """(BLOCK_N, len(ks)) float32 zeros and scales of weights (offs_n, ks), one group each."""
+    g = _group_of(tl.where(kin, ks, 0), gidx_ptr, G, GROUP_MODE)
+    pm = mask_n[:, None] & kin[None, :]
+    z = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=pm, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=pm, other=0.0).to(tl.float32)
+    return z, s
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, tile, pid_k,
+              n_splits, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store the (BLOCK_M, BLOCK_N) fp32 tile, or its split-K partial; the last split of a
+    tile to finish sums all partials in split order and stores the result."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if not SPLIT:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        MN = M * N
+        tl.store(ws_ptr + pid_k * MN + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the count moves
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(n_splits):  # fixed order: bitwise reproducible
+                total += tl.load(ws_ptr + s * MN + offs_m[:, None] * N + offs_n[None, :],
+                                 mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=offs_n < N,
+                                 other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call (or graph replay)
 
 
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
-                M, N, K, stride_xm, G, K_PER_SPLIT, SPLIT_K,
-                CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP_MODE: tl.constexpr,
-                HAS_BIAS: tl.constexpr, RESHAPE: tl.constexpr):
-    PER_WORD: tl.constexpr = 32 // CB
-    MASK: tl.constexpr = (1 << CB) - 1
+def _xrow(x_ptr, row, M, stride_xm, ks, kmask):
+    """Activations of one row at inputs ks, as float32 (zeros for rows past M)."""
+    # (row broadcast to the shape of ks: the interpreter rejects a scalar-and-tensor mask)
+    return tl.load(x_ptr + row * stride_xm + ks, mask=kmask & ((ks * 0 + row) < M),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
+                 SPLIT: tl.constexpr, CB: tl.constexpr, BW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
+    """Up to 4 activation rows (one accumulator each) share every unpacked weight; all
+    tiles are (BLOCK_N, BLOCK_KW) in the layout of the word load (no layout conversions);
+    the accumulators stay element-wise and are summed over the words once, at the end."""
+    PW: tl.constexpr = 32 // CB
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row0 = tl.program_id(2) * BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, BLOCK_KW)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    w_start = pid_k * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, KP)
+    if GROUP_MODE == 0:  # whole runs: no input tail, one group per run
+        w_ptrs = w_ptr + offs_n[:, None] * KP + offs_w[None, :]
+        words = tl.load(w_ptrs + w_start, mask=mask_n[:, None], other=0)
+        for w0 in range(w_start, w_end, BLOCK_KW):
+            if PREFETCH:  # next run's words in flight while this run computes
+                more = (offs_w * 0 + w0 + BLOCK_KW) < w_end
+                nxt = tl.load(w_ptrs + (w0 + BLOCK_KW), mask=mask_n[:, None] & more[None, :],
+                              other=0)
+            else:
+                words = tl.load(w_ptrs + w0, mask=mask_n[:, None], other=0)
+            g = w0 // BW
+            words_hi = words >> 16
+            # one zero and scale per row (two small layout conversions per run: loading them
+            # as (BLOCK_N, 1) tiles instead drags the whole run into their layout)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            p0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+            p1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+            p2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+            p3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+            for j in tl.static_range(PW):
+                ks = _slot_inputs(w0, j, BW, PW) + offs_w  # consecutive inputs
+                d = _plane(words, words_hi, vmask, j, CB, z)  # code - zero, exact
+                kmask = ks < K
+                p0 += _xrow(x_ptr, row0, M, stride_xm, ks, kmask)[None, :] * d
+                if BLOCK_M > 1:
+                    p1 += _xrow(x_ptr, row0 + 1, M, stride_xm, ks, kmask)[None, :] * d
+                if BLOCK_M > 2:
+                    p2 += _xrow(x_ptr, row0 + 2, M, stride_xm, ks, kmask)[None, :] * d
+                    p3 += _xrow(x_ptr, row0 + 3, M, stride_xm, ks, kmask)[None, :] * d
+            acc0 += s * p0
+            if BLOCK_M > 1:
+                acc1 += s * p1
+            if BLOCK_M > 2:
+                acc2 += s * p2
+                acc3 += s * p3
+            if PREFETCH:
+                words = nxt
+    else:
+        for w0 in range(w_start, w_end, BLOCK_KW):
+            ws = w0 + offs_w
+            words = tl.load(w_ptr + offs_n[:, None] * KP + ws[None, :],
+                            mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
+            words_hi = words >> 16
+            for j in tl.static_range(PW):
+                ks = _slot_inputs(ws, j, BW, PW)
+                kin = ks < K
+                z, s = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
+                                     GROUP_MODE)
+                d = _plane(words, words_hi, vmask, j, CB, z) * s
+                acc0 += _xrow(x_ptr, row0, M, stride_xm, ks, kin)[None, :] * d
+                if BLOCK_M > 1:
+                    acc1 += _xrow(x_ptr, row0 + 1, M, stride_xm, ks, kin)[None, :] * d
+                if BLOCK_M > 2:
+                    acc2 += _xrow(x_ptr, row0 + 2, M, stride_xm, ks, kin)[None, :] * d
+                    acc3 += _xrow(x_ptr, row0 + 3, M, stride_xm, ks, kin)[None, :] * d
+    # (BLOCK_M, BLOCK_N) result: row r of the block is sum over words of acc_r
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    out = tl.where(rows == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(rows == 1, tl.sum(acc1, axis=1)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(rows == 2, tl.sum(acc2, axis=1)[None, :], out)
+        out = tl.where(rows == 3, tl.sum(acc3, axis=1)[None, :], out)
+    _epilogue(out, row0 + tl.arange(0, BLOCK_M), offs_n, M, N, bias_ptr, out_ptr, ws_ptr,
+              cnt_ptr, tl.program_id(2) * tl.num_programs(0) + pid_n, pid_k, n_splits, SPLIT,
+              HAS_BIAS)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
+                SPLIT: tl.constexpr, CB: tl.constexpr, BW: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                GROUP_M: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SWAP: tl.constexpr):
+    """Per run of BLOCK_KW words, one tl.dot per value slot: slot j of the run is a
+    (BLOCK_N, BLOCK_KW) weight tile over BLOCK_KW consecutive inputs (no reshapes, no
+    gathers), dequantized in registers to the activation dtype."""
+    PW: tl.constexpr = 32 // CB
     dt = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -125,72 +236,68 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if RESHAPE:
-            # load each word once, unpack to (KW, PER_WORD, N) and merge the first two dims
-            w_rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-            words = tl.load(w_ptr + w_rows[:, None] * N + offs_n[None, :],
-                            mask=(w_rows < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
-            shifts = (tl.arange(0, PER_WORD) * CB)[None, :, None]
-            codes = tl.reshape((words[:, None, :] >> shifts) & MASK, (BLOCK_K, BLOCK_N))
-        else:
-            # each word is read PER_WORD times from one address (an L1 hit), which keeps the
-            # tile in the (BLOCK_K, BLOCK_N) shape tl.dot wants without a reshape
-            words = tl.load(w_ptr + (ks // PER_WORD)[:, None] * N + offs_n[None, :],
-                            mask=mask_k[:, None] & mask_n[None, :], other=0)
-            codes = (words >> ((ks % PER_WORD) * CB)[:, None]) & MASK
-        if GROUP_MODE == 0:
-            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, ks, k0, offs_n, mask_n, N, G, GROUP_MODE)
-            w = (codes.to(dt) - z[None, :]) * s[None, :]
-        else:
-            s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, tl.where(mask_k, ks, 0)[:, None],
-                                      k0, offs_n[None, :], mask_k[:, None] & mask_n[None, :],
-                                      N, G, GROUP_MODE)
-            w = (codes.to(dt) - z) * s
-        acc = tl.dot(a, w, acc)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(dt),
-                 mask=mask_m[:, None] & mask_n[None, :])
+    offs_w = tl.arange(0, BLOCK_KW)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc,
-                 mask=mask_m[:, None] & mask_n[None, :])
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_start = pid_k * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, KP)
+    for w0 in range(w_start, w_end, BLOCK_KW):
+        ws = w0 + offs_w
+        words = tl.load(w_ptr + offs_n[:, None] * KP + ws[None, :],
+                        mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
+        words_hi = words >> 16
+        if GROUP_MODE == 0:
+            g = w0 // BW
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        for j in tl.static_range(PW):
+            ks = _slot_inputs(ws, j, BW, PW)
+            kin = ks < K
+            if GROUP_MODE == 0:
+                b = (_plane(words, words_hi, vmask, j, CB, z) * s).to(dt)
+            else:
+                zj, sj = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
+                                       GROUP_MODE)
+                b = (_plane(words, words_hi, vmask, j, CB, zj) * sj).to(dt)
+            if SWAP:
+                a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None],
+                              mask=mask_m[None, :] & kin[:, None], other=0.0)
+                acc = tl.dot(b, a_t, acc)
+            else:
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
+                            mask=mask_m[:, None] & kin[None, :], other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid, pid_k,
+              n_splits, SPLIT, HAS_BIAS)
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(SPLIT_K):  # fixed order: bitwise reproducible
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K, G,
-                    CB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP_MODE: tl.constexpr):
-    PER_WORD: tl.constexpr = 32 // CB
-    MASK: tl.constexpr = (1 << CB) - 1
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K, KP, G, vmask,
+                    CB: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_KW: tl.constexpr, GROUP_MODE: tl.constexpr):
+    """Dense (N, K) weight in out's dtype, rounded once from (code - zero) * scale."""
+    PW: tl.constexpr = 32 // CB
+    ws = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (ks < K)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(w_ptr + (ks // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    codes = (words >> ((ks % PER_WORD) * CB)[:, None]) & MASK
-    s, z = _load_group_params(s_ptr, z_ptr, gidx_ptr, tl.where(ks < K, ks, 0)[:, None], 0,
-                              offs_n[None, :], mask, N, G, GROUP_MODE)  # 1 or 2 here
+    mask_n = offs_n < N
+    words = tl.load(w_ptr + offs_n[:, None] * KP + ws[None, :],
+                    mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
     dt = out_ptr.dtype.element_ty
-    tl.store(out_ptr + ks[:, None] * N + offs_n[None, :], (codes.to(dt) - z) * s, mask=mask)
+    words_hi = words >> 16
+    for j in tl.static_range(PW):
+        ks = _slot_inputs(ws, j, BW, PW)
+        kin = ks < K
+        if GROUP_MODE == 0:  # KB == G: the word's block is its group
+            g = ws // BW
+            pm = mask_n[:, None] & kin[None, :]
+            z = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=pm, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=pm, other=0.0).to(tl.float32)
+        else:
+            z, s = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G, GROUP_MODE)
+        w = _plane(words, words_hi, vmask, j, CB, z) * s
+        tl.store(out_ptr + offs_n[:, None] * K + ks[None, :], w.to(dt),
+                 mask=mask_n[:, None] & kin[None, :])

@@ -59,13 +59,15 @@ def poison_empty(monkeypatch):
 GEMV = D.LaunchConfig("gemv", 1, 32, 64, 1)
 GEMV_SPLIT = D.LaunchConfig("gemv", 1, 64, 32, 2)
 GEMV_ROWS = D.LaunchConfig("gemv", 4, 32, 64, 2)  # 4 rows per program, M=5 -> 2 row blocks
-DOT = D.LaunchConfig("dot", 16, 32, 32, 1)
-DOT_SPLIT = D.LaunchConfig("dot", 16, 64, 64, 2)
-DOT_RESHAPE = D.LaunchConfig("dot", 16, 32, 64, 2, reshape=True)
+GEMV_PREFETCH = D.LaunchConfig("gemv", 2, 32, 64, 2, prefetch=True)
+DOT = D.LaunchConfig("dot", 16, 32, 128, 1)
+DOT_SPLIT = D.LaunchConfig("dot", 16, 64, 128, 2)
+DOT_SWAP = D.LaunchConfig("dot", 16, 64, 128, 2, swap=True)
 DEQ = D.LaunchConfig("dequant", block_n=32, block_k=32)
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, GEMV_ROWS, DOT, DOT_SPLIT, DOT_RESHAPE, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_SPLIT, GEMV_ROWS, GEMV_PREFETCH, DOT, DOT_SPLIT,
+                                 DOT_SWAP, DEQ])
 @pytest.mark.parametrize("layout,bits,gs", [("awq", 4, 32), ("gptq", 4, 64)])
 def test_paths_4bit(cfg, layout, bits, gs):
     M = (1 if cfg.block_m == 1 else 5) if cfg.kind == "gemv" else 17  # odd M
@@ -73,13 +75,13 @@ def test_paths_4bit(cfg, layout, bits, gs):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
-@pytest.mark.parametrize("cfg", [GEMV, GEMV_ROWS, DOT_SPLIT, DOT_RESHAPE])
+@pytest.mark.parametrize("cfg", [GEMV, GEMV_ROWS, DOT_SPLIT, DOT_SWAP])
 def test_other_bits(bits, cfg):
     M = (1 if cfg.block_m == 1 else 5) if cfg.kind == "gemv" else 5
     run_case("gptq", bits, 32, M, 64, 128, cfg)
 
 
-@pytest.mark.parametrize("cfg", [GEMV_SPLIT, GEMV_ROWS, DOT, DOT_RESHAPE, DEQ])
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, GEMV_ROWS, DOT, DOT_SWAP, DEQ])
 def test_act_order_gptq(cfg):
     M = (1 if cfg.block_m == 1 else 3) if cfg.kind == "gemv" else 3
     run_case("gptq", 4, 32, M, 64, 128, cfg, act_order=True)
@@ -113,7 +115,7 @@ def test_per_channel_group_and_ct_layout(cfg):
     run_case("compressed-tensors", 4, -1, 1 if cfg.kind == "gemv" else 9, 128, 96, cfg)
 
 
-@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT_RESHAPE])
+@pytest.mark.parametrize("cfg", [GEMV_SPLIT, DOT_SWAP])
 def test_n_not_a_multiple_of_the_tile(cfg):
     run_case("awq", 4, 64, 1 if cfg.kind == "gemv" else 19, 72, 128, cfg)  # N = 72
 
