@@ -119,7 +119,7 @@ def _xrow(x_ptr, row, M, stride_xm, ks, kmask):
                    other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_splits"])  # one compile for every M and split count
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
                  SPLIT: tl.constexpr, CB: tl.constexpr, BW: tl.constexpr,
@@ -210,7 +210,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
               HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_splits"])
 def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
                 SPLIT: tl.constexpr, CB: tl.constexpr, BW: tl.constexpr,
