@@ -336,6 +336,12 @@ def main(argv=None):
         with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
             f.write(tables(result) + "\n")
 
+    probe = SimpleNamespace(device=torch.device("cuda", torch.cuda.current_device()))
+    result["tinygemm_takes"] = {
+        dname: tinygemm.accepts(probe, DTYPES[dname])
+        or tinygemm.REFUSALS.get((str(probe.device), DTYPES[dname]), False)
+        for dname in DTYPES}
+    log(f"torch tinygemm takes: {result['tinygemm_takes']}")
     t_start = time.time()
     deadline = t_start + args.time_budget
     if args.compile_workers > 0:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8  # 16-byte loads of the packed weight (2, 4 or 8 allowed)
 _ACCEPTS: dict[tuple, bool] = {}
+REFUSALS: dict[tuple, str] = {}  # (device, dtype) -> torch's first error line, when refused
 
 
 @dataclass
@@ -86,7 +87,8 @@ def accepts(kw, dtype: torch.dtype) -> bool:
                 y = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
                 ok = y.dtype == dtype and bool(torch.isfinite(y).all())
         except Exception as exc:  # RuntimeError from TORCH_CHECK, NotImplementedError, ...
+            REFUSALS[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             logger.info("torch tinygemm does not take %s activations here: %s", dtype,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        REFUSALS[key])
         _ACCEPTS[key] = ok
     return _ACCEPTS[key]
