@@ -111,14 +111,6 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, til
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call (or graph replay)
 
 
-@triton.jit
-def _xrow(x_ptr, row, M, stride_xm, ks, kmask):
-    """Activations of one row at inputs ks, as float32 (zeros for rows past M)."""
-    # (row broadcast to the shape of ks: the interpreter rejects a scalar-and-tensor mask)
-    return tl.load(x_ptr + row * stride_xm + ks, mask=kmask & ((ks * 0 + row) < M),
-                   other=0.0).to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["M", "n_splits"])  # one compile for every M and split count
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
@@ -135,6 +127,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, BLOCK_KW)
+    # activation rows of this program (rows past M load zeros; the masks are tensors because
+    # the interpreter rejects a scalar-and-tensor mask)
+    x0 = x_ptr + row0 * stride_xm
+    x1 = x0 + stride_xm
+    x2 = x1 + stride_xm
+    x3 = x2 + stride_xm
+    live0 = (offs_w * 0 + row0) < M
+    live1 = (offs_w * 0 + row0 + 1) < M
+    live2 = (offs_w * 0 + row0 + 2) < M
+    live3 = (offs_w * 0 + row0 + 3) < M
     acc0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
@@ -164,13 +166,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
             for j in tl.static_range(PW):
                 ks = _slot_inputs(w0, j, BW, PW) + offs_w  # consecutive inputs
                 d = _plane(words, words_hi, vmask, j, CB, z)  # code - zero, exact
-                kmask = ks < K
-                p0 += _xrow(x_ptr, row0, M, stride_xm, ks, kmask)[None, :] * d
+                p0 += tl.load(x0 + ks, mask=live0, other=0.0).to(tl.float32)[None, :] * d
                 if BLOCK_M > 1:
-                    p1 += _xrow(x_ptr, row0 + 1, M, stride_xm, ks, kmask)[None, :] * d
+                    p1 += tl.load(x1 + ks, mask=live1, other=0.0).to(tl.float32)[None, :] * d
                 if BLOCK_M > 2:
-                    p2 += _xrow(x_ptr, row0 + 2, M, stride_xm, ks, kmask)[None, :] * d
-                    p3 += _xrow(x_ptr, row0 + 3, M, stride_xm, ks, kmask)[None, :] * d
+                    p2 += tl.load(x2 + ks, mask=live2, other=0.0).to(tl.float32)[None, :] * d
+                    p3 += tl.load(x3 + ks, mask=live3, other=0.0).to(tl.float32)[None, :] * d
             acc0 += s * p0
             if BLOCK_M > 1:
                 acc1 += s * p1
@@ -191,12 +192,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
                 z, s = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
                                      GROUP_MODE)
                 d = _plane(words, words_hi, vmask, j, CB, z) * s
-                acc0 += _xrow(x_ptr, row0, M, stride_xm, ks, kin)[None, :] * d
+                xr = tl.load(x0 + ks, mask=kin & live0, other=0.0).to(tl.float32)
+                acc0 += xr[None, :] * d
                 if BLOCK_M > 1:
-                    acc1 += _xrow(x_ptr, row0 + 1, M, stride_xm, ks, kin)[None, :] * d
+                    xr = tl.load(x1 + ks, mask=kin & live1, other=0.0).to(tl.float32)
+                    acc1 += xr[None, :] * d
                 if BLOCK_M > 2:
-                    acc2 += _xrow(x_ptr, row0 + 2, M, stride_xm, ks, kin)[None, :] * d
-                    acc3 += _xrow(x_ptr, row0 + 3, M, stride_xm, ks, kin)[None, :] * d
+                    xr = tl.load(x2 + ks, mask=kin & live2, other=0.0).to(tl.float32)
+                    acc2 += xr[None, :] * d
+                    xr = tl.load(x3 + ks, mask=kin & live3, other=0.0).to(tl.float32)
+                    acc3 += xr[None, :] * d
     # (BLOCK_M, BLOCK_N) result: row r of the block is sum over words of acc_r
     rows = tl.arange(0, BLOCK_M)[:, None]
     out = tl.where(rows == 0, tl.sum(acc0, axis=1)[None, :], 0.0)

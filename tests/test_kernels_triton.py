@@ -58,8 +58,8 @@ def poison_empty(monkeypatch):
 
 GEMV = D.LaunchConfig("gemv", 1, 32, 64, 1)
 GEMV_SPLIT = D.LaunchConfig("gemv", 1, 64, 32, 2)
-GEMV_ROWS = D.LaunchConfig("gemv", 4, 32, 64, 2)  # 4 rows per program, M=5 -> 2 row blocks
-GEMV_PREFETCH = D.LaunchConfig("gemv", 2, 32, 64, 2, prefetch=True)
+GEMV_ROWS = D.LaunchConfig("gemv", 4, 64, 64, 2)  # 4 rows per program, M=5 -> 2 row blocks
+GEMV_PREFETCH = D.LaunchConfig("gemv", 2, 64, 64, 2, prefetch=True)
 DOT = D.LaunchConfig("dot", 16, 32, 128, 1)
 DOT_SPLIT = D.LaunchConfig("dot", 16, 64, 128, 2)
 DOT_SWAP = D.LaunchConfig("dot", 16, 64, 128, 2, swap=True)
