@@ -16,7 +16,12 @@ How it gets an answer that is exact, or provably near-optimal, in well under a s
    are integers), else a Pareto-frontier DP on the true costs (exact), else a DP on a fine
    grid with costs rounded *up* (cannot exceed the target; not a proof).
 The best feasible answer is returned; it is never worse than any uniform setting that fits.
-`Choice.exact` says the optimum was proven; otherwise `Choice.gap` bounds the distance to it."""
+`Choice.exact` says the optimum was proven; otherwise `Choice.gap` bounds the distance to it.
+
+Ties: groups that must take one setting (a serving engine fuses them, e.g. every expert of
+one MoE layer in vLLM) are merged into one group before solving -- its candidates the labels
+all members measured, its cost and weighted error the members' sums -- so the same solver
+proves the optimum under the constraint, and the target is met with it."""
 from __future__ import annotations
 
 import math
@@ -292,12 +297,78 @@ def _reduced_dp(cost, werr, budget, keep, total, lam, upper):
     return idx, exact, note
 
 
-def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None = None
-           ) -> Choice:
+def tie_groups(groups: Sequence[Group], ties: Sequence[Sequence[int]]
+               ) -> tuple[list[Group], list[list[int]]]:
+    """`groups` with each tie (indices of groups that must share one candidate label) merged
+    into one Group, placed at its first member; and, per merged group, its members. A merged
+    candidate's bpw is the members' numel-weighted mean and its err the members' Σ weight·err
+    (weight 1), so a choice's objective and bits are the same before and after merging."""
+    owner: dict[int, int] = {}
+    for t, members in enumerate(ties):
+        for i in members:
+            if i in owner:
+                raise InputError(f"group {groups[i].name or i} is in two ties")
+            owner[i] = t
+    merged, members_of, done = [], [], set()
+    for i, g in enumerate(groups):
+        if i not in owner:
+            merged.append(g)
+            members_of.append([i])
+            continue
+        t = owner[i]
+        if t in done:
+            continue
+        done.add(t)
+        idx = list(ties[t])
+        cands = [{_as_candidate(c).label: _as_candidate(c) for c in groups[j].candidates}
+                 for j in idx]
+        common = [lab for lab in cands[0] if lab and all(lab in c for c in cands[1:])]
+        if not common:
+            raise InputError(f"groups {', '.join(groups[j].name or str(j) for j in idx)} must "
+                             f"share one setting but have no measured setting in common")
+        numel = sum(groups[j].numel for j in idx)
+        merged.append(Group(numel, [Candidate(
+            sum(groups[j].numel * c[lab].bpw for j, c in zip(idx, cands)) / numel,
+            sum(groups[j].weight * c[lab].err for j, c in zip(idx, cands)), lab)
+            for lab in common], 1.0, "+".join(groups[j].name or str(j) for j in idx[:2])
+            + ("+..." if len(idx) > 2 else "")))
+        members_of.append(idx)
+    return merged, members_of
+
+
+def min_bpw(groups: Sequence[Group], per_weights: float | None = None,
+            ties: Sequence[Sequence[int]] = ()) -> float:
+    """The smallest average bpw any choice can reach (each group, or tie, at its cheapest)."""
+    merged = tie_groups(groups, ties)[0] if ties else list(groups)
+    total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
+    return math.fsum(g.numel * min(_as_candidate(c).bpw for c in g.candidates)
+                     for g in merged) / total
+
+
+def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None = None,
+           ties: Sequence[Sequence[int]] = ()) -> Choice:
     """Pick one candidate per group: least Σ weight·err with average bpw ≤ target_bpw.
     The average is over `per_weights` weights (default Σ numel). A model whose export pads
     widths (TP alignment, ragged groups) stores bits for padded weights, yet its bpw is
-    counted per weight of the original: pass the original count so the target holds there."""
+    counted per weight of the original: pass the original count so the target holds there.
+    `ties`: sets of group indices that must take one candidate label (see tie_groups)."""
+    if ties:
+        merged, members_of = tie_groups(groups, ties)
+        total = float(sum(g.numel for g in groups)) if per_weights is None else per_weights
+        choice = choose(merged, target_bpw, total)
+        indices = [0] * len(groups)
+        for g, members, k in zip(merged, members_of, choice.indices):
+            if len(members) == 1 and g is groups[members[0]]:  # not tied: as chosen
+                indices[members[0]] = k
+                continue
+            label = _as_candidate(g.candidates[k]).label
+            for i in members:
+                indices[i] = next(j for j, c in enumerate(groups[i].candidates)
+                                  if _as_candidate(c).label == label)
+        choice.indices = indices
+        choice.notes.append(f"{len(ties)} tie(s): {len(groups)} groups solved as "
+                            f"{len(merged)}")
+        return choice
     t0 = time.perf_counter()
     if not groups:
         raise InputError("no module groups to choose bit widths for")

@@ -132,11 +132,13 @@ class MeasurementStore:
         return len(self.layers) >= num_layers
 
     # ---- optimiser interface -------------------------------------------------------------
-    def _entries(self, allowed: Callable[[dict], bool] | None):
-        """(layer index, group name, group, candidates the caller allows), in file order."""
+    def _entries(self, allowed: Callable[[dict], bool] | None, allowed_for=None):
+        """(layer index, group name, group, candidates the caller allows), in file order.
+        `allowed_for(layer index, group name)` gives a per-group filter instead."""
         for layer in self.layers:
             for name, g in layer["groups"].items():
-                cands = [c for c in g["candidates"] if allowed is None or allowed(c)]
+                ok = allowed_for(layer["index"], name) if allowed_for is not None else allowed
+                cands = [c for c in g["candidates"] if ok is None or ok(c)]
                 if not cands:
                     raise InputError(f"measurement file {self.path}: no usable candidate for "
                                      f"layer {layer['index']} group {name}")
@@ -162,14 +164,15 @@ class MeasurementStore:
         return share((layer.get("blocks") or {}).get(layer["groups"][name].get("block"))) or 1.0
 
     def groups(self, weight: Callable[[int, str], float] | None = None,
-               allowed: Callable[[dict], bool] | None = None) -> list[Group]:
+               allowed: Callable[[dict], bool] | None = None, allowed_for=None
+               ) -> list[Group]:
         """Every (layer, group) as an optimiser Group named "<layer>.<group>", in file order,
         each candidate's cost its squared relative output error.
         `weight(layer_index, group_name)` gives its importance (default 1; `residual_weight`:
         its block's residual share); `allowed(candidate)` drops candidates the export cannot
         use (pass the same to `selection`)."""
         out = []
-        for index, name, g, cands in self._entries(allowed):
+        for index, name, g, cands in self._entries(allowed, allowed_for):
             w = 1.0 if weight is None else float(weight(index, name))
             # The optimiser adds up squared relative errors: a model's loss grows about
             # quadratically in small output perturbations, so a plain sum overvalues shaving
@@ -182,11 +185,11 @@ class MeasurementStore:
                              w, f"{index}.{name}"))
         return out
 
-    def selection(self, choice: Choice, allowed: Callable[[dict], bool] | None = None
-                  ) -> dict[int, dict[str, dict]]:
+    def selection(self, choice: Choice, allowed: Callable[[dict], bool] | None = None,
+                  allowed_for=None) -> dict[int, dict[str, dict]]:
         """The chosen candidate dict per layer and group, for the quantization pass."""
         out: dict[int, dict[str, dict]] = {}
-        entries = list(self._entries(allowed))
+        entries = list(self._entries(allowed, allowed_for))
         if len(entries) != len(choice.indices):
             raise ValueError(f"choice has {len(choice.indices)} groups, the measurement "
                              f"{len(entries)}: was it made from this file and filter?")

@@ -6,6 +6,7 @@ The measurement depends on the model, the calibration set and the GPTQ settings,
 target, so one file serves any number of targets."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -119,23 +120,32 @@ def packable(candidate: dict, shapes: dict[str, tuple[int, int]], symmetric: boo
 
 def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
                     shapes: dict[str, tuple[int, int]], error_weights: str = "none",
-                    original_shapes: dict[str, tuple[int, int]] | None = None
-                    ) -> tuple[dict[str, tuple[int, int]], dict]:
+                    original_shapes: dict[str, tuple[int, int]] | None = None,
+                    engine: str = "vllm") -> tuple[dict[str, tuple[int, int]], dict]:
     """{full module name: (bits, group_size)} meeting `target_bpw`, and a summary.
     `shapes` maps each linear's name in the layer to (out_features, in_features) as quantized
     (padded); `original_shapes` the same before padding: the target is bits per weight of
     the original model, so padding is paid for out of it;
     `error_weights`: "none" (every group's block error counts alike) or "residual" (weighed
-    by its block's residual-stream share, when the file has them)."""
-    from quantizer.measurements.optimizer import choose
+    by its block's residual-stream share, when the file has them).
+    `engine` "vllm": only candidates vLLM serves, and every routed expert of a MoE layer
+    one setting (vLLM's fused-MoE layer loads one scheme); a target those cannot meet is
+    refused naming the smallest that can. "none": every measured candidate."""
+    from quantizer.measurements.optimizer import choose, min_bpw
 
-    from .methods.measure import module_settings_from_selection, vllm_can_load
+    from .export.serving import candidate_servable, expert_block
+    from .methods.measure import module_settings_from_selection
 
-    def storable(c):
-        return packable(c, shapes, symmetric)
+    serving = engine == "vllm"
+    experts = {(layer["index"], name): _expert_block_of(g, expert_block)
+               for layer in store.layers for name, g in layer["groups"].items()}
 
-    def allowed(c):
-        return storable(c) and vllm_can_load(c, symmetric)
+    def allowed_in(index: int, name: str):
+        def allowed(c):
+            ok = packable(c, shapes, symmetric)
+            return ok and (not serving or candidate_servable(
+                c, symmetric, experts[(index, name)] is not None))
+        return allowed
 
     if not store.has_block_errors:
         say(f"measurement {store.path} has no block errors (measured by an older layerquant): "
@@ -146,22 +156,29 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
         say(f"measurement {store.path} has no residual shares (measured by an older "
             f"layerquant): every group's error weighs 1; measure again to weigh them")
     per_weights = original_weights(store, shapes, original_shapes or shapes)
+    groups = store.groups(weight, allowed_for=allowed_in)
+    ties = _expert_ties(store, experts) if serving else []
     t0 = time.perf_counter()
     try:
-        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw), per_weights)
-    except InputError as e:
-        # Below what vLLM's kernels serve (e.g. 3 bpw asymmetric): widen to every measured
-        # candidate; quantizer.load() and transformers read the result, vLLM may not.
-        say(f"{e}; using every measured candidate instead (the export may not load in vLLM)")
-        allowed = storable
-        choice = choose(store.groups(weight, allowed=allowed), float(target_bpw), per_weights)
-    selection = store.selection(choice, allowed=allowed)
+        choice = choose(groups, float(target_bpw), per_weights, ties)
+    except InputError:
+        if not serving:
+            raise
+        smallest = math.ceil(min_bpw(groups, per_weights, ties) * 1000) / 1000
+        raise InputError(f"--bits {target_bpw}: no allocation vLLM serves meets it (one "
+                         f"setting per fused q/k/v and gate/up, every expert of a MoE layer "
+                         f"one setting, experts int4/int8, zero points at 4/8 bit only); the "
+                         f"smallest servable target is {smallest:.3f} bpw; --engine none "
+                         f"allows every measured candidate (the export then may not load in "
+                         f"vLLM)") from None
+    selection = store.selection(choice, allowed_for=allowed_in)
     settings = module_settings_from_selection(selection, arch)
     widths: dict[int, int] = {}
     for bits, _ in settings.values():
         widths[bits] = widths.get(bits, 0) + 1
     summary = {"target_bpw": float(target_bpw), "achieved_bpw": choice.bpw,
-               "vllm_candidates_only": allowed is not storable,
+               "vllm_candidates_only": serving, "engine": engine,
+               "tied_moe_layers": len(ties),
                "error_weights": "residual share" if weighted else "none",
                "objective": choice.objective, "optimality_gap": choice.gap,
                "exact": choice.exact, "seconds": time.perf_counter() - t0,
@@ -170,6 +187,27 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
         f"({'exact' if choice.exact else f'gap {choice.gap:.2e}'}), modules per width "
         f"{summary['modules_per_bits']}")
     return settings, summary
+
+
+def _expert_block_of(group: dict, expert_block) -> str | None:
+    """The fused-MoE block a measured group belongs to (all its modules routed experts of
+    one block), else None."""
+    blocks = {expert_block(m) for m in group["modules"]}
+    return blocks.pop() if len(blocks) == 1 else None
+
+
+def _expert_ties(store, experts: dict) -> list[list[int]]:
+    """Optimiser group indices (file order, as MeasurementStore.groups) per fused-MoE
+    layer: every routed expert's gate/up and down group of one layer."""
+    ties: dict[tuple[int, str], list[int]] = {}
+    k = 0
+    for layer in store.layers:
+        for name in layer["groups"]:
+            block = experts[(layer["index"], name)]
+            if block is not None:
+                ties.setdefault((layer["index"], block), []).append(k)
+            k += 1
+    return [t for t in ties.values() if len(t) > 1]
 
 
 def original_weights(store, shapes: dict[str, tuple[int, int]],

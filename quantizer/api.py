@@ -29,7 +29,7 @@ def resolve_model(path_or_id: str) -> Path:
 
 
 def quantize(model: str, output: str, bits: float = 4, group_size="auto", method: str = "rtn",
-             symmetric: bool = False, calib_data: str = "builtin", calib_samples: int = 128,
+             symmetric: bool | None = None, calib_data: str = "builtin", calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, device: str = "auto", dtype: str = "auto",
              export_format: str = "auto", overwrite: bool = False, resume: bool = False,
              work_dir=None, progress: bool = True, max_shard_bytes: int = 1 << 30, log=None,
@@ -38,7 +38,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              adaptive: bool = False, hessian_device: str = "auto", hidden_device: str = "auto",
              tp_size: int | None = None, pad_for_tp: int | None = None,
              devices: str | list | None = None, calib_shards: int = 8,
-             min_expert_tokens: int = 16,
+             min_expert_tokens: int = 16, engine: str = "vllm",
              **method_options) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
 
@@ -47,6 +47,10 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
 
     tp_size=N refuses before any work unless the export loads under tensor parallelism N;
     pad_for_tp=N zero-pads the MLP intermediate width so that it does (exact).
+
+    symmetric=None takes the export format's serving default (asymmetric for AWQ's layout,
+    symmetric for GPTQ and compressed-tensors); engine="vllm" checks vLLM's load-time rules
+    before any work and before publishing (engine="none" skips them).
 
     MoE: an expert routed fewer than min_expert_tokens calibration tokens is rounded to
     nearest instead of calibrated (with a warning; the report lists tokens per expert).
@@ -74,14 +78,14 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
         vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
         hessian_device=hessian_device, hidden_device=hidden_device, tp_size=tp_size,
-        pad_for_tp=pad_for_tp, min_expert_tokens=min_expert_tokens)
+        pad_for_tp=pad_for_tp, min_expert_tokens=min_expert_tokens, engine=engine)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)
 
 
 def measure(model: str, output: str, calib_data: str = "builtin", calib_samples: int = 128,
-            calib_seqlen: int = 512, seed: int = 0, symmetric: bool = False,
+            calib_seqlen: int = 512, seed: int = 0, symmetric: bool | None = None,
             group_size="auto", device: str = "auto", dtype: str = "auto",
             overwrite: bool = False, resume: bool = False, work_dir=None, progress: bool = True,
             log=None, vram_budget: str | None = None, ram_budget: str | None = None,
@@ -108,14 +112,15 @@ _QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric"
                   "overwrite", "resume", "work_dir", "progress", "max_shard_bytes",
                   "vram_budget", "ram_budget", "save_hidden", "measurement", "adaptive",
                   "hessian_device", "hidden_device", "tp_size", "pad_for_tp", "calib_shards",
-                  "min_expert_tokens")
+                  "min_expert_tokens", "engine")
 
 
 def _settings_for_check(args: dict, method_options: dict) -> QuantSettings:
     return QuantSettings(bits=args["bits"], group_size=args["group_size"], method=args["method"],
                          symmetric=args["symmetric"], method_options=dict(method_options),
                          measurement=args["measurement"], adaptive=args["adaptive"],
-                         tp_size=args["tp_size"], pad_for_tp=args["pad_for_tp"])
+                         tp_size=args["tp_size"], pad_for_tp=args["pad_for_tp"],
+                         engine=args["engine"])
 
 
 def _log_stderr(msg: str) -> None:

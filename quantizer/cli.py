@@ -46,7 +46,16 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", default="auto", help="128, 64, 32, -1 (per channel) or auto")
     p.add_argument("--method", default=None, help="rtn, awq or gptq (default: awq when "
                    "available, else rtn)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=None,
+                     help="symmetric quantization (default for GPTQ and compressed-tensors)")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
+                     help="asymmetric (zero points; default for the AWQ layout). vLLM serves "
+                     "asymmetric compressed-tensors at 4/8 bit on dense layers only")
+    p.add_argument("--engine", choices=("vllm", "none"), default="vllm", help="the engine the "
+                   "export is for: vllm (default) checks its load-time rules before any work "
+                   "and before publishing, and keeps adaptive bits to what it serves; none "
+                   "skips that")
     p.add_argument("--format", dest="export_format", default="auto",
                    help="awq, gptq or compressed-tensors (default: by method and bits)")
     p.add_argument("--calib-data", default="builtin",
@@ -67,7 +76,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "mean diagonal)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order: columns in order of decreasing Hessian diagonal "
-                   "(default: off; adaptive GPTQ: on, with static groups)")
+                   "(default: on, with static groups; --no-act-order to opt out)")
     p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ act-order with groups fixed before reordering: no g_idx, the "
                    "fast serving path")
@@ -164,7 +173,7 @@ def run_quantize_cli(argv) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = quantize(a.model, a.output, bits=a.bits, group_size=a.group_size,
                       method=a.method or default_method(a.bits, a.adaptive or bool(a.measurement)),
-                      symmetric=a.sym,
+                      symmetric=a.symmetric, engine=a.engine,
                       calib_data=a.calib_data, calib_samples=a.calib_samples,
                       calib_seqlen=a.calib_seqlen, seed=a.seed, device=a.device, dtype=a.dtype,
                       export_format=a.export_format, overwrite=a.overwrite,
@@ -195,7 +204,7 @@ def run_measure_cli(argv) -> int:
     options = gptq_options(a)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     summary = measure(a.model, a.output, calib_data=a.calib_data, calib_samples=a.calib_samples,
-                      calib_seqlen=a.calib_seqlen, seed=a.seed, symmetric=a.sym,
+                      calib_seqlen=a.calib_seqlen, seed=a.seed, symmetric=a.symmetric,
                       group_size=a.group_size, device=a.device, dtype=a.dtype,
                       overwrite=a.overwrite, resume=a.resume, work_dir=a.work_dir,
                       progress=not (a.no_progress or a.json), log=log,
@@ -253,24 +262,50 @@ def run_plan_cli(argv) -> int:
 
 def check_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantize check", description=(
-        "Will this checkpoint load under tensor parallelism N? Reads config.json only. Exit "
-        "0 when every quantized module's per-GPU shape is aligned, 2 when not"))
+        "Will vLLM load this export, and on its fast path? Runs the serving rules per layer "
+        "over config.json and the tensors' headers: errors (vLLM refuses it or loads wrong "
+        "numbers), warnings (off the Marlin path, with the reason). A directory without "
+        "quantized tensors gets the tensor-parallel shape check of config.json. Exit 2 on "
+        "any error"))
     p.add_argument("model", help="quantized (or original) model directory, or its config.json")
-    p.add_argument("--tp-size", type=_positive, required=True)
-    p.add_argument("--group-size", type=int, default=128, help="used when config.json has no "
-                   "quantization_config (default 128; -1 per channel)")
+    p.add_argument("--tp-size", type=_positive, default=None, help="check the shapes at "
+                   "tensor parallelism N: Marlin misalignment there is an error (default: TP "
+                   "1, where it is a warning)")
+    p.add_argument("--engine", choices=("vllm",), default="vllm")
+    p.add_argument("--group-size", type=int, default=128, help="config-only check: used when "
+                   "config.json has no quantization_config (default 128; -1 per channel)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
     return p
 
 
 def run_check_cli(argv) -> int:
     a = check_parser().parse_args(argv)
-    from .tp import check_checkpoint, describe_problems
-    problems, sizes = check_checkpoint(a.model, a.tp_size, a.group_size)
+    from pathlib import Path
+
+    from .tp import check_checkpoint, checkpoint_group_sizes, describe_problems
+    path = Path(a.model)
+    if path.is_dir() and any(path.glob("*.safetensors")) and _has_quantized(path):
+        from .export.serving import check_export
+        report = check_export(path, a.tp_size or 1, a.engine, strict_tp=a.tp_size is not None)
+        print(json.dumps(report.to_dict(), indent=1) if a.json else report.render())
+        if a.tp_size and not any(f.rule in ("marlin-shape", "moe-marlin-shape", "tp-split")
+                                 for f in report.findings) and not a.json:
+            sizes = checkpoint_group_sizes(json.loads((path / "config.json").read_text()),
+                                           a.group_size)
+            print(f"TP-{a.tp_size}: ok (group size {', '.join(map(str, sizes))})")
+        return 2 if report.errors else 0
+    tp = a.tp_size or 1
+    problems, sizes = check_checkpoint(a.model, tp, a.group_size)
     if not problems:
-        print(f"TP-{a.tp_size}: ok (group size {', '.join(map(str, sizes))})")
+        print(f"TP-{tp}: ok (group size {', '.join(map(str, sizes))})")
         return 0
-    print(describe_problems(problems, a.tp_size, ", ".join(map(str, sizes))))
+    print(describe_problems(problems, tp, ", ".join(map(str, sizes))))
     return 2
+
+
+def _has_quantized(path) -> bool:
+    cfg = path / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("quantization_config"))
 
 
 def _dump_stacks_every(seconds: str | None) -> None:

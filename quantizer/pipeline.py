@@ -16,6 +16,7 @@ import torch
 from .config import AUTO_GROUP_SIZES, QuantSettings, resolve_group_size
 from .errors import InputError
 from .export import get_exporter
+from .export.serving import NotServable
 from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
 from .layer_loop import LayerLoop
 from .methods import get_method
@@ -76,6 +77,10 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
         if fmt == "auto":  # what vLLM serves for each: AWQ GEMM for 4-bit, else GPTQ / CT
             fmt = ("gptq" if settings.method == "gptq" else
                    "awq" if settings.bits == 4 else "compressed-tensors")
+    if settings.symmetric is None:  # the default: what the format's fast serving path takes
+        from .export.serving import default_symmetric
+        settings.symmetric = default_symmetric(fmt)
+    if not settings.is_adaptive:
         get_exporter(fmt).check_supported(settings.bits, settings.symmetric,
                                           bool(settings.method_options.get("act_order")))
     notes = []
@@ -106,8 +111,62 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
     dtype = settings.working_dtype(config_dtype_from_raw(cfg))
     job = Job(source, copy.copy(settings), group_size, intermediate, padded, device, dtype, fmt,
               notes)
+    if not settings.is_adaptive:  # adaptive: checked once the bit allocation is known
+        check_planned(job)
     job.plan = plan_memory(job) if device.type == "cuda" else None
     return job
+
+
+def serving_tp(settings: QuantSettings) -> tuple[int, bool]:
+    """The TP size the serving rules check at, and whether the user asked for it (then a
+    shape off the Marlin path is an error, as --tp-size refuses it before any work)."""
+    n = settings.tp_size or settings.pad_for_tp
+    return (n or 1), bool(n)
+
+
+def check_planned(job: "Job", module_settings: dict | None = None) -> list[str]:
+    """The serving rules on the export this job will write, before any weight is read (or,
+    adaptive, before the quantize pass): InputError naming every error and its fix; the
+    warnings come back as lines."""
+    from .export.serving import Scheme, check_view, planned_view, refuse_errors
+
+    s, arch, cfg = job.settings, job.arch, job.source.raw_config
+    opts = s.method_options
+    g_idx = bool(opts.get("act_order")) and not opts.get("static_groups")
+    shapes = linear_shapes(job.source, job.padded_intermediate)
+    names, rel = [], {}
+    for i in range(job.source.num_layers):
+        for n in arch.for_layer(cfg, i).linears:
+            full = f"{arch.layer_prefix(i)}.{n}"
+            names.append(full)
+            rel[full] = n
+    awq = job.export_format == "awq"
+
+    def scheme(full: str) -> Scheme:
+        bits, gs = (module_settings or {}).get(full, (s.bits, job.group_size))
+        return Scheme(int(bits), int(gs), False if awq else bool(s.symmetric), g_idx)
+
+    def rel_shape(full: str):
+        return shapes.get(rel[full]) or _expert_shape(job, rel[full], shapes)
+
+    config = dict(cfg)
+    if job.padded_intermediate:
+        config[arch.intermediate_key] = job.padded_intermediate
+    view = planned_view(config, export_quantization_config(job, module_settings),
+                        {n: rel_shape(n) for n in names}, names, scheme)
+    tp, strict = serving_tp(s)
+    report = check_view(view, tp, s.engine, strict)
+    refuse_errors(report, "refused before any work" if module_settings is None else
+                  "refused after the bit allocation, before quantizing")
+    return [f.line() for f in report.warnings]
+
+
+def _expert_shape(job: "Job", name: str, shapes: dict) -> tuple[int, int]:
+    # Every expert of a family has one shape: representative layers list each expert's
+    # linears, so a missing name is only an expert of a MoE layer not listed there.
+    key = next(k for k in shapes if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]
+               and ".experts." in k)
+    return shapes[key]
 
 
 def padded_width_and_group(source: CheckpointSource, settings: QuantSettings, intermediate: int,
@@ -297,10 +356,17 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                 t0 = time.perf_counter()
                 assemble(job, jobdir, work / "final", max_shard_bytes,
                          options.get("module_settings"))
+                extra["serving"] = check_staged(job, work / "final")
                 publish(work / "final", output)
                 phases["export"] = time.perf_counter() - t0
         jobdir.finish()
         w.barrier()  # every rank is done with the job directory before it goes
+    except NotServable as e:
+        # Every layer is done: keep the job directory, so a fixed exporter re-exports it
+        # (--resume) without quantizing again.
+        jobdir.unlock()
+        raise NotServable(f"{e}\njob directory kept: {work} (rerun with --resume once "
+                          f"fixed)") from None
     except InputError:
         # Bad input (e.g. NaN weights) cannot be fixed by resuming: leave nothing behind.
         jobdir.unlock()
@@ -356,10 +422,46 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
         raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
                          f"{job.source.num_layers} layers")
     extra["measurement"] = str(store.path)
-    return choose_settings(store, job.arch, float(s.bits), s.symmetric, say,
-                           linear_shapes(job.source, job.padded_intermediate),
-                           s.method_options.get("error_weights", "none"),
-                           linear_shapes(job.source, None))
+    settings, summary = choose_settings(
+        store, job.arch, float(s.bits), s.symmetric, say,
+        linear_shapes(job.source, job.padded_intermediate),
+        s.method_options.get("error_weights", "none"), linear_shapes(job.source, None),
+        s.engine)
+    job.notes += [f"serving {w}" for w in check_planned(job, settings)]
+    return settings, summary
+
+
+def export_quantization_config(job: Job, module_settings: dict | None = None) -> dict:
+    """config.json's quantization_config for this job (per-module settings: adaptive)."""
+    from .export.serving import router_ignore
+
+    exporter = get_exporter(job.export_format)
+    opts = job.settings.method_options
+    act_order = bool(opts.get("act_order"))
+    return exporter.quantization_config(
+        bits=job.settings.bits, group_size=job.group_size,
+        not_converted=list(job.arch.not_quantized), symmetric=job.settings.symmetric,
+        act_order=act_order, static_groups=bool(opts.get("static_groups")),
+        damp=float(opts.get("damp", 0.01)), float_linears=router_ignore(job.arch),
+        module_bits=None if module_settings is None else {
+            name: (bits, gs, job.settings.symmetric, act_order)
+            for name, (bits, gs) in module_settings.items()})
+
+
+def check_staged(job: Job, staged: Path) -> dict:
+    """The serving rules on the written export before it is published: NotServable (the job
+    directory is kept) on any error; warnings go into layerquant.json and the notes."""
+    from .export.serving import NotServable, check_export, refuse_errors
+
+    tp, strict = serving_tp(job.settings)
+    report = check_export(staged, tp, job.settings.engine, strict)
+    record = json.loads((staged / "layerquant.json").read_text())
+    record["serving"] = report.to_dict()
+    (staged / "layerquant.json").write_text(json.dumps(record, indent=2, sort_keys=True,
+                                                       default=str))
+    refuse_errors(report, "not published", NotServable)
+    job.notes += [f"serving {f.line()}" for f in report.warnings]
+    return report.to_dict()
 
 
 def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
@@ -378,17 +480,7 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
         tensors, _ = jobdir.load_layer("quantize", i)
         writer.add(dict(sorted(tensors.items())))
     writer.finish()
-    exporter = get_exporter(job.export_format)
-    opts = job.settings.method_options
-    act_order = bool(opts.get("act_order"))
-    qcfg = exporter.quantization_config(
-        bits=job.settings.bits, group_size=job.group_size,
-        not_converted=list(job.arch.not_quantized), symmetric=job.settings.symmetric,
-        act_order=act_order, static_groups=bool(opts.get("static_groups")),
-        damp=float(opts.get("damp", 0.01)),
-        module_bits=None if module_settings is None else {
-            name: (bits, gs, job.settings.symmetric, act_order)
-            for name, (bits, gs) in module_settings.items()})
+    qcfg = export_quantization_config(job, module_settings)
     if module_settings is not None and (jobdir.path / "measurement.json").is_file():
         shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")
     updates = {"quantization_config": qcfg, "torch_dtype": job.settings.out_dtype}

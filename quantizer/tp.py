@@ -129,46 +129,68 @@ def _width_key(lin: Linear, config: dict, expert: bool) -> str:
     return "intermediate_size"
 
 
-def _check_linear(lin: Linear, shapes: ModelShapes, n: int, g: int, expert: bool) -> str:
-    """'' when `lin` is fine under TP n, else what is wrong with its per-GPU shape."""
+@dataclass(frozen=True)
+class Partition:
+    """One GPU's share of a linear under TP n, as vLLM's parallel layers cut it."""
+
+    part_in: int
+    part_out: int
+    split: str  # how it was cut, for messages ("11008 / 4", "full input", ...)
+    uneven: str  # '' or why the features do not split evenly (vLLM refuses it)
+
+
+def partition(lin: Linear, shapes: ModelShapes, n: int) -> Partition:
+    """`lin`'s per-GPU shape at TP `n`: column layers split outputs, row layers inputs,
+    replicated ones stay whole; k/v replicate when TP exceeds the KV heads."""
     if lin.parallel == "replicated":  # whole on every GPU (DeepSeek's MLA "a" projections)
-        part_in, part_out, split, uneven = lin.in_features, lin.out_features, "replicated", 0
-        side = ("output", lin.out_features)
-    elif lin.parallel == "column":
-        part_in = lin.in_features
+        return Partition(lin.in_features, lin.out_features, "replicated", "")
+    if lin.parallel == "column":
         if lin.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and shapes.kv_heads < n:
-            part_out, split = shapes.head_dim, f"{shapes.kv_heads} KV heads replicated"
-        else:
-            part_out, split = lin.out_features // n, f"{lin.out_features} / {n}"
-        uneven = lin.out_features % n and split.endswith(f"/ {n}")
-        side = ("output", lin.out_features)
-    else:
-        part_in, part_out = lin.in_features // n, lin.out_features
-        split = f"{lin.in_features} / {n}"
-        uneven = lin.in_features % n
-        side = ("input", lin.in_features)
-    if uneven:
-        return (f"{lin.name}: {side[1]} {side[0]} features do not split evenly over TP {n}")
+            return Partition(lin.in_features, shapes.head_dim,
+                             f"{shapes.kv_heads} KV heads replicated", "")
+        uneven = (f"{lin.name}: {lin.out_features} output features do not split evenly "
+                  f"over TP {n}") if lin.out_features % n else ""
+        return Partition(lin.in_features, lin.out_features // n,
+                         f"{lin.out_features} / {n}", uneven)
+    uneven = (f"{lin.name}: {lin.in_features} input features do not split evenly over "
+              f"TP {n}") if lin.in_features % n else ""
+    return Partition(lin.in_features // n, lin.out_features, f"{lin.in_features} / {n}", uneven)
+
+
+def marlin_problems(lin: Linear, part: Partition, hidden: int, g: int, expert: bool
+                    ) -> list[str]:
+    """Why Marlin cannot take `lin`'s per-GPU shape `part` at group size `g` ([] when it
+    can): vLLM's verify_marlin_supports_shape for linears, check_moe_marlin_supports_layer
+    for fused-MoE experts (`expert`; `hidden` is the model's hidden size)."""
     wrong = []
     if expert:  # fused-MoE Marlin: intermediate per GPU % max(64, g), hidden % 128
-        width = part_out if lin.parallel == "column" else part_in
+        width = part.part_out if lin.parallel == "column" else part.part_in
         need = max(MARLIN_MIN_THREAD_N, g)
         if width % need:
-            wrong.append(f"expert intermediate per GPU {width} ({split}) is not a multiple of "
-                         f"{need} (fused-MoE Marlin: max(64, group size))")
-        if shapes.hidden % MARLIN_MIN_THREAD_K:
-            wrong.append(f"hidden {shapes.hidden} is not a multiple of {MARLIN_MIN_THREAD_K}")
-    else:
-        in_note = split if lin.parallel == "row" else "full input"
-        need_k = _alignment(g)
-        if part_in % need_k:
-            why = "Marlin min_thread_k 128" + (f", group size {g}" if g > 0 else "")
-            wrong.append(f"input per GPU {part_in} ({in_note}) is not a multiple of {need_k} "
-                         f"({why})")
-        if part_out % MARLIN_MIN_THREAD_N:
-            out_note = split if lin.parallel == "column" else "full output"
-            wrong.append(f"output per GPU {part_out} ({out_note}) is not a multiple of "
-                         f"{MARLIN_MIN_THREAD_N} (Marlin min_thread_n)")
+            wrong.append(f"expert intermediate per GPU {width} ({part.split}) is not a "
+                         f"multiple of {need} (fused-MoE Marlin: max(64, group size))")
+        if hidden % MARLIN_MIN_THREAD_K:
+            wrong.append(f"hidden {hidden} is not a multiple of {MARLIN_MIN_THREAD_K}")
+        return wrong
+    in_note = part.split if lin.parallel == "row" else "full input"
+    need_k = _alignment(g)
+    if part.part_in % need_k:
+        why = "Marlin min_thread_k 128" + (f", group size {g}" if g > 0 else "")
+        wrong.append(f"input per GPU {part.part_in} ({in_note}) is not a multiple of {need_k} "
+                     f"({why})")
+    if part.part_out % MARLIN_MIN_THREAD_N:
+        out_note = part.split if lin.parallel == "column" else "full output"
+        wrong.append(f"output per GPU {part.part_out} ({out_note}) is not a multiple of "
+                     f"{MARLIN_MIN_THREAD_N} (Marlin min_thread_n)")
+    return wrong
+
+
+def _check_linear(lin: Linear, shapes: ModelShapes, n: int, g: int, expert: bool) -> str:
+    """'' when `lin` is fine under TP n, else what is wrong with its per-GPU shape."""
+    part = partition(lin, shapes, n)
+    if part.uneven:
+        return part.uneven
+    wrong = marlin_problems(lin, part, shapes.hidden, g, expert)
     return f"{lin.name} at TP {n}: " + "; ".join(wrong) if wrong else ""
 
 

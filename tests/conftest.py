@@ -57,6 +57,31 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(autouse=True)
+def serving_check_every_export(request, monkeypatch):
+    """Every export a test publishes passes `quantize check` (vLLM's rules) with no error:
+    the published directory is re-read from disk and checked, whatever --engine the run
+    used. A test that writes an export vLLM refuses on purpose (to test --engine none) marks
+    itself `serving_errors_expected` and gets the reports in `request.node.serving_reports`."""
+    import quantizer.pipeline as pipeline
+    from quantizer.export.serving import check_export
+
+    real = pipeline.publish
+    expected = request.node.get_closest_marker("serving_errors_expected") is not None
+    request.node.serving_reports = []
+
+    def publish(staged, output):
+        real(staged, output)
+        report = check_export(output)
+        request.node.serving_reports.append(report)
+        if report.errors and not expected:
+            raise AssertionError(f"export {output} fails the serving check:\n"
+                                 + report.render())
+
+    monkeypatch.setattr(pipeline, "publish", publish)
+    yield
+
+
 def tested_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
     parts = []

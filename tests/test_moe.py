@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantizer.errors import InputError
 from quantizer import load, quantize
 from quantizer.arch import get_arch
 from quantizer.export import get_exporter
@@ -73,24 +74,27 @@ def test_unfused_experts_match_transformers_fused(preset, tiny_checkpoint):
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
 def test_rtn_reload_matches_fake_quant(preset, tiny_checkpoint, tmp_path, prose_file):
     """RTN, every export layout: load() == transformers' fused model with every linear and
-    every expert slice of the fused parameters fake-quantized (routers kept float)."""
+    every expert slice of the fused parameters fake-quantized (routers kept float). Each
+    layout at its serving default: AWQ asymmetric, GPTQ and compressed-tensors symmetric."""
     src = tiny_checkpoint(preset, dtype=torch.float32)
-    ref = hf_model(src)
-    for name, mod in ref.named_modules():
-        if ".layers." not in name:
-            continue
-        if isinstance(mod, torch.nn.Linear) and not name.endswith(("gate", "shared_expert_gate")):
-            mod.weight.data = fake_quantize(mod.weight.data, 4, 32)
-        for pname in ("gate_up_proj", "down_proj"):  # fused (E, out, in) expert parameters
-            p = getattr(mod, pname, None)
-            if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
-                p.data = torch.stack([fake_quantize(w, 4, 32) for w in p.data])
-    want = logits(ref)
-    for fmt in ("awq", "gptq", "compressed-tensors"):
+    for fmt, symmetric in (("awq", False), ("gptq", True), ("compressed-tensors", True)):
+        ref = hf_model(src)
+        for name, mod in ref.named_modules():
+            if ".layers." not in name:
+                continue
+            if isinstance(mod, torch.nn.Linear) and not name.endswith(("gate",
+                                                                        "shared_expert_gate")):
+                mod.weight.data = fake_quantize(mod.weight.data, 4, 32, symmetric)
+            for pname in ("gate_up_proj", "down_proj"):  # fused (E, out, in) expert params
+                p = getattr(mod, pname, None)
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                    p.data = torch.stack([fake_quantize(w, 4, 32, symmetric) for w in p.data])
         out = tmp_path / fmt
         quantize(src, out, bits=4, group_size=32, method="rtn", export_format=fmt,
                  calib_samples=0, progress=False)
-        assert rel(logits(load(out)), want) < 5e-3, fmt
+        assert json.loads((out / "config.json").read_text())["quantization_config"].get(
+            "sym", symmetric) == symmetric
+        assert rel(logits(load(out)), logits(ref)) < 5e-3, fmt
 
 
 @pytest.mark.parametrize("preset,method,fmt", [
@@ -124,8 +128,8 @@ def test_calibrated_reload_matches_dequantized_reference(preset, method, fmt, ti
 def test_gptq_beats_rtn_on_moe_layers(tiny_checkpoint, tmp_path, prose_file):
     src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
     errs = {}
-    for method in ("rtn", "gptq"):
-        r = quantize(src, tmp_path / method, bits=3, group_size=32, method=method,
+    for method in ("rtn", "gptq"):  # 4-bit: vLLM's fused-MoE kernels take int4 / int8 only
+        r = quantize(src, tmp_path / method, bits=4, group_size=32, method=method,
                      calib_data=str(prose_file), calib_samples=4, calib_seqlen=32,
                      progress=False, export_format="gptq", min_expert_tokens=1)
         errs[method] = [layer.output_error for layer in r.layers]
@@ -229,21 +233,53 @@ def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pat
     assert calls["batched"] < calls["single"]  # batches, not one capture per expert
 
 
-def test_adaptive_bits_are_allocated_per_expert(tiny_checkpoint, tmp_path, prose_file):
-    """Fractional --bits on a MoE model: every expert is measured and gets its own width
-    (compressed-tensors config names them); the export reloads and matches its dequantized
-    form as transformers loads it."""
-    src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
-    out = tmp_path / "q"
-    result = quantize(src, out, bits=3.5, group_size=32, method="gptq",
-                      calib_data=str(prose_file), calib_samples=4, calib_seqlen=32,
-                      progress=False, min_expert_tokens=1)
-    assert abs(result.extra["bit_allocation"]["achieved_bpw"] - 3.5) < 0.05
-    assert len(result.extra["bit_allocation"]["modules_per_bits"]) > 1
+@pytest.mark.serving_errors_expected  # the --engine none export, on purpose
+def test_adaptive_bits_on_moe_serve_or_go_per_expert(tiny_checkpoint, tmp_path, prose_file,
+                                                     request):
+    """Fractional --bits on a MoE model. For vLLM (the default) every expert of a layer
+    shares one setting -- its fused-MoE layer loads one scheme, looked up under expert 0's
+    gate_proj/up_proj/down_proj -- experts are int4/int8, and a target that cannot be met so
+    is refused naming the smallest that can. --engine none gives every expert its own width
+    (compressed-tensors config names them; vLLM refuses that). Both reload and match their
+    dequantized form as transformers loads it."""
+    from quantizer.export.serving import _ct_declared
     from quantizer.loader import quant_spec
-    spec = quant_spec(json.loads((out / "config.json").read_text()))
+
+    src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
+    kw = dict(group_size=32, method="gptq", calib_data=str(prose_file), calib_samples=4,
+              calib_seqlen=32, progress=False, min_expert_tokens=1)
+    out = tmp_path / "q"
+    result = quantize(src, out, bits=4.75, **kw)
+    alloc = result.extra["bit_allocation"]
+    assert alloc["achieved_bpw"] <= 4.75 and abs(alloc["achieved_bpw"] - 4.75) < 0.1
+    assert alloc["tied_moe_layers"] == 2 and alloc["vllm_candidates_only"]
+    assert not request.node.serving_reports[-1].errors
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    spec = quant_spec({"quantization_config": qcfg})
+    for i in range(2):
+        block = f"model.layers.{i}.block_sparse_moe.experts"
+        settings = {(spec.for_module(f"{block}.{e}.{n}").bits,
+                     spec.for_module(f"{block}.{e}.{n}").group_size)
+                    for e in range(4) for n in ("w1", "w2", "w3")}
+        assert len(settings) == 1 and next(iter(settings))[0] in (4, 8), settings
+        looked_up = {_ct_declared(qcfg, f"{block}.0.{p}").scheme
+                     for p in ("gate_proj", "up_proj", "down_proj")}
+        assert len(looked_up) == 1 and None not in looked_up  # vLLM's names resolve
+    dequantized_checkpoint(out, "compressed-tensors", tmp_path / "deq")
+    assert rel(logits(load(out)), logits(hf_model(tmp_path / "deq"))) < 5e-3
+
+    measurement = out / "measurement.json"
+    with pytest.raises(InputError, match=r"smallest servable target is \d\.\d+ bpw"):
+        quantize(src, tmp_path / "low", bits=3.5, measurement=measurement, **kw)
+    assert not (tmp_path / "low").exists()
+
+    free = tmp_path / "free"
+    result = quantize(src, free, bits=3.5, measurement=measurement, engine="none", **kw)
+    assert abs(result.extra["bit_allocation"]["achieved_bpw"] - 3.5) < 0.05
+    spec = quant_spec(json.loads((free / "config.json").read_text()))
     widths = {spec.for_module(f"model.layers.{i}.block_sparse_moe.experts.{e}.{n}").bits
               for i in range(2) for e in range(4) for n in ("w1", "w2", "w3")}
     assert len(widths) > 1  # experts differ
-    dequantized_checkpoint(out, "compressed-tensors", tmp_path / "deq")
-    assert rel(logits(load(out)), logits(hf_model(tmp_path / "deq"))) < 5e-3
+    assert request.node.serving_reports[-1].errors  # ... which vLLM refuses
+    dequantized_checkpoint(free, "compressed-tensors", tmp_path / "deq2")
+    assert rel(logits(load(free)), logits(hf_model(tmp_path / "deq2"))) < 5e-3

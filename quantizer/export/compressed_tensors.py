@@ -97,6 +97,40 @@ def weights_args(bits: int, group_size: int, symmetric: bool, act_order: bool = 
 
 
 _INDEXED = re.compile(r"^(?P<head>.+?)\.(?P<idx>\d+)\.(?P<tail>.+)$")
+# A routed expert's linear: '<block>.experts.<e>.<leaf>' (the names vLLM's fused-MoE layer
+# gathers, whatever the leaf is called on disk).
+_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.\d+\.[^.]+$")
+
+
+def expert_blocks(module_bits: dict[str, tuple]) -> dict[str, tuple]:
+    """{'<...>.experts': setting} for every fused-MoE block whose experts all share one
+    setting: such a block gets one target matching every expert linear name in it, so the
+    names vLLM looks a fused-MoE scheme up under ('experts.0.gate_proj' even where the
+    checkpoint says 'w1') resolve to the experts' scheme."""
+    found: dict[str, set] = defaultdict(set)
+    for name, setting in module_bits.items():
+        m = _EXPERT.match(name)
+        if m:
+            found[m["block"]].add(tuple(setting))
+    return {block: settings.pop() for block, settings in found.items() if len(settings) == 1}
+
+
+def block_targets(blocks: list[str]) -> list[str]:
+    """Anchored regexes matching every linear of every expert in `blocks` (one per run of
+    layers: 're:^model\\.layers\\.(?:1|3)\\.mlp\\.experts\\.\\d+\\.[^.]+$')."""
+    runs: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for block in blocks:
+        m = _INDEXED.match(block)
+        head, idx, tail = (m["head"], m["idx"], m["tail"]) if m else (block, "", "")
+        runs[(head, tail)].append(idx)
+    out = []
+    for (head, tail), idxs in sorted(runs.items()):
+        if idxs == [""]:
+            out.append(f"re:^{re.escape(head)}\\.\\d+\\.[^.]+$")
+            continue
+        alt = "|".join(sorted(set(idxs), key=int))
+        out.append(f"re:^{re.escape(head)}\\.(?:{alt})\\.{re.escape(tail)}\\.\\d+\\.[^.]+$")
+    return out
 
 
 def compact_targets(names: list[str]) -> list[str]:
@@ -130,17 +164,27 @@ def ct_quantization_config(module_bits: dict[str, tuple], ignore: list[str] | No
     if not module_bits:
         raise InputError("compressed-tensors config: no quantized modules")
     by_setting: dict[tuple, list[str]] = defaultdict(list)
+    blocks = expert_blocks(module_bits)
+    by_block: dict[tuple, list[str]] = defaultdict(list)
+    for block, setting in blocks.items():
+        bits, group_size, symmetric, act_order = setting
+        by_block[(int(bits), int(group_size), bool(symmetric), bool(act_order))].append(block)
     for name, setting in module_bits.items():
         bits, group_size, symmetric, act_order = setting
         check_supported(bits)
-        by_setting[(int(bits), int(group_size), bool(symmetric), bool(act_order))].append(name)
+        key = (int(bits), int(group_size), bool(symmetric), bool(act_order))
+        m = _EXPERT.match(name)
+        if m and m["block"] in blocks:
+            by_setting.setdefault(key, [])
+            continue
+        by_setting[key].append(name)
     groups = {}
     # Targets of different groups never overlap, so readers that take the first match and
     # readers that take any match agree; sorting only makes the file deterministic.
     for i, (setting, names) in enumerate(sorted(by_setting.items(), key=lambda kv: kv[0])):
         bits, group_size, symmetric, act_order = setting
         groups[f"group_{i}"] = {
-            "targets": compact_targets(sorted(names)),
+            "targets": compact_targets(sorted(names)) + block_targets(by_block.get(setting, [])),
             "weights": weights_args(bits, group_size, symmetric, act_order, static_groups),
             "input_activations": None,
             "output_activations": None,
@@ -199,8 +243,11 @@ def quantization_config(bits: int, group_size: int, not_converted: list[str], **
     static = bool(details.get("static_groups", False))
     if module_bits is None:
         module_bits = {m: (bits, group_size, sym, ao) for m in details.get("modules", [])}
-    # Every linear that no target names must be ignored, or vLLM finds no scheme for it.
+    # Every linear that no target names must be ignored, or vLLM finds no scheme for it;
+    # with a "Linear" target the float routers must be too (details["float_linears"]), or
+    # loaders treat them as quantized.
     ignore = ["lm_head"] + [n for n in (not_converted or []) if n != "lm_head"]
+    ignore += [n for n in details.get("float_linears") or [] if n not in ignore]
     if not module_bits:  # uniform and no module list: llm-compressor's "every Linear"
         cfg = ct_quantization_config({"_": (bits, group_size, sym, ao)}, ignore, static)
         cfg["config_groups"]["group_0"]["targets"] = ["Linear"]
