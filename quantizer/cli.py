@@ -39,7 +39,7 @@ def _bits(text: str) -> float:
 def quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantize", description=(
         "Quantize a model layer by layer. Subcommands: quantize eval OUT | quantize plan "
-        "MODEL | quantize check OUT --tp-size N | quantize demo"))
+        "MODEL | quantize check OUT [--tp-size N] | quantize demo"))
     p.add_argument("model", help="model directory (config.json + safetensors) or hub id")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--bits", type=_bits, default=4.0)

@@ -152,3 +152,38 @@ def test_realistic_80_layers_hits_target_fast_and_beats_uniform():
     uniform = [SETTINGS.index((4, 128))] * len(groups)
     ch = choose(groups, uniform_4b)
     assert ch.objective <= objective(groups, uniform) * (1 - 1e-3)  # mixing must pay
+
+
+def test_tied_groups_share_one_label_and_the_optimum_is_exact():
+    """Ties (every expert of a MoE layer one setting, for vLLM's fused-MoE layer): the
+    answer equals brute force over the choices that give tied groups one label, and the
+    bits target holds under the constraint."""
+    from quantizer.measurements.optimizer import min_bpw
+
+    rng = random.Random(7)
+    labels = ["2b", "3b", "4b", "8b"]
+    groups = [Group(rng.randrange(50, 400),
+                    [Candidate(int(lab[0]) + 0.25, rng.random() / int(lab[0]), lab)
+                     for lab in labels if not (i == 4 and lab == "2b")])
+              for i in range(6)]
+    ties = [[1, 2, 4]]  # group 4 lacks "2b": the tie cannot take it
+    total = sum(g.numel for g in groups)
+    for target in (3.0, 3.6, 4.4, 6.0):
+        if target < min_bpw(groups, None, ties):
+            with pytest.raises(InputError):
+                choose(groups, target, ties=ties)
+            continue
+        got = choose(groups, target, ties=ties)
+        picked = [groups[i].candidates[k].label for i, k in enumerate(got.indices)]
+        assert len({picked[i] for i in ties[0]}) == 1 and picked[4] != "2b"
+        best = None
+        for combo in itertools.product(*(range(len(g.candidates)) for g in groups)):
+            if len({groups[i].candidates[combo[i]].label for i in ties[0]}) > 1:
+                continue
+            bits = sum(g.numel * g.candidates[k].bpw for g, k in zip(groups, combo))
+            if bits > target * total + 1e-9:
+                continue
+            obj = sum(g.weight * g.candidates[k].err for g, k in zip(groups, combo))
+            best = obj if best is None else min(best, obj)
+        assert got.bpw <= target + 1e-12 and got.objective == pytest.approx(best, rel=1e-9)
+    assert min_bpw(groups, None, ties) > min_bpw(groups)  # the tie costs bits at the low end

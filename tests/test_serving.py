@@ -288,8 +288,8 @@ def test_marlin_shapes_warn_and_tp_split(tmp_path):
     assert {(f.rule, f.module.rsplit(".", 1)[-1]) for f in tp2.errors} == {
         ("marlin-shape", "gate_proj"), ("marlin-shape", "up_proj"), ("tp-split", "down_proj")}
     assert all(f.fix == "--pad-for-tp 2" for f in tp2.errors)
-    # TP 3: 256 hidden does not split: vLLM refuses whatever the kernel
-    assert "tp-split" in rules(check_export(path, tp_size=3), ERROR)
+    # TP 5: 192 outputs do not split: vLLM refuses whatever the kernel
+    assert "tp-split" in rules(check_export(path, tp_size=5), ERROR)
 
 
 def test_moe_marlin_shape_falls_back_or_fails(tmp_path):

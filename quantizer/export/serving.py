@@ -20,6 +20,7 @@ import json
 import logging
 import re
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,18 +181,18 @@ def read_view(path) -> ExportView:
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
     files = sorted(p.glob("*.safetensors"))
-    headers: dict[str, tuple[tuple[int, ...], str, Path]] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
+    with ExitStack() as stack:  # one handle per shard: small tensors are read per linear
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in files}
+        headers: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+        for f, h in handles.items():
             for k in h.keys():
                 sl = h.get_slice(k)
                 headers[k] = (tuple(sl.get_shape()), str(sl.get_dtype()), f)
 
-    def tensor(name):
-        with safe_open(str(headers[name][2]), "pt") as h:
-            return h.get_tensor(name)
+        def tensor(name):
+            return handles[headers[name][2]].get_tensor(name)
 
-    linears = _linears_from_tensors(headers, tensor, config)
+        linears = _linears_from_tensors(headers, tensor, config)
     return ExportView(config, linears, str(p))
 
 
