@@ -16,21 +16,28 @@ _spec = importlib.util.spec_from_file_location("eval_independent",
 harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(harness)
 
+# Symmetry and act-order spelled out: the defaults changed in issue 26 (GPTQ and
+# compressed-tensors symmetric, GPTQ act-order with static groups).
 CASES = {
     "awq": dict(method="awq", export_format="awq"),
-    "gptq-asym-actorder": dict(method="gptq", export_format="gptq", act_order=True),
+    "gptq-asym-actorder": dict(method="gptq", export_format="gptq", symmetric=False,
+                               act_order=True, static_groups=False),
     "gptq-sym-static": dict(method="gptq", export_format="gptq", symmetric=True, act_order=True,
                             static_groups=True),
     "gptq-3bit": dict(method="gptq", export_format="gptq", bits=3),
-    "ct-asym": dict(method="rtn", export_format="compressed-tensors"),
+    "ct-asym": dict(method="rtn", export_format="compressed-tensors", symmetric=False),
+    # actorder "group" (a weight_g_idx): compressed-tensors >= 0.19 and vLLM refuse it, so
+    # only --engine none writes it; the harness still reads it like our loader
     "ct-sym-actorder": dict(method="gptq", export_format="compressed-tensors", symmetric=True,
-                            act_order=True),
+                            act_order=True, static_groups=False, engine="none"),
     "ct-8bit": dict(method="rtn", export_format="compressed-tensors", bits=8),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.serving_errors_expected)
+                                  if CASES[c].get("engine") == "none" else c
+                                  for c in sorted(CASES)])
 def test_harness_reads_every_format_like_our_loader(case, tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("tiny-llama")
     kw = dict(CASES[case])
