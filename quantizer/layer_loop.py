@@ -252,7 +252,7 @@ class LayerLoop:
             tensors = self._prefetch[1].result()
             self._prefetch = None
             return tensors
-        return self.job.source.load(self.job.source.layer_names(i))
+        return self.job.source.load_stored(self.job.source.layer_names(i))
 
     def _start_read(self, i: int) -> None:
         """Read the next layer from disk on a background thread while this one is quantized
@@ -264,7 +264,7 @@ class LayerLoop:
         from concurrent.futures import ThreadPoolExecutor
         if not hasattr(self, "_reader"):
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
-        self._prefetch = (i, self._reader.submit(self.job.source.load,
+        self._prefetch = (i, self._reader.submit(self.job.source.load_stored,
                                                  self.job.source.layer_names(i)))
 
     def _weight_errors(self, i: int, quantized: dict, ctx) -> dict[str, float]:

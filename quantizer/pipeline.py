@@ -62,7 +62,7 @@ class Job:
 
 def plan_job(model_path, settings: QuantSettings) -> Job:
     settings.validate()
-    source = CheckpointSource(model_path)
+    source = CheckpointSource(model_path, originals=True)
     arch = source.arch
     cfg = source.raw_config
     fmt = settings.export_format
@@ -84,6 +84,9 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
         get_exporter(fmt).check_supported(settings.bits, settings.symmetric,
                                           bool(settings.method_options.get("act_order")))
     notes = []
+    if source.original is not None:
+        from .originals import describe
+        notes.append(describe(source.original, len(source.quantized_names())))
     intermediate = int(cfg[arch.intermediate_key])
     multiple = pack_multiple(settings.bits, settings.is_adaptive)
     padded, group_size, msg = padded_width_and_group(source, settings, intermediate, multiple)

@@ -113,7 +113,12 @@ def load_layer(model: nn.Module, source: CheckpointSource, index: int, device, d
     """Materialise decoder layer `index` on `device` from the checkpoint (or given tensors)."""
     prefix = source.arch.layer_prefix(index)
     if tensors is None:
-        tensors = source.load(source.layer_names(index), device="cpu")
+        tensors = source.load_stored(source.layer_names(index))
+    # Quantized originals (quantizer/originals.py): dequantized here, on the device, one
+    # tensor at a time, straight into the working dtype.
+    from .originals import StoredWeight
+    tensors = {k: v.dequantize(device, dtype) if isinstance(v, StoredWeight) else v
+               for k, v in tensors.items()}
     if intermediate_size is not None:
         pad_mlp(tensors, source.arch, prefix, intermediate_size)
     layer = decoder_layers(model)[index]

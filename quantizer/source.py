@@ -2,7 +2,13 @@
 
 Nothing here ever holds more than the tensors asked for: shards are opened with safetensors'
 mmap reader per request and closed again, so the process's resident memory stays bounded by
-the request, not by the model."""
+the request, not by the model.
+
+With `originals=True` (the quantize pipeline) a checkpoint published already quantized (FP8,
+compressed-tensors INT/FP8, MXFP4: quantizer/originals.py) is seen through its logical
+tensors: names, shapes and `load()` are those of the float model it stands for, and
+`load_stored()` returns the stored parts of each quantized tensor (a `StoredWeight`, 1 byte
+or less per weight in host memory) for the device to dequantize just before use."""
 from __future__ import annotations
 
 import json
@@ -23,7 +29,7 @@ SINGLE_NAME = "model.safetensors"
 
 
 class CheckpointSource:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, originals: bool = False):
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"model path does not exist: {self.path}")
@@ -47,6 +53,18 @@ class CheckpointSource:
         missing = [n for n in self.weight_map if n not in self._shapes]
         if missing:
             raise InputError(f"index lists tensors missing from their shards: {missing[:3]}")
+        # Quantized originals: logical (float) names over the stored tensors.
+        self.original = None
+        self._logical: dict = {}
+        self._stored_map = self.weight_map
+        if originals:
+            from .originals import original_format
+            self.original = original_format(self.raw_config, {
+                n: self._shapes[n] for n in self.weight_map})
+        if self.original is not None:
+            self._logical = self.original.logical({n: self._shapes[n] for n in self.weight_map})
+            self.weight_map = {name: self._stored_map[lg.parts["weight"]]
+                               for name, lg in self._logical.items()}
 
     # ---- index -------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
@@ -77,7 +95,28 @@ class CheckpointSource:
         return list(self.weight_map)
 
     def shape(self, name: str) -> list[int]:
-        return self._shapes[name][0]
+        lg = self._logical.get(name)
+        if lg is None:
+            return self._shapes[name][0]
+        if lg.shape is None:  # pack-quantized: the shape is a tensor's value
+            from dataclasses import replace
+
+            from .originals import packed_bits
+            value = self._read_stored([lg.parts["shape"]])[lg.parts["shape"]]
+            shape = [int(v) for v in value.reshape(-1).tolist()]
+            packed_bits(lg, shape, self._shapes[lg.parts["weight"]][0])
+            lg = self._logical[name] = replace(lg, shape=tuple(shape))
+        return list(lg.shape)
+
+    def quantized_names(self) -> list[str]:
+        """Logical tensors stored quantized (empty for a float checkpoint)."""
+        return [n for n, lg in self._logical.items() if lg.decoder != "plain"]
+
+    def stored_bytes(self, names) -> int:
+        """Bytes `load_stored(names)` holds in host memory (the stored form)."""
+        if not self._logical:
+            return self.nbytes(names)
+        return sum(self._logical[n].stored_bytes for n in names)
 
     def layer_names(self, index: int) -> list[str]:
         prefix = self.arch.layer_prefix(index) + "."
@@ -91,22 +130,65 @@ class CheckpointSource:
         names = self.weight_map if names is None else names
         total = 0
         for n in names:
+            if n in self._logical and self._logical[n].decoder != "plain":
+                total += math.prod(self.shape(n)) * self.original.dtype.itemsize
+                continue
             shape, dtype = self._shapes[n]
             total += math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
         return total
 
     def total_bytes(self) -> int:
-        return sum((self.path / s).stat().st_size for s in set(self.weight_map.values()))
+        return sum((self.path / s).stat().st_size for s in set(self._stored_map.values()))
 
     # ---- loading -----------------------------------------------------------------------
     def load(self, names, device="cpu", dtype: torch.dtype | None = None,
              check_finite: bool = True) -> dict[str, torch.Tensor]:
-        """Read the named tensors (shard by shard, each shard mapped only while read)."""
+        """Read the named tensors (shard by shard, each shard mapped only while read);
+        quantized originals come back dequantized on `device` (in `dtype`, else the dtype
+        the checkpoint stands for)."""
+        if not self._logical:
+            return self._read(names, device, dtype, check_finite)
+        from .originals import StoredWeight
+        out = self.load_stored(names, dtype=dtype, check_finite=check_finite)
+        for name, value in out.items():
+            if isinstance(value, StoredWeight):
+                out[name] = value.dequantize(device, dtype or self.original.dtype)
+            else:
+                out[name] = value.to(device)
+        return out
+
+    def load_stored(self, names, dtype: torch.dtype | None = None,
+                    check_finite: bool = True) -> dict:
+        """The named tensors in host memory as stored: plain tensors as `load` gives them,
+        a quantized original's as a StoredWeight (its parts), dequantized later on the
+        device that uses it (skeleton.load_layer)."""
+        if not self._logical:
+            return self._read(names, "cpu", dtype, check_finite)
+        from .originals import StoredWeight
+        for n in names:
+            if n not in self._logical:
+                raise InputError(f"tensor {n} not found in {self.path}")
+        plain = [n for n in names if self._logical[n].decoder == "plain"]
+        packed = [self._logical[n] for n in names if self._logical[n].decoder != "plain"]
+        out = self._read(plain, "cpu", dtype, check_finite)
+        raw = self._read_stored([p for lg in packed for p in lg.parts.values()])
+        for lg in packed:
+            out[lg.name] = StoredWeight(lg, self.original,
+                                        {role: raw[p] for role, p in lg.parts.items()})
+        return {n: out[n] for n in names}
+
+    def _read_stored(self, stored_names) -> dict[str, torch.Tensor]:
+        """Stored tensors by their on-disk names, as they are (no checks, no casts)."""
+        return self._read(stored_names, "cpu", None, False, self._stored_map)
+
+    def _read(self, names, device, dtype, check_finite, weight_map=None
+              ) -> dict[str, torch.Tensor]:
+        weight_map = self.weight_map if weight_map is None else weight_map
         by_shard: dict[str, list[str]] = defaultdict(list)
         for n in names:
-            if n not in self.weight_map:
+            if n not in weight_map:
                 raise InputError(f"tensor {n} not found in {self.path}")
-            by_shard[self.weight_map[n]].append(n)
+            by_shard[weight_map[n]].append(n)
         out = {}
         for shard, shard_names in by_shard.items():
             try:
@@ -126,7 +208,7 @@ class CheckpointSource:
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
