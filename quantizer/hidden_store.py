@@ -1,12 +1,15 @@
 """Where the calibration hidden states wait between layers: a list of chunks (samples, seq,
 hidden) on the GPU, in host RAM, or on disk (one raw file per chunk in the job directory,
-memory-mapped back, so the page cache holds them, not the process), as the memory plan says.
+memory-mapped afresh each time a chunk is used and unmapped when the user lets it go, so the
+page cache holds them, not the process: a pass over every chunk keeps one resident), as the
+memory plan says.
 
 Chunks only ever get smaller during a run (OOM recovery halves them): `rechunk` splits the
 stored tensors into views, it never concatenates or copies."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,6 +37,22 @@ def host_copy(x: torch.Tensor, pinned: bool, non_blocking: bool = False) -> torc
 
 
 _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+class Singles(Sequence):
+    """(chunk,) for each chunk of `chunks`, fetched only when asked: to_device_ahead over a
+    DiskChunks then maps one chunk (two with the copy ahead) at a time."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor]:
+        if not 0 <= k < len(self.chunks):
+            raise IndexError(k)
+        return (self.chunks[k],)
 
 
 def to_device_ahead(items: Sequence[Sequence[torch.Tensor]], device: torch.device,
@@ -100,6 +119,47 @@ class Chunks(list):
         self.files: list[Path] = list(files)
 
 
+@dataclass(frozen=True)
+class _OnDisk:
+    """Rows r0..r1 of a chunk stored raw in `path` (shape, dtype of the whole chunk)."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    r0: int
+    r1: int
+
+    def map(self) -> torch.Tensor:
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        whole = torch.from_file(str(self.path), shared=False, size=numel,
+                                dtype=self.dtype).view(self.shape)
+        return whole[self.r0:self.r1]
+
+
+class DiskChunks(Chunks):
+    """Chunks on disk: each access maps the chunk's file anew (torch.from_file, private and
+    read-only in effect), so its pages count towards this process only while the caller
+    holds the tensor; a list of tensors would keep every page it ever touched resident."""
+
+    def __init__(self, items=(), files=()):
+        super().__init__(items, "disk", files)
+
+    def __getitem__(self, k):
+        entry = super().__getitem__(k)
+        if isinstance(k, slice):
+            return [e.map() if e is not None else None for e in entry]
+        return entry.map() if entry is not None else None
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+    def entries(self) -> list:
+        return [super(DiskChunks, self).__getitem__(k) for k in range(len(self))]
+
+
 class HiddenStore:
     def __init__(self, device: torch.device, folder: Path):
         self.device = torch.device(device)  # the compute device ("gpu" placement)
@@ -109,7 +169,7 @@ class HiddenStore:
     def new(self, where: str) -> Chunks:
         if where not in PLACES:
             raise ValueError(f"hidden states go to one of {PLACES}, not {where!r}")
-        return Chunks(where=where)
+        return DiskChunks() if where == "disk" else Chunks(where=where)
 
     def append(self, chunks: Chunks, x: torch.Tensor) -> None:
         """Store one more chunk in `chunks`, at its place."""
@@ -125,8 +185,11 @@ class HiddenStore:
         # Raw bytes: bfloat16 has no numpy dtype, so the file is written as uint8.
         x.view(torch.uint8).numpy().tofile(path)
         chunks.files.append(path)
-        chunks.append(torch.from_file(str(path), shared=False, size=x.numel(),
-                                      dtype=x.dtype).view(x.shape))
+        entry = _OnDisk(path, tuple(x.shape), x.dtype, 0, x.shape[0])
+        if isinstance(chunks, DiskChunks):
+            list.append(chunks, entry)
+        else:  # a plain Chunks marked "disk" (older callers): mapped once, kept mapped
+            chunks.append(entry.map())
 
     def _host(self, x: torch.Tensor) -> torch.Tensor:
         # every calibration pass streams each chunk back to the GPU
@@ -155,6 +218,16 @@ class HiddenStore:
     @staticmethod
     def rechunk(chunks: Chunks, size: int) -> Chunks:
         """Chunks of at most `size` samples: views of the stored ones, same files."""
+        if isinstance(chunks, DiskChunks):
+            entries = chunks.entries()
+            if all(e.r1 - e.r0 <= size for e in entries):
+                return chunks
+            out = DiskChunks([_OnDisk(e.path, e.shape, e.dtype, a, min(a + size, e.r1))
+                              for e in entries for a in range(e.r0, e.r1, size)],
+                             chunks.files)
+            chunks.files = []
+            list.clear(chunks)
+            return out
         if all(x.shape[0] <= size for x in chunks):
             return chunks
         parts = [p for x in chunks for p in torch.split(x, size, dim=0)]

@@ -13,7 +13,7 @@ from quantizer.kernels.packing import QuantizedWeight
 
 from .arch import ArchSpec
 from .config import QuantSettings
-from .hidden_store import to_device_ahead
+from .hidden_store import Singles, to_device_ahead
 from .skeleton import layer_output
 
 
@@ -78,7 +78,7 @@ class LayerContext:
 
     def chunks(self) -> Iterator[torch.Tensor]:
         # host-resident chunks: the next one's copy overlaps this one's forward
-        for (x,) in to_device_ahead([(x,) for x in self.inputs], self.device, self.dtype):
+        for (x,) in to_device_ahead(Singles(self.inputs), self.device, self.dtype):
             yield x
 
     def kwargs_for(self, module_kwargs: dict | None = None) -> dict:
