@@ -249,6 +249,8 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--hidden-device", default="auto", help="auto, gpu, cpu or disk")
     p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    p.add_argument("--group-size", type=int, default=128, help="the export's group size "
+                   "(its size on disk and in host RAM; -1 per channel)")
     return p
 
 
@@ -256,7 +258,8 @@ def run_plan_cli(argv) -> int:
     a = plan_parser().parse_args(argv)
     from .plan import plan_command
     print(plan_command(a.model, a.bits, a.method, a.vram_budget, a.ram_budget, a.devices,
-                       a.calib_samples, a.calib_seqlen, a.hidden_device, a.hessian_device))
+                       a.calib_samples, a.calib_seqlen, a.hidden_device, a.hessian_device,
+                       group_size=a.group_size))
     return 0
 
 

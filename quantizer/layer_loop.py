@@ -67,8 +67,11 @@ class LayerLoop:
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
         # auto: on a GPU replaying finished layers (one forward each) costs less than writing
         # every layer's hidden states to disk; on the CPU it is the other way round.
+        # (Not when the memory plan sent them to disk for want of RAM: saving serialises a
+        # copy in memory.)
         self.save_hidden = {"always": True, "never": False}.get(
-            s.save_hidden, job.device.type == "cpu" and hidden_bytes <= s.save_hidden_max_bytes)
+            s.save_hidden, job.device.type == "cpu" and hidden_bytes <= s.save_hidden_max_bytes
+            and not (self.plan is not None and self.decisions(0).hidden == "disk"))
         if self.world.distributed:  # each rank holds only its shards: resume replays instead
             self.save_hidden = False
         self._prefetch = None  # (index, future) of the next layer's tensors being read

@@ -47,7 +47,8 @@ class Job:
     dtype: torch.dtype
     export_format: str
     notes: list[str] = field(default_factory=list)
-    plan: object = None  # quantizer.plan.Plan on GPUs
+    plan: object = None  # quantizer.plan.Plan (GPU runs; CPU runs with --ram-budget)
+    max_shard_bytes: int = 1 << 30  # the export's shards (a shard is written from RAM)
 
     @property
     def arch(self):
@@ -60,7 +61,8 @@ class Job:
         return r
 
 
-def plan_job(model_path, settings: QuantSettings) -> Job:
+def plan_job(model_path, settings: QuantSettings,
+             max_shard_bytes: int = 1 << 30) -> Job:
     settings.validate()
     source = CheckpointSource(model_path, originals=True)
     arch = source.arch
@@ -116,7 +118,8 @@ def plan_job(model_path, settings: QuantSettings) -> Job:
               notes)
     if not settings.is_adaptive:  # adaptive: checked once the bit allocation is known
         check_planned(job)
-    job.plan = plan_memory(job) if device.type == "cuda" else None
+    job.max_shard_bytes = max_shard_bytes
+    job.plan = plan_memory(job) if device.type in ("cuda", "cpu") else None
     return job
 
 
@@ -300,7 +303,7 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     if w.distributed:
         check_distributed(settings, w.size)
         settings.device = str(w.device)
-    job = plan_job(model_path, settings)
+    job = plan_job(model_path, settings, max_shard_bytes)
     phases = {"plan": time.perf_counter() - t_start}  # fixed costs, apart from the layers
     output = Path(output).absolute()
     if output.exists() and any(output.iterdir()) and not (overwrite or resume):
@@ -328,8 +331,9 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
     extra = {"processes": w.size} if w.distributed else {}
     if job.plan is not None:
         from .plan import CUDA_CONTEXT
-        extra["plan"] = {"predicted_peak": {f"cuda:{i}": b for i, b in
-                                            job.plan.predicted_peak.items()},
+        extra["plan"] = {"predicted_peak": {dp.device.label: dp.predicted_peak
+                                            for dp in job.plan.devices},
+                         "ram_peak": job.plan.ram_peak,
                          # the part of a predicted peak torch's allocator never sees
                          "cuda_context": CUDA_CONTEXT,
                          "decisions": {dp.device.label: dict(vars(dp.decisions))

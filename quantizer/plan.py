@@ -18,8 +18,9 @@ from .memsize import (default_ram_budget, format_size, format_size_up, gpu_memor
                       parse_budgets, parse_size, vram_margin)
 from .plan_format import _format_plan
 # Some names are imported only to be re-exported: callers import them from quantizer.plan.
-from .plan_memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions, Term,  # noqa: F401
-                          _make_job, _peak, _Peak, _ram)
+from .plan_memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions,  # noqa: F401
+                          HostFacts, Term, _make_job, _peak, _Peak, _ram, _ram_peak,
+                          host_facts)
 from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS,  # noqa: F401
                           _MOVES, _apply, _ram_ok, _search)
 from .shapes import (InputGroup, Linear, ModelShapes, layer_groups, layer_kinds,  # noqa: F401
@@ -79,6 +80,15 @@ class Plan:
     ram_breakdown: tuple[tuple[str, int], ...]
     forced: tuple[str, str] = ("auto", "auto")  # (hidden_device, hessian_device) as asked
     notes: tuple[str, ...] = field(default=(), compare=False)
+    ram_phase: str = ""  # when host RAM peaks
+    host: HostFacts | None = None  # what the host holds beside the layer (None: defaults)
+    arch: object = field(default=None, compare=False)
+
+    def job(self, device_plan: DevicePlan | None = None):
+        """The planner's job of this plan (for a device's own view: its host flag)."""
+        on_host = (device_plan or self.devices[0]).device.is_host
+        return _make_job(self.shapes, self.method, self.calib_samples, self.calib_seqlen,
+                         self.dtype_bytes, on_host, self.forced, self.arch, self.host)
 
     @property
     def predicted_peak(self) -> dict[int, int]:
@@ -128,7 +138,8 @@ def _refusal(label: str, budget: int, peak: _Peak, forced: tuple[str, str],
         advice = "raise --ram-budget (Hessians on the CPU) or the VRAM budget"
     if culprit.kind in ("hidden", "reference") and forced[0] != "gpu":
         advice = "fewer calibration tokens (--calib-samples / --calib-seqlen)"
-    msg = (f"no plan fits {label}'s budget of {format_size(budget)}: needs ≥ "
+    label = "host RAM (--ram-budget)" if on_host else f"{label}'s"
+    msg = (f"no plan fits {label} budget of {format_size(budget)}: needs ≥ "
            f"{format_size_up(peak.total)}: {culprit.label} ({format_size(culprit.bytes)}, "
            f"during {peak.phase}); {advice}{ram_note}")
     return PlanError(msg, needed=peak.total, culprit=culprit.label)
@@ -152,14 +163,14 @@ def _split_layers(n_layers: int, budgets: list[int]) -> list[tuple[int, ...]]:
 def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen: int,
               devices: list[DeviceSpec], vram_budgets: dict[int, int], ram_budget: int,
               dtype_bytes: int = 2, hidden_device: str = "auto", hessian_device: str = "auto",
-              arch=None) -> Plan:
+              arch=None, host: HostFacts | None = None) -> Plan:
     """Pure: the same arguments always give an equal Plan; nothing is read or allocated.
 
     `devices` empty (or one DeviceSpec(-1)) plans for the host CPU with `ram_budget`.
     Raises PlanError (an InputError) when no configuration fits on any device."""
     if method not in METHODS:
         raise InputError(f"planner: unknown method {method!r}; known: {', '.join(METHODS)}")
-    if method != "rtn" and (calib_samples < 1 or calib_seqlen < 1):
+    if method != "rtn" and (calib_samples < 1 or calib_seqlen < 1) or calib_samples < 0:
         raise InputError(f"{method} needs calibration samples and tokens, got "
                          f"{calib_samples} × {calib_seqlen}")
     if dtype_bytes not in (1, 2, 4):
@@ -176,7 +187,7 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
         raise InputError("--hidden-device gpu with no GPU to plan for")
     forced = (hidden_device, hessian_device)
     job = _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced,
-                    arch)
+                    arch, host)
     fitting, refusals, notes = [], [], []
     for dev in devices:
         budget = ram_budget if dev.is_host else vram_budgets.get(dev.index)
@@ -185,6 +196,9 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
         dec, peak, steps, fits = _search(job, budget, ram_budget)
         if fits:
             fitting.append((dev, budget, dec, peak, steps))
+        elif peak.total <= budget and not on_host:  # the GPU fits; host RAM does not
+            refusals.append(_ram_refusal(job, dec, ram_budget))
+            notes.append(f"{dev.label} left out: {refusals[-1]}")
         else:
             ram_note = "" if _ram_ok(job, dec, ram_budget) else (
                 f"; host RAM also short: needs {format_size_up(_ram(job, dec)[0])} of "
@@ -207,10 +221,23 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
     plans = tuple(DevicePlan(dev, budget, dec, peak.total, peak.breakdown, peak.phase, block,
                              steps) for (dev, budget, dec, peak, steps), block
                   in zip(fitting, blocks))
-    ram_peak, ram_items = (max(dp.predicted_peak for dp in plans), ()) if on_host else max(
-        _ram(job, dp.decisions) for dp in plans)
+    if on_host:
+        ram_peak, ram_phase, ram_items = plans[0].predicted_peak, plans[0].peak_phase, ()
+    else:
+        ram_peak, ram_phase, ram_items = max(_ram_peak(job, dp.decisions) for dp in plans)
     return Plan(shapes, method, calib_samples, calib_seqlen, dtype_bytes, plans, ram_budget,
-                ram_peak, ram_items, forced, tuple(notes))
+                ram_peak, ram_items, forced, tuple(notes), ram_phase, job.host, arch)
+
+
+def _ram_refusal(job, dec: Decisions, ram_budget: int) -> PlanError:
+    total, phase, items = _ram_peak(job, dec)
+    label, size = max(items, key=lambda kv: kv[1])
+    advice = {"the process": "a larger --ram-budget"}.get(label[:11], (
+        "fewer calibration tokens (--calib-samples / --calib-seqlen)" if "hidden" in label
+        or "AWQ" in label else "a larger --ram-budget"))
+    return PlanError(f"host RAM: no plan fits --ram-budget {format_size(ram_budget)}: needs ≥ "
+                     f"{format_size_up(total)} while it does {phase}: {label} "
+                     f"({format_size(size)}); {advice}", needed=total, culprit=label)
 
 
 # OOM recovery's moves that leave every number as it was: they only change where a tensor
@@ -228,7 +255,7 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
     offered."""
     dp = plan.device_plan_for(layer_index)
     job = _make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
-                    plan.dtype_bytes, dp.device.is_host, plan.forced, arch)
+                    plan.dtype_bytes, dp.device.is_host, plan.forced, arch, plan.host)
     dec = dp.decisions
     neutral = [(m, c) for m in NEUTRAL_MOVES if not dp.device.is_host
                for c in [_apply(m, job, dec, plan.ram_budget)] if c is not None and c != dec]
@@ -297,7 +324,7 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
                  vram_budget_str: str | None = None, ram_budget_str: str | None = None,
                  devices=None, calib_samples: int = 128, calib_seqlen: int = 512,
                  hidden_device: str = "auto", hessian_device: str = "auto",
-                 dtype_bytes: int = 2) -> str:
+                 dtype_bytes: int = 2, group_size: int = 128) -> str:
     """`quantize plan MODEL --bits 4 --vram-budget 16G`: reads config.json only (no weights)
     and returns the formatted plan. `devices`: None/'auto' (every visible GPU), '0,1' or a
     list of indices. With a budget but no visible GPU, plans for the GPUs the budget names
@@ -308,7 +335,8 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
         raise InputError(f"--bits must be a number, got {bits!r}") from None
     if not 2 <= bits_value <= 8:
         raise InputError(f"--bits must be between 2 and 8, got {bits}")
-    shapes = ModelShapes.from_config(_read_config(model_dir_or_config))
+    config = _read_config(model_dir_or_config)
+    shapes = ModelShapes.from_config(config)
     if isinstance(devices, str) and devices not in ("", "auto"):
         try:
             devices = [int(x) for x in devices.split(",")]
@@ -329,6 +357,8 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
                              f"give --vram-budget")
     specs = [detected.get(i, DeviceSpec(i)) for i in wanted]
     ram = parse_size(ram_budget_str) if ram_budget_str else default_ram_budget()
+    on_host = not specs
+    host = host_facts(shapes, dtype_bytes, on_host, config, bits_value, group_size)
     plan = make_plan(shapes, method, calib_samples, calib_seqlen, specs, budgets, ram,
-                     dtype_bytes, hidden_device, hessian_device)
-    return f"{bits_value:g}-bit {method}\n" + plan.format()
+                     dtype_bytes, hidden_device, hessian_device, host=host)
+    return f"{bits_value:g}-bit {method}, group size {group_size}\n" + plan.format()

@@ -4,7 +4,14 @@ under a given set of decisions. Pure arithmetic on shapes; nothing is allocated.
 Memory model (bytes; d = working dtype size, N×S calibration samples × tokens, H hidden):
   peak = max over the phases of one layer (calibrate / solve or search / propagate) of
          (sum of the phase's terms) × (1 + SLACK) + CUDA_CONTEXT.
-  The terms are written out in _phase_terms."""
+  The terms are written out in _phase_terms.
+
+Host memory (`_ram` for GPU runs; on a host run the host IS the device and `_peak` adds the
+same host terms, HostFacts): the process itself, the model skeleton's embeddings and head,
+the next layer read ahead as stored (an FP8 original is read at ~1 byte per weight and
+dequantized on the device), hidden states and AWQ caches that wait in host RAM, parked or
+host-side Hessians, the layer's export with its serialised copy (safetensors writes from a
+bytes copy), and the final assembly (the head in the output dtype, a shard and its copy)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -56,6 +63,33 @@ class Decisions:
     experts_per_pass: int = 0
 
 
+# The process before any tensor of ours: Python, torch, transformers and this package, as a
+# fresh `quantize` process holds them on the CPU (measured: 0.55-0.65 GiB RSS with torch 2.13
+# CPU) and with the CUDA runtime, cuBLAS/cuSOLVER and Triton loaded on a GPU (constants for
+# `quantize plan`; a run measures its own process at plan time and adds CUDA_HOST for a GPU).
+HOST_BASE_CPU = 768 * MIB
+CUDA_HOST = 2048 * MIB
+# What a run's process grows by after it is planned, outside any tensor the plan counts: the
+# model family's transformers modules, the meta skeleton, tokenizer and allocator arenas.
+IMPORT_MARGIN = 160 * MIB
+DEFAULT_SHARD = 1 << 30
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What host memory holds beside a layer's own work (see the module docstring)."""
+
+    base: int = HOST_BASE_CPU + CUDA_HOST  # the process itself
+    head_elements: int = 0  # embeddings + head + final norm (the skeleton, working dtype)
+    head_tensor: int = 0  # elements of the largest of them (one safetensors tensor)
+    stored_per_weight: float = 2.0  # bytes per layer weight as the checkpoint stores it
+    export_per_weight: float = 0.52  # bytes per weight of the export (4-bit g128 + scales)
+    max_shard: int = DEFAULT_SHARD  # the export's shard size (a shard is written from RAM)
+    prefetch: bool = True  # GPU runs read the next layer while this one works
+    save_hidden: bool = False  # CPU runs checkpoint hidden states in RAM-fitting runs
+    stored_label: str = ""  # e.g. "FP8 e4m3 128x128 blocks"
+
+
 @dataclass(frozen=True)
 class Term:
     kind: str  # weights, hidden, reference, activations, scores, hessian, cholesky, ...
@@ -75,10 +109,18 @@ class _Job:
     on_host: bool  # the "device" is the CPU itself: hidden states and Hessians are local
     kinds: tuple[tuple[tuple[InputGroup, ...], int], ...]  # (groups, extra weight elements)
     forced: tuple[str, str]
+    host: HostFacts = HostFacts()
 
     @property
     def calibrated(self) -> bool:
         return self.method != "rtn"
+
+    @property
+    def holds_hidden(self) -> bool:
+        """Hidden states wait between layers: every calibrated method, and RTN when it is
+        given calibration samples (the layer loop then propagates them for the output
+        error of every layer)."""
+        return self.calibrated or self.samples > 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +135,18 @@ def _alive_copies(g: InputGroup, dec: Decisions) -> int:
     if g.copies > 1 and dec.experts_per_pass:
         return min(g.copies, dec.experts_per_pass)
     return g.copies
+
+
+def _hessian_copies(g: InputGroup, dec: Decisions) -> int:
+    """Expert Hessians alive at once: GPTQ captures same-kind expert groups in batches of at
+    most EXPERT_BATCH_HESSIAN_BYTES of float32 Hessians (ArchSpec.capture_batches), and the
+    plan's experts_per_pass may ask for fewer."""
+    from .arch.moe import EXPERT_BATCH_HESSIAN_BYTES
+
+    k = _alive_copies(g, dec)
+    if g.copies > 1:
+        k = min(k, max(1, EXPERT_BATCH_HESSIAN_BYTES // (4 * g.in_features ** 2)))
+    return k
 
 
 def _activation_terms(job: _Job, moe: bool, dec: Decisions, hidden_local: bool) -> list[Term]:
@@ -192,7 +246,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
                     f"slice) + result", rows * lin.in_features * (4 + d))
 
     def hessian(g: InputGroup) -> Term:
-        n, k = g.in_features, _alive_copies(g, dec)
+        n, k = g.in_features, _hessian_copies(g, dec)
         many = f"{k}× " if k > 1 else ""
         return Term("hessian", f"{many}the {n}×{n} fp32 Hessian of {g.name}", k * n * n * 4)
 
@@ -212,15 +266,27 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
             Term("weight_fp32", "int64 temporaries of packing by slices", 3 * min(
                 PACK_SLICE_ELEMENTS, widest.in_features * widest.out_features) * 8)]
         if on_device else []))
-    if not job.calibrated:
-        return [(f"quantize {g.name}", resident(g, False) + codes + [fp32_weight(g)])
-                for g in groups] + [export]
+    widest_elements = widest.in_features * widest.out_features
+    load = ("read the layer onto the device", whole + [
+        Term("staged", "one tensor as stored, on its way to the working dtype",
+             int(widest_elements * job.host.stored_per_weight)),
+        Term("weight_fp32", "fp32 slices of dequantizing an original",
+             2 * min(DEQUANT_SLICE_ELEMENTS, widest_elements) * 4)])
     held = []
-    if hidden_local:
+    if hidden_local and job.holds_hidden:
         held.append(Term("hidden", f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
+    if not job.calibrated:
+        phases = [load] + [(f"quantize {g.name}", resident(g, False) + codes
+                            + [fp32_weight(g)]) for g in groups] + [export]
+        if not job.holds_hidden:
+            return phases
+        act = _activation_terms(job, moe, dec, hidden_local)
+        return [(p, t + held) for p, t in phases] + [
+            ("propagate (full-layer forward)", whole + held + act)]
     act = _activation_terms(job, moe, dec, hidden_local)
     biggest = max(groups, key=lambda g: g.weight_elements(_alive_copies(g, dec)))
-    phases = [("propagate (full-layer forward)", resident(biggest, True) + held + act),
+    phases = [(load[0], load[1] + held),
+              ("propagate (full-layer forward)", resident(biggest, True) + held + act),
               (export[0], export[1] + held)]
     for g in groups:
         res = resident(g, True)
@@ -272,61 +338,225 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
     return phases
 
 
-def _peak(job: _Job, dec: Decisions) -> _Peak:
+def _layer_elements(groups, extra) -> int:
+    return sum(g.weight_elements() for g in groups) + extra
+
+
+def _host_fixed(job: _Job) -> list[Term]:
+    h = job.host
+    return [Term("process", "the process: Python, torch, transformers"
+                 + ("" if job.on_host else ", CUDA runtime"), h.base),
+            Term("head", f"embeddings, head and final norm ({job.d}-byte)",
+                 h.head_elements * job.d)]
+
+
+def _stored(job: _Job, elements: int, what: str) -> Term:
+    h = job.host
+    label = f" ({h.stored_label})" if h.stored_label else ""
+    return Term("staged", f"{what} as stored, {h.stored_per_weight:.2f} bytes/weight{label}",
+                int(elements * h.stored_per_weight))
+
+
+def _export_copy(job: _Job, elements: int) -> Term:
+    return Term("export", "the layer's export and its serialised copy (safetensors)",
+                int(2 * elements * job.host.export_per_weight))
+
+
+def _assemble(job: _Job) -> list[Term]:
+    """The final assembly: the skeleton is still alive, the head is read again in the output
+    dtype (float16), shards are written from RAM, one layer file is read back at a time."""
+    h = job.host
+    widest = max(_layer_elements(*k) for k in job.kinds)
+    shard = max(h.max_shard, h.head_tensor * 2)
+    return _host_fixed(job) + [
+        Term("export", "the head in float16 for the export", h.head_elements * 2),
+        Term("export", "a shard being written and its serialised copy", 2 * shard),
+        Term("export", "one layer file read back", int(widest * h.export_per_weight))]
+
+
+def _host_phases(job: _Job, groups, extra, dec: Decisions, phases, assemble: bool = True):
+    """A host run's phases with what the host holds beside the layer's work."""
+    if not job.on_host:
+        return phases
+    elements = _layer_elements(groups, extra)
+    hidden = []
+    if job.holds_hidden and dec.hidden == "cpu":
+        hidden = [Term("hidden", f"hidden states in+out {job.samples}×{job.seqlen}×"
+                       f"{job.shapes.hidden}", 2 * job.samples * job.seqlen * job.shapes.hidden
+                       * job.d)]
+        if job.host.save_hidden:
+            hidden.append(Term("export", "hidden states saved for resume (serialised copy)",
+                               job.samples * job.seqlen * job.shapes.hidden * job.d))
+    fixed = _host_fixed(job)
+    export = Term("export", "the layer's export (packed codes, scales)",
+                  int(elements * job.host.export_per_weight))
+    out = [(phase, fixed + terms + ([export] if phase.startswith("propagate") else []))
+           for phase, terms in phases]
+    out.append(("read the layer", fixed + hidden + [
+        _stored(job, elements, "the layer"),
+        Term("weights", f"layer weights ({job.d}-byte)", elements * job.d)]))
+    out.append(("write the layer", fixed + hidden + [_export_copy(job, elements)]))
+    if assemble:
+        out.append(("assemble the export", _assemble(job)))
+    return out
+
+
+def _peak(job: _Job, dec: Decisions, kinds=None, assemble: bool = True) -> _Peak:
     best = None
-    for groups, extra in job.kinds:
+    for groups, extra in (job.kinds if kinds is None else kinds):
         moe = any(g.copies > 1 for g in groups)
-        for phase, terms in _phase_terms(job, groups, extra, moe, dec):
+        for phase, terms in _host_phases(job, groups, extra, dec,
+                                         _phase_terms(job, groups, extra, moe, dec),
+                                         assemble):
             raw = sum(t.bytes for t in terms)
-            total = raw + int(raw * SLACK) + (0 if job.on_host else CUDA_CONTEXT)
+            own = raw - sum(t.bytes for t in terms if t.kind == "process")
+            total = raw + int(own * SLACK) + (0 if job.on_host else CUDA_CONTEXT)
             if best is None or total > best.total:
                 best = _Peak(total, phase, (), tuple(terms))
     merged: dict[str, int] = {}
     for t in best.terms:
         merged[t.label] = merged.get(t.label, 0) + t.bytes
-    raw = sum(merged.values())
-    merged[f"allocator slack ({SLACK:.0%})"] = int(raw * SLACK)
+    own = sum(t.bytes for t in best.terms if t.kind != "process")
+    merged[f"allocator slack ({SLACK:.0%} of the tensors)"] = int(own * SLACK)
     if not job.on_host:
         merged["CUDA context"] = CUDA_CONTEXT
     return replace(best, breakdown=tuple(merged.items()))
 
 
-def _ram(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
-    """Host memory of a GPU configuration (a host 'device' is planned by _peak itself)."""
+def _ram(job: _Job, dec: Decisions, kinds=None) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Host memory of a GPU configuration (a host 'device' is planned by _peak itself): the
+    largest phase's (total, ((label, bytes), ...))."""
+    total, _, items = _ram_peak(job, dec, kinds)
+    return total, items
+
+
+def _ram_peak(job: _Job, dec: Decisions, kinds=None, assemble: bool = True
+              ) -> tuple[int, str, tuple[tuple[str, int], ...]]:
     d, N, S, H = job.d, job.samples, job.seqlen, job.shapes.hidden
-    worst: tuple[int, tuple[tuple[str, int], ...]] = (0, ())
-    for groups, extra in job.kinds:
-        items = [("layer weights staged from the checkpoint",
-                  (sum(g.weight_elements() for g in groups) + extra) * d)]
-        if job.calibrated and dec.hidden == "cpu":
-            items.append((f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
+    h = job.host
+    widest = max(_layer_elements(*k) for k in job.kinds)
+    fixed = _host_fixed(job)
+    staged = [_stored(job, widest, "the next layer read ahead")] if h.prefetch else []
+    phases: list[tuple[str, list[Term]]] = []
+    for groups, extra in (job.kinds if kinds is None else kinds):
+        held = []
+        if job.holds_hidden and dec.hidden == "cpu":
+            held.append(Term("hidden", f"hidden states in+out {N}×{S}×{H}", 2 * N * S * H * d))
+        if job.holds_hidden and dec.hidden == "disk":
+            held.append(Term("hidden", "hidden-state chunks in use (2 mapped, 2 staged)",
+                             4 * dec.chunk * S * H * d))
+        work = list(held)
         if job.method == "awq" and dec.hidden in ("cpu", "disk"):
             n = max(g.in_features for g in groups)
-            items.append(("AWQ judge inputs + fp references (widest group)",
-                          N * S * (n + H) * d))
-        if job.calibrated and dec.hidden == "disk":
-            items.append(("hidden-state staging buffers", 4 * dec.chunk * S * H * d))
+            work.append(Term("reference", "AWQ judge inputs + fp references (widest group)",
+                             N * S * (n + H) * d))
         if job.method == "gptq" and dec.hessian == "park":
             n = max(g.in_features for g in groups)
-            items.append(("a GPTQ Hessian parked during its solve (fp32)", n * n * 4))
+            work.append(Term("hessian", "a GPTQ Hessian parked during its solve (fp32)",
+                             n * n * 4))
         if job.method == "gptq" and dec.hessian == "cpu":
-            alive = max(g.in_features ** 2 * _alive_copies(g, dec) for g in groups)
+            alive = max(g.in_features ** 2 * _hessian_copies(g, dec) for g in groups)
             n = max(g.in_features for g in groups)
             wide = max(lin.out_features * lin.in_features for g in groups for lin in g.linears)
-            items.append(("Hessians + Cholesky workspace (fp32, host)", (alive + n * n) * 4))
-            items.append(("fp32 weight being solved + result (host)", wide * (4 + d)))
-        total = sum(b for _, b in items)
-        if total >= worst[0]:
-            worst = (total, tuple(items))
-    return worst
+            work.append(Term("hessian", "Hessians + Cholesky workspace (fp32, host)",
+                             (alive + n * n) * 4))
+            work.append(Term("weight_fp32", "fp32 weight being solved + result (host)",
+                             wide * (4 + d)))
+        moe = any(g.copies > 1 for g in groups)
+        kind = "MoE layer" if moe else "dense layer"
+        phases.append((f"quantize a {kind}", fixed + staged + work))
+        phases.append((f"write a {kind}", fixed + staged + held + [
+            _export_copy(job, _layer_elements(groups, extra))]))
+    if assemble:
+        phases.append(("assemble the export", _assemble(job)))
+    phase, terms = max(phases, key=lambda p: sum(t.bytes for t in p[1]))
+    merged: dict[str, int] = {}
+    for t in terms:
+        merged[t.label] = merged.get(t.label, 0) + t.bytes
+    return sum(merged.values()), phase, tuple(merged.items())
 
 
-def _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced, arch):
+def _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced, arch,
+              host: HostFacts | None = None):
     kinds = []
     for moe in layer_kinds(shapes):
         groups = layer_groups(shapes, moe, arch)
         extra = shapes.hidden * (shapes.num_experts + (1 if shapes.shared_expert_intermediate
                                                          else 0)) if moe else 0  # routers
         kinds.append((groups, extra))
+    if host is None:
+        host = default_host(shapes, dtype_bytes, on_host)
     return _Job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host,
-                tuple(kinds), forced)
+                tuple(kinds), forced, host)
+
+
+def head_elements(shapes: ModelShapes) -> tuple[int, int]:
+    """(elements of embeddings + head + final norm, elements of the largest one)."""
+    table = shapes.vocab * shapes.hidden
+    return table * (1 if shapes.tied_embeddings else 2) + shapes.hidden, table
+
+
+def export_bytes_per_weight(bits: float, group_size: int) -> float:
+    """Bytes per weight of a packed export: codes, an fp16 scale and a packed zero per group
+    (per output channel when group_size is -1, counted as one group of 4096)."""
+    g = group_size if group_size and group_size > 0 else 4096
+    return bits / 8 + 2 / g + bits / 8 / g
+
+
+def host_facts(shapes: ModelShapes, dtype_bytes: int, on_host: bool, config: dict | None = None,
+               bits: float = 4, group_size: int = 128, max_shard: int = DEFAULT_SHARD,
+               base: int | None = None, save_hidden: bool = False) -> HostFacts:
+    """HostFacts of a run: the checkpoint's stored bytes per weight from its config (a
+    quantized original's format, else its dtype), the export's from bits and group size."""
+    stored, label = float(dtype_bytes), ""
+    if config is not None:
+        from .originals import original_format
+        fmt = original_format(config, {})
+        if fmt is not None:
+            stored, label = fmt.bytes_per_weight(), fmt.label
+        else:
+            name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+            stored = {"float32": 4.0, "float64": 8.0}.get(name, 2.0)
+    elements, largest = head_elements(shapes)
+    if base is None:
+        base = HOST_BASE_CPU + (0 if on_host else CUDA_HOST)
+    return HostFacts(base=base, head_elements=elements, head_tensor=largest,
+                     stored_per_weight=stored,
+                     export_per_weight=export_bytes_per_weight(bits, group_size),
+                     max_shard=max_shard, prefetch=not on_host, save_hidden=save_hidden,
+                     stored_label=label)
+
+
+def default_host(shapes: ModelShapes, dtype_bytes: int, on_host: bool) -> HostFacts:
+    """HostFacts from the shapes alone: a float checkpoint in the working dtype, 4-bit g128."""
+    elements, largest = head_elements(shapes)
+    return HostFacts(base=HOST_BASE_CPU + (0 if on_host else CUDA_HOST),
+                     head_elements=elements, head_tensor=largest,
+                     stored_per_weight=float(dtype_bytes), prefetch=not on_host)
+
+
+def disk_needs(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Disk a run needs beside the checkpoint: hidden states when they wait on disk (the
+    inputs, the float layer's outputs and the quantized outputs: three copies while a layer
+    propagates), every finished layer's file in the job directory, and the staged export (the
+    job's layer files are deleted only once the export is published, so both coexist)."""
+    s, h = job.shapes, job.host
+    dense = s.layers - s.moe_layers
+    counts = {False: dense, True: s.moe_layers}
+    layers = 0
+    for groups, extra in job.kinds:
+        moe = any(g.copies > 1 for g in groups)
+        layers += counts[moe] * _layer_elements(groups, extra)
+    layer_files = int(layers * h.export_per_weight)
+    output = layer_files + h.head_elements * 2
+    items = []
+    hidden = 0
+    if job.holds_hidden and dec.hidden == "disk":
+        hidden = 3 * job.samples * job.seqlen * s.hidden * job.d
+        items.append(("hidden states (inputs, float and quantized outputs)", hidden))
+    elif job.holds_hidden and job.on_host and job.host.save_hidden:
+        hidden = job.samples * job.seqlen * s.hidden * job.d
+        items.append(("hidden states saved for resume", hidden))
+    items.append(("job directory: every layer's file", layer_files))
+    items.append(("the export (layers + head in float16)", output))
+    return max(hidden + layer_files, layer_files + output), tuple(items)

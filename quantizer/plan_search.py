@@ -35,7 +35,7 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
         return replace(dec, chunk=dec.chunk // 2)
     if move == "row_slices" and dec.row_slices < MAX_ROW_SLICES:
         return replace(dec, row_slices=dec.row_slices * 2)
-    if move == "hidden_off_gpu" and hidden_forced == "auto" and job.calibrated:
+    if move == "hidden_off_gpu" and hidden_forced == "auto" and job.holds_hidden:
         if job.on_host:  # the host is the device: only disk frees its memory
             return replace(dec, hidden="disk") if dec.hidden == "cpu" else None
         if dec.hidden == "gpu":
@@ -72,8 +72,8 @@ def _start(job: _Job) -> Decisions:
         chunk *= 2
     experts = max((g.copies for groups, _ in job.kinds for g in groups if g.copies > 1),
                   default=0)
-    return Decisions(hidden=hidden if job.calibrated else "none", hessian=hessian,
-                     mode="whole", chunk=chunk if job.calibrated else 1, row_slices=1,
+    return Decisions(hidden=hidden if job.holds_hidden else "none", hessian=hessian,
+                     mode="whole", chunk=chunk if job.holds_hidden else 1, row_slices=1,
                      experts_per_pass=experts)
 
 

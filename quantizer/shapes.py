@@ -28,6 +28,7 @@ class ModelShapes:
     # DeepSeek multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim,
     # qk_rope_head_dim, v_head_dim); empty for ordinary attention
     mla: tuple[int, ...] = ()
+    tied_embeddings: bool = False  # the head is the embedding table (held once)
 
     @property
     def is_moe(self) -> bool:
@@ -50,7 +51,8 @@ class ModelShapes:
         head_dim = cfg.get("head_dim") or hidden // heads
         common = dict(model_type=str(cfg.get("model_type", "")), hidden=hidden, heads=heads,
                       kv_heads=kv, head_dim=head_dim, layers=layers,
-                      vocab=int(cfg.get("vocab_size") or 0))
+                      vocab=int(cfg.get("vocab_size") or 0),
+                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
         if cfg.get("num_local_experts"):  # Mixtral: intermediate_size IS the expert width
             return cls(**common, intermediate=0, num_experts=cfg["num_local_experts"],
                        moe_intermediate=need("intermediate_size"),
@@ -65,6 +67,15 @@ class ModelShapes:
                        moe_layers=layers - dense,
                        mla=(need("q_lora_rank"), need("kv_lora_rank"), need("qk_nope_head_dim"),
                             need("qk_rope_head_dim"), need("v_head_dim")))
+        if cfg.get("n_routed_experts") and cfg.get("moe_intermediate_size"):
+            # DeepSeek-style experts under ordinary attention (GLM-4.5/4.6 "glm4_moe")
+            dense = min(int(cfg.get("first_k_dense_replace") or 0), layers)
+            mi = need("moe_intermediate_size")
+            return cls(**common, intermediate=int(cfg.get("intermediate_size") or 0),
+                       num_experts=cfg["n_routed_experts"], moe_intermediate=mi,
+                       experts_per_tok=cfg.get("num_experts_per_tok") or 1,
+                       shared_expert_intermediate=mi * int(cfg.get("n_shared_experts") or 0),
+                       moe_layers=layers - dense)
         if cfg.get("num_experts") and cfg.get("moe_intermediate_size"):  # Qwen2-MoE / Qwen3-MoE
             step = cfg.get("decoder_sparse_step") or 1
             dense_only = set(cfg.get("mlp_only_layers") or ())
@@ -109,7 +120,10 @@ class InputGroup:
 
 def resolve_arch(shapes: ModelShapes, arch):
     """The arch spec naming the layer's modules: given, registered, or — for MoE families that
-    have no arch file yet (Mixtral, Qwen2/3-MoE) — the Llama attention they share."""
+    have no arch file yet — the one whose layer they share: DeepSeek-V3's for MLA models
+    (Kimi-K2 is a DeepseekV3ForCausalLM under model_type kimi_k2), else the Llama attention
+    (GLM-4.5/4.6's q/k/v/o with GQA). The planner needs shapes only; quantizing such a family
+    still needs its arch file."""
     if arch is not None:
         return arch
     from .arch import get_arch
@@ -118,6 +132,9 @@ def resolve_arch(shapes: ModelShapes, arch):
     except InputError:
         if not shapes.is_moe:
             raise
+        if shapes.mla:
+            from .arch.deepseek import SPEC as MLA_SPEC
+            return MLA_SPEC
         from .arch.llama import SPEC
         return SPEC
 

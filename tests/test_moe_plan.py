@@ -43,4 +43,10 @@ def test_a_deepseek_v3_layer_holds_a_few_experts_at_a_time_and_24_gib_is_refused
     plan = make_plan(*args, {0: 40 * GIB}, 256 * GIB, arch=get_arch("deepseek_v3"))
     assert plan.predicted_peak[0] <= 40 * GIB
     moe_layer = plan.decisions_for(s.layers - 1)
-    assert 0 < moe_layer.experts_per_pass < 256
+    assert 0 < moe_layer.experts_per_pass <= 256
+    # GPTQ captures expert groups in batches of at most 2 GiB of Hessians (capture_batches):
+    # ten 7168² gate/up Hessians, 128 2048² down ones -- what the plan counts
+    from quantizer.plan_memory import _hessian_copies
+    groups = {g.name: g for g in layer_groups(s, True, get_arch("deepseek_v3"))}
+    assert _hessian_copies(groups["experts.gate+up"], moe_layer) == 10
+    assert _hessian_copies(groups["experts.down"], moe_layer) == 128

@@ -1,5 +1,6 @@
 """Proof that quantization streams: the peak RSS of a run on a 2 GB checkpoint is that of a
-run on a single layer of it (plus slack), far below the model's size."""
+run on a single layer of it (plus slack), far below the model's size, and under the host-RAM
+budget the planner predicts for it."""
 import os
 import subprocess
 import sys
@@ -18,6 +19,23 @@ def make(path, layers):
     import torch
     return write_checkpoint(path, preset="tiny-llama", num_hidden_layers=layers,
                             max_shard_bytes=512 << 20, dtype=torch.float16, **WIDTHS)
+
+
+PLANNED = """
+import sys
+from quantizer.config import CalibSettings, QuantSettings
+from quantizer.pipeline import plan_job
+s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu", ram_budget="1T",
+                  calib=CalibSettings(source=sys.argv[2], samples=2, seqlen=32))
+print(plan_job(sys.argv[1], s, max_shard_bytes=int(sys.argv[3])).plan.predicted_peak[-1])
+"""
+
+
+def planned_peak(model, calib) -> int:
+    """The host plan's predicted peak for the run below (a fresh process, as the run is)."""
+    out = subprocess.run([sys.executable, "-c", PLANNED, str(model), str(calib), str(SHARD)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def peak_rss_of(args) -> int:
@@ -42,10 +60,13 @@ def test_peak_rss_bounded_by_one_layer(tmp_path):
               "--calib-seqlen", "32",
               "--no-progress", "--max-shard-size", str(SHARD), "--group-size", "128"]
     peak_one = peak_rss_of([str(one), "-o", str(tmp_path / "q1"), *common])
-    peak_big = peak_rss_of([str(big), "-o", str(tmp_path / "qbig"), *common])
+    # the big run under a host-RAM budget: the plan's own prediction
+    budget = planned_peak(big, calib)
+    peak_big = peak_rss_of([str(big), "-o", str(tmp_path / "qbig"), *common,
+                            "--ram-budget", str(budget)])
     report = (f"model {model_bytes / 2**30:.2f} GiB, one layer {layer_bytes / 2**20:.0f} MiB; "
               f"peak RSS 1-layer run {peak_one / 2**20:.0f} MiB, {LAYERS}-layer run "
-              f"{peak_big / 2**20:.0f} MiB")
+              f"{peak_big / 2**20:.0f} MiB under --ram-budget {budget / 2**20:.0f} MiB")
     print(report)
     (tmp_path.parent / "streaming_rss.txt").write_text(report)
     # Streaming: 11 more layers (1 GiB more weights) may add only the output shard buffer and
@@ -54,3 +75,6 @@ def test_peak_rss_bounded_by_one_layer(tmp_path):
     # its quantization temporaries) is what the 1-layer run measures.
     assert peak_big - peak_one < SHARD + 2 * layer_bytes, report
     assert peak_big - peak_one < 0.35 * (model_bytes - layer_bytes), report
+    # host RAM held to the budget the plan predicts (about the model's size at this scale;
+    # the budget does not grow with the number of layers, the model does)
+    assert peak_big <= budget, report
