@@ -10,8 +10,9 @@ Host memory (`_ram` for GPU runs; on a host run the host IS the device and `_pea
 same host terms, HostFacts): the process itself, the model skeleton's embeddings and head,
 the next layer read ahead as stored (an FP8 original is read at ~1 byte per weight and
 dequantized on the device), hidden states and AWQ caches that wait in host RAM, parked or
-host-side Hessians, the layer's export with its serialised copy (safetensors writes from a
-bytes copy), and the final assembly (the head in the output dtype, a shard and its copy)."""
+host-side Hessians, the layer's export (its file is streamed, no serialised copy), and the
+final assembly (the head in the output dtype, a shard and the bytes copy safetensors'
+save_file makes of it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -358,8 +359,10 @@ def _stored(job: _Job, elements: int, what: str) -> Term:
 
 
 def _export_copy(job: _Job, elements: int) -> Term:
-    return Term("export", "the layer's export and its serialised copy (safetensors)",
-                int(2 * elements * job.host.export_per_weight))
+    """The layer's export in host RAM while it is propagated and written (the layer file is
+    streamed tensor by tensor: measurements/atomic.py, no serialised copy)."""
+    return Term("export", "the layer's export (packed codes, scales, norms)",
+                int(elements * job.host.export_per_weight))
 
 
 def _assemble(job: _Job) -> list[Term]:
@@ -384,12 +387,8 @@ def _host_phases(job: _Job, groups, extra, dec: Decisions, phases, assemble: boo
         hidden = [Term("hidden", f"hidden states in+out {job.samples}×{job.seqlen}×"
                        f"{job.shapes.hidden}", 2 * job.samples * job.seqlen * job.shapes.hidden
                        * job.d)]
-        if job.host.save_hidden:
-            hidden.append(Term("export", "hidden states saved for resume (serialised copy)",
-                               job.samples * job.seqlen * job.shapes.hidden * job.d))
     fixed = _host_fixed(job)
-    export = Term("export", "the layer's export (packed codes, scales)",
-                  int(elements * job.host.export_per_weight))
+    export = _export_copy(job, elements)
     out = [(phase, fixed + terms + ([export] if phase.startswith("propagate") else []))
            for phase, terms in phases]
     out.append(("read the layer", fixed + hidden + [

@@ -53,13 +53,13 @@ MEASURED = (
     Measured("llama2-7b", False, "awq", 2.680, "budget_h200_s4_awq.json", "ours-7b-awq-free"),
     Measured("llama2-70b", False, "awq", 8.872, "budget_h200_s4_awq.json", "ours-70b-awq-free"),
     Measured("mixtral-8x7b", True, "awq", 7.068, "moe_h200x2_1gpu.json", "mixtral-8x7b"),
-    Measured("qwen3-30b-a3b", True, "awq", 27.93, "moe_h200x2_1gpu.json", "qwen3-30b-a3b"),
+    Measured("qwen3-30b-a3b", True, "awq", 27.935, "moe_h200x2_1gpu.json", "qwen3-30b-a3b"),
 )
 
 # (seconds per FLOP, seconds per unit, seconds per weight byte), from fit() on MEASURED.
 COEFFICIENTS = {
-    "gptq": (2.6641e-15, 1.3763e-02, 1.3680e-09),
-    "awq": (3.1003e-15, 1.0456e-01, 5.1463e-10),
+    "gptq": (2.6659e-15, 1.3764e-02, 1.3677e-09),
+    "awq": (3.1002e-15, 1.0457e-01, 5.1441e-10),
 }
 SOURCE = ("speed model fitted to H200 per-layer times (benchmarks/results: "
           "budget_h200_s4_*, budget_h200_70b_s5_gptq_4layers, moe_h200x2_1gpu; 7B/70B dense, "
