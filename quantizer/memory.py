@@ -41,6 +41,7 @@ class MemoryMeter:
                 # it is the CUDA context and library workspaces, which a budget covers too
                 out["nvml_process"] = mine
                 out["outside_allocator"] = mine - torch.cuda.memory_reserved(self.device)
+            out["rss"] = rss_peak_bytes()  # the host's high-water mark so far (--ram-budget)
             return out
         return {"rss": rss_peak_bytes()}
 

@@ -370,7 +370,8 @@ def _assemble(job: _Job) -> list[Term]:
     dtype (float16), shards are written from RAM, one layer file is read back at a time."""
     h = job.host
     widest = max(_layer_elements(*k) for k in job.kinds)
-    shard = max(h.max_shard, h.head_tensor * 2)
+    layer_files, output = _export_sizes(job)
+    shard = min(max(h.max_shard, h.head_tensor * 2), output)
     return _host_fixed(job) + [
         Term("export", "the head in float16 for the export", h.head_elements * 2),
         Term("export", "a shard being written and its serialised copy", 2 * shard),
@@ -534,20 +535,25 @@ def default_host(shapes: ModelShapes, dtype_bytes: int, on_host: bool) -> HostFa
                      stored_per_weight=float(dtype_bytes), prefetch=not on_host)
 
 
-def disk_needs(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
-    """Disk a run needs beside the checkpoint: hidden states when they wait on disk (the
-    inputs, the float layer's outputs and the quantized outputs: three copies while a layer
-    propagates), every finished layer's file in the job directory, and the staged export (the
-    job's layer files are deleted only once the export is published, so both coexist)."""
+def _export_sizes(job: _Job) -> tuple[int, int]:
+    """(bytes of every layer's file, bytes of the whole export with the float16 head)."""
     s, h = job.shapes, job.host
-    dense = s.layers - s.moe_layers
-    counts = {False: dense, True: s.moe_layers}
+    counts = {False: s.layers - s.moe_layers, True: s.moe_layers}
     layers = 0
     for groups, extra in job.kinds:
         moe = any(g.copies > 1 for g in groups)
         layers += counts[moe] * _layer_elements(groups, extra)
     layer_files = int(layers * h.export_per_weight)
-    output = layer_files + h.head_elements * 2
+    return layer_files, layer_files + h.head_elements * 2
+
+
+def disk_needs(job: _Job, dec: Decisions) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Disk a run needs beside the checkpoint: hidden states when they wait on disk (the
+    inputs, the float layer's outputs and the quantized outputs: three copies while a layer
+    propagates), every finished layer's file in the job directory, and the staged export (the
+    job's layer files are deleted only once the export is published, so both coexist)."""
+    s = job.shapes
+    layer_files, output = _export_sizes(job)
     items = []
     hidden = 0
     if job.holds_hidden and dec.hidden == "disk":
