@@ -109,12 +109,15 @@ class RssSampler(threading.Thread):
             pass
 
 
-def quantize_cmd(args, src: Path, out: Path, method: str, vram: str, ram: str) -> list[str]:
+def quantize_cmd(args, src: Path, out: Path, method: str, vram: str, ram: str,
+                 work_dir: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "quantizer.cli", str(src), "-o", str(out), "--method", method,
            "--bits", "4", "--group-size", "128" if not args.tiny else "32",
            "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
            "--json", "--no-progress", "--overwrite", "--ram-budget", ram,
            "--max-shard-size", "2G", "--min-expert-tokens", "1"]
+    if work_dir is not None:
+        cmd += ["--work-dir", str(work_dir)]
     if args.tiny:
         cmd += ["--device", "cpu", "--calib-data", "builtin"]
     else:
@@ -123,9 +126,9 @@ def quantize_cmd(args, src: Path, out: Path, method: str, vram: str, ram: str) -
 
 
 def run_case(args, src: Path, scratch: Path, method: str, vram: str, ram: str,
-             timeout: float) -> dict:
+             timeout: float, work_dir: Path | None = None) -> dict:
     out = scratch / f"out-{method}-{vram}-{ram}"
-    cmd = quantize_cmd(args, src, out, method, vram, ram)
+    cmd = quantize_cmd(args, src, out, method, vram, ram, work_dir)
     case = {"method": method, "vram_budget": vram, "ram_budget": ram,
             "cmd": " ".join(cmd), "status": "started"}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -151,9 +154,28 @@ def run_case(args, src: Path, scratch: Path, method: str, vram: str, ram: str,
     if proc.returncode == 0:
         case.update(summarize(json.loads(stdout)))
         case["export_check"] = check_export(args, src, out)
+    job = work_dir or out.with_name(out.name + ".job")
+    if proc.returncode != 0:  # the layers it finished, from their files in the job directory
+        case.update(summarize({"layers": finished_layers(job)}))
     shutil.rmtree(out, ignore_errors=True)  # the disk holds one export at a time
-    shutil.rmtree(out.with_name(out.name + ".job"), ignore_errors=True)
+    shutil.rmtree(job, ignore_errors=True)
     return case
+
+
+def finished_layers(job: Path) -> list[dict]:
+    """The layer records a killed run left in its job directory (each layer file's header)."""
+    from quantizer.measurements.atomic import read_safetensors_metadata
+
+    records = []
+    for path in sorted((job / "layers").glob("quantize-*.safetensors")):
+        for value in read_safetensors_metadata(path).values():
+            try:
+                info = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and "record" in info.get("meta", {}):
+                records.append(info["meta"]["record"])
+    return records
 
 
 def summarize(report: dict) -> dict:
@@ -186,6 +208,8 @@ from quantizer.source import CheckpointSource
 out, src, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+import quantizer.kernels.quant_linear as ql
+ql._TRITON_STATE[:] = [False]  # dequantize + matmul: a check of the export, not the kernel
 loader = LayerLoader(out, dtype, dev)
 q = loader.load(index)
 quantized = sum(1 for m in q.modules() if type(m).__name__ == "QuantLinear")
@@ -316,7 +340,15 @@ def main(argv=None) -> int:
     doc["disk_free_before"] = shutil.disk_usage(scratch).free
     elements = layer_elements(args)
     src, doc["checkpoint"] = generate(args, scratch)
-    doc["disk_free_after_checkpoint"] = shutil.disk_usage(scratch).free
+    doc["disk_free_after_checkpoint"] = free = shutil.disk_usage(scratch).free
+    # The job's layer files and the staged export coexist until it is published: where the
+    # disk cannot hold both beside the checkpoint, the job directory goes to /dev/shm (files
+    # there are the kernel's shared memory, not this process's RSS) and the JSON says so.
+    export = int((args.dense * elements["dense"] + args.moe * elements["moe"]) * 0.53)
+    work_dir = None
+    if free < 2.2 * export and Path("/dev/shm").is_dir() and not args.tiny:
+        work_dir = Path("/dev/shm/layerquant_giant_job")
+        doc["work_dir"] = f"{work_dir} (disk free {free / GIB:.1f} GiB < 2.2 x export)"
     save()
     log(f"checkpoint: {doc['checkpoint']}")
     for spec in args.runs.split(","):
@@ -330,7 +362,8 @@ def main(argv=None) -> int:
             save()
             continue
         log(f"run {method} {vram}/{ram} ({left:.0f} s left)")
-        case = run_case(args, src, scratch, method, vram, ram, timeout=max(30.0, left - 5))
+        case = run_case(args, src, scratch, method, vram, ram, timeout=max(30.0, left - 5),
+                        work_dir=work_dir)
         case["eta"] = eta(case, elements)
         doc["runs"].append(case)
         save()

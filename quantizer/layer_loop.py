@@ -211,6 +211,7 @@ class LayerLoop:
                              peak_bytes=peak, stats=_numbers(ctx.stats),
                              predicted_peak=predicted, decisions=_describe(dec),
                              oom_retries=list(retries))
+        record.seconds = time.perf_counter() - t0  # so far: the file's record has a time too
         self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
         if self.save_hidden and self.inputs and i + 1 < job.source.num_layers:
             self.jobdir.save_hidden(i + 1, list(self.inputs))

@@ -37,3 +37,19 @@ def test_bench_giant_tiny_end_to_end(tmp_path):
         eta = case["eta"]
         assert eta["total_s"] > 58 * eta["moe_s"] > 0
     assert "full DeepSeek-V3 ETA" in proc.stdout
+
+
+def test_a_killed_runs_finished_layers_are_read_back(tiny_checkpoint, tmp_path, monkeypatch):
+    """What bench_giant reports for a run it had to stop: the layers committed so far."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_giant
+
+    from quantizer.api import quantize
+    from quantizer.errors import OutOfMemory
+
+    monkeypatch.setenv("LAYERQUANT_INJECT_OOM", "1x9")  # layer 1 never fits
+    with pytest.raises(OutOfMemory):
+        quantize(tiny_checkpoint(), tmp_path / "q", bits=4, group_size=32, method="rtn",
+                 calib_samples=2, calib_seqlen=16, progress=False)
+    records = bench_giant.finished_layers(tmp_path / "q.job")
+    assert [r["index"] for r in records] == [0] and records[0]["seconds"] > 0
