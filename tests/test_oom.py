@@ -151,8 +151,8 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
     model_dir, seed = model
     real = pipeline.plan_job
 
-    def with_host_plan(path, s):
-        job = real(path, s)
+    def with_host_plan(path, s, *args, **kwargs):
+        job = real(path, s, *args, **kwargs)
         job.plan = make_plan(ModelShapes.from_config(job.source.raw_config), "gptq",
                              s.calib.samples, s.calib.seqlen, [], {}, 64 * GIB, 4)
         return job
