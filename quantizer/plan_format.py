@@ -68,14 +68,15 @@ def _format_plan(plan: Plan) -> str:
 
 def _details(plan: Plan) -> list[str]:
     """Per layer kind: weights, GPU peak, host RAM, time per layer; then disk and time."""
-    from .plan_memory import _layer_elements, _peak, _ram_peak, disk_needs
+    from .plan_memory import _export_sizes, _layer_elements, _peak, _ram_peak, disk_needs
     from .plan_speed import SOURCE, format_duration, model_seconds
 
     dp = plan.devices[0]
     job = plan.job(dp)
     s = plan.shapes
     tokens = plan.calib_samples * plan.calib_seqlen
-    times = {m: model_seconds(s, m, tokens, plan.arch, plan.dtype_bytes)
+    export = _export_sizes(job)[1]
+    times = {m: model_seconds(s, m, tokens, plan.arch, plan.dtype_bytes, export)
              for m in ("gptq", "awq")}
     where = "host" if dp.device.is_host else dp.device.label
     rows = [("layer kind", "layers", "weights", f"peak on {where}", "during",
@@ -110,7 +111,8 @@ def _details(plan: Plan) -> list[str]:
         t = times[m]
         parts = [f"{kind} {t[kind]:.1f} s/layer" for kind in ("dense", "moe") if kind in t]
         out.append(f"  {m}: {format_duration(t['total'])} for {s.layers} layers ("
-                   + ", ".join(parts) + ")")
+                   + ", ".join(parts) + f"; writing the export {format_duration(t['assembly'])}"
+                   + ")")
     return out
 
 

@@ -29,6 +29,9 @@ from pathlib import Path
 from .shapes import ModelShapes, layer_groups, resolve_arch
 
 GRID = 20  # AWQ's scale candidates per group (methods/awq.py default)
+# The export's assembly (layer files read back, shards written): 32 llama2-7b layers, 3.6 GB
+# of export in 3.5 s on the H100 box (speed_h100_s6_32L.json, phases_s.export).
+ASSEMBLY_BYTES_PER_S = 1.0e9
 FORWARD_PASSES = {"gptq": 4, "awq": 3}
 
 
@@ -97,8 +100,9 @@ def layer_seconds(shapes: ModelShapes, method: str, moe: bool, tokens: int, arch
 
 
 def model_seconds(shapes: ModelShapes, method: str, tokens: int, arch=None,
-                  dtype_bytes: int = 2) -> dict[str, float]:
-    """Per layer kind ('dense', 'moe') seconds per layer, and 'total' for every layer."""
+                  dtype_bytes: int = 2, export_bytes: int = 0) -> dict[str, float]:
+    """Per layer kind ('dense', 'moe') seconds per layer, 'assembly' for writing an export of
+    `export_bytes`, and 'total'."""
     out = {}
     dense = shapes.layers - shapes.moe_layers
     total = 0.0
@@ -107,7 +111,8 @@ def model_seconds(shapes: ModelShapes, method: str, tokens: int, arch=None,
             t = layer_seconds(shapes, method, moe, tokens, arch, dtype_bytes)
             out["moe" if moe else "dense"] = t
             total += count * t
-    out["total"] = total
+    out["assembly"] = export_bytes / ASSEMBLY_BYTES_PER_S
+    out["total"] = total + out["assembly"]
     return out
 
 
