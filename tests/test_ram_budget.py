@@ -14,7 +14,7 @@ import torch
 
 from quantizer.hidden_store import HiddenStore, Singles, to_device_ahead
 from quantizer.memsize import GIB, MIB
-from quantizer.plan import DeviceSpec, ModelShapes, make_plan
+from quantizer.plan import ModelShapes, make_plan
 from quantizer.plan_memory import host_facts
 
 WIDTHS = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
