@@ -246,7 +246,7 @@ def format_budget_tables(cases: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", required=True, help="JSON results (rewritten after every run)")
     p.add_argument("--quick", action="store_true", help="CPU smoke mode: tiny-llama, 4×32 "
                    "calibration tokens, float32")

@@ -24,7 +24,7 @@ def quantize(model, out, *extra):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="llama2-7b")
     ap.add_argument("--layers", type=int, default=4)

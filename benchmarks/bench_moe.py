@@ -147,7 +147,7 @@ def environment() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--out", required=True, help="results JSON (rewritten after every case)")
     ap.add_argument("--scratch", default="/tmp/layerquant_moe_bench")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds for everything")

@@ -341,7 +341,7 @@ def table(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "multi_gpu.json"))
     p.add_argument("--time-budget", type=float, default=480)
     p.add_argument("--only", default="correctness,scaling")

@@ -401,7 +401,7 @@ def save(doc: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--models", default="stories-wiki,stories,smollm2-wiki,smollm2",
                     help="comma list of " + ",".join(MODELS))
     ap.add_argument("--methods", default=",".join(DEFAULT_ROWS),

@@ -387,7 +387,7 @@ def _git_head() -> str | None:
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", required=True, help="JSON results path (rewritten after every run)")
     p.add_argument("--quick", action="store_true", help="peer in bf16 only; budget table: "
                    "70B-width at the first budget only")

@@ -109,7 +109,7 @@ def eval_windows(tokenizer, source: str = "wikitext2", seqlen: int = 512, max_wi
     if seqlen < 1 or (max_windows is not None and max_windows < 1):
         raise InputError(f"evaluation needs seqlen >= 1 and max_windows >= 1 (got {seqlen}, {max_windows})")
     max_tokens = None if max_windows is None else max_windows * seqlen
-    ids = token_stream(tokenizer, load_texts(source), max_tokens)
+    ids = token_stream(tokenizer, load_texts(source, flag="--data"), max_tokens)
     n = len(ids) // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

@@ -13,6 +13,12 @@ from quantizer.errors import InputError
 from .builtin_text import builtin_documents
 
 LOCAL_ALTERNATIVE = "--calib-data path/to/file.txt (or .jsonl with a \"text\" field)"
+
+
+def local_alternative(flag: str = "--calib-data") -> str:
+    """The offline way out, spelled with the flag of the command that asked (`quantize eval`
+    takes --data, quantize --calib-data)."""
+    return LOCAL_ALTERNATIVE.replace("--calib-data", flag)
 WIKITEXT_ENV = "LAYERQUANT_WIKITEXT"
 WIKITEXT_SHARED = Path("wikitext-2-raw") / "wiki.test.raw"
 
@@ -40,10 +46,11 @@ def available_sources() -> list[str]:
     return sorted(BUILTIN_SOURCES) + sorted(HF_DATASETS) + [WIKITEXT_TAIL]
 
 
-def load_texts(source: str) -> list[str]:
+def load_texts(source: str, flag: str = "--calib-data") -> list[str]:
     """Documents of `source`: "builtin" / "builtin-eval", a local .txt or .jsonl path, or one of
     the HF dataset names pileval, wikitext2, c4 ("wikitext2" prefers a local copy, see
-    `local_wikitext`), or wikitext2-tail (see WIKITEXT_TAIL)."""
+    `local_wikitext`), or wikitext2-tail (see WIKITEXT_TAIL). `flag`: the option that named
+    the source, for messages (--calib-data, or eval's --data)."""
     source = str(source)
     if source in BUILTIN_SOURCES:
         return builtin_documents(BUILTIN_SOURCES[source])
@@ -51,19 +58,20 @@ def load_texts(source: str) -> list[str]:
     if path.is_file():
         return read_local_file(path)
     if source == WIKITEXT_TAIL:
-        rows = load_texts("wikitext2")
+        rows = load_texts("wikitext2", flag)
         return rows[len(rows) // 2:]
     if source == "wikitext2":
         local = local_wikitext()
         if local is not None:
             return read_wikitext_rows(local)
     if source in HF_DATASETS:
-        return _load_hf(source)
+        return _load_hf(source, flag)
+    what = "calibration" if flag == "--calib-data" else "evaluation"
     if path.suffix in (".txt", ".jsonl", ".json") or os.sep in source:
-        raise InputError(f"calibration data file not found: {source}")
+        raise InputError(f"{flag}: {what} data file not found: {source}")
     raise InputError(
-        f"unknown calibration source {source!r}: use one of {', '.join(available_sources())} "
-        "or a path to a .txt / .jsonl file"
+        f"{flag}: unknown {what} source {source!r}: use one of "
+        f"{', '.join(available_sources())} or a path to a .txt / .jsonl file"
     )
 
 
@@ -157,21 +165,24 @@ def read_wikitext_rows(path: Path) -> list[str]:
 
 
 # ---- HF datasets -------------------------------------------------------------------------------
-def _load_hf(name: str) -> list[str]:
+def _load_hf(name: str, flag: str = "--calib-data") -> list[str]:
     args, kwargs, field = HF_DATASETS[name]
+    offline = local_alternative(flag)
+    if name == "wikitext2":
+        offline = f"{WIKITEXT_ENV}=path/to/wiki.test.raw, or {offline}"
     try:
         import datasets  # lazy: an optional dependency that is slow to import
     except ImportError:
         raise InputError(
-            f"calibration source {name!r} needs the `datasets` package (pip install datasets); "
-            f"offline, use {LOCAL_ALTERNATIVE}"
+            f"{flag} {name!r} needs the `datasets` package (pip install datasets); "
+            f"offline, use {offline}"
         ) from None
     try:
         table = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # offline, hub errors, missing configs: all mean "cannot get it here"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"could not load dataset {name!r} ({reason[:200]}); offline, use {LOCAL_ALTERNATIVE}"
+            f"could not load dataset {name!r} ({reason[:200]}); offline, use {offline}"
         ) from None
     # kept as is, empty rows included: the perplexity protocol joins WikiText-2's rows with them
     return list(table[field])

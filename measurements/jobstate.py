@@ -30,6 +30,7 @@ from ..errors import InputError, QuantizerError
 from .atomic import (atomic_save_tensors, atomic_write_json, list_files, load_tensors,
                      read_json, read_safetensors_metadata, remove_temporaries)
 from .fingerprint import fingerprint_differences, fingerprint_digest
+from ..outputs import JOB, MARKER, read_marker, write_marker
 
 SCHEMA_VERSION = 1
 STAGES = ("measure", "quantize", "export", "done")
@@ -39,6 +40,28 @@ LOCK_NAME = "lock"
 LAYERS_DIR = "layers"
 HIDDEN_DIR = "hidden"
 _META_KEY = "layerquant"  # safetensors metadata key holding our JSON-encoded layer metadata
+FINAL_DIR = "final"  # the export being assembled (pipeline.py)
+MEASUREMENT_NAME = "measurement.json"  # adaptive GPTQ's measurement (adaptive.py)
+OWN_ENTRIES = frozenset({STATE_NAME, LOCK_NAME, LAYERS_DIR, HIDDEN_DIR, FINAL_DIR,
+                         MEASUREMENT_NAME, MARKER})
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders mkdir(parents=True) would create for `path`, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _stamped(path: Path) -> bool:
+    """Whether a safetensors file carries a job's stamp (written by JobDir)."""
+    try:
+        return _META_KEY in read_safetensors_metadata(path, "layer file")
+    except InputError:
+        return False
 
 
 def _now() -> str:
@@ -50,6 +73,9 @@ class JobDir:
         self.path = Path(path)
         self.state: dict | None = None
         self._lock_fd: int | None = None
+        self.fresh = False  # begin() started a new job here (nothing resumed)
+        self._made_dirs: list[Path] = []  # what lock() created, undone when begin() refuses
+        self._made_lock = False
 
     # ---- lock ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -60,7 +86,9 @@ class JobDir:
             return
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"job directory {self.path} exists and is not a directory")
+        self._made_dirs = _missing_parents(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.path / LOCK_NAME).exists()
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,16 +139,27 @@ class JobDir:
         try:
             return self._begin_locked(fingerprint, resume, overwrite, first_stage)
         except BaseException:
-            if not had_lock:  # a refused start must not keep the directory locked
+            if not had_lock:  # a refused start must not keep the directory locked...
                 self.unlock()
+                self._undo_lock()  # ...nor leave a lock file or folders it made
             raise
+
+    def _undo_lock(self) -> None:
+        if self._made_lock:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        for d in self._made_dirs:  # deepest first; only while still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made_dirs, self._made_lock = [], False
 
     def _begin_locked(self, fingerprint, resume, overwrite, first_stage) -> dict:
         remove_temporaries(self.path)  # we hold the lock: any temporary is a dead writer's
         state_file = self.path / STATE_NAME
         if state_file.exists():
             if overwrite:
-                self._wipe()
+                self.wipe()
             elif not resume:
                 raise InputError(
                     f"job directory {self.path} already holds an unfinished or finished job. "
@@ -131,11 +170,20 @@ class JobDir:
                 if diffs:
                     raise InputError(
                         f"cannot resume the job in {self.path}: it was started with different "
-                        f"inputs:\n  - " + "\n  - ".join(diffs) + "\nRerun with the original "
-                        f"model, calibration and settings, or pass --overwrite to start over")
+                        f"inputs ({'; '.join(diffs)}); rerun with the original model, "
+                        f"calibration and settings, or pass --overwrite to start over")
                 self.state = state
                 self.verify()
                 return state
+        elif self.is_ours():
+            # Ours (marker, or only our own stamped files) but state.json is gone: its layers
+            # cannot be matched to this run. --overwrite clears it; nothing else touches it.
+            if not overwrite:
+                raise InputError(
+                    f"job directory {self.path} is layerquant's but its {STATE_NAME} is lost, "
+                    f"so its finished layers cannot be resumed; pass --overwrite to delete it "
+                    f"and start over")
+            self.wipe()
         else:
             strangers = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME]
             if strangers:
@@ -151,10 +199,31 @@ class JobDir:
             "fingerprint": json.loads(json.dumps(dict(fingerprint), default=str)),
             "notes": {}, "created": now, "updated": now,
         }
+        write_marker(self.path, JOB)
         self._write_state()
+        self.fresh = True
         return self.state
 
-    def _wipe(self) -> None:
+    def is_ours(self) -> bool:
+        """A job directory layerquant wrote: its marker, or (from before markers) nothing but
+        our own entries with at least one layer or hidden-state file stamped by a job."""
+        if read_marker(self.path) is not None:
+            return read_marker(self.path).get("kind") == JOB
+        names = {p.name for p in self.path.iterdir()}
+        if not names <= OWN_ENTRIES:
+            return False
+        files = [p for d in (LAYERS_DIR, HIDDEN_DIR)
+                 for p in list_files(self.path / d, "*.safetensors")]
+        return bool(files) and all(_stamped(p) for p in files)
+
+    def wipe(self) -> None:
+        """Delete the job's own entries (never the lock we hold); anything else in the
+        directory is someone else's: refuse, deleting nothing."""
+        strangers = sorted(p.name for p in self.path.iterdir() if p.name not in OWN_ENTRIES)
+        if strangers:
+            raise InputError(f"job directory {self.path} also holds files layerquant did not "
+                             f"write ({', '.join(strangers[:5])}); refusing to delete it: move "
+                             f"them out or choose another --work-dir")
         for p in self.path.iterdir():
             if p.name == LOCK_NAME:
                 continue
@@ -162,6 +231,19 @@ class JobDir:
                 shutil.rmtree(p)
             else:
                 p.unlink()
+
+    def has_work(self) -> bool:
+        """Whether any layer of any stage is committed (worth keeping for --resume)."""
+        return self.state is not None and any(i >= 0 for i in
+                                              self.state["last_finished"].values())
+
+    def peek(self) -> dict | None:
+        """The state of a job here without locking or changing anything; None when there is
+        no readable state.json (begin() then says why, if it matters)."""
+        try:
+            return self.load_state() if (self.path / STATE_NAME).is_file() else None
+        except InputError:
+            return None
 
     # ---- state.json ----------------------------------------------------------------------
     def load_state(self) -> dict:

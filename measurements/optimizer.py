@@ -345,6 +345,15 @@ def min_bpw(groups: Sequence[Group], per_weights: float | None = None,
                      for g in merged) / total
 
 
+def max_bpw(groups: Sequence[Group], per_weights: float | None = None,
+            ties: Sequence[Sequence[int]] = ()) -> float:
+    """The largest average bpw a choice can use (each group, or tie, at its widest)."""
+    merged = tie_groups(groups, ties)[0] if ties else list(groups)
+    total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
+    return math.fsum(g.numel * max(_as_candidate(c).bpw for c in g.candidates)
+                     for g in merged) / total
+
+
 def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None = None,
            ties: Sequence[Sequence[int]] = ()) -> Choice:
     """Pick one candidate per group: least Σ weight·err with average bpw ≤ target_bpw.

@@ -87,9 +87,9 @@ class MeasurementStore:
         """InputError listing what differs between this measurement's inputs and `fingerprint`."""
         diffs = fingerprint_differences(self.fingerprint, fingerprint)
         if diffs:
-            raise InputError(f"measurement file {self.path} was made from different inputs:\n"
-                             f"  - " + "\n  - ".join(diffs) + "\nMeasure again (or point "
-                             f"--measurement at a file made for this model and settings)")
+            raise InputError(f"measurement file {self.path} was made from different inputs "
+                             f"({'; '.join(diffs)}): measure again, or point --measurement at "
+                             f"a file made for this model, calibration and settings")
 
     def save(self) -> None:
         doc = {"schema_version": SCHEMA_VERSION, "kind": KIND, "fingerprint": self.fingerprint,

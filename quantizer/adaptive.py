@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -133,19 +134,7 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
     refused naming the smallest that can. "none": every measured candidate."""
     from quantizer.measurements.optimizer import choose, min_bpw
 
-    from .export.serving import candidate_servable, expert_block
     from .methods.measure import module_settings_from_selection
-
-    serving = engine == "vllm"
-    experts = {(layer["index"], name): _expert_block_of(g, expert_block)
-               for layer in store.layers for name, g in layer["groups"].items()}
-
-    def allowed_in(index: int, name: str):
-        def allowed(c):
-            ok = packable(c, shapes, symmetric)
-            return ok and (not serving or candidate_servable(
-                c, symmetric, experts[(index, name)] is not None))
-        return allowed
 
     if not store.has_block_errors:
         say(f"measurement {store.path} has no block errors (measured by an older layerquant): "
@@ -155,22 +144,17 @@ def choose_settings(store, arch, target_bpw: float, symmetric: bool, say,
     if error_weights == "residual" and not weighted:
         say(f"measurement {store.path} has no residual shares (measured by an older "
             f"layerquant): every group's error weighs 1; measure again to weigh them")
+    serving = engine == "vllm"
     per_weights = original_weights(store, shapes, original_shapes or shapes)
-    groups = store.groups(weight, allowed_for=allowed_in)
-    ties = _expert_ties(store, experts) if serving else []
+    groups, ties, allowed_in = allocation_groups(store, shapes, symmetric, engine, weight)
     t0 = time.perf_counter()
     try:
         choice = choose(groups, float(target_bpw), per_weights, ties)
     except InputError:
         if not serving:
             raise
-        smallest = math.ceil(min_bpw(groups, per_weights, ties) * 1000) / 1000
-        raise InputError(f"--bits {target_bpw}: no allocation vLLM serves meets it (one "
-                         f"setting per fused q/k/v and gate/up, every expert of a MoE layer "
-                         f"one setting, experts int4/int8, zero points at 4/8 bit only); the "
-                         f"smallest servable target is {smallest:.3f} bpw; --engine none "
-                         f"allows every measured candidate (the export then may not load in "
-                         f"vLLM)") from None
+        raise InputError(_below_servable(target_bpw, min_bpw(groups, per_weights, ties))) \
+            from None
     selection = store.selection(choice, allowed_for=allowed_in)
     settings = module_settings_from_selection(selection, arch)
     widths: dict[int, int] = {}
@@ -210,6 +194,89 @@ def _expert_ties(store, experts: dict) -> list[list[int]]:
     return [t for t in ties.values() if len(t) > 1]
 
 
+def allocation_groups(store, shapes: dict[str, tuple[int, int]], symmetric: bool,
+                      engine: str, weight=None) -> tuple[list, list[list[int]], object]:
+    """The optimiser's view of a measurement for this export: its groups with the candidates
+    the export stores (and, engine "vllm", vLLM serves), the ties of every routed expert of a
+    fused-MoE layer (vllm), and the per-group filter (for `selection`)."""
+    from .export.serving import candidate_servable, expert_block
+
+    serving = engine == "vllm"
+    experts = {(layer["index"], name): _expert_block_of(g, expert_block)
+               for layer in store.layers for name, g in layer["groups"].items()}
+
+    def allowed_in(index: int, name: str):
+        def allowed(c):
+            ok = packable(c, shapes, symmetric)
+            return ok and (not serving or candidate_servable(
+                c, symmetric, experts[(index, name)] is not None))
+        return allowed
+
+    groups = store.groups(weight, allowed_for=allowed_in)
+    return groups, (_expert_ties(store, experts) if serving else []), allowed_in
+
+
+def _below_servable(target: float, smallest: float) -> str:
+    return (f"--bits {target:g}: no allocation vLLM serves meets it (one setting per fused "
+            f"q/k/v and gate/up, every expert of a MoE layer one setting, experts int4/int8, "
+            f"zero points at 4/8 bit only); the smallest servable target is "
+            f"{math.ceil(smallest * 1000) / 1000:.3f} bpw; --engine none allows every measured "
+            f"candidate (the export then may not load in vLLM)")
+
+
+@dataclass(frozen=True)
+class BpwRange:
+    """The bits per weight (of the original model) a measurement can reach for an export."""
+
+    least: float  # every group (tie) at its narrowest allowed candidate
+    most: float  # every group (tie) at its widest
+    engine: str
+
+
+def bpw_range(store, symmetric: bool, shapes: dict[str, tuple[int, int]],
+              original_shapes: dict[str, tuple[int, int]], engine: str) -> BpwRange:
+    """What `store` can reach: the optimiser's own groups and ties (allocation_groups), so the
+    number said before any work is the one choose_settings would say."""
+    from quantizer.measurements.optimizer import max_bpw, min_bpw
+    groups, ties, _ = allocation_groups(store, shapes, symmetric, engine)
+    per_weights = original_weights(store, shapes, original_shapes)
+    return BpwRange(min_bpw(groups, per_weights, ties), max_bpw(groups, per_weights, ties),
+                    engine)
+
+
+def check_target(span: BpwRange, target: float, path) -> None:
+    """Refuse a bits target the measurement cannot reach, naming the one bound it misses."""
+    if target < span.least * (1 - 1e-12):
+        if span.engine == "vllm":
+            raise InputError(_below_servable(target, span.least))
+        raise InputError(f"--bits {target:g} is below the least measurement {path} can reach: "
+                         f"{span.least:.4f} bpw (every group at its narrowest); choose --bits "
+                         f"{math.ceil(span.least * 1000) / 1000:.3f} or more")
+    if target > span.most * (1 + 1e-12):
+        raise InputError(f"--bits {target:g} is above the most measurement {path} offers: "
+                         f"{span.most:.4f} bpw (every group at its widest); choose --bits "
+                         f"{math.floor(span.most * 1000) / 1000:.3f} or less")
+
+
+def check_measurement(job, fingerprint: dict) -> None:
+    """--measurement FILE, before any job directory exists: made for this model, calibration
+    and GPTQ options, and able to reach the --bits target."""
+    s = job.settings
+    store = load_measurement(s.measurement, fingerprint)
+    if not store.is_complete(job.source.num_layers):
+        raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
+                         f"{job.source.num_layers} layers: finish it with quantize measure "
+                         f"--resume")
+    check_target(target_range(job, store), float(s.bits), store.path)
+
+
+def target_range(job, store) -> BpwRange:
+    from .pipeline import linear_shapes
+    s = job.settings
+    return bpw_range(store, s.symmetric, linear_shapes(job.source, job.padded_intermediate),
+                     linear_shapes(job.source, None), s.engine)
+
+
 def original_weights(store, shapes: dict[str, tuple[int, int]],
                      original_shapes: dict[str, tuple[int, int]]) -> float:
     """How many weights of the original model the measured groups quantize: each group's
@@ -245,26 +312,29 @@ def run_measure(model_path, output, settings, progress: bool = True, overwrite: 
     from quantizer.measurements.store import MeasurementStore
 
     from .distributed import world
-    from .pipeline import calibration_tokens, plan_job
+    from .outputs import check_measurement_output, check_paths
+    from .pipeline import (calibration_tokens, discard_refused_job, plan_job, prepare_skeleton,
+                           say_once)
 
-    say = log or (lambda msg: None)
+    say = say_once(log or (lambda msg: None))
     if world().distributed:
         raise InputError("quantize measure runs in one process (no --devices / torchrun)")
     t0 = time.perf_counter()
     settings.adaptive = True
-    job = plan_job(model_path, settings)  # validates: adaptive GPTQ options, act-order default
+    settings.validate()
     output = Path(output).absolute()
-    if output.is_dir() or (output.exists() and not (overwrite or resume)):
-        raise InputError(f"output {output} exists; pass --overwrite to replace it"
-                         if not output.is_dir() else f"output {output} is a directory: "
-                         "name the measurement file (e.g. -o measurement.json)")
+    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
+    check_paths(model_path, output, work, what="measurement file")
+    jobdir = JobDir(work)
+    check_measurement_output(output, overwrite, resume, jobdir.peek() is not None)
+    job = plan_job(model_path, settings)  # validates: adaptive GPTQ options, act-order default
+    prepare_skeleton(job)
     tokens = calibration_tokens(job)
     for n in job.notes:
         say(n)
     fingerprint = measurement_fingerprint(fingerprint_model(job.source.path),
                                           fingerprint_calibration(tokens), settings)
-    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
-    jobdir = JobDir(work)
+    created = not work.exists()
     jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=STAGE)
     try:
         store = MeasurementStore.open(jobdir.path / MEASURE_NAME, fingerprint)
@@ -273,6 +343,9 @@ def run_measure(model_path, output, settings, progress: bool = True, overwrite: 
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output, (jobdir.path / MEASURE_NAME).read_bytes())
         jobdir.finish()
+    except InputError as e:
+        discard_refused_job(jobdir, created, e)
+        raise
     finally:
         jobdir.unlock()
     shutil.rmtree(work, ignore_errors=True)

@@ -1,34 +1,63 @@
 """The Python API: `quantize`, `measure`, `evaluate`, `load` — the same code paths as the CLI."""
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
+import inspect
 from pathlib import Path
 
-from .config import CalibSettings, QuantSettings
+from . import evaluation as _evaluation
+from . import loader as _loader
+from .config import CalibSettings, QuantSettings, default_method
 from .errors import InputError
-from .evaluation import EvalResult, evaluate
-from .loader import load
-from .pipeline import run_quantize
+from .evaluation import EvalResult
+from .options import OPTIONS, check_positive_size
+from .outputs import check_paths, local_model_path
+from .pipeline import check_output, input_files, run_quantize
 from .report import QuantResult
+
+
+def checked_keywords(fn):
+    """A mistyped keyword is an InputError (a ValueError) naming it and the nearest right
+    one, like every other bad argument, not a TypeError from deep inside. Keywords that go
+    on to a method's options (quantize's **method_options) are checked against options.py."""
+    sig = inspect.signature(fn)
+    named = [n for n, p in sig.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_options = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for key in kwargs:
+            if key in named or (takes_options and key in OPTIONS):
+                continue
+            known = named + (sorted(OPTIONS) if takes_options else [])
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise InputError(f"{fn.__name__}() has no keyword argument {key!r}{hint}")
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def resolve_model(path_or_id: str) -> Path:
     """A local directory, or a hub id fetched with huggingface_hub (weights + configs only)."""
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        return p
-    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(path_or_id, allow_patterns=[
-                "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "merges.txt"]))
-        except Exception as e:  # offline, unknown repo, no access
-            raise InputError(f"model path does not exist and {path_or_id!r} could not be "
-                             f"fetched from the hub ({type(e).__name__}); pass a local "
-                             "directory") from None
-    raise InputError(f"model path does not exist: {p}")
+    local = local_model_path(path_or_id)
+    if local is not None:
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(path_or_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "merges.txt"]))
+    except Exception as e:  # offline, unknown repo, no access
+        raise InputError(f"model path does not exist and {path_or_id!r} could not be "
+                         f"fetched from the hub ({type(e).__name__}); pass a local "
+                         "directory") from None
 
 
-def quantize(model: str, output: str, bits: float = 4, group_size="auto", method: str = "rtn",
+@checked_keywords
+def quantize(model: str, output: str, bits: float = 4, group_size="auto",
+             method: str | None = None,
              symmetric: bool | None = None, calib_data: str = "builtin", calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, device: str = "auto", dtype: str = "auto",
              export_format: str = "auto", overwrite: bool = False, resume: bool = False,
@@ -42,8 +71,15 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
              **method_options) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
 
+    method: rtn, awq or gptq; default as on the command line (AWQ for 4 bits when available,
+    GPTQ otherwise, adaptive GPTQ for fractional targets).
+
     Work is checkpointed after every layer in `work_dir` (default OUTPUT.job); after a crash
     or Ctrl-C, call again with resume=True to continue from the last finished layer.
+    overwrite=True replaces an existing export only when layerquant wrote it.
+
+    Bad arguments raise quantizer.errors.InputError (a ValueError) with the one line the
+    command line prints, before anything is written.
 
     tp_size=N refuses before any work unless the export loads under tensor parallelism N;
     pad_for_tp=N zero-pads the MLP intermediate width so that it does (exact).
@@ -60,16 +96,14 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
     process's. calib_shards: the calibration set's shard count, which bounds the processes."""
     from . import distributed as D
 
+    if method is None:
+        method = default_method(bits, adaptive or bool(measurement))
     device_list = D.parse_devices(devices) if isinstance(devices, (str, type(None))) else \
         D.parse_devices(",".join(map(str, devices)))
+    if device_list:
+        D.require_devices(device_list)
     if device_list and len(device_list) == 1:
         device = device_list[0]
-    elif device_list and not D.world().distributed:
-        _settings_for_check(locals(), method_options).validate()  # refuse before any process starts
-        kwargs = {k: v for k, v in locals().items()
-                  if k in _QUANTIZE_ARGS and k not in ("devices", "log")}
-        kwargs.update(method_options)
-        return D.launch(device_list, _quantize_worker, kwargs, log is not None)
     settings = QuantSettings(
         bits=bits, group_size=group_size, method=method, symmetric=symmetric,
         calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
@@ -79,11 +113,27 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto", method
         measurement=str(measurement) if measurement else None, adaptive=adaptive,
         hessian_device=hessian_device, hidden_device=hidden_device, tp_size=tp_size,
         pad_for_tp=pad_for_tp, min_expert_tokens=min_expert_tokens, engine=engine)
+    if device_list and len(device_list) > 1 and not D.world().distributed:
+        # refuse before any process starts: settings, paths, the output
+        model_path = resolve_model(str(model))
+        check_settings = copy.deepcopy(settings)
+        check_settings.validate()
+        check_positive_size("--max-shard-size", max_shard_bytes)
+        out = Path(output).absolute()
+        work = Path(work_dir).absolute() if work_dir else out.parent / (out.name + ".job")
+        check_paths(model_path, out, work, inputs=input_files(check_settings))
+        check_output(out, work, overwrite, resume)
+        kwargs = {k: v for k, v in locals().items()
+                  if k in _QUANTIZE_ARGS and k not in ("devices", "log")}
+        kwargs["model"] = str(model_path)  # fetched once, not once per process
+        kwargs.update(method_options)
+        return D.launch(device_list, _quantize_worker, kwargs, log is not None)
     return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
                         overwrite=overwrite, resume=resume, work_dir=work_dir,
                         max_shard_bytes=max_shard_bytes, log=log)
 
 
+@checked_keywords
 def measure(model: str, output: str, calib_data: str = "builtin", calib_samples: int = 128,
             calib_seqlen: int = 512, seed: int = 0, symmetric: bool | None = None,
             group_size="auto", device: str = "auto", dtype: str = "auto",
@@ -115,14 +165,6 @@ _QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric"
                   "min_expert_tokens", "engine")
 
 
-def _settings_for_check(args: dict, method_options: dict) -> QuantSettings:
-    return QuantSettings(bits=args["bits"], group_size=args["group_size"], method=args["method"],
-                         symmetric=args["symmetric"], method_options=dict(method_options),
-                         measurement=args["measurement"], adaptive=args["adaptive"],
-                         tp_size=args["tp_size"], pad_for_tp=args["pad_for_tp"],
-                         engine=args["engine"])
-
-
 def _log_stderr(msg: str) -> None:
     import sys
     print(msg, file=sys.stderr)
@@ -132,5 +174,8 @@ def _quantize_worker(kwargs: dict, logging: bool) -> QuantResult:
     """One process of a multi-device run (started by quantizer.distributed.launch)."""
     return quantize(**kwargs, log=_log_stderr if logging else None)
 
+
+evaluate = checked_keywords(_evaluation.evaluate)
+load = checked_keywords(_loader.load)
 
 __all__ = ["quantize", "measure", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]

@@ -1,4 +1,6 @@
-"""`quantize` command line. Exit codes: 0 ok, 2 bad input, 3 out of memory, 1 other."""
+"""`quantize` command line. Exit codes: 0 ok, 2 bad input (one line on stderr, nothing
+written), 3 out of memory, 130 Ctrl-C, 143 SIGTERM (both: finished layers kept for --resume),
+1 other. Paths are checked before torch is imported, so a typo answers at once."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,8 @@ import json
 import os
 import sys
 
-from .errors import InputError, OutOfMemory, QuantizerError
+from .errors import InputError, OutOfMemory, QuantizerError, Terminated
+from .outputs import local_model_path
 
 SUBCOMMANDS = ("eval", "plan", "demo", "check", "measure")
 
@@ -17,6 +20,28 @@ def _size(text: str) -> int:
         return parse_size(text)
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """No prefix matching (`--bit 4` is not `--bits 4`: a later flag could change its
+    meaning), and a usage error is one line on stderr and exit 2, like every bad input."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -37,12 +62,15 @@ def _bits(text: str) -> float:
 
 
 def quantize_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantize", description=(
+    p = Parser(prog="quantize", description=(
         "Quantize a model layer by layer. Subcommands: quantize eval OUT | quantize plan "
         "MODEL | quantize check OUT [--tp-size N] | quantize demo"))
     p.add_argument("model", help="model directory (config.json + safetensors) or hub id")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--bits", type=_bits, default=4.0)
+    p.add_argument("-o", "--output", required=True, help="output directory (new, empty, or "
+                   "an export of ours with --overwrite)")
+    p.add_argument("--bits", type=_bits, default=4.0, help="bits per weight, 2-8 (default 4); "
+                   "a fractional target such as 4.25 (or --adaptive) allocates bits per module "
+                   "group with adaptive GPTQ")
     p.add_argument("--group-size", default="auto", help="128, 64, 32, -1 (per channel) or auto")
     p.add_argument("--method", default=None, help="rtn, awq or gptq (default: awq when "
                    "available, else rtn)")
@@ -60,10 +88,14 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="awq, gptq or compressed-tensors (default: by method and bits)")
     p.add_argument("--calib-data", default="builtin",
                    help="builtin, a .txt/.jsonl file, or pileval / wikitext2 / c4")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--calib-samples", type=_nonnegative, default=128, help="calibration "
+                   "sequences drawn from --calib-data (default 128; 0 with --method rtn: none)")
+    p.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per "
+                   "calibration sequence (default 512; at most the model's context)")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the calibration "
+                   "draw: same seed, same samples, same export (default 0)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when visible, else the "
+                   "CPU), cpu, cuda or cuda:N")
     p.add_argument("--devices", default=None, help="one process per device through "
                    "torch.distributed: GPU indices (0,1), all, or cpu,cpu; under torchrun "
                    "each process joins (default there: cuda:LOCAL_RANK)")
@@ -97,37 +129,39 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "unless the export loads under tensor parallelism N (vLLM / Marlin shapes)")
     p.add_argument("--pad-for-tp", type=_positive, default=None, help="zero-pad the MLP "
                    "intermediate size so the export loads at TP N (exact; config.json updated)")
-    p.add_argument("--min-expert-tokens", type=int, default=16, help="MoE: experts routed "
+    p.add_argument("--min-expert-tokens", type=_nonnegative, default=16, help="MoE: experts routed "
                    "fewer calibration tokens are rounded to nearest (RTN), with a warning")
     p.add_argument("--awq-grid", type=int, default=None, help="AWQ scale grid points (20)")
     p.add_argument("--awq-no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--awq-no-duo-scaling", action="store_true",
                    help="AWQ scales from activations only (no weight term)")
-    p.add_argument("--max-shard-size", type=_size, default=_size("1G"))
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output and "
-                   "job directory")
+    p.add_argument("--max-shard-size", type=_size, default=_size("1G"), help="largest "
+                   "safetensors shard of the export (default 1G)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export and "
+                   "job directory that layerquant wrote (never other files)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job from "
-                   "its last finished layer")
+                   "its last finished layer (deletes nothing)")
     p.add_argument("--work-dir", default=None, help="job directory (default: OUTPUT.job)")
     p.add_argument("--save-hidden", default="auto", choices=("auto", "always", "never"),
                    help="checkpoint hidden states per layer (auto: when they fit in 1 GiB; "
                    "otherwise a resume replays finished layers)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantize eval", description=(
+    p = Parser(prog="quantize eval", description=(
         "Perplexity of a quantized checkpoint (and of its original, with KL), streamed layer by "
         "layer"))
     p.add_argument("model", help="quantized (or any) checkpoint directory")
     p.add_argument("--base", default=None, help="original model (default: recorded in the "
                    "export's layerquant.json)")
-    p.add_argument("--data", default="wikitext2", help="wikitext2, builtin, or a text file")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default="wikitext2", help="wikitext2 (offline: a local copy, "
+                   "see LAYERQUANT_WIKITEXT), builtin, or a .txt/.jsonl file")
+    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window")
+    p.add_argument("--max-windows", type=_positive, default=40, help="windows evaluated")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--devices", default=None, help="spread the layers over these GPUs "
                    "(e.g. 0,1: contiguous runs of layers per GPU)")
     p.add_argument("--json", action="store_true")
@@ -136,11 +170,10 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def default_method(bits: float = 4, adaptive: bool = False) -> str:
-    """AWQ for 4-bit (the common case); adaptive GPTQ for fractional targets."""
-    if adaptive or not float(bits).is_integer():
-        return "gptq"
-    from .methods import available
-    return "awq" if "awq" in available() and float(bits) == 4 else "gptq"
+    """AWQ for 4-bit (the common case); adaptive GPTQ for fractional targets (the API's
+    default too: quantizer.config.default_method)."""
+    from .config import default_method as chosen
+    return chosen(bits, adaptive)
 
 
 def gptq_options(a) -> dict:
@@ -154,6 +187,7 @@ def gptq_options(a) -> dict:
 
 def run_quantize_cli(argv) -> int:
     a = quantize_parser().parse_args(argv)
+    local_model_path(a.model)  # a missing path, said before torch is imported
     from . import distributed
     from .api import quantize
     joined = distributed.under_launcher() and not distributed.world().distributed
@@ -199,7 +233,11 @@ def run_measure_cli(argv) -> int:
     p.prog = "quantize measure"
     p.description = ("Measure adaptive GPTQ's candidates into measurement.json; then "
                      "`quantize MODEL --bits T --measurement FILE` for any target T")
+    for action in p._actions:
+        if action.dest == "output":
+            action.help = "the measurement file to write (e.g. measurement.json), not a directory"
     a = p.parse_args(argv)
+    local_model_path(a.model)
     from .api import measure
     options = gptq_options(a)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -222,6 +260,9 @@ def run_measure_cli(argv) -> int:
 
 def run_eval_cli(argv) -> int:
     a = eval_parser().parse_args(argv)
+    _existing(a.model, "model")
+    if a.base is not None:
+        _existing(a.base, "--base")
     from .evaluation import evaluate
     result = evaluate(a.model, base=a.base, data=a.data, seqlen=a.seqlen,
                       max_windows=a.max_windows, device=a.device,
@@ -236,19 +277,24 @@ def run_demo_cli(argv) -> int:
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantize plan", description=(
+    p = Parser(prog="quantize plan", description=(
         "Print the memory plan and the predicted peak per device, reading config.json only; "
         "refuse with the smallest budget that would work when nothing fits"))
     p.add_argument("model", help="model directory or config.json")
-    p.add_argument("--bits", default="4")
-    p.add_argument("--method", default="awq", help="rtn, awq or gptq")
+    p.add_argument("--bits", default="4", help="bits per weight, 2-8 (default 4)")
+    p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq"),
+                   help="rtn, awq or gptq (default awq)")
     p.add_argument("--vram-budget", default=None, help="per GPU, e.g. 40G, or 0:20G,1:40G")
     p.add_argument("--ram-budget", default=None, help="host memory, e.g. 64G")
     p.add_argument("--devices", default=None, help="GPU indices, e.g. 0,1 (default: visible)")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--hidden-device", default="auto", help="auto, gpu, cpu or disk")
-    p.add_argument("--hessian-device", default="auto", help="auto, gpu or cpu")
+    p.add_argument("--calib-samples", type=_nonnegative, default=128,
+                   help="calibration sequences (default 128)")
+    p.add_argument("--calib-seqlen", type=_positive, default=512,
+                   help="tokens per calibration sequence (default 512)")
+    p.add_argument("--hidden-device", default="auto", choices=("auto", "gpu", "cpu", "disk"),
+                   help="auto, gpu, cpu or disk")
+    p.add_argument("--hessian-device", default="auto", choices=("auto", "gpu", "cpu"),
+                   help="auto, gpu or cpu")
     p.add_argument("--group-size", type=int, default=128, help="the export's group size "
                    "(its size on disk and in host RAM; -1 per channel)")
     return p
@@ -256,7 +302,16 @@ def plan_parser() -> argparse.ArgumentParser:
 
 def run_plan_cli(argv) -> int:
     a = plan_parser().parse_args(argv)
+    _existing(a.model, "model")
+    from .options import check_ram_budget, check_vram_budget, visible_gpu_memory
+    gpus = visible_gpu_memory()
+    check_vram_budget(a.vram_budget, gpus)
+    check_ram_budget(a.ram_budget, None)  # a plan may be for a machine with more memory
     from .plan import plan_command
+    if a.vram_budget and not gpus:
+        print(f"no GPU is visible here: planned for the GPU(s) --vram-budget "
+              f"{a.vram_budget} names (cuda:0 when it names none), as on the machine that "
+              f"will run it")
     print(plan_command(a.model, a.bits, a.method, a.vram_budget, a.ram_budget, a.devices,
                        a.calib_samples, a.calib_seqlen, a.hidden_device, a.hessian_device,
                        group_size=a.group_size))
@@ -264,7 +319,7 @@ def run_plan_cli(argv) -> int:
 
 
 def check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantize check", description=(
+    p = Parser(prog="quantize check", description=(
         "Will vLLM load this export, and on its fast path? Runs the serving rules per layer "
         "over config.json and the tensors' headers: errors (vLLM refuses it or loads wrong "
         "numbers), warnings (off the Marlin path, with the reason). A directory without "
@@ -285,7 +340,8 @@ def run_check_cli(argv) -> int:
     a = check_parser().parse_args(argv)
     from pathlib import Path
 
-    from .tp import check_checkpoint, checkpoint_group_sizes, describe_problems
+    from .tp import (check_checkpoint, checkpoint_group_sizes, describe_problems,
+                     problem_summary)
     path = Path(a.model)
     if path.is_dir() and any(path.glob("*.safetensors")) and _has_quantized(path):
         from .export.serving import check_export
@@ -296,14 +352,23 @@ def run_check_cli(argv) -> int:
             sizes = checkpoint_group_sizes(json.loads((path / "config.json").read_text()),
                                            a.group_size)
             print(f"TP-{a.tp_size}: ok (group size {', '.join(map(str, sizes))})")
-        return 2 if report.errors else 0
+        if report.errors:  # the report above; one line on stderr, as every refusal
+            raise InputError(f"{path}: {len(report.errors)} serving error(s) listed above: vLLM "
+                             f"would refuse this export or load it wrong")
+        return 0
     tp = a.tp_size or 1
     problems, sizes = check_checkpoint(a.model, tp, a.group_size)
     if not problems:
         print(f"TP-{tp}: ok (group size {', '.join(map(str, sizes))})")
         return 0
-    print(describe_problems(problems, tp, ", ".join(map(str, sizes))))
-    return 2
+    groups = ", ".join(map(str, sizes))
+    print(describe_problems(problems, tp, groups))  # the report: every problem
+    raise InputError(problem_summary(problems, tp, groups) + " (listed above)")
+
+
+def _existing(path: str, what: str) -> None:
+    if not os.path.exists(os.path.expanduser(path)):
+        raise InputError(f"{what} path does not exist: {path}")
 
 
 def _has_quantized(path) -> bool:
@@ -332,20 +397,24 @@ def main(argv=None) -> int:
     handler = run_quantize_cli
     if argv and argv[0] in handlers:
         handler = handlers[argv.pop(0)]
+    resumable = handler in (run_quantize_cli, run_measure_cli)
     debug = bool(os.environ.get("LAYERQUANT_DEBUG"))
+    previous = _stop_on_sigterm()
     try:
         _dump_stacks_every(os.environ.get("LAYERQUANT_DUMP_STACKS"))
         return handler(argv)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except (OutOfMemory, MemoryError) as e:
-        print(f"error: out of memory: {e}", file=sys.stderr)
+        print(f"error: out of memory: {_one_line(e)}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted: finished layers are saved; rerun the same command with --resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        hint = (": finished layers are saved; rerun the same command with --resume"
+                if resumable else "")
+        print(what + hint, file=sys.stderr)
+        return Terminated.exit_code if isinstance(e, Terminated) else 130
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -353,9 +422,38 @@ def main(argv=None) -> int:
         if debug:
             raise
         code = e.exit_code if isinstance(e, QuantizerError) else 1
-        print(f"error: {type(e).__name__}: {e} (set LAYERQUANT_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (set LAYERQUANT_DEBUG=1 for a "
+              f"traceback)", file=sys.stderr)
         return code
+    finally:
+        _restore_sigterm(previous)
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a refusal is one line on stderr, whatever raised it)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def _stop_on_sigterm():
+    """SIGTERM (kill, a scheduler's stop) stops a run as Ctrl-C does: the job directory is
+    unlocked and kept, and the --resume hint is printed. Only in the main thread."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

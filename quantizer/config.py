@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -69,23 +70,25 @@ class QuantSettings:
                       "tp_size")
 
     def validate(self) -> None:
-        """Refuse bad settings with one line naming the option, before anything is written."""
-        from .options import check_method_options
+        """Refuse bad settings with one line naming the option, before anything is written
+        and whatever the device (a budget is checked on a machine without a GPU too)."""
+        from . import options as o
         if self.method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.bits, float) and self.bits.is_integer():
-            self.bits = int(self.bits)
-        if isinstance(self.bits, int) and not 2 <= self.bits <= 8:
-            raise InputError(f"--bits must be between 2 and 8, got {self.bits}")
+        self.bits = o.check_bits(self.bits, self.adaptive or bool(self.measurement))
         if isinstance(self.group_size, str) and self.group_size != "auto":
             try:
                 self.group_size = int(self.group_size)
             except ValueError:
                 raise InputError(f"--group-size must be an integer, -1 or auto, "
                                  f"got {self.group_size!r}") from None
+        if isinstance(self.group_size, bool) or not (
+                self.group_size == "auto" or isinstance(self.group_size, int)):
+            raise InputError(f"--group-size must be an integer, -1 or auto, got {self.group_size!r}")
         if isinstance(self.group_size, int) and self.group_size != -1 and (
                 self.group_size < 1):
             raise InputError(f"--group-size must be positive, -1 or auto, got {self.group_size}")
+        self._validate_run_settings(o)
         if self.method == "gptq" and not (
                 {"act_order", "static_groups"} & set(self.method_options)):
             # GPTQ quantizes in activation order with static groups unless told otherwise
@@ -95,7 +98,7 @@ class QuantSettings:
             # static groups need no g_idx: serving engines' fast path.
             self.method_options = {**self.method_options, "act_order": True,
                                    "static_groups": True}
-        self.method_options = check_method_options(self.method, self.method_options)
+        self.method_options = o.check_method_options(self.method, self.method_options)
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise InputError(f"--sym / --asym must be true or false, got {self.symmetric!r}")
         if self.engine not in ("vllm", "none"):
@@ -104,6 +107,32 @@ class QuantSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise InputError(f"{flag} must be a positive integer, got {value!r}")
+
+    def _validate_run_settings(self, o) -> None:
+        """Calibration, devices, dtypes, budgets, placement: options.py's rules."""
+        c = self.calib
+        if not isinstance(c.source, str) or not c.source:
+            raise InputError(f"--calib-data must be builtin, a file or a dataset name, "
+                             f"got {c.source!r}")
+        o.check_int("--calib-samples", c.samples, 0)
+        o.check_int("--calib-seqlen", c.seqlen, 1)
+        o.check_int("--seed", c.seed, 0)
+        o.check_int("--calib-shards", c.shards, 1)
+        o.check_int("--min-expert-tokens", self.min_expert_tokens, 0)
+        o.check_int("chunk_size", self.chunk_size, 1)
+        o.check_choice("--dtype", self.dtype, o.DTYPES)
+        o.check_choice("--format", self.export_format, o.EXPORT_FORMATS)
+        o.check_choice("out_dtype", self.out_dtype, o.OUT_DTYPES)
+        o.check_choice("--save-hidden", self.save_hidden, o.SAVE_HIDDEN)
+        o.check_choice("--hessian-device", self.hessian_device, o.HESSIAN_DEVICES)
+        if not str(self.hidden_device).startswith("cuda"):  # the plan's choice: cuda:N
+            o.check_choice("--hidden-device", self.hidden_device, o.HIDDEN_DEVICES)
+        o.check_device(self.device)
+        o.check_vram_budget(self.vram_budget, o.visible_gpu_memory())
+        o.check_ram_budget(self.ram_budget, o.host_memory())
+        if self.measurement is not None and not Path(self.measurement).is_file():
+            raise InputError(f"--measurement {self.measurement}: no such file (make one with "
+                             f"quantize measure MODEL -o FILE)")
 
     @property
     def is_adaptive(self) -> bool:
@@ -134,6 +163,19 @@ class QuantSettings:
     def fingerprint(self) -> str:
         blob = json.dumps(self.result_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def default_method(bits: float = 4, adaptive: bool = False) -> str:
+    """The method a run uses when none is named (CLI and API alike): AWQ for 4-bit (the
+    common case, when available), GPTQ otherwise; adaptive GPTQ for fractional targets."""
+    try:
+        fractional = not float(bits).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        fractional = False  # --bits itself is refused by validate(), naming the option
+    if adaptive or fractional:
+        return "gptq"
+    from .methods import available
+    return "awq" if "awq" in available() and float(bits) == 4 else "gptq"
 
 
 def resolve_group_size(requested: int | str, widths: dict[str, int]) -> tuple[int, str]:

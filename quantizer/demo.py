@@ -5,7 +5,6 @@ once to an fp16 checkpoint, quantized to 4 bits, and evaluated against the origi
 prose every Python install carries (the standard library's docstrings)."""
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,8 @@ def once():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="quantize demo", description=__doc__)
+    from .cli import Parser  # no prefix matching; a usage error is one line, exit 2
+    p = Parser(prog="quantize demo", description=__doc__)
     p.add_argument("-o", "--output", default=None, help="where to write the quantized model "
                    "(default: a temporary directory)")
     p.add_argument("--method", default=None)

@@ -121,21 +121,62 @@ def leave() -> None:
     _WORLD[0] = SINGLE
 
 
+def require_devices(devices: list[str]) -> None:
+    """Every named GPU exists: `--devices 0,1` on a machine without them is one line, not a
+    launch whose workers fail in CUDA initialisation."""
+    gpus = [d for d in devices if d.startswith("cuda")]
+    if not gpus:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = max(int(d.split(":")[1]) for d in gpus) + 1
+    if visible < wanted:
+        have = "no CUDA device is visible" if visible == 0 else \
+            f"only {visible} CUDA device(s) are visible (cuda:0..cuda:{visible - 1})"
+        raise InputError(f"--devices {','.join(d.split(':')[1] for d in gpus)}: {have}; "
+                         f"name visible GPUs, or cpu,cpu for processes on the CPU")
+
+
 def launch(devices: list[str], fn, *args):
     """Run fn(*args) in one process per device through torch's elastic launcher (what
     `torchrun --standalone` uses: a c10d store on a free local port); each worker joins the
-    group first. Returns rank 0's return value."""
+    group first. Returns rank 0's return value. The launcher's log and error files live in a
+    temporary folder of ours, removed on every way out (success, failure, Ctrl-C)."""
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=len(devices),
-                          run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
-    results = elastic_launch(config, _worker)(devices, fn, args)
+    require_devices(devices)
+    logs = tempfile.mkdtemp(prefix="layerquant-launch-")
+    try:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=len(devices),
+                              run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=0,
+                              monitor_interval=0.1, start_method="spawn",
+                              logs_specs=DefaultLogsSpecs(log_dir=logs))
+        try:
+            results = elastic_launch(config, _worker)(devices, fn, args)
+        except ChildFailedError as e:
+            raise QuantizerError(_first_failure(e)) from None
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     first = results[0]
     if isinstance(first, _Refused):  # bad input: the same clean message as one process
         raise first.error_type(first.message)
     return first
+
+
+def _first_failure(error) -> str:
+    """One line for a failed worker: its rank and the first line of what it raised."""
+    rank, failure = error.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):  # the error file's {"message": ..., "extraInfo": ...}
+        message = message.get("message", "")
+    lines = [ln for ln in str(message or "").splitlines() if ln.strip()]
+    why = lines[0] if lines else f"exit code {failure.exitcode}"
+    return f"worker rank {rank} failed: {why}"
 
 
 def run_sequence(calls: list) -> list:
@@ -154,6 +195,13 @@ class _Refused:
 
 
 def _worker(devices, fn, args):
+    """A launched process: its exception is written to the launcher's error file (`record`),
+    so the parent can say in one line what failed."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+    return record(_join_and_run)(devices, fn, args)
+
+
+def _join_and_run(devices, fn, args):
     join(devices)
     try:
         return fn(*args)

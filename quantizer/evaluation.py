@@ -3,6 +3,7 @@ layer i, then i+1), so neither the original nor the quantized model is ever load
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from .errors import InputError
 from .loader import LayerLoader
 from .skeleton import capture_layer0_inputs, layer_output, to_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,11 +31,14 @@ class EvalResult:
     seconds: float
     base: str | None
     quantized: str
+    note: str | None = None  # why there is no original to compare with, when there is none
 
     def __str__(self) -> str:
         lines = [f"perplexity on {self.data}: {self.windows} windows x {self.seqlen} tokens"]
         if self.base_ppl is not None:
             lines.append(f"  original  : {self.base_ppl:.4f}   ({self.base})")
+        elif self.note:
+            lines.append(f"  original  : -   ({self.note})")
         lines.append(f"  quantized : {self.quant_ppl:.4f}   ({self.quantized})")
         if self.kl is not None:
             lines.append(f"  KL(original || quantized): {self.kl:.5f} nats/token")
@@ -96,13 +102,20 @@ def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
     this places work where the caller wants it (and is what the cuda:1 tests use)."""
     t0 = time.perf_counter()
     quantized = Path(quantized)
-    if base is None and (quantized / "layerquant.json").is_file():
-        recorded = json.loads((quantized / "layerquant.json").read_text()).get("source")
-        base = recorded if recorded and Path(recorded).is_dir() else None
+    if not quantized.exists():
+        raise InputError(f"model path does not exist: {quantized}")
+    if base is not None and not Path(base).is_dir():
+        raise InputError(f"--base {base}: no such model directory")
+    base, note = (base, None) if base is not None else recorded_original(quantized)
+    if note:
+        log.warning("%s", note)
     if devices:
-        from .distributed import parse_devices
+        from .distributed import parse_devices, require_devices
         devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
+        require_devices(devices)
         device = devices[0]
+    from .options import check_device
+    check_device(device)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
     dtype = torch.float32 if dev.type == "cpu" else torch.float16
@@ -128,7 +141,24 @@ def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
                       base_ppl=math.exp(nll_b / count) if b_loader else None,
                       quant_ppl=math.exp(nll_q / count), kl=kl / count if b_loader else None,
                       seconds=time.perf_counter() - t0, base=str(base) if base else None,
-                      quantized=str(quantized))
+                      quantized=str(quantized), note=note)
+
+
+def recorded_original(quantized: Path) -> tuple[str | None, str | None]:
+    """(the original recorded in the export's layerquant.json, None) when it is still there;
+    (None, why not) when it was recorded but is gone, so that the missing original perplexity
+    and KL are said, not silently dropped; (None, None) for a checkpoint of another tool."""
+    meta = quantized / "layerquant.json"
+    if not meta.is_file():
+        return None, None
+    try:
+        recorded = json.loads(meta.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None, f"{meta} is unreadable: no original to compare with; pass --base DIR"
+    if recorded and Path(recorded).is_dir():
+        return recorded, None
+    return None, (f"the original model recorded in {meta} ({recorded}) is gone: perplexity of "
+                  f"the quantized model only, no original ppl or KL; pass --base DIR to compare")
 
 
 def eval_tokens(loader: LayerLoader, data: str, seqlen: int, max_windows) -> torch.Tensor:

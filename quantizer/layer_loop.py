@@ -35,7 +35,8 @@ class LayerLoop:
         self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
         self.say = say
         s = job.settings
-        self.model = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
+        self.model = job.take_skeleton() or build_skeleton(job.source, "cpu", job.dtype,
+                                                           job.padded_intermediate)
         self.plan = job.plan  # quantizer.plan.Plan on GPU runs; OOM recovery replaces it
         # Without a plan (CPU runs) the settings say where hidden states wait.
         hidden = {"disk": "disk"}.get(s.hidden_device,

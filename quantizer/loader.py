@@ -3,6 +3,7 @@ compressed-tensors), one decoder layer at a time or as a whole model."""
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def load(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     loader = LayerLoader(Path(path), dtype, device, head_device=device)
+    if loader.spec is None:  # said, not silent: a float model is not what load() is for
+        warnings.warn(f"{path} has no quantization_config: it is not a quantized export, so "
+                      f"load() returns the plain float model (no QuantLinear modules)",
+                      UserWarning, stacklevel=2)
     for i in range(loader.num_layers):
         loader.load(i)
     return loader.model

@@ -77,3 +77,142 @@ def check_method_options(method: str, options: dict) -> dict:
                              f"not --method {method}")
         out[name] = _typed(name, opt, value)
     return out
+
+
+# ---- run settings ---------------------------------------------------------------------------
+# The settings of a run other than the method's, with their allowed values; QuantSettings.
+# validate() checks them all before any file or directory is made, whatever the device (a
+# budget is checked on a machine without a GPU too), and `quantize plan` checks its own.
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+HESSIAN_DEVICES = ("auto", "gpu", "cpu")
+HIDDEN_DEVICES = ("auto", "gpu", "cpu", "disk")
+SAVE_HIDDEN = ("auto", "always", "never")
+EXPORT_FORMATS = ("auto", "awq", "gptq", "compressed-tensors")
+OUT_DTYPES = ("float16", "bfloat16")
+MIN_BITS, MAX_BITS = 2, 8
+# A budget below 1 GiB cannot hold torch and a CUDA context (~0.9 GiB); no GPU has 1 TiB.
+MIN_BUDGET = 1 << 30
+MAX_GPU_MEMORY = 1 << 40
+MAX_HOST_MEMORY = 1 << 46  # planning for another machine: only nonsense is refused
+
+
+def check_choice(flag: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_int(flag: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{flag} must be an integer, got {value!r}")
+    if value < minimum:
+        raise InputError(f"{flag} must be at least {minimum}, got {value}")
+    return value
+
+
+def check_bits(value, adaptive: bool):
+    """A finite number of bits per weight in [2, 8]; an int when it is one. Adaptive targets
+    must be above 2: every measured candidate stores at least 2-bit codes plus scales."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise InputError(f"--bits must be a number between {MIN_BITS} and {MAX_BITS}, "
+                         f"got {value!r}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise InputError(f"--bits must be between {MIN_BITS} and {MAX_BITS}, got {value:g}")
+    if float(value).is_integer():
+        value = int(value)
+    if (adaptive or isinstance(value, float)) and value <= MIN_BITS:
+        raise InputError(f"adaptive --bits {value:g} is not above {MIN_BITS}: every candidate "
+                         f"stores 2-bit codes plus scales; choose a target above {MIN_BITS}")
+    return value
+
+
+def check_device(text, flag: str = "--device") -> None:
+    """auto, cpu, cuda or cuda:N, and a CUDA device only when one is visible."""
+    import torch
+    if text == "auto":
+        return
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{flag} must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise InputError(f"{flag} {text}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible"
+        raise InputError(f"{flag} {text}: {why}; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise InputError(f"{flag} {text}: only {count} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{count - 1})")
+
+
+def visible_gpu_memory() -> dict[int, int]:
+    """{cuda index: total bytes} of the GPUs this process sees ({} without CUDA)."""
+    import torch
+    if not torch.cuda.is_available():
+        return {}
+    return {i: torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())}
+
+
+def host_memory() -> int:
+    import psutil
+    return int(psutil.virtual_memory().total)
+
+
+def check_vram_budget(text, gpus: dict[int, int]) -> None:
+    """--vram-budget: a size ("40G") or DEVICE:SIZE list, each at least 1 GiB and at most what
+    its GPU has (`gpus`: {index: total bytes} of the visible ones; none: at most 1 TiB)."""
+    from .memsize import format_size, parse_budgets, parse_size
+    if text is None:
+        return
+    flag = "--vram-budget"
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{flag} must be a size such as 40G or 0:20G,1:40G, got {text!r}")
+    try:
+        sizes = (parse_budgets(text) if ":" in text else {None: parse_size(text)})
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+    for index, size in sizes.items():
+        if gpus and index is not None and index not in gpus:
+            raise InputError(f"{flag} {text}: there is no cuda:{index} (visible: "
+                             f"{', '.join(f'cuda:{i}' for i in sorted(gpus))})")
+        _check_range(flag, text, size, MIN_BUDGET, "(a CUDA context alone takes ~0.9 GiB)")
+        limit = gpus.get(index, min(gpus.values())) if gpus else MAX_GPU_MEMORY
+        if size > limit:
+            where = (f"cuda:{index if index is not None else min(gpus)} has "
+                     f"{format_size(limit)}" if gpus else "no GPU has 1 TiB")
+            raise InputError(f"{flag} {text} is more than the GPU's memory ({where})")
+
+
+def check_ram_budget(text, total: int | None) -> None:
+    """--ram-budget: a size of at least 1 GiB and at most `total` (this machine's memory; None
+    when planning for another machine)."""
+    from .memsize import format_size, parse_size
+    if text is None:
+        return
+    flag = "--ram-budget"
+    try:
+        size = parse_size(text)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+    _check_range(flag, text, size, MIN_BUDGET, "(torch alone takes more)")
+    limit = total or MAX_HOST_MEMORY
+    if size > limit:
+        raise InputError(f"{flag} {text} is more than this machine's memory "
+                         f"({format_size(limit)})" if total else f"{flag} {text} is not a "
+                         f"memory size any machine has")
+
+
+def _check_range(flag: str, text, size: int, minimum: int, why: str) -> None:
+    from .memsize import format_size
+    if size < minimum:
+        raise InputError(f"{flag} {text} is less than {format_size(minimum)} {why}")
+
+
+def check_positive_size(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{flag} must be a positive size such as 1G or 500M, got {value!r}")

@@ -46,6 +46,8 @@ FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 ACTIVATION_SUFFIXES = (".input_scale", ".input_zero_point", ".output_scale",
                        ".output_zero_point", ".k_scale", ".v_scale", ".q_scale",
                        ".activation_scale", ".input_global_scale")
+# Tensors only quantized exports hold (AWQ / GPTQ qweight, compressed-tensors weight_packed).
+_PACKED_SUFFIXES = (".qweight", ".qzeros", ".weight_packed")
 # Methods people publish quantized checkpoints in that this module does not read.
 _NOT_READ = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes", "gguf": "GGUF",
              "hqq": "HQQ", "exl2": "EXL2", "aqlm": "AQLM", "quanto": "quanto",
@@ -186,6 +188,11 @@ def original_format(config: dict, header: dict[str, tuple[list[int], str]]
         if fp8:
             raise InputError(f"the checkpoint holds {'/'.join(fp8)} tensors but config.json "
                              f"has no quantization_config saying how they are scaled")
+        packed = next((n for n in header if n.endswith(_PACKED_SUFFIXES)), None)
+        if packed:  # an AWQ / GPTQ / compressed-tensors export whose config lost it
+            raise InputError(f"the model is already quantized (tensor {packed}) but config.json "
+                             f"has no quantization_config; layerquant reads float checkpoints: "
+                             f"give it the original model")
         return None
     if not isinstance(qc, dict):
         raise InputError(f"config.json: quantization_config must be an object, got {qc!r}")

@@ -18,12 +18,14 @@ from .errors import InputError
 from .export import get_exporter
 from .export.serving import NotServable
 from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
+from .inputs import check_calibration_length
+from .outputs import EXPORT, RefusedLate, check_output_dir, check_paths, write_marker
 from .layer_loop import LayerLoop
 from .methods import get_method
 from .plan_apply import plan_memory
 from .report import QuantResult
 from .source import CheckpointSource
-from .tp import check_tp, describe_problems, tp_multiple
+from .tp import check_tp, problem_summary, tp_multiple
 
 def pack_multiple(bits: float, adaptive: bool) -> int:
     """Widths every packed layout can hold whole: AWQ packs 8 outputs per word; b-bit codes
@@ -49,6 +51,12 @@ class Job:
     notes: list[str] = field(default_factory=list)
     plan: object = None  # quantizer.plan.Plan (GPU runs; CPU runs with --ram-budget)
     max_shard_bytes: int = 1 << 30  # the export's shards (a shard is written from RAM)
+    skeleton: object = None  # the meta model, built and checked before the job directory
+
+    def take_skeleton(self):
+        """The skeleton prepare_skeleton built (once: the next pass builds its own)."""
+        model, self.skeleton = self.skeleton, None
+        return model
 
     @property
     def arch(self):
@@ -61,10 +69,21 @@ class Job:
         return r
 
 
+def prepare_skeleton(job: Job) -> None:
+    """Build transformers' model of this config (meta layers; embeddings and head read) and
+    check every layer's weights against it: a weight whose shape disagrees with config.json
+    is refused in one line before the job directory exists, not at its layer."""
+    from .inputs import check_layer_shapes
+    from .skeleton import build_skeleton
+    job.skeleton = build_skeleton(job.source, "cpu", job.dtype, job.padded_intermediate)
+    check_layer_shapes(job.skeleton, job.source, job.intermediate, job.padded_intermediate)
+
+
 def plan_job(model_path, settings: QuantSettings,
              max_shard_bytes: int = 1 << 30) -> Job:
     settings.validate()
-    source = CheckpointSource(model_path, originals=True)
+    source = CheckpointSource(model_path, originals=True)  # refuses what it cannot read
+    check_calibration_length(source.raw_config, settings.calib.seqlen, settings.calib.samples)
     arch = source.arch
     cfg = source.raw_config
     fmt = settings.export_format
@@ -120,7 +139,29 @@ def plan_job(model_path, settings: QuantSettings,
         check_planned(job)
     job.max_shard_bytes = max_shard_bytes
     job.plan = plan_memory(job) if device.type in ("cuda", "cpu") else None
+    if job.plan is None:  # a CPU run without --ram-budget keeps hidden states in RAM
+        check_host_memory(job)
     return job
+
+
+def check_host_memory(job: Job) -> None:
+    """Without a GPU plan the calibration hidden states wait in host memory, a layer's inputs
+    beside its outputs: refuse before any work when they cannot fit (a 100k-token
+    --calib-seqlen was a killed run, not a refusal)."""
+    from .memsize import default_ram_budget, format_size_up, parse_size
+    s = job.settings
+    if s.calib.samples <= 0 or s.hidden_device == "disk":
+        return
+    hidden = int(job.source.raw_config.get("hidden_size") or 0)
+    need = 2 * s.calib.samples * s.calib.seqlen * hidden * (torch.finfo(job.dtype).bits // 8)
+    budget = parse_size(s.ram_budget) if s.ram_budget else default_ram_budget()
+    if need > budget:
+        have = f"--ram-budget {s.ram_budget}" if s.ram_budget else "available host memory"
+        raise InputError(f"--calib-samples {s.calib.samples} x --calib-seqlen {s.calib.seqlen} "
+                         f"needs {format_size_up(need)} of host memory for the calibration "
+                         f"hidden states, more than the {format_size_up(budget)} of {have}: "
+                         f"use fewer samples, a shorter --calib-seqlen, --hidden-device disk, or "
+                         f"--ram-budget (the host plan then moves them to disk)")
 
 
 def serving_tp(settings: QuantSettings) -> tuple[int, bool]:
@@ -231,8 +272,8 @@ def check_tp_targets(cfg: dict, arch, settings: QuantSettings, padded: int | Non
     for n in targets:
         problems = check_tp(exported, arch, n, group_size)
         if problems:
-            raise InputError(describe_problems(problems, n, group_size,
-                                               padded=settings.pad_for_tp == n))
+            raise InputError(problem_summary(problems, n, group_size,
+                                             padded=settings.pad_for_tp == n))
         notes.append(f"TP-{n}: ok (every quantized module's per-GPU shape aligned at "
                      f"{group_label(group_size)})")
     return notes
@@ -290,44 +331,61 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                  overwrite: bool = False, resume: bool = False, work_dir=None,
                  max_shard_bytes: int = 1 << 30, log=None) -> QuantResult:
     """Plan, then run the resumable job: quantize every layer into the job directory, then
-    assemble the export and publish it under `output` only when complete."""
+    assemble the export and publish it under `output` only when complete.
+
+    Everything is checked before anything is written: settings, paths (the output is never
+    the input, inside it or around it), the model, the measurement, an existing output (only
+    our own export is ever replaced); a refusal leaves nothing on disk."""
     from quantizer.measurements.fingerprint import (fingerprint_calibration, fingerprint_model,
                                                     job_fingerprint)
     from quantizer.measurements.jobstate import JobDir
 
     from .distributed import begin_job, world
+    from .options import check_positive_size
 
     t_start = time.perf_counter()
     w = world()
-    say = (log if w.main else None) or (lambda msg: None)
+    say = say_once((log if w.main else None) or (lambda msg: None))
     if w.distributed:
         check_distributed(settings, w.size)
         settings.device = str(w.device)
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other: pass --resume to "
+                         "continue the job or --overwrite to start over, not both")
+    settings.validate()
+    check_positive_size("--max-shard-size", max_shard_bytes)
+    output = Path(output).absolute()
+    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
+    check_paths(model_path, output, work, inputs=input_files(settings))
     job = plan_job(model_path, settings, max_shard_bytes)
     phases = {"plan": time.perf_counter() - t_start}  # fixed costs, apart from the layers
-    output = Path(output).absolute()
-    if output.exists() and any(output.iterdir()) and not (overwrite or resume):
-        raise InputError(f"output {output} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    prepare_skeleton(job)
+    phases["skeleton"] = time.perf_counter() - t0  # meta model, embeddings, shape check
     t0 = time.perf_counter()
     tokens = calibration_tokens(job)
     phases["calibration_tokens"] = time.perf_counter() - t0
-    for n in job.notes:
-        say(n)
-    work = Path(work_dir).absolute() if work_dir else output.parent / (output.name + ".job")
     jobdir = JobDir(work)
     fingerprint = job_fingerprint(fingerprint_model(job.source.path),
                                   fingerprint_calibration(tokens) if tokens is not None else None,
                                   settings.result_dict())
     measure_fp = None
     if settings.is_adaptive:
-        from .adaptive import measurement_fingerprint
+        from .adaptive import check_measurement, measurement_fingerprint
         measure_fp = measurement_fingerprint(fingerprint["model"], fingerprint["calibration"],
                                              settings)
+        if settings.measurement:
+            check_measurement(job, measure_fp)
+    check_output(output, work, overwrite, resume)
+    for n in job.notes:
+        say(n)
     created = not work.exists()
     first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
     # rank 0 alone owns (locks and writes) the job directory; other ranks read it
     jobdir, state = begin_job(w, jobdir, fingerprint, resume=resume, overwrite=overwrite,
                               first_stage=first)
+    if overwrite and w.main:  # a later --resume of this job may replace the old export too
+        jobdir.set_note("replaces_output", True)
     extra = {"processes": w.size} if w.distributed else {}
     if job.plan is not None:
         from .plan import CUDA_CONTEXT
@@ -354,7 +412,7 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
             if jobdir.stage == "quantize":
                 t0 = time.perf_counter()
                 loop = LayerLoop(job, method, exporter, jobdir, tokens, progress, say)
-                phases["embed"] = time.perf_counter() - t0  # skeleton, embeddings
+                phases["embed"] = time.perf_counter() - t0  # layer-0 inputs (a skeleton after measuring)
                 records = loop.run()
                 jobdir.set_stage("export")
             else:
@@ -374,11 +432,10 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
         jobdir.unlock()
         raise NotServable(f"{e}\njob directory kept: {work} (rerun with --resume once "
                           f"fixed)") from None
-    except InputError:
-        # Bad input (e.g. NaN weights) cannot be fixed by resuming: leave nothing behind.
+    except InputError as e:
+        if w.main:
+            discard_refused_job(jobdir, created, e)
         jobdir.unlock()
-        if created and w.main:
-            shutil.rmtree(work, ignore_errors=True)
         raise
     except BaseException:
         jobdir.unlock()  # the job directory stays: rerun with --resume
@@ -391,6 +448,51 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
                        group_size=job.group_size, export_format=job.export_format,
                        notes=job.notes, layers=records,
                        seconds=time.perf_counter() - t_start, extra=extra)
+
+
+def check_output(output: Path, work: Path, overwrite: bool, resume: bool) -> None:
+    """May this run publish at `output`? (outputs.check_output_dir; a resumed job may replace
+    our old export when it was started with --overwrite, or is complete.)"""
+    from quantizer.measurements.jobstate import JobDir
+    prior = JobDir(work).peek() if resume else None
+    check_output_dir(output, overwrite, resume, may_replace=bool(prior) and (
+        prior["stage"] in ("export", "done") or bool(prior["notes"].get("replaces_output"))))
+
+
+def input_files(settings: QuantSettings) -> dict[str, str]:
+    """Files besides the model that a run reads: they must not lie where it writes."""
+    files = {}
+    if settings.measurement:
+        files["--measurement"] = settings.measurement
+    if Path(str(settings.calib.source)).expanduser().is_file():
+        files["--calib-data"] = str(settings.calib.source)
+    return files
+
+
+def discard_refused_job(jobdir, created: bool, error: InputError) -> None:
+    """Bad input (NaN weights, a shape config.json disagrees with) cannot be fixed by resuming:
+    a job this run started is removed, so that fixing the input and rerunning just works. A
+    resumed job is kept, and so is one refused late (RefusedLate: its work is reusable)."""
+    if isinstance(error, RefusedLate) or not getattr(jobdir, "fresh", False):
+        return
+    if created:
+        shutil.rmtree(jobdir.path, ignore_errors=True)
+    else:  # the folder was there (empty, or a job --overwrite cleared): empty it again
+        jobdir.wipe()
+        jobdir.unlock()
+        (jobdir.path / "lock").unlink(missing_ok=True)
+
+
+def say_once(say):
+    """`say` that drops a message it has already said in this run (a note that holds for
+    every layer, e.g. an AWQ scale group skipped by the architecture, is said once)."""
+    seen: set[str] = set()
+
+    def once(msg: str) -> None:
+        if msg not in seen:
+            seen.add(msg)
+            say(msg)
+    return once
 
 
 def check_distributed(settings: QuantSettings, processes: int) -> None:
@@ -429,12 +531,19 @@ def adaptive_settings(job: Job, jobdir, tokens, measure_fp, progress, say, extra
         raise InputError(f"measurement {store.path} covers {store.layers_done()} of "
                          f"{job.source.num_layers} layers")
     extra["measurement"] = str(store.path)
-    settings, summary = choose_settings(
-        store, job.arch, float(s.bits), s.symmetric, say,
-        linear_shapes(job.source, job.padded_intermediate),
-        s.method_options.get("error_weights", "none"), linear_shapes(job.source, None),
-        s.engine)
-    job.notes += [f"serving {w}" for w in check_planned(job, settings)]
+    try:
+        settings, summary = choose_settings(
+            store, job.arch, float(s.bits), s.symmetric, say,
+            linear_shapes(job.source, job.padded_intermediate),
+            s.method_options.get("error_weights", "none"), linear_shapes(job.source, None),
+            s.engine)
+        job.notes += [f"serving {w}" for w in check_planned(job, settings)]
+    except InputError as e:
+        if s.measurement:
+            raise
+        # measured by this run (hours, on a big model): a target it cannot serve keeps it
+        raise RefusedLate(f"{e}; this run's measurement is kept in {store.path}: copy it "
+                          f"out and rerun with --measurement FILE --overwrite") from None
     return settings, summary
 
 
@@ -500,3 +609,4 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
         "settings": job.settings.result_dict(), "group_size": job.group_size,
         "original_intermediate_size": job.intermediate, "notes": job.notes}, indent=2,
         sort_keys=True, default=str))
+    write_marker(staged, EXPORT)  # last: it lists every file of the export

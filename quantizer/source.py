@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from .arch import ArchSpec, get_arch
 from .errors import InputError
+from .inputs import check_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -46,6 +47,7 @@ class CheckpointSource:
         if not model_type:
             raise InputError(f"{cfg_file} has no model_type")
         self.arch: ArchSpec = get_arch(model_type)
+        check_config(self.raw_config, cfg_file)  # numbers every stage reads: one line if bad
         self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[list[int], str]] = {}
         for shard in sorted(set(self.weight_map.values())):

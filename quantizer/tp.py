@@ -29,6 +29,7 @@ class Problem:
     module: str  # module name in a decoder layer, "attention" for head counts
     message: str
     fixable_by_padding: bool
+    fix: str = ""  # what --pad-for-tp does about it: "intermediate_size 224 → 256"
 
 
 def _alignment(group_size: int) -> int:
@@ -109,16 +110,35 @@ def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Pro
                 seen.add(lin.name)
                 msg = _check_linear(lin, shapes, n, g, expert=group.copies > 1)
                 if msg:
-                    fixable = _is_mlp(lin, arch)
-                    if fixable:
-                        key = _width_key(lin, config, expert=group.copies > 1)
-                        width = config[key]
-                        msg += (f"; fix: --pad-for-tp {n} pads {key} {width} → "
-                                f"{padded_intermediate(width, n, g)}")
-                    else:
-                        msg += "; padding cannot fix this: choose another TP size or group size"
-                    problems.append(Problem(lin.name, msg, fixable))
+                    fix = _padding_fix(lin, config, arch, n, g, expert=group.copies > 1)
+                    msg += (f"; fix: --pad-for-tp {n} pads {fix}" if fix else
+                            "; padding cannot fix this: choose another TP size or group size")
+                    problems.append(Problem(lin.name, msg, bool(fix), fix))
     return problems
+
+
+def _padding_fix(lin: Linear, config: dict, arch, n: int, g: int, expert: bool) -> str:
+    """'KEY OLD → NEW' when --pad-for-tp n fixes this MLP linear's problem, else '': padding
+    changes only the MLP width, so a problem on the hidden side (gate/up's input, down's
+    output) or a width already aligned stays (it used to offer "pads 128 → 128")."""
+    if not _is_mlp(lin, arch):
+        return ""
+    key = _width_key(lin, config, expert)
+    width = config.get(key)
+    if not isinstance(width, int) or width <= 0:
+        return ""
+    new = padded_intermediate(width, n, g)
+    if new == width:
+        return ""
+    shapes = ModelShapes.from_config({**config, key: new})
+    scale = new / width
+    padded = Linear(lin.name, int(round(lin.in_features * scale)) if lin.parallel == "row"
+                    else lin.in_features,
+                    int(round(lin.out_features * scale)) if lin.parallel != "row"
+                    else lin.out_features, lin.parallel)
+    if _check_linear(padded, shapes, n, g, expert):
+        return ""
+    return f"{key} {width} → {new}"
 
 
 def _width_key(lin: Linear, config: dict, expert: bool) -> str:
@@ -200,15 +220,38 @@ def describe_problems(problems: list[Problem], tp_size: int, group_size: int | s
     (`padded`: the MLP was already padded for this TP, so it cannot be offered again)."""
     lines = [f"this model will not load at TP {tp_size} with group size {group_size}:"]
     lines += [f"  {p.message}" for p in problems]
-    fixable = [p for p in problems if p.fixable_by_padding]
-    if fixable and not padded:
-        which = ("all of these" if len(fixable) == len(problems)
-                 else f"the {len(fixable)} MLP problem(s); the others need another TP or group "
-                      "size")
-        lines.append(f"quantizing with --pad-for-tp {tp_size} fixes {which} (zero-pads the MLP "
-                     "intermediate width before quantization: exact; config.json records the "
-                     "new size)")
+    advice = _advice(problems, tp_size, padded)
+    if advice:
+        lines.append(advice)
     return "\n".join(lines)
+
+
+def _advice(problems: list[Problem], tp_size: int, padded: bool) -> str:
+    """What to do: --pad-for-tp only when padding makes the model load (every problem
+    fixable); otherwise padding is not offered, since the export still would not load."""
+    if padded or not problems or not all(p.fixable_by_padding for p in problems):
+        return ""
+    return (f"quantizing with --pad-for-tp {tp_size} fixes all of these (zero-pads the MLP "
+            "intermediate width before quantization: exact; config.json records the new size)")
+
+
+def problem_summary(problems: list[Problem], tp_size: int, group_size: int | str,
+                    padded: bool = False) -> str:
+    """The refusal in one line: the first problem, the other modules concerned, and what to
+    do (`quantize check` prints every problem in full)."""
+    first = problems[0].message.split("; ")[0]
+    others = list(dict.fromkeys(p.module for p in problems[1:] if p.module != problems[0].module))
+    more = (f"; also {', '.join(others)} (quantize check MODEL --tp-size {tp_size} says why)"
+            if others else "")
+    if _advice(problems, tp_size, padded):
+        fixes = ", ".join(sorted({p.fix for p in problems if p.fix}))
+        fix = f"quantize with --pad-for-tp {tp_size}: pads {fixes} (exact)"
+    else:
+        stuck = dict.fromkeys(p.module for p in problems
+                              if padded or not p.fixable_by_padding)
+        fix = f"padding cannot fix {', '.join(stuck)}: choose another TP size or group size"
+    return (f"this model will not load at TP {tp_size} with group size {group_size}: {first}"
+            f"{more}; {fix}")
 
 
 def require_tp(config: dict, arch_spec, tp_size: int, group_size: int,
@@ -216,7 +259,7 @@ def require_tp(config: dict, arch_spec, tp_size: int, group_size: int,
     """Raise InputError listing every problem: the 'before any work, not after hours' gate."""
     problems = check_tp(config, arch_spec, tp_size, group_size)
     if problems:
-        raise InputError(describe_problems(problems, tp_size, group_size, padded))
+        raise InputError(problem_summary(problems, tp_size, group_size, padded))
 
 
 def checkpoint_group_sizes(config: dict, default: int) -> list[int]:

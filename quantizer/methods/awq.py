@@ -241,7 +241,9 @@ class AWQ:
         ctx.stats["skipped_groups"][group.prev] = {"prev": group.prev,
                                                    "linears": list(group.linears),
                                                    "reason": reason}
-        ctx.log(f"layer {ctx.index} AWQ: skipping scale group {label}: {reason}")
+        # The same in every layer of a model: said once per run (the run's log drops repeats;
+        # the per-layer record keeps it)
+        ctx.log(f"AWQ: skipping scale group {label}: {reason}")
 
     def _cache_device(self, ctx) -> torch.device:
         """Where judge inputs and references wait between candidates: with the layer's
