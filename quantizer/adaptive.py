@@ -330,12 +330,12 @@ def run_measure(model_path, output, settings, progress: bool = True, overwrite: 
     job = plan_job(model_path, settings)  # validates: adaptive GPTQ options, act-order default
     prepare_skeleton(job)
     tokens = calibration_tokens(job)
-    for n in job.notes:
-        say(n)
     fingerprint = measurement_fingerprint(fingerprint_model(job.source.path),
                                           fingerprint_calibration(tokens), settings)
     created = not work.exists()
     jobdir.begin(fingerprint, resume=resume, overwrite=overwrite, first_stage=STAGE)
+    for n in job.notes:  # after the last refusal: a refused run says one line only
+        say(n)
     try:
         store = MeasurementStore.open(jobdir.path / MEASURE_NAME, fingerprint)
         loop = MeasureLoop(job, store, jobdir, tokens, progress, say)

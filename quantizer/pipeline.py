@@ -377,13 +377,13 @@ def run_quantize(model_path, output, settings: QuantSettings, progress: bool = T
         if settings.measurement:
             check_measurement(job, measure_fp)
     check_output(output, work, overwrite, resume)
-    for n in job.notes:
-        say(n)
     created = not work.exists()
     first = "measure" if settings.is_adaptive and not settings.measurement else "quantize"
     # rank 0 alone owns (locks and writes) the job directory; other ranks read it
     jobdir, state = begin_job(w, jobdir, fingerprint, resume=resume, overwrite=overwrite,
                               first_stage=first)
+    for n in job.notes:  # after the last refusal: a refused run says one line only
+        say(n)
     if overwrite and w.main:  # a later --resume of this job may replace the old export too
         jobdir.set_note("replaces_output", True)
     extra = {"processes": w.size} if w.distributed else {}
