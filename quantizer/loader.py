@@ -136,7 +136,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     if loader.spec is None:  # said, not silent: a float model is not what load() is for
         warnings.warn(f"{path} has no quantization_config: it is not a quantized export, so "
                       f"load() returns the plain float model (no QuantLinear modules)",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=3)
     for i in range(loader.num_layers):
         loader.load(i)
     return loader.model

@@ -150,10 +150,17 @@ def check_device(text, flag: str = "--device") -> None:
 
 
 def visible_gpu_memory() -> dict[int, int]:
-    """{cuda index: total bytes} of the GPUs this process sees ({} without CUDA)."""
+    """{cuda index: total bytes} of the GPUs this process sees ({} without CUDA). From the
+    driver (NVML) where it answers, so that checking a budget never initialises CUDA in a
+    process that only launches others (or only plans)."""
     import torch
+
+    from .memsize import gpu_memory
     if not torch.cuda.is_available():
         return {}
+    found = {index: total for index, _, total, _ in gpu_memory()}
+    if len(found) == torch.cuda.device_count():
+        return found
     return {i: torch.cuda.get_device_properties(i).total_memory
             for i in range(torch.cuda.device_count())}
 
@@ -181,11 +188,12 @@ def check_vram_budget(text, gpus: dict[int, int]) -> None:
             raise InputError(f"{flag} {text}: there is no cuda:{index} (visible: "
                              f"{', '.join(f'cuda:{i}' for i in sorted(gpus))})")
         _check_range(flag, text, size, MIN_BUDGET, "(a CUDA context alone takes ~0.9 GiB)")
-        limit = gpus.get(index, min(gpus.values())) if gpus else MAX_GPU_MEMORY
-        if size > limit:
-            where = (f"cuda:{index if index is not None else min(gpus)} has "
-                     f"{format_size(limit)}" if gpus else "no GPU has 1 TiB")
-            raise InputError(f"{flag} {text} is more than the GPU's memory ({where})")
+        if not gpus and size > MAX_GPU_MEMORY:
+            raise InputError(f"{flag} {text} is more than any GPU's memory (none has 1 TiB)")
+        for i in ([index] if index is not None and gpus else sorted(gpus)):
+            if size > gpus[i]:
+                raise InputError(f"{flag} {text} is more than the GPU's memory (cuda:{i} has "
+                                 f"{format_size(gpus[i])})")
 
 
 def check_ram_budget(text, total: int | None) -> None:

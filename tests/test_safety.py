@@ -147,6 +147,15 @@ def _nothing(tmp, m):
     pass
 
 
+def _job_of_other_inputs(tmp, m):
+    """OUT.job of an interrupted run with other inputs (its lock file stays)."""
+    from quantizer.measurements.jobstate import JobDir
+    job = JobDir(tmp / "out.job")
+    job.begin({"model": "other", "calibration": None, "settings": {"bits": 3}},
+              first_stage="quantize")
+    job.unlock()
+
+
 CASES = [
     # data loss (was rc 0, the model or the user's files deleted)
     ("output-is-input-overwrite", _nothing, ["{m}", "-o", "{m}", "--overwrite"], "is the input model itself"),
@@ -160,6 +169,9 @@ CASES = [
     ("resume-never-replaces-an-export", _our_export, ["{m}", "-o", "{out}", "--resume"], "--overwrite"),
     ("existing-export-needs-overwrite", _our_export, ["{m}", "-o", "{out}"], "pass --overwrite"),
     ("output-is-a-file", _file_output, ["{m}", "-o", "{out}"], "is a file"),
+    ("resume-and-overwrite", _nothing, ["{m}", "-o", "{out}", "--resume", "--overwrite"], "contradict"),
+    ("existing-job-needs-a-flag", _job_of_other_inputs, ["{m}", "-o", "{out}"], "--resume"),
+    ("resume-other-inputs", _job_of_other_inputs, ["{m}", "-o", "{out}", "--resume"], "cannot resume"),
     ("work-dir-is-input", _nothing, ["{m}", "-o", "{out}", "--work-dir", "{m}"], "is the input model itself"),
     ("work-dir-inside-output", _nothing, ["{m}", "-o", "{out}", "--work-dir", "{out}/job"], "overlap"),
     ("measurement-inside-replaced-output", _measurement_in_output,
