@@ -194,7 +194,7 @@ def evaluate(model, ref, tokens: torch.Tensor, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--base", required=True, type=Path, help="the float model")
     p.add_argument("--wikitext", required=True, type=Path, help="wiki.test.raw")
     p.add_argument("--windows", type=int, default=40)
