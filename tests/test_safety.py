@@ -515,13 +515,18 @@ def measured(tmp_path_factory, tiny_checkpoint, prose_file):
 
 @pytest.mark.slow
 def test_adaptive_targets_name_one_range(measured, tmp_path, capsys):
-    """Targets a measurement cannot reach are refused before any work with the one range it
-    offers; a target below what vLLM serves runs on every candidate and says so once."""
+    """A target the measurement cannot reach is refused before any work, naming the one
+    bound it misses for the engine (the smallest servable target for vLLM; the least any
+    candidate reaches with --engine none), never two different minimums."""
     model, meas, calib = measured
     local = tmp_path / "meas.json"
     shutil.copy(meas, local)
     line = assert_refused([model, "-o", tmp_path / "out", "--bits", "2.1", "--measurement",
-                           local, *calib], capsys, tmp_path, "below the least")
+                           local, *calib], capsys, tmp_path, "smallest servable target")
+    assert line.count(" bpw") == 1
+    line = assert_refused([model, "-o", tmp_path / "out", "--bits", "2.1", "--measurement",
+                           local, "--engine", "none", *calib], capsys, tmp_path,
+                          "below the least")
     assert line.count("choose --bits") == 1
     doc = json.loads(local.read_text())  # a measurement that offers at most 5 bits
     for layer in doc["layers"]:
@@ -530,16 +535,16 @@ def test_adaptive_targets_name_one_range(measured, tmp_path, capsys):
     narrow = tmp_path / "narrow.json"
     narrow.write_text(json.dumps(doc))
     assert_refused([model, "-o", tmp_path / "out", "--bits", "7", "--measurement", narrow,
-                    *calib], capsys, tmp_path, "above the most")
+                    "--engine", "none", *calib], capsys, tmp_path, "above the most")
     other = [a if a != "16" else "24" for a in calib]  # another calibration length
     assert_refused([model, "-o", tmp_path / "out", "--bits", "4.5", "--measurement", local,
                     *other], capsys, tmp_path, "calibration set differs")
+    # below the smallest servable target, above the least of every candidate: --engine none
+    # runs it, and says no other minimum
     code, err, _ = run([model, "-o", tmp_path / "q", "--bits", "3", "--measurement", local,
-                        *calib], capsys)
+                        "--engine", "none", *calib], capsys)
     assert code == 0, err
-    said = [ln for ln in err if "vLLM" in ln]
-    assert len(said) == 1 and "using every measured candidate" in said[0], err
-    assert not any("choose a target" in ln or "choose --bits" in ln for ln in err), err
+    assert not any("choose" in ln or "smallest" in ln for ln in err), err
 
 
 # ---- whole runs: SIGTERM, AWQ's note, processes -------------------------------------------
