@@ -306,7 +306,7 @@ def run_plan_cli(argv) -> int:
     from .options import check_ram_budget, check_vram_budget, visible_gpu_memory
     gpus = visible_gpu_memory()
     check_vram_budget(a.vram_budget, gpus)
-    check_ram_budget(a.ram_budget, None)  # a plan may be for a machine with more memory
+    check_ram_budget(a.ram_budget)
     from .plan import plan_command
     if a.vram_budget and not gpus:
         print(f"no GPU is visible here: planned for the GPU(s) --vram-budget "

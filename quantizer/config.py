@@ -129,7 +129,7 @@ class QuantSettings:
             o.check_choice("--hidden-device", self.hidden_device, o.HIDDEN_DEVICES)
         o.check_device(self.device)
         o.check_vram_budget(self.vram_budget, o.visible_gpu_memory())
-        o.check_ram_budget(self.ram_budget, o.host_memory())
+        o.check_ram_budget(self.ram_budget)
         if self.measurement is not None and not Path(self.measurement).is_file():
             raise InputError(f"--measurement {self.measurement}: no such file (make one with "
                              f"quantize measure MODEL -o FILE)")

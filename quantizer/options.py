@@ -90,10 +90,13 @@ SAVE_HIDDEN = ("auto", "always", "never")
 EXPORT_FORMATS = ("auto", "awq", "gptq", "compressed-tensors")
 OUT_DTYPES = ("float16", "bfloat16")
 MIN_BITS, MAX_BITS = 2, 8
-# A budget below 1 GiB cannot hold torch and a CUDA context (~0.9 GiB); no GPU has 1 TiB.
+# Below these nothing can run: a CUDA context alone takes ~0.9 GiB of a GPU, a Python
+# process with torch ~0.3 GiB of host memory; no GPU has 1 TiB. Between them and what a run
+# needs, the memory planner refuses with the smallest budget that works.
 MIN_BUDGET = 1 << 30
+MIN_RAM_BUDGET = 256 << 20
 MAX_GPU_MEMORY = 1 << 40
-MAX_HOST_MEMORY = 1 << 46  # planning for another machine: only nonsense is refused
+MAX_HOST_MEMORY = 1 << 46  # 64 TiB: only nonsense is refused (a plan may be for another host)
 
 
 def check_choice(flag: str, value, choices: tuple[str, ...]) -> None:
@@ -165,11 +168,6 @@ def visible_gpu_memory() -> dict[int, int]:
             for i in range(torch.cuda.device_count())}
 
 
-def host_memory() -> int:
-    import psutil
-    return int(psutil.virtual_memory().total)
-
-
 def check_vram_budget(text, gpus: dict[int, int]) -> None:
     """--vram-budget: a size ("40G") or DEVICE:SIZE list, each at least 1 GiB and at most what
     its GPU has (`gpus`: {index: total bytes} of the visible ones; none: at most 1 TiB)."""
@@ -196,10 +194,11 @@ def check_vram_budget(text, gpus: dict[int, int]) -> None:
                                  f"{format_size(gpus[i])})")
 
 
-def check_ram_budget(text, total: int | None) -> None:
-    """--ram-budget: a size of at least 1 GiB and at most `total` (this machine's memory; None
-    when planning for another machine)."""
-    from .memsize import format_size, parse_size
+def check_ram_budget(text) -> None:
+    """--ram-budget: a size of at least 256 MiB (and not beyond any machine: 64 TiB). More than
+    this machine has is allowed: a plan may be for another machine, and a budget above what
+    is here simply does not bind."""
+    from .memsize import parse_size
     if text is None:
         return
     flag = "--ram-budget"
@@ -207,12 +206,9 @@ def check_ram_budget(text, total: int | None) -> None:
         size = parse_size(text)
     except InputError as e:
         raise InputError(f"{flag}: {e}") from None
-    _check_range(flag, text, size, MIN_BUDGET, "(torch alone takes more)")
-    limit = total or MAX_HOST_MEMORY
-    if size > limit:
-        raise InputError(f"{flag} {text} is more than this machine's memory "
-                         f"({format_size(limit)})" if total else f"{flag} {text} is not a "
-                         f"memory size any machine has")
+    _check_range(flag, text, size, MIN_RAM_BUDGET, "(a process with torch alone takes more)")
+    if size > MAX_HOST_MEMORY:
+        raise InputError(f"{flag} {text} is not a memory size any machine has")
 
 
 def _check_range(flag: str, text, size: int, minimum: int, why: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,9 +127,10 @@ def _quantized_input(tmp, m):
     export(m, tmp / "q")
 
 
-def _fp8_release(tmp, m):
-    edit_config(m, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128],
-                                        "fmt": "e4m3", "activation_scheme": "dynamic"})
+def _stripped_export(tmp, m):
+    """An AWQ export whose config.json lost its quantization_config: its tensors tell."""
+    export(m, tmp / "q")
+    edit_config(tmp / "q", quantization_config=None)
 
 
 def _gptq_export(tmp, m):
@@ -209,9 +211,10 @@ CASES = [
     ("awq-grid-0", _nothing, ["{m}", "-o", "{out}", "--method", "awq", "--awq-grid", "0"], "--awq-grid"),
     ("bits-nan", _nothing, ["{m}", "-o", "{out}", "--bits", "nan"], "--bits"),
     ("bits-inf", _nothing, ["{m}", "-o", "{out}", "--bits", "inf"], "--bits"),
-    ("quantized-input-awq", _quantized_input, ["{tmp}/q", "-o", "{out}"], "already quantized: AWQ"),
-    ("quantized-input-gptq", _gptq_export, ["{tmp}/q", "-o", "{out}"], "already quantized: GPTQ"),
-    ("quantized-input-fp8", _fp8_release, ["{m}", "-o", "{out}"], "already quantized: FP8"),
+    ("quantized-input-awq", _quantized_input, ["{tmp}/q", "-o", "{out}"], "already quantized (AWQ)"),
+    ("quantized-input-gptq", _gptq_export, ["{tmp}/q", "-o", "{out}"], "already quantized (GPTQ)"),
+    ("quantized-input-config-lost", _stripped_export, ["{tmp}/q", "-o", "{out}"],
+     "already quantized (tensor"),
     ("calib-seqlen-beyond-context", _nothing,
      ["{m}", "-o", "{out}", "--calib-seqlen", "100000", "--calib-samples", "4"], "--calib-seqlen"),
     ("calib-beyond-host-memory", _nothing,
@@ -474,31 +477,25 @@ def test_load_of_a_float_directory_says_so(tiny_checkpoint):
         load(tiny_checkpoint())
 
 
-# ---- recognising quantized originals (one function; issue 23 switches kinds on) --------------
-@pytest.mark.parametrize("config, tensors, kind", [
-    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, {}, "awq"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, {}, "gptq"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, {}, "fp8"),
-    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                              "config_groups": {"g": {"weights": {"type": "int"}}}}}, {},
-     "compressed-tensors-int"),
-    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
-                              "config_groups": {"g": {"weights": {"type": "float"}}}}}, {},
-     "compressed-tensors-fp8"),
-    ({"quantization_config": {"quant_method": "mxfp4"}}, {}, "mxfp4"),
+# ---- quantized originals: one recogniser (quantizer/originals.py, issue 23) -----------------
+@pytest.mark.parametrize("config, header, refused", [
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, {}, "(AWQ)"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, {}, "(GPTQ)"),
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, {},
-     "bitsandbytes"),
-    ({}, {"model.layers.0.mlp.down_proj.weight": "F8_E4M3"}, "fp8"),
-    ({}, {"a.weight": "BF16", "a.weight_scale_inv": "F32"}, "fp8"),
-    ({}, {"a.qweight": "I32", "a.qzeros": "I32", "a.scales": "F16", "a.g_idx": "I32"}, "gptq"),
-    ({}, {"a.qweight": "I32", "a.qzeros": "I32", "a.scales": "F16"}, "awq"),
-    ({}, {"a.weight_packed": "I32", "a.weight_scale": "F16"}, "compressed-tensors-int"),
-    ({}, {"a.weight": "BF16", "b.weight": "F16"}, None),
+     "(bitsandbytes)"),
+    ({}, {"a.qweight": ([8, 64], "I32"), "a.qzeros": ([1, 8], "I32")}, "tensor a.q"),
+    ({}, {"a.weight_packed": ([8, 8], "I32")}, "tensor a.weight_packed"),
+    ({}, {"a.weight": ([8, 8], "F8_E4M3")}, "no quantization_config"),
+    ({}, {"a.weight": ([8, 8], "BF16")}, None),
 ])
-def test_quantized_original_kinds(config, tensors, kind):
-    from quantizer.inputs import quantized_original
-    found = quantized_original(config, tensors)
-    assert (found.kind if found else None) == kind
+def test_quantized_inputs_are_recognised_in_one_place(config, header, refused):
+    from quantizer.originals import original_format
+    if refused is None:
+        assert original_format(config, header) is None
+        return
+    with pytest.raises(InputError, match=re.escape(refused)) as info:
+        original_format(config, header)
+    assert "\n" not in str(info.value)
 
 
 # ---- adaptive targets against a measurement --------------------------------------------------
