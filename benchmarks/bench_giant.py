@@ -312,7 +312,7 @@ def table(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.add_argument("--scratch", default="/tmp/layerquant_giant")
     p.add_argument("--runs", default="gptq:80G:64G,awq:80G:64G,gptq:48G:32G")
