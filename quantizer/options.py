@@ -168,6 +168,9 @@ def visible_gpu_memory() -> dict[int, int]:
             for i in range(torch.cuda.device_count())}
 
 
+CARD_SLACK = 1.1  # a budget up to 10% above a card's memory means the whole card
+
+
 def check_vram_budget(text, gpus: dict[int, int]) -> None:
     """--vram-budget: a size ("40G") or DEVICE:SIZE list, each at least 1 GiB and at most what
     its GPU has (`gpus`: {index: total bytes} of the visible ones; none: at most 1 TiB)."""
@@ -189,7 +192,9 @@ def check_vram_budget(text, gpus: dict[int, int]) -> None:
         if not gpus and size > MAX_GPU_MEMORY:
             raise InputError(f"{flag} {text} is more than any GPU's memory (none has 1 TiB)")
         for i in ([index] if index is not None and gpus else sorted(gpus)):
-            if size > gpus[i]:
+            # A little above the card is the whole card ("80G" on an H100 80GB: 79.6 GiB;
+            # the planner caps it, plan.cap_to_cards); far above is a mistake.
+            if size > gpus[i] * CARD_SLACK:
                 raise InputError(f"{flag} {text} is more than the GPU's memory (cuda:{i} has "
                                  f"{format_size(gpus[i])})")
 

@@ -302,6 +302,20 @@ def default_vram_budgets(devices: list[DeviceSpec]) -> dict[int, int]:
     return {d.index: max(0, d.free_bytes - vram_margin(d.total_bytes)) for d in devices}
 
 
+def cap_to_cards(budgets: dict[int, int], devices: list[DeviceSpec]) -> tuple[dict, list]:
+    """A budget a little above a card's memory ("80G" on an H100 80GB, which has 79.6 GiB) is
+    the whole card: (budgets capped at each known card's total, a note per capped one).
+    Larger ones were refused by the settings' validation (options.check_vram_budget)."""
+    totals = {d.index: d.total_bytes for d in devices if d.total_bytes}
+    capped, notes = dict(budgets), []
+    for i, b in budgets.items():
+        if i in totals and b > totals[i]:
+            capped[i] = totals[i]
+            notes.append(f"--vram-budget {format_size(b)} is above cuda:{i}'s "
+                         f"{format_size(totals[i])}: planning for the whole card")
+    return capped, notes
+
+
 def _read_config(model_dir_or_config) -> dict:
     if isinstance(model_dir_or_config, dict):
         return model_dir_or_config
@@ -356,6 +370,7 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
             raise InputError(f"no GPU {missing} visible to measure free memory; "
                              f"give --vram-budget")
     specs = [detected.get(i, DeviceSpec(i)) for i in wanted]
+    budgets, capped = cap_to_cards(budgets, specs)
     ram = parse_size(ram_budget_str) if ram_budget_str else default_ram_budget()
     on_host = not specs
     host = host_facts(shapes, dtype_bytes, on_host, config, bits_value, group_size)
@@ -370,4 +385,5 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
             f"no model family for {shapes.model_type!r} yet: the plan takes its shapes from "
             f"config.json and its module names from the {resolve_arch(shapes, None).name} "
             f"layout; `quantize` refuses this model until its family is added",))
-    return f"{bits_value:g}-bit {method}, group size {group_size}\n" + plan.format()
+    return "\n".join([f"{bits_value:g}-bit {method}, group size {group_size}", *capped,
+                      plan.format()])

@@ -20,7 +20,8 @@ def plan_memory(job):  # job: quantizer.pipeline.Job
     has one when --ram-budget is given (the host is then the device: every term of the
     plan is host memory), else it keeps its settings (chunk, hidden placement) as before."""
     from .memsize import default_ram_budget, parse_budgets, parse_size
-    from .plan import DeviceSpec, ModelShapes, default_vram_budgets, detect_devices, make_plan
+    from .plan import (DeviceSpec, ModelShapes, cap_to_cards, default_vram_budgets,
+                       detect_devices, make_plan)
 
     s = job.settings
     on_cpu = job.device.type == "cpu"
@@ -35,6 +36,8 @@ def plan_memory(job):  # job: quantizer.pipeline.Job
             DeviceSpec(index)]
         budgets = (parse_budgets(s.vram_budget, [index]) if s.vram_budget
                    else default_vram_budgets(devices))
+        budgets, capped = cap_to_cards(budgets, devices)
+        job.notes.extend(capped)
     ram = parse_size(s.ram_budget) if s.ram_budget else default_ram_budget()
     method = s.method if s.method in ("rtn", "awq", "gptq") else "gptq"
     samples = max(s.calib.samples, 0 if method == "rtn" else 1)

@@ -399,3 +399,19 @@ def test_parse_budgets():
                       ("-1:4G", None)]:
         with pytest.raises(InputError):
             parse_budgets(bad, devs)
+
+
+def test_budget_a_little_above_the_card_is_the_whole_card():
+    """`--vram-budget 80G` on an H100 80GB (79.6 GiB) plans for the whole card; far above is
+    refused (the GPU run of issue 23 hit the refusal)."""
+    from quantizer.errors import InputError
+    from quantizer.options import check_vram_budget
+    from quantizer.plan import DeviceSpec, cap_to_cards
+    card = int(79.6 * 2**30)
+    check_vram_budget("80G", {0: card})
+    with pytest.raises(InputError, match="more than the GPU's memory"):
+        check_vram_budget("100G", {0: card})
+    budgets, notes = cap_to_cards({0: 80 * 2**30}, [DeviceSpec(0, "H100", card, card)])
+    assert budgets == {0: card} and "whole card" in notes[0]
+    assert cap_to_cards({0: 40 * 2**30}, [DeviceSpec(0, "H100", card, card)]) == (
+        {0: 40 * 2**30}, [])
