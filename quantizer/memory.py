@@ -8,8 +8,16 @@ import torch
 
 
 def rss_peak_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process so far. On Linux the address space's own
+    high-water mark (VmHWM): ru_maxrss would also count the resident size of the process this
+    one was forked from (a notebook or launcher), which exec records as the child's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, macOS: bytes
     return peak if sys.platform == "darwin" else peak * 1024
 
 
