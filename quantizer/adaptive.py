@@ -75,7 +75,7 @@ class MeasureLoop(LayerLoop):
                            job.padded_intermediate)
         # MoE layers: every expert's groups are measured, so bits are allocated per expert
         ctx = LayerContext(i, layer, job.arch.for_layer(self.model.config, i), self.model.config,
-                           job.resolved_settings(), self.inputs, self.kwargs, job.device,
+                           job.resolved_settings(), self.inputs, self.layer_kwargs(i), job.device,
                            job.dtype, log=self.say)
         results = measure_layer(ctx, damp=opts.get("damp", 0.01),
                                 act_order=bool(opts.get("act_order")),
@@ -103,7 +103,7 @@ class MeasureLoop(LayerLoop):
             layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                                job.padded_intermediate)
             ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                               self.inputs, self.kwargs, job.device, job.dtype)
+                               self.inputs, self.layer_kwargs(i), job.device, job.dtype)
             self.inputs = ctx.outputs()
             release_layer(self.model, i)
 

@@ -297,6 +297,9 @@ def plan_parser() -> argparse.ArgumentParser:
                    help="auto, gpu or cpu")
     p.add_argument("--group-size", type=int, default=128, help="the export's group size "
                    "(its size on disk and in host RAM; -1 per channel)")
+    p.add_argument("--tp-size", type=_positive, nargs="+", default=None, metavar="N",
+                   help="also say whether the export would load at tensor parallel N (and the "
+                        "padded MLP width that makes it load), e.g. --tp-size 2 4")
     return p
 
 
@@ -315,6 +318,11 @@ def run_plan_cli(argv) -> int:
     print(plan_command(a.model, a.bits, a.method, a.vram_budget, a.ram_budget, a.devices,
                        a.calib_samples, a.calib_seqlen, a.hidden_device, a.hessian_device,
                        group_size=a.group_size))
+    from .tp import check_checkpoint, describe_problems
+    for n in a.tp_size or ():
+        problems, sizes = check_checkpoint(a.model, n, a.group_size)
+        print(f"\nTP-{n}: ok (group size {', '.join(map(str, sizes))})" if not problems else
+              "\n" + describe_problems(problems, n, ", ".join(map(str, sizes))))
     return 0
 
 

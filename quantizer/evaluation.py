@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .loader import LayerLoader
-from .skeleton import capture_layer0_inputs, layer_output, to_device
+from .skeleton import capture_layer_inputs, embed_inputs, kwargs_to_device, layer_output
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,16 @@ def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
     from tqdm.auto import tqdm
 
     model = loader.model
-    _, kwargs = capture_layer0_inputs(model, windows[:1])
+    _, calls = capture_layer_inputs(model, windows[:1])
     placement = layer_devices(devices or [device], loader.num_layers)
-    kwargs_on = {d: to_device(kwargs, d, loader.dtype) for d in set(placement)}
-    embed = model.get_input_embeddings()
-    hs = [embed(windows[i:i + chunk]).to("cpu", loader.dtype) for i in range(0, len(windows), chunk)]
+    kwargs_on = {d: kwargs_to_device(calls, d, loader.dtype) for d in set(placement)}
+    hs = [embed_inputs(model, windows[i:i + chunk]).to("cpu", loader.dtype)
+          for i in range(0, len(windows), chunk)]
     for i in tqdm(range(loader.num_layers), desc=desc, unit="layer", disable=not progress):
         dev = placement[i]
         loader.device = dev  # the loader materialises the next layer on its placed device
         layer = loader.load(i)
-        hs = [layer_output(layer(h.to(dev), **kwargs_on[dev])).to("cpu") for h in hs]
+        hs = [layer_output(layer(h.to(dev), **kwargs_on[dev][i])).to("cpu") for h in hs]
         loader.release(i)
     return hs
 
@@ -84,7 +84,7 @@ def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
 @torch.no_grad()
 def _log_probs(loader: LayerLoader, h: torch.Tensor, device) -> torch.Tensor:
     model = loader.model
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    inner = model.get_submodule(loader.source.arch.mem_layers.rpartition(".")[0])
     norm, head = inner.norm.to(device), model.get_output_embeddings().to(device)
     logits = head(norm(h.to(device))).float()
     return F.log_softmax(logits, dim=-1)

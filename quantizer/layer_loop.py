@@ -24,8 +24,8 @@ from .oom import free_memory, injection_plan, is_oom, maybe_inject, shrink_local
 from .plan_memory import Decisions
 from .report import LayerRecord
 from .shards import CalibLayout, agree_min, fold_values
-from .skeleton import (build_skeleton, capture_layer0_inputs, load_layer, pad_mlp,
-                       release_layer, to_device)
+from .skeleton import (build_skeleton, capture_layer_inputs, embed_inputs, kwargs_to_device,
+                       load_layer, pad_mlp, release_layer)
 
 STAGE = "quantize"
 
@@ -49,7 +49,7 @@ class LayerLoop:
                                        else "cpu")
         self.out_dtype = getattr(torch, s.out_dtype)
         self.progress = progress
-        self.inputs, self.kwargs = Chunks(), {}
+        self.inputs, self.kwargs = Chunks(), []
         self.inject = injection_plan()
         self.world = world()
         self.layout = None
@@ -59,12 +59,12 @@ class LayerLoop:
             # cut with one chunk size for all ranks; a chunk never crosses a shard
             chunk = agree_min(self.world, dec.chunk)
             self.layout = CalibLayout.plan(len(tokens), chunk, s.calib.shards, self.world)
-            _, kwargs = capture_layer0_inputs(self.model, tokens[:1])
-            embed = self.model.get_input_embeddings()
+            # per layer: sliding and full attention layers get different masks
+            _, calls = capture_layer_inputs(self.model, tokens[:1])
             self.inputs = self.hidden.new(dec.hidden)
             for a, b in zip(self.layout.sample_start, self.layout.sample_end):
-                self.hidden.append(self.inputs, embed(tokens[a:b]))
-            self.kwargs = to_device(kwargs, job.device, job.dtype)
+                self.hidden.append(self.inputs, embed_inputs(self.model, tokens[a:b]))
+            self.kwargs = kwargs_to_device(calls, job.device, job.dtype)
         hidden_bytes = sum(t.numel() * t.element_size() for t in self.inputs)
         # auto: on a GPU replaying finished layers (one forward each) costs less than writing
         # every layer's hidden states to disk; on the CPU it is the other way round.
@@ -77,6 +77,10 @@ class LayerLoop:
             self.save_hidden = False
         self._prefetch = None  # (index, future) of the next layer's tensors being read
         self._pending: list[Chunks] = []  # hidden states the current attempt is writing
+
+    def layer_kwargs(self, i: int) -> dict:
+        """What transformers' forward passes decoder layer i besides its hidden states."""
+        return self.kwargs[i] if self.kwargs else {}
 
     def decisions(self, i: int) -> Decisions:
         dec = self.plan.decisions_for(i) if self.plan is not None else self._local
@@ -169,7 +173,8 @@ class LayerLoop:
         self._start_read(i + 1)
         t_load = time.perf_counter() - t0
         ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                           self.inputs, self.kwargs, job.device, job.dtype, log=self.say,
+                           self.inputs, self.layer_kwargs(i), job.device, job.dtype,
+                           log=self.say,
                            layout=self.layout,
                            placement={"hessian": dec.hessian, "row_slices": dec.row_slices})
         # MoE: the float pass also counts tokens per expert; the method then gets this
@@ -309,7 +314,7 @@ class LayerLoop:
                                job.padded_intermediate)
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
             ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                               self.inputs, self.kwargs, job.device, job.dtype,
+                               self.inputs, self.layer_kwargs(i), job.device, job.dtype,
                                layout=self.layout)
             new = self._forward_all(ctx, self.decisions(i))
             self.hidden.release(self.inputs)

@@ -104,11 +104,13 @@ def install_quant_linears(layer: nn.Module, prefix: str, linears, spec: QuantSpe
 class LayerLoader:
     """Materialises decoder layers of a float or quantized checkpoint on demand."""
 
-    def __init__(self, path, dtype: torch.dtype, device="cpu", head_device="cpu"):
+    def __init__(self, path, dtype: torch.dtype, device="cpu", head_device="cpu",
+                 text_only: bool = True):
         self.source = CheckpointSource(path)
         self.spec = quant_spec(self.source.raw_config)
         self.dtype, self.device = dtype, torch.device(device)
-        self.model = build_skeleton(self.source, head_device, dtype)
+        # text_only: a vision tower stays on the meta device (evaluation reads text)
+        self.model = build_skeleton(self.source, head_device, dtype, text_only=text_only)
 
     @property
     def num_layers(self) -> int:
@@ -132,7 +134,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     notebooks and small models: unlike evaluation, this holds every layer at once)."""
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    loader = LayerLoader(Path(path), dtype, device, head_device=device)
+    loader = LayerLoader(Path(path), dtype, device, head_device=device, text_only=False)
     if loader.spec is None:  # said, not silent: a float model is not what load() is for
         warnings.warn(f"{path} has no quantization_config: it is not a quantized export, so "
                       f"load() returns the plain float model (no QuantLinear modules)",

@@ -2,7 +2,7 @@
 
 transformers 5 stores a sparse block's experts fused: one (E, 2I, H) gate_up and one (E, H, I)
 down parameter, while checkpoints on disk (and vLLM) keep one tensor per expert linear.
-`unfuse_model` swaps every fused experts module of the meta skeleton for `UnfusedExperts`: a
+`unfused` (called by quantizer/arch/model.py prepare_layer) stands in `UnfusedExperts` for each: a
 ModuleList of small SwiGLU MLPs whose linears' full names are the on-disk tensor names and
 whose forward takes what the fused module takes and computes the same thing. Loading, capture,
 methods, export and `quantizer.load` then see ordinary named linears, one expert at a time;
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from .arch.base import ArchSpec, MoESpec
-from .arch.moe import num_experts
 
 
 class ExpertMLP(nn.Module):
@@ -27,7 +26,8 @@ class ExpertMLP(nn.Module):
     def __init__(self, names: tuple[str, str, str], hidden: int, width: int, act,
                  device=None, dtype=None):
         super().__init__()
-        self.names = names
+        self.names = tuple(names)
+        self.width = int(width)
         for name, (i, o) in zip(names, ((hidden, width), (hidden, width), (width, hidden))):
             self.add_module(name, nn.Linear(i, o, bias=False, device=device, dtype=dtype))
         self.act_fn = act
@@ -49,6 +49,7 @@ class UnfusedExperts(nn.ModuleList):
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
         self.num_experts = len(experts)
+        self.route_all = False  # structure discovery: every expert sees every token
 
     def start_counting(self) -> None:
         for expert in self:
@@ -62,6 +63,11 @@ class UnfusedExperts(nn.ModuleList):
         return counts
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):
+        if self.route_all:  # meta tensors: no routing, each expert reached once
+            out = torch.zeros_like(hidden_states)
+            for expert in self:
+                out = out + expert(hidden_states)
+            return out
         index = top_k_index if top_k_index is not None else aliases.get("selected_experts")
         weights = top_k_weights if top_k_weights is not None else aliases.get(
             "routing_weights")
@@ -78,47 +84,44 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
-def _expert_width(fused: nn.Module, moe: MoESpec, config) -> int:
-    down = getattr(fused, "down_proj", None)
-    if isinstance(down, torch.Tensor) and down.dim() == 3:
-        return int(down.shape[-1])
-    return int(getattr(config, moe.width_key))
+# The fused layout UnfusedExperts reproduces (transformers' use_experts_implementation flags).
+_STANDARD_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False,
+                    "is_concatenated": True, "has_post_expert_norm": False}
 
 
-def unfuse_block(layer: nn.Module, moe: MoESpec, config) -> None:
-    """Swap the layer's experts for UnfusedExperts (same device/dtype as the fused ones, so
-    on the meta skeleton this allocates nothing), and, where the family's on-disk block name
-    differs from transformers' attribute (Mixtral), register the block under the on-disk name
-    while the layer's forward still reaches it under its own attribute."""
-    block = getattr(layer, moe.block)
-    current = getattr(block, moe.experts)
-    if not isinstance(current, UnfusedExperts):
-        ref = next(current.parameters(), None)
-        device = ref.device if ref is not None else torch.device("meta")
-        dtype = ref.dtype if ref is not None else None
-        act = getattr(current, "act_fn", None) or nn.SiLU()
-        hidden = int(config.hidden_size)
-        width = _expert_width(current, moe, config)
-        experts = [ExpertMLP(moe.expert_linears, hidden, width, act, device, dtype)
-                   for _ in range(num_experts(moe, config))]
-        setattr(block, moe.experts, UnfusedExperts(experts))
-    if moe.disk_block != moe.block and moe.block in layer._modules:
-        layer._modules[moe.disk_block] = layer._modules.pop(moe.block)
-        # A plain instance attribute: forward's `self.mlp` finds it before nn.Module's
-        # __getattr__, while state_dict / named_modules see only the on-disk name.
-        object.__setattr__(layer, moe.block, block)
+def fused_layout_problem(fused: nn.Module) -> str | None:
+    """Why `fused` is not per-expert SwiGLU with [gate; up] (E, 2I, H) and down (E, H, I)
+    weights, or None when it is."""
+    for attr, want in _STANDARD_LAYOUT.items():
+        have = getattr(fused, attr, want)
+        if have != want:
+            return f"{type(fused).__name__}.{attr} is {have} (supported: {want})"
+    gate_up, down = getattr(fused, "gate_up_proj", None), getattr(fused, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        return f"{type(fused).__name__} has no gate_up_proj / down_proj parameters"
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * down.shape[2] \
+            or gate_up.shape[2] != down.shape[1]:
+        return (f"{type(fused).__name__}: gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                f"{tuple(down.shape)} are not (E, 2I, H) and (E, H, I)")
+    from transformers.integrations import moe as hf_moe
+    default = getattr(hf_moe, "_default_apply_gate", None)
+    if default is not None and getattr(type(fused), "_apply_gate", default) is not default:
+        return f"{type(fused).__name__} has its own gating function"
+    return None
 
 
-def unfuse_model(layers: nn.ModuleList, arch: ArchSpec, config) -> int:
-    """Unfuse every sparse layer of a (meta) skeleton; returns how many were."""
-    if arch.moe is None:
-        return 0
-    n = 0
-    for i, layer in enumerate(layers):
-        if arch.is_moe_layer(config, i):
-            unfuse_block(layer, arch.moe, config)
-            n += 1
-    return n
+def unfused(fused: nn.Module, leaves: tuple[str, str, str]) -> UnfusedExperts:
+    """UnfusedExperts standing in for `fused` (same device and dtype; on the meta skeleton this
+    allocates nothing), its expert linears named `leaves` as on disk."""
+    problem = fused_layout_problem(fused)
+    if problem:
+        from .arch.discover import Unsupported
+        raise Unsupported(f"experts of this layout are not supported: {problem}")
+    down = fused.down_proj
+    num, hidden, width = int(down.shape[0]), int(down.shape[1]), int(down.shape[2])
+    act = getattr(fused, "act_fn", None) or nn.SiLU()
+    return UnfusedExperts([ExpertMLP(leaves, hidden, width, act, down.device, down.dtype)
+                           for _ in range(num)])
 
 
 def experts_module(layer: nn.Module, moe: MoESpec) -> UnfusedExperts:

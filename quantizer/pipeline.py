@@ -108,7 +108,7 @@ def plan_job(model_path, settings: QuantSettings,
     if source.original is not None:
         from .originals import describe
         notes.append(describe(source.original, len(source.quantized_names())))
-    intermediate = int(cfg[arch.intermediate_key])
+    intermediate = int(getattr(arch.text, arch.intermediate_key, 0) or 0)
     multiple = pack_multiple(settings.bits, settings.is_adaptive)
     padded, group_size, msg = padded_width_and_group(source, settings, intermediate, multiple)
     tp = settings.pad_for_tp
@@ -266,8 +266,8 @@ def check_tp_targets(cfg: dict, arch, settings: QuantSettings, padded: int | Non
     N; notes saying which TP sizes were checked otherwise."""
     targets = sorted({n for n in (settings.tp_size, settings.pad_for_tp) if n})
     exported = dict(cfg)
-    if padded:
-        exported[arch.intermediate_key] = padded
+    if padded:  # a VLM keeps the width in text_config
+        exported.update(arch.config_update(cfg, arch.intermediate_key, padded))
     notes = []
     for n in targets:
         problems = check_tp(exported, arch, n, group_size)
@@ -556,7 +556,8 @@ def export_quantization_config(job: Job, module_settings: dict | None = None) ->
     act_order = bool(opts.get("act_order"))
     return exporter.quantization_config(
         bits=job.settings.bits, group_size=job.group_size,
-        not_converted=list(job.arch.not_quantized), symmetric=job.settings.symmetric,
+        not_converted=job.arch.not_converted(job.export_format),
+        symmetric=job.settings.symmetric,
         act_order=act_order, static_groups=bool(opts.get("static_groups")),
         damp=float(opts.get("damp", 0.01)), float_linears=router_ignore(job.arch),
         module_bits=None if module_settings is None else {
@@ -589,7 +590,11 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
     source = job.source
     out_dtype = getattr(torch, job.settings.out_dtype)
     writer = ShardWriter(staged, max_shard_bytes)
-    head = source.load(source.non_layer_names(), dtype=out_dtype)
+    # Tensors the text model uses in the output dtype; a vision tower's and a projector's as
+    # they are in the checkpoint (never cast, never quantized)
+    text, kept = job.arch.split_non_layer(source.non_layer_names())
+    head = source.load(text, dtype=out_dtype)
+    head.update(source.load(kept))
     writer.add(dict(sorted(head.items())))
     del head
     for i in range(source.num_layers):
@@ -601,7 +606,8 @@ def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
         shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")
     updates = {"quantization_config": qcfg, "torch_dtype": job.settings.out_dtype}
     if job.padded_intermediate:
-        updates[job.arch.intermediate_key] = job.padded_intermediate
+        updates.update(job.arch.config_update(source.raw_config, job.arch.intermediate_key,
+                                              job.padded_intermediate))
     write_config(source.path, staged, updates)
     copy_tokenizer(source.path, staged)
     (staged / "layerquant.json").write_text(json.dumps({

@@ -1,11 +1,16 @@
 """Model shapes: the numbers of a HF config that decide memory and tensor-parallel alignment,
 and the linears of one decoder layer grouped by the input they read. The planner (plan.py,
-plan_memory.py) and the tensor-parallel check (tp.py) both read layers through here."""
+plan_memory.py) and the tensor-parallel check (tp.py) both read layers through here; the
+layers themselves -- names, widths, which are sparse -- come from structure discovery on
+transformers' own modules (quantizer/arch), never from per-family rules here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InputError
+
+# vLLM builds MLA's low-rank "a" projections replicated on every GPU (ReplicatedLinear).
+REPLICATED_LEAVES = ("q_a_proj", "kv_a_proj_with_mqa")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class ModelShapes:
     # qk_rope_head_dim, v_head_dim); empty for ordinary attention
     mla: tuple[int, ...] = ()
     tied_embeddings: bool = False  # the head is the embedding table (held once)
+    # quantizer.arch.ModelArch of this config: every layer kind's linears
+    arch: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_moe(self) -> bool:
@@ -36,59 +43,49 @@ class ModelShapes:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShapes":
+        from .arch import model_arch
+
+        text = cfg
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
-            cfg = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}
+            text = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}
 
         def need(key):
-            v = cfg.get(key)
+            v = text.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InputError(f"config.json: {key!r} must be a positive integer, got {v!r}")
             return v
 
         hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), \
             need("num_hidden_layers")
-        kv = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
-        common = dict(model_type=str(cfg.get("model_type", "")), hidden=hidden, heads=heads,
-                      kv_heads=kv, head_dim=head_dim, layers=layers,
-                      vocab=int(cfg.get("vocab_size") or 0),
-                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-        if cfg.get("num_local_experts"):  # Mixtral: intermediate_size IS the expert width
-            return cls(**common, intermediate=0, num_experts=cfg["num_local_experts"],
-                       moe_intermediate=need("intermediate_size"),
-                       experts_per_tok=cfg.get("num_experts_per_tok") or 2, moe_layers=layers)
-        if cfg.get("n_routed_experts") and cfg.get("kv_lora_rank"):  # DeepSeek-V3 style
-            dense = min(int(cfg.get("first_k_dense_replace") or 0), layers)
-            mi = need("moe_intermediate_size")
-            return cls(**common, intermediate=int(cfg.get("intermediate_size") or 0),
-                       num_experts=cfg["n_routed_experts"], moe_intermediate=mi,
-                       experts_per_tok=cfg.get("num_experts_per_tok") or 1,
-                       shared_expert_intermediate=mi * int(cfg.get("n_shared_experts") or 0),
-                       moe_layers=layers - dense,
-                       mla=(need("q_lora_rank"), need("kv_lora_rank"), need("qk_nope_head_dim"),
-                            need("qk_rope_head_dim"), need("v_head_dim")))
-        if cfg.get("n_routed_experts") and cfg.get("moe_intermediate_size"):
-            # DeepSeek-style experts under ordinary attention (GLM-4.5/4.6 "glm4_moe")
-            dense = min(int(cfg.get("first_k_dense_replace") or 0), layers)
-            mi = need("moe_intermediate_size")
-            return cls(**common, intermediate=int(cfg.get("intermediate_size") or 0),
-                       num_experts=cfg["n_routed_experts"], moe_intermediate=mi,
-                       experts_per_tok=cfg.get("num_experts_per_tok") or 1,
-                       shared_expert_intermediate=mi * int(cfg.get("n_shared_experts") or 0),
-                       moe_layers=layers - dense)
-        if cfg.get("num_experts") and cfg.get("moe_intermediate_size"):  # Qwen2-MoE / Qwen3-MoE
-            step = cfg.get("decoder_sparse_step") or 1
-            dense_only = set(cfg.get("mlp_only_layers") or ())
-            moe_layers = sum(1 for i in range(layers)
-                             if i not in dense_only and (i + 1) % step == 0)
-            return cls(**common, intermediate=int(cfg.get("intermediate_size") or 0),
-                       num_experts=cfg["num_experts"],
-                       moe_intermediate=cfg["moe_intermediate_size"],
-                       experts_per_tok=cfg.get("num_experts_per_tok") or 1,
-                       shared_expert_intermediate=int(
-                           cfg.get("shared_expert_intermediate_size") or 0),
-                       moe_layers=moe_layers)
-        return cls(**common, intermediate=need("intermediate_size"))
+        arch = model_arch(cfg)
+        kv = text.get("num_key_value_heads") or heads
+        head_dim = text.get("head_dim") or hidden // heads
+        mla = ()
+        if text.get("kv_lora_rank"):
+            mla = tuple(int(text.get(k) or 0) for k in (
+                "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim"))
+        moe = arch.moe
+        shared = 0
+        if moe is not None and moe.shared:
+            kind = next(k for k in arch.kinds if k.moe is not None)
+            down = f"{moe.disk_block}.{moe.shared}.{moe.shared_linears[-1]}"
+            shared = kind.found.linear(down).in_features
+        dense = any(k.moe is None for k in arch.kinds)
+        return cls(model_type=str(cfg.get("model_type", "")), hidden=hidden,
+                   intermediate=int(getattr(arch.text, arch.intermediate_key, 0) or 0)
+                   if dense and arch.mlp_down else 0,
+                   heads=heads, kv_heads=kv, head_dim=head_dim, layers=layers,
+                   vocab=int(text.get("vocab_size") or 0),
+                   num_experts=moe.num_experts if moe else 0,
+                   moe_intermediate=moe.width if moe else 0,
+                   experts_per_tok=int(getattr(arch.text, "num_experts_per_tok", 0) or 0)
+                   if moe else 0,
+                   shared_expert_intermediate=shared,
+                   moe_layers=sum(1 for i in range(arch.num_layers) if arch.is_moe_layer(None, i)),
+                   mla=mla, arch=arch,
+                   tied_embeddings=bool(getattr(arch.text, "tie_word_embeddings", False)
+                                        or cfg.get("tie_word_embeddings", False)))
 
 
 @dataclass(frozen=True)
@@ -98,6 +95,9 @@ class Linear:
     out_features: int
     parallel: str  # how tensor parallelism splits it: "column" (outputs), "row" (inputs) or
     # "replicated" (DeepSeek's low-rank MLA "a" projections: whole on every GPU)
+    # the config key of the MLP width this linear's split side is (--pad-for-tp pads it);
+    # None: padding cannot change it
+    width_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,81 +118,93 @@ class InputGroup:
         return n * sum(lin.in_features * lin.out_features for lin in self.linears)
 
 
-def resolve_arch(shapes: ModelShapes, arch):
-    """The arch spec naming the layer's modules: given, registered, or — for MoE families that
-    have no arch file yet — the one whose layer they share: DeepSeek-V3's for MLA models
-    (Kimi-K2 is a DeepseekV3ForCausalLM under model_type kimi_k2), else the Llama attention
-    (GLM-4.5/4.6's q/k/v/o with GQA). The planner needs shapes only; quantizing such a family
-    still needs its arch file."""
-    if arch is not None:
-        return arch
-    from .arch import get_arch
-    try:
-        return get_arch(shapes.model_type)
-    except InputError:
-        if not shapes.is_moe:
-            raise
-        if shapes.mla:
-            from .arch.deepseek import SPEC as MLA_SPEC
-            return MLA_SPEC
-        from .arch.llama import SPEC
-        return SPEC
+def resolve_arch(shapes: ModelShapes, arch=None):
+    """The ModelArch naming the layer's modules: the one discovered for these shapes."""
+    return shapes.arch if shapes.arch is not None else arch
 
 
-def _dense_linear(name: str, s: ModelShapes, arch) -> Linear:
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    if name == arch.mlp_down:
-        return Linear(name, s.intermediate, s.hidden, "row")
-    if name in arch.mlp_gate_up:
-        return Linear(name, s.hidden, s.intermediate, "column")
-    # Attention projections by their role; the names themselves come from the arch file.
-    roles = {"q_proj": (s.hidden, q, "column"), "k_proj": (s.hidden, kv, "column"),
-             "v_proj": (s.hidden, kv, "column"), "o_proj": (q, s.hidden, "row")}
-    if s.mla:  # the low-rank "a" projections are replicated under TP, the "b" ones split
-        qr, kvr, nope, rope, v = s.mla
-        roles.update({"q_a_proj": (s.hidden, qr, "replicated"),
-                      "kv_a_proj_with_mqa": (s.hidden, kvr + rope, "replicated"),
-                      "q_b_proj": (qr, s.heads * (nope + rope), "column"),
-                      "kv_b_proj": (kvr, s.heads * (nope + v), "column"),
-                      "o_proj": (s.heads * v, s.hidden, "row")})
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in roles:
-        raise InputError(f"planner: no shape rule for module {name!r} of {arch.name}")
-    return Linear(name, *roles[leaf])
+def _kind(arch, moe):
+    """The layer kind `moe` means: a LayerKind itself, or True / False for the first MoE /
+    dense kind."""
+    if not isinstance(moe, bool):
+        return moe
+    kind = next((k for k in arch.kinds if bool(k) == moe), None)
+    if kind is None:
+        raise InputError(f"{arch.name}: no {'MoE' if moe else 'dense'} layers")
+    return kind
 
 
-def layer_groups(shapes: ModelShapes, moe: bool, arch=None) -> tuple[InputGroup, ...]:
-    """The input groups of one decoder layer (dense, or MoE when `moe`), in execution order."""
+def _width_keys(arch) -> dict[str, int]:
+    cfg = arch.text.to_dict()
+    return {k: v for k, v in cfg.items() if k.endswith("intermediate_size")
+            and isinstance(v, int) and not isinstance(v, bool) and v > 0}
+
+
+def _key_for(arch, width: int, prefer: tuple[str, ...]) -> str | None:
+    keys = _width_keys(arch)
+    matches = [k for k in keys if keys[k] == width]
+    for p in prefer:
+        if p in matches:
+            return p
+    return matches[0] if matches else None
+
+
+def layer_groups(shapes: ModelShapes, moe=False, arch=None) -> tuple[InputGroup, ...]:
+    """The input groups of one decoder layer kind (`moe`: a LayerKind, or True / False for
+    the first MoE / dense kind), in execution order, with their real widths."""
     arch = resolve_arch(shapes, arch)
-    mlp_names = set(arch.mlp_gate_up) | {arch.mlp_down}
+    kind = _kind(arch, moe)
+    spec = arch.for_layer(None, kind.index)
+    found = kind.found
+    sparse = kind.moe
+    block = f"{sparse.disk_block}." if sparse else None
     groups = []
-    for names in arch.input_groups:
-        if moe and set(names) & mlp_names:
-            continue
+    for names in spec.input_groups:
+        if block and names[0].startswith(block):
+            continue  # experts and the shared expert: below, as vLLM's fused MoE sees them
+        linears = []
+        for n in names:
+            lin = found.linear(n)
+            leaf = n.rsplit(".", 1)[-1]
+            parallel = ("row" if lin.row else "replicated" if leaf in REPLICATED_LEAVES
+                        else "column")
+            mlp = n in arch.mlp_gate_up or n == arch.mlp_down
+            linears.append(Linear(n, lin.in_features, lin.out_features, parallel,
+                                  arch.intermediate_key if mlp else None))
         groups.append(InputGroup(names[0] if len(names) == 1 else "+".join(
-            n.rsplit(".", 1)[-1] for n in names), tuple(_dense_linear(n, shapes, arch)
-                                                     for n in names)))
-    if not moe:
+            n.rsplit(".", 1)[-1] for n in names), tuple(linears)))
+    if sparse is None:
         return tuple(groups)
-    h, e, mi = shapes.hidden, shapes.num_experts, shapes.moe_intermediate
-    groups.append(InputGroup("experts.gate+up", (Linear("experts.gate", h, mi, "column"),
-                                                  Linear("experts.up", h, mi, "column")), e))
-    groups.append(InputGroup("experts.down", (Linear("experts.down", mi, h, "row"),), e))
-    si = shapes.shared_expert_intermediate
-    if si:
+    h, e, mi = shapes.hidden, sparse.num_experts, sparse.width
+    key = _key_for(arch, mi, ("moe_intermediate_size", "intermediate_size"))
+    groups.append(InputGroup("experts.gate+up", (Linear("experts.gate", h, mi, "column", key),
+                                                  Linear("experts.up", h, mi, "column", key)),
+                             e))
+    groups.append(InputGroup("experts.down", (Linear("experts.down", mi, h, "row", key),), e))
+    if sparse.shared:
+        down = found.linear(f"{sparse.disk_block}.{sparse.shared}.{sparse.shared_linears[-1]}")
+        si = down.in_features
+        skey = _key_for(arch, si, ("shared_expert_intermediate_size",))
         groups.append(InputGroup("shared_expert.gate+up", (
-            Linear("shared_expert.gate", h, si, "column"),
-            Linear("shared_expert.up", h, si, "column"))))
+            Linear("shared_expert.gate", h, si, "column", skey),
+            Linear("shared_expert.up", h, si, "column", skey))))
         groups.append(InputGroup("shared_expert.down", (Linear("shared_expert.down", si, h,
-                                                                "row"),)))
+                                                                "row", skey),)))
     return tuple(groups)
 
 
-def layer_kinds(shapes: ModelShapes) -> tuple[bool, ...]:
-    """Which layer kinds the model has: (False,) dense only, (True,) MoE only, or both."""
-    kinds = []
-    if shapes.layers - shapes.moe_layers > 0:
-        kinds.append(False)
-    if shapes.moe_layers > 0:
-        kinds.append(True)
-    return tuple(kinds)
+def layer_kinds(shapes: ModelShapes) -> tuple:
+    """The model's layer kinds (quantizer.arch.LayerKind, true for MoE kinds): dense and MoE,
+    or more (linear and full attention layers of a hybrid model)."""
+    return tuple(shapes.arch.kinds)
+
+
+def width_keys(shapes: ModelShapes) -> dict[str, int]:
+    """{config key: width} of every MLP width TP splits (and --pad-for-tp may change)."""
+    out = {}
+    for kind in layer_kinds(shapes):
+        for g in layer_groups(shapes, kind):
+            for lin in g.linears:
+                if lin.width_key:
+                    out[lin.width_key] = int(getattr(shapes.arch.text, lin.width_key))
+    return out

@@ -2,8 +2,6 @@
 tables, the final norm and the head are real; decoder layers are materialised one at a time."""
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import torch
 from torch import nn
@@ -13,15 +11,13 @@ from .source import CheckpointSource
 
 
 def model_config(source: CheckpointSource, intermediate_size: int | None = None):
-    from transformers import AutoConfig
+    from .arch.meta import config_from_dict, text_config
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = AutoConfig.from_pretrained(source.path, local_files_only=True)
-    cfg._attn_implementation = "sdpa"
+    cfg = config_from_dict(source.raw_config)
     cfg.use_cache = False
+    text_config(cfg).use_cache = False
     if intermediate_size is not None:
-        setattr(cfg, source.arch.intermediate_key, intermediate_size)
+        setattr(text_config(cfg), source.arch.intermediate_key, intermediate_size)
     # A quantized checkpoint's config carries quantization_config; the skeleton is plain.
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -29,43 +25,66 @@ def model_config(source: CheckpointSource, intermediate_size: int | None = None)
 
 
 def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
-                   intermediate_size: int | None = None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+                   intermediate_size: int | None = None, text_only: bool = True) -> nn.Module:
+    """transformers' model on the meta device with the tensors outside the decoder layers
+    loaded on `device` (text_only: those the text forward uses; a vision tower stays meta),
+    and every decoder layer's fused experts unfused and its modules under on-disk names."""
+    from .arch.meta import build_meta, materialise_buffers
+    from .arch.model import apply_renames, prepare_layer
 
+    arch = source.arch
     cfg = model_config(source, intermediate_size)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        except TypeError:
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
-    model.eval()
-    model.requires_grad_(False)
-    # MoE: fused expert parameters -> per-expert linears named as on disk (still on meta)
-    from .moe import unfuse_model
-    unfuse_model(decoder_layers(model), source.arch, cfg)
-    layers_prefix = source.arch.layers_prefix + "."
-    wanted = {}
-    for name, _ in model.named_parameters():
-        if not name.startswith(layers_prefix):
-            wanted[name] = name
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    available = set(source.names())
-    to_load = [n for n in wanted if n in available]
-    tensors = source.load(to_load, device=device, dtype=dtype)
+    model = build_meta(cfg, dtype)
+    layers = model.get_submodule(arch.mem_layers)
+    for i, layer in enumerate(layers):
+        prepare_layer(layer, arch.names)
+        apply_renames(layer, arch.renames[arch.kind_of[i]])
+    materialise_buffers(model, device, skip=arch.mem_layers)
+    layers_prefix = arch.mem_layers + "."
+    wanted = [name for name, _ in model.named_parameters()
+              if not name.startswith(layers_prefix)
+              and (not text_only or _under(name, arch.text_modules))]
+    tied = _tied_names(model, cfg)
+    to_load = {}
     for name in wanted:
-        if name in tensors:
-            _set_param(model, name, tensors[name])
-        elif not (tied and name.endswith("lm_head.weight")):
-            raise InputError(f"checkpoint {source.path} lacks tensor {name}")
-    if tied:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    # Rotary tables are non-persistent buffers computed at init: rebuild them for real.
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    if hasattr(inner, "rotary_emb"):
-        rot = inner.rotary_emb
-        inner.rotary_emb = type(rot)(config=cfg).to(device)
+        disk = arch.names.to_disk(name)
+        if disk in source.weight_map:
+            to_load[disk] = name
+        elif name not in tied:
+            raise InputError(f"checkpoint {source.path} lacks tensor {disk}")
+    tensors = source.load(list(to_load), device=device, dtype=dtype)
+    for disk, name in to_load.items():
+        _set_param(model, name, tensors[disk])
+    for target, src in tied.items():  # the head shares the loaded embedding
+        try:
+            shared = model.get_parameter(src)
+        except AttributeError:
+            continue
+        mod_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(mod_name) if mod_name else model
+        if not shared.is_meta and getattr(owner, attr).is_meta:
+            setattr(owner, attr, shared)
     return model
+
+
+def _under(name: str, paths) -> bool:
+    return any(p == "" or name.startswith(p + ".") for p in paths)
+
+
+def _tied_names(model: nn.Module, cfg) -> dict[str, str]:
+    """{parameter: the parameter transformers ties it to} (lm_head to the embeddings)."""
+    from .arch.meta import text_config
+
+    keys = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(keys, dict):
+        return dict(keys)
+    if not (getattr(cfg, "tie_word_embeddings", False)
+            or getattr(text_config(cfg), "tie_word_embeddings", False)):
+        return {}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    heads = [f"{p}.weight" for p, m in model.named_modules() if m is head]
+    embeds = [f"{p}.weight" for p, m in model.named_modules() if m is embed]
+    return {h: embeds[0] for h in heads} if embeds else {}
 
 
 def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -75,8 +94,8 @@ def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return inner.layers
+    from .arch.meta import decoder_layers as find
+    return find(model)[1]
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -145,41 +164,48 @@ def release_layer(model: nn.Module, index: int) -> None:
     layers[index] = layers[index].to("meta")
 
 
-class _Stop(Exception):
-    pass
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor):
+    """Run the model's own embedding/rotary/mask code on one batch with the decoder layers
+    stood in for: (hidden states entering layer 0, [kwargs of layer i]). Sliding and full
+    attention layers get different masks, some families different rotary tables; a kwargs
+    object shared by several layers is one object here too."""
+    from .arch.meta import capture_layer_calls
 
-
-class _Catcher(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.captured = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.captured = (hidden_states, kwargs)
-        raise _Stop
+    return capture_layer_calls(model, decoder_layers(model), input_ids)
 
 
 @torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, input_ids: torch.Tensor):
-    """Run the model's own embedding/rotary/mask code on one batch and stop at layer 0.
+def embed_inputs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering decoder layer 0, as the model's own forward makes them
+    (Gemma scales its embeddings in the model's forward, not in the embedding module)."""
+    from .arch.meta import capture_layer_calls
 
-    Returns (hidden_states, kwargs) where kwargs (position embeddings, mask, position ids)
-    are what every decoder layer receives for a batch of this sequence length."""
-    layers = decoder_layers(model)
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
-    try:
-        with contextlib.suppress(_Stop):
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        layers[0] = catcher.inner
-    if catcher.captured is None:
-        raise RuntimeError("layer-0 inputs were not captured")
-    hidden, kwargs = catcher.captured
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache",
-                                                            "output_attentions", "cache_position")}
-    return hidden, kwargs
+    return capture_layer_calls(model, decoder_layers(model), input_ids, first_only=True)[0]
+
+
+def capture_layer0_inputs(model: nn.Module, input_ids: torch.Tensor):
+    """(hidden_states, kwargs) entering layer 0 (position embeddings, mask, position ids)."""
+    hidden, calls = capture_layer_inputs(model, input_ids)
+    return hidden, calls[0]
+
+
+def kwargs_to_device(calls: list[dict], device, dtype) -> list[dict]:
+    """to_device for every layer's kwargs, each shared tensor moved once."""
+    memo: dict[int, object] = {}
+
+    def move(obj):
+        if torch.is_tensor(obj):
+            if id(obj) not in memo:
+                memo[id(obj)] = to_device(obj, device, dtype)
+            return memo[id(obj)]
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(move(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: move(v) for k, v in obj.items()}
+        return obj
+
+    return [move(c) for c in calls]
 
 
 def layer_output(out):

@@ -11,6 +11,7 @@ tensors: names, shapes and `load()` are those of the float model it stands for, 
 or less per weight in host memory) for the device to dequantize just before use."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .arch import ArchSpec, get_arch
+from .arch import ModelArch, model_arch
 from .errors import InputError
 from .inputs import check_config
 
@@ -46,7 +47,6 @@ class CheckpointSource:
         model_type = self.raw_config.get("model_type")
         if not model_type:
             raise InputError(f"{cfg_file} has no model_type")
-        self.arch: ArchSpec = get_arch(model_type)
         check_config(self.raw_config, cfg_file)  # numbers every stage reads: one line if bad
         self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[list[int], str]] = {}
@@ -88,10 +88,33 @@ class CheckpointSource:
             raise InputError(f"no safetensors weights in {self.path}")
         return {name: s.name for s in shards for name in read_header(s)}
 
+    # ---- structure ---------------------------------------------------------------------
+    @functools.cached_property
+    def arch(self) -> ModelArch:
+        """The model's structure, discovered from transformers' own modules; InputError (one
+        line saying what is missing) for a model that cannot be quantized."""
+        return model_arch(self.raw_config, self.weight_map)
+
+    @functools.cached_property
+    def _layer_names(self) -> tuple[dict[int, list[str]], list[str]]:
+        """Tensor names per decoder layer, and the rest, by the module each one loads into."""
+        prefix = self.arch.mem_layers + "."
+        by_layer: dict[int, list[str]] = {}
+        rest = []
+        for name in self.weight_map:
+            mem = self.arch.names.disk_to_memory.get(name, name)
+            head, _, _ = mem[len(prefix):].partition(".") if mem.startswith(prefix) else ("", "",
+                                                                                      "")
+            if head.isdigit():
+                by_layer.setdefault(int(head), []).append(name)
+            else:
+                rest.append(name)
+        return by_layer, rest
+
     # ---- queries -----------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
-        return int(self.raw_config["num_hidden_layers"])
+        return self.arch.num_layers
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -121,12 +144,10 @@ class CheckpointSource:
         return sum(self._logical[n].stored_bytes for n in names)
 
     def layer_names(self, index: int) -> list[str]:
-        prefix = self.arch.layer_prefix(index) + "."
-        return [n for n in self.weight_map if n.startswith(prefix)]
+        return list(self._layer_names[0].get(index, []))
 
     def non_layer_names(self) -> list[str]:
-        prefix = self.arch.layers_prefix + "."
-        return [n for n in self.weight_map if not n.startswith(prefix)]
+        return list(self._layer_names[1])
 
     def nbytes(self, names=None) -> int:
         names = self.weight_map if names is None else names

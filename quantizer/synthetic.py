@@ -59,6 +59,11 @@ PRESETS = {
 }
 
 
+# config.json key real checkpoints of these families use for the number of routed experts
+_NUM_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts",
+                    "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+
+
 def make_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
@@ -86,10 +91,14 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
     # MoE: per-expert linears named as on disk, instead of transformers' fused parameters
-    from .arch import get_arch
-    from .moe import unfuse_model
-    from .skeleton import decoder_layers
-    unfuse_model(decoder_layers(model), get_arch(config.model_type), config)
+    from .arch.meta import decoder_layers
+    from .arch.model import apply_renames, layer_renames, prepare_layer
+    from .arch.names import NameMap
+    names = NameMap(model)
+    path, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        prepare_layer(layer, names)
+        apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
     gen = torch.Generator().manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -104,12 +113,12 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
                 t[outliers] = 20.0
         else:  # weights and biases
             t = torch.randn(p.shape, generator=gen) * std
-        writer.add({name: t.to(dtype)})
+        writer.add({names.to_disk(name): t.to(dtype)})
     writer.finish()
     cfg = config.to_dict()
-    moe = get_arch(config.model_type).moe
-    if moe is not None:  # the key real checkpoints use (to_dict may write only an alias)
-        cfg[moe.num_experts_key] = getattr(config, moe.num_experts_key)
+    key = _NUM_EXPERTS_KEY.get(config.model_type)
+    if key is not None:  # the key real checkpoints use (to_dict may write only an alias)
+        cfg[key] = getattr(config, key)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -31,7 +31,7 @@ def tokenizer_or_bytes(source: CheckpointSource):
     if has_tokenizer(source.path):
         from quantizer.calibration.sampling import tokenizer_for
         return tokenizer_for(source.path), None
-    vocab = int(source.raw_config["vocab_size"])
+    vocab = int(source.arch.text.vocab_size)  # a VLM keeps it in text_config
     return ByteTokenizer(vocab), f"no tokenizer in {source.path}: using UTF-8 bytes mod {vocab}"
 
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import InputError
-from .shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
+from .shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch, width_keys
 
 MARLIN_MIN_THREAD_K = 128
 MARLIN_MIN_THREAD_N = 64
@@ -53,17 +53,9 @@ def padded_intermediate(intermediate: int, tp_size: int, group_size: int) -> int
 
 
 def intermediate_keys(config: dict) -> dict[str, int]:
-    """The config.json keys that hold MLP widths TP splits (and --pad-for-tp may change)."""
-    if config.get("num_local_experts"):  # Mixtral: intermediate_size is the expert width
-        keys = ["intermediate_size"]
-    elif config.get("num_experts") and config.get("moe_intermediate_size"):
-        keys = ["moe_intermediate_size", "shared_expert_intermediate_size"]
-        shapes = ModelShapes.from_config(config)
-        if shapes.layers > shapes.moe_layers:
-            keys.append("intermediate_size")  # dense layers among the MoE ones
-    else:
-        keys = ["intermediate_size"]
-    return {k: config[k] for k in keys if config.get(k)}
+    """The config keys that hold MLP widths TP splits (and --pad-for-tp may change), as the
+    model's discovered layers name them (quantizer/shapes.py width_keys)."""
+    return width_keys(ModelShapes.from_config(config))
 
 
 def padded_config(config: dict, tp_size: int, group_size: int
@@ -73,14 +65,9 @@ def padded_config(config: dict, tp_size: int, group_size: int
     for key, old in intermediate_keys(config).items():
         width = padded_intermediate(old, tp_size, group_size)
         if width != old:
-            new[key] = width
+            new = _with_width(new, key, width)
             changes[key] = (old, width)
     return new, changes
-
-
-def _is_mlp(lin: Linear, arch) -> bool:
-    return (lin.name in arch.mlp_gate_up or lin.name == arch.mlp_down
-            or lin.name.startswith(("experts.", "shared_expert.")))
 
 
 def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Problem]:
@@ -110,43 +97,45 @@ def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Pro
                 seen.add(lin.name)
                 msg = _check_linear(lin, shapes, n, g, expert=group.copies > 1)
                 if msg:
-                    fix = _padding_fix(lin, config, arch, n, g, expert=group.copies > 1)
+                    fix = _padding_fix(lin, config, shapes, n, g, expert=group.copies > 1)
                     msg += (f"; fix: --pad-for-tp {n} pads {fix}" if fix else
                             "; padding cannot fix this: choose another TP size or group size")
                     problems.append(Problem(lin.name, msg, bool(fix), fix))
     return problems
 
 
-def _padding_fix(lin: Linear, config: dict, arch, n: int, g: int, expert: bool) -> str:
+def _with_width(config: dict, key: str, width: int) -> dict:
+    """A copy of `config` with the text model's `key` set to `width` (a VLM keeps its text
+    widths in text_config)."""
+    new = dict(config)
+    if key in new or not isinstance(new.get("text_config"), dict):
+        new[key] = width
+    else:
+        new["text_config"] = {**new["text_config"], key: width}
+    return new
+
+
+def _padding_fix(lin: Linear, config: dict, shapes: ModelShapes, n: int, g: int,
+                 expert: bool) -> str:
     """'KEY OLD → NEW' when --pad-for-tp n fixes this MLP linear's problem, else '': padding
-    changes only the MLP width, so a problem on the hidden side (gate/up's input, down's
-    output) or a width already aligned stays (it used to offer "pads 128 → 128")."""
-    if not _is_mlp(lin, arch):
+    changes only the MLP width (the key the discovered layer names), so a problem on the
+    hidden side (gate/up's input, down's output) or a width already aligned stays."""
+    key = lin.width_key
+    if key is None:
         return ""
-    key = _width_key(lin, config, expert)
-    width = config.get(key)
-    if not isinstance(width, int) or width <= 0:
-        return ""
+    width = int(getattr(shapes.arch.text, key))
     new = padded_intermediate(width, n, g)
-    if new == width:
+    if width <= 0 or new == width:
         return ""
-    shapes = ModelShapes.from_config({**config, key: new})
+    padded_shapes = ModelShapes.from_config(_with_width(config, key, new))
     scale = new / width
     padded = Linear(lin.name, int(round(lin.in_features * scale)) if lin.parallel == "row"
                     else lin.in_features,
                     int(round(lin.out_features * scale)) if lin.parallel != "row"
-                    else lin.out_features, lin.parallel)
-    if _check_linear(padded, shapes, n, g, expert):
+                    else lin.out_features, lin.parallel, lin.width_key)
+    if _check_linear(padded, padded_shapes, n, g, expert):
         return ""
     return f"{key} {width} → {new}"
-
-
-def _width_key(lin: Linear, config: dict, expert: bool) -> str:
-    if lin.name.startswith("shared_expert."):
-        return "shared_expert_intermediate_size"
-    if expert and not config.get("num_local_experts"):
-        return "moe_intermediate_size"
-    return "intermediate_size"
 
 
 @dataclass(frozen=True)

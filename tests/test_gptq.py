@@ -180,7 +180,7 @@ def tiny_llama_context(bits=3, group_size=32, seed=0, n_chunks=3, seq=32, log=No
     pos = torch.arange(seq).unsqueeze(0)
     cos_sin = LlamaRotaryEmbedding(cfg)(inputs[0], pos)
     settings = QuantSettings(bits=bits, group_size=group_size, method="gptq")
-    return LayerContext(0, layer, get_arch("llama"), cfg, settings, inputs,
+    return LayerContext(0, layer, get_arch("llama").for_layer(cfg, 0), cfg, settings, inputs,
                         {"position_embeddings": cos_sin, "position_ids": pos,
                          "attention_mask": None},
                         torch.device("cpu"), torch.float32,

@@ -110,7 +110,7 @@ def test_calibrated_reload_matches_dequantized_reference(preset, method, fmt, ti
                       calib_data=str(prose_file), calib_samples=4, calib_seqlen=32,
                       progress=False, min_expert_tokens=1)
     prefixes = dequantized_checkpoint(out, fmt, tmp_path / "deq")
-    arch = get_arch(json.loads((src / "config.json").read_text())["model_type"])
+    arch = get_arch(json.loads((src / "config.json").read_text()))
     moe = arch.moe
     # every routed expert's three linears are quantized under their on-disk names
     for e in range(4):
@@ -167,7 +167,7 @@ def test_layer_specs_name_dense_and_moe_layers():
     from quantizer.synthetic import PRESETS as P, make_config
     params = dict(P["tiny-deepseek"])
     cfg = make_config(params.pop("model_type"), **params)
-    arch = get_arch("deepseek_v3")
+    arch = get_arch(cfg.to_dict())
     dense, sparse = arch.for_layer(cfg, 0), arch.for_layer(cfg, 1)
     assert "mlp.gate_proj" in dense.linears and "self_attn.kv_b_proj" in dense.linears
     assert "mlp.experts.3.down_proj" in sparse.linears and "mlp.gate_proj" not in sparse.linears
@@ -187,7 +187,7 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
     import quantizer.arch.moe as arch_moe
 
     src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
-    spec = get_arch("qwen3_moe").for_layer(json.loads((src / "config.json").read_text()), 1)
+    spec = get_arch(json.loads((src / "config.json").read_text())).for_layer(None, 1)
     batches = spec.capture_batches(lambda n: 128 if "down" not in n else 64)
     assert [len(b) for b in batches] == [1, 1, 4, 4]  # qkv, o, 4 x gate/up, 4 x down
     assert len(spec.capture_batches(lambda n: 128, max_bytes=4 * 128 ** 2 * 2)) == 2 + 2 + 2
@@ -210,7 +210,7 @@ def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pat
     from quantizer.arch.base import ArchSpec
 
     src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
-    spec = get_arch("qwen3_moe").for_layer(json.loads((src / "config.json").read_text()), 1)
+    spec = get_arch(json.loads((src / "config.json").read_text())).for_layer(None, 1)
     sizes = [len(b) for b in spec.scale_batches(torch.tensor([10, 10, 10, 10]), 30)]
     assert sizes == [1, 1, 1, 3, 1]  # qkv, v -> o, experts' gate/up, then 3 + 1 up -> down
     assert [len(b) for b in spec.scale_batches(None, 30)] == [1] * 7

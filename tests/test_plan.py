@@ -59,9 +59,9 @@ def test_shapes_from_published_configs():
     m = ModelShapes.from_config(MIXTRAL_8X7B)  # intermediate_size is the expert width
     assert (m.num_experts, m.moe_intermediate, m.experts_per_tok, m.intermediate,
             m.moe_layers) == (8, 14336, 2, 0, 32)
-    q = ModelShapes.from_config(QWEN2_57B_A14B)
+    q = ModelShapes.from_config(QWEN2_57B_A14B)  # every layer sparse: no dense MLP width
     assert (q.num_experts, q.moe_intermediate, q.shared_expert_intermediate,
-            q.intermediate) == (64, 2560, 20480, 18944)
+            q.intermediate) == (64, 2560, 20480, 0)
     with pytest.raises(InputError, match="hidden_size"):
         ModelShapes.from_config({"model_type": "llama", "num_attention_heads": 8})
 

@@ -1,34 +1,27 @@
-"""Model-family registry: one small declarative file per family."""
+"""Model structure: discovered from transformers' own modules (discover.py), with small
+per-family overrides where discovery cannot decide (family.py).
+
+`model_arch(config_dict, disk_names)` gives a model's ModelArch; `get_arch(model_type)` the one
+of transformers' default config for that type (tests and tools that only need names)."""
 from __future__ import annotations
 
-from ..errors import InputError
-from . import deepseek, llama, mistral, mixtral, qwen2, qwen3, qwen_moe
 from .base import ArchSpec, MoESpec, ScaleGroup
-
-_SPECS: dict[str, ArchSpec] = {}
-
-
-def register(spec: ArchSpec) -> ArchSpec:
-    for t in spec.model_types:
-        _SPECS[t] = spec
-    return spec
+from .family import FAMILIES, Family, family_for
+from .model import LayerKind, ModelArch, model_arch
 
 
-for _spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, mixtral.SPEC,
-              qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, deepseek.SPEC):
-    register(_spec)
+def get_arch(config) -> ModelArch:
+    """ModelArch of a config.json dict, or of transformers' default config of a model type."""
+    if isinstance(config, str):
+        from .meta import config_from_dict
+        config = config_from_dict({"model_type": config}).to_dict()
+    return model_arch(config)
 
 
 def supported() -> list[str]:
-    return sorted(_SPECS)
+    """Families tested end to end (the family zoo's list is the full story)."""
+    return sorted(k for k, f in FAMILIES.items() if not f.refused)
 
 
-def get_arch(model_type: str) -> ArchSpec:
-    try:
-        return _SPECS[model_type]
-    except KeyError:
-        raise InputError(f"unsupported architecture {model_type!r}; supported: "
-                         f"{', '.join(supported())}") from None
-
-
-__all__ = ["ArchSpec", "MoESpec", "ScaleGroup", "get_arch", "register", "supported"]
+__all__ = ["ArchSpec", "FAMILIES", "Family", "LayerKind", "ModelArch", "MoESpec", "ScaleGroup",
+           "family_for", "get_arch", "model_arch", "supported"]

@@ -1,6 +1,6 @@
-"""Declarative description of a decoder-layer family: what to quantize, in which order, and
-which modules share an input. Architecture files only *name* modules; the forward always runs
-transformers' own decoder layer."""
+"""What methods see of one decoder layer: which linears to quantize, in which order, which
+share an input, and AWQ's scaling groups. Specs are discovered from transformers' own layer
+(quantizer/arch/discover.py); names are on-disk tensor names relative to the decoder layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,10 +27,41 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Where a layer keeps its experts. Names are on-disk (and vLLM) tensor names relative to
+    the decoder layer: expert e's linears are f"{disk_block}.{experts}.{e}.{linear}"."""
+
+    block: str  # the sparse block's attribute in transformers' decoder layer ("mlp")
+    disk_block: str  # its name on disk ("block_sparse_moe" for Mixtral, else == block)
+    expert_linears: tuple[str, str, str]  # (gate, up, down) linear names on disk
+    num_experts: int
+    width: int  # one expert's intermediate width
+    experts: str = "experts"
+    # The router is not quantized (vLLM builds it with quant_config=None, so exports need not
+    # list it: AWQ's modules_to_not_convert matches by substring, and "mlp.gate" would also
+    # catch dense layers' mlp.gate_proj); it takes the post-attention norm's AWQ fold.
+    router: str | None = "gate"
+    shared: str | None = None  # shared-expert MLP, quantized
+    shared_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    shared_gate: str | None = None  # Linear(hidden, 1) scaling the shared expert: kept fp
+
+    def expert(self, e: int, which: int) -> str:
+        return f"{self.disk_block}.{self.experts}.{e}.{self.expert_linears[which]}"
+
+    def expert_index(self, name: str, which: int) -> int | None:
+        """e if `name` is routed expert e's linear number `which` (0 gate, 1 up, 2 down)."""
+        head = f"{self.disk_block}.{self.experts}."
+        e, _, leaf = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+        return int(e) if e.isdigit() and leaf == self.expert_linears[which] else None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
+    """One decoder layer kind as methods see it (quantizer.arch.model.ModelArch.for_layer)."""
+
     name: str
     model_types: tuple[str, ...]  # config.json "model_type" values this spec serves
-    layers_prefix: str  # tensor-name prefix of decoder layers, e.g. "model.layers"
+    layers_prefix: str  # on-disk tensor-name prefix of decoder layers, e.g. "model.layers"
     # Linear modules in execution order, grouped by shared input: every tuple is one input
     # group (one Hessian / one activation statistic); groups run in this order (true-sequential).
     input_groups: tuple[tuple[str, ...], ...]
@@ -42,9 +73,14 @@ class ArchSpec:
     notes: str = field(default="", compare=False)
     # Linears AWQ's clip search leaves alone (None: the q/k suffix rule in methods/awq.py).
     clip_skip: tuple[str, ...] | None = None
-    # Mixture-of-experts layers (quantizer/arch/moe.py); input_groups / scale_groups above then
-    # describe the dense layers, and for_layer() gives a MoE layer's own.
-    moe: "MoESpec | None" = None
+    # The layer's mixture-of-experts block, when it has one (its experts are in the groups).
+    moe: MoESpec | None = None
+    # Probe results shared by every layer of a model (quantizer/arch/folds.py): whether a
+    # scale group's fold leaves the float layer's output unchanged, per group signature.
+    fold_checks: dict = field(default_factory=dict, compare=False, repr=False)
+    # Per producer: how scales fold into it ("scale": w / s; "offset": Gemma's x·(1+w), so
+    # (1+w)/s - 1; None: it cannot take a fold), from the norm probe at discovery.
+    fold_kinds: tuple[tuple[str, str | None], ...] = field(default=(), compare=False)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -54,30 +90,16 @@ class ArchSpec:
         if when is None:
             return True
         if when == "v_o_same_width":
-            # v -> o scaling needs v's output channels to be o's input channels one to one,
-            # which breaks under grouped-query attention (v is narrower than o's input).
             heads = config.num_attention_heads
             kv = getattr(config, "num_key_value_heads", None) or heads
             return kv == heads
         raise ValueError(f"unknown scale-group condition {when!r}")
 
+    def fold_kind(self, prev: str) -> str | None:
+        return dict(self.fold_kinds).get(prev, "scale")
+
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
-
-    def is_moe_layer(self, config, index: int) -> bool:
-        if self.moe is not None and isinstance(config, dict):
-            config = _config_object(config)
-        return self.moe is not None and self.moe.is_moe_layer(config, index)
-
-    def for_layer(self, config, index: int, rtn_experts: tuple[int, ...] = ()) -> "ArchSpec":
-        """The spec of decoder layer `index` as methods see it: a dense layer's is this one;
-        a MoE layer's names every expert linear (minus `rtn_experts`, left to the fallback)."""
-        if isinstance(config, dict):
-            config = _config_object(config)
-        if not self.is_moe_layer(config, index):
-            return self
-        from .moe import moe_layer_spec
-        return moe_layer_spec(self, config, rtn_experts)
 
     def capture_batches(self, in_features: Callable[[str], int],
                         max_bytes: int | None = None) -> list[list[tuple[str, ...]]]:
@@ -133,70 +155,3 @@ class ArchSpec:
             return "down"
         return "gate_up" if any(self.moe.expert_index(name, k) is not None
                                 for k in (0, 1)) else None
-
-    def representative_layers(self, config) -> tuple[int, ...]:
-        """One layer index of each kind (dense, MoE) the model has, for shape checks."""
-        cfg = _config_object(config) if isinstance(config, dict) else config
-        kinds: dict[bool, int] = {}
-        for i in range(int(cfg.num_hidden_layers)):
-            kinds.setdefault(self.is_moe_layer(cfg, i), i)
-        return tuple(sorted(kinds.values()))
-
-
-def _config_object(d: dict):
-    """config.json as transformers reads it (attribute aliases such as Qwen-MoE's
-    num_experts <-> num_local_experts resolved the way the model's own code sees them)."""
-    import warnings
-
-    from transformers import AutoConfig
-
-    params = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoConfig.for_model(d["model_type"], **params)
-
-
-@dataclass(frozen=True)
-class MoESpec:
-    """Where a family keeps its experts. Names are on-disk (and vLLM) tensor names relative to
-    the decoder layer: expert e's linears are f"{disk_block}.{experts}.{e}.{linear}"."""
-
-    block: str  # the sparse block's attribute in transformers' decoder layer ("mlp")
-    disk_block: str  # its name on disk ("block_sparse_moe" for Mixtral, else == block)
-    expert_linears: tuple[str, str, str]  # (gate, up, down) linear names on disk
-    num_experts_key: str  # config key: routed experts per layer
-    width_key: str  # config key: one expert's intermediate width
-    is_moe_layer: Callable  # (config, layer index) -> bool
-    experts: str = "experts"
-    # The router is not quantized (vLLM builds it with quant_config=None, so exports need not
-    # list it: AWQ's modules_to_not_convert matches by substring, and "mlp.gate" would also
-    # catch dense layers' mlp.gate_proj); it takes the post-attention norm's AWQ fold.
-    router: str = "gate"
-    shared: str | None = None  # shared-expert MLP (gate_proj/up_proj/down_proj), quantized
-    shared_gate: str | None = None  # Linear(hidden, 1) scaling the shared expert: kept fp
-
-    def expert(self, e: int, which: int) -> str:
-        return f"{self.disk_block}.{self.experts}.{e}.{self.expert_linears[which]}"
-
-    def expert_index(self, name: str, which: int) -> int | None:
-        """e if `name` is routed expert e's linear number `which` (0 gate, 1 up, 2 down)."""
-        head = f"{self.disk_block}.{self.experts}."
-        e, _, leaf = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
-        return int(e) if e.isdigit() and leaf == self.expert_linears[which] else None
-
-
-# The Llama-style dense decoder layer: shared by Llama, Mistral, Qwen2 and Qwen3.
-LLAMA_INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-LLAMA_SCALE_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-               judge="self_attn"),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), judge="self_attn.o_proj",
-               when="v_o_same_width"),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), judge="mlp"),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), judge="mlp.down_proj"),
-)

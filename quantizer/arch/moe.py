@@ -1,7 +1,7 @@
-"""A MoE decoder layer's quantization plan, derived from its family's MoESpec: which linears
+"""A MoE decoder layer's quantization plan, from the MoESpec discovery found: which linears
 exist (every routed expert's gate/up/down, the shared expert's), in which input groups they
 run, and the AWQ scaling groups. Names are on-disk tensor names, one source of truth with the
-unfused expert modules in quantizer/moe.py (which are built from the same MoESpec)."""
+unfused expert modules in quantizer/moe.py (which are built from the same rules)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,46 +17,45 @@ EXPERT_BATCH_HESSIAN_BYTES = 2 << 30
 _NO_CLIP_LEAVES = ("q_proj", "k_proj")
 
 
-def num_experts(moe: MoESpec, config) -> int:
-    return int(getattr(config, moe.num_experts_key))
+def num_experts(moe: MoESpec, config=None) -> int:
+    return int(moe.num_experts)
 
 
-def expert_linear_names(moe: MoESpec, config) -> list[str]:
-    return [moe.expert(e, k) for e in range(num_experts(moe, config)) for k in range(3)]
+def expert_linear_names(moe: MoESpec, config=None) -> list[str]:
+    return [moe.expert(e, k) for e in range(moe.num_experts) for k in range(3)]
 
 
-def shared_names(moe: MoESpec) -> tuple[str, str, str] | None:
+def shared_names(moe: MoESpec) -> tuple[str, ...] | None:
     if not moe.shared:
         return None
-    return tuple(f"{moe.disk_block}.{moe.shared}.{n}" for n in ("gate_proj", "up_proj",
-                                                               "down_proj"))
+    return tuple(f"{moe.disk_block}.{moe.shared}.{n}" for n in moe.shared_linears)
 
 
-def moe_layer_spec(spec: ArchSpec, config, rtn_experts: tuple[int, ...] = ()) -> ArchSpec:
-    """`spec` with its dense MLP groups replaced by the MoE block's. Experts in `rtn_experts`
-    (too few calibration tokens) are left out of the groups -- the caller rounds them -- but
-    still take the post-attention norm's AWQ fold, so their inputs stay what they were."""
+def moe_layer_spec(spec: ArchSpec, norm: str | None, rtn_experts: tuple[int, ...] = ()
+                   ) -> ArchSpec:
+    """`spec` (the layer's groups outside its sparse block) with the MoE block's groups added.
+    `norm` produces the block's input (it takes the experts' AWQ fold). Experts in
+    `rtn_experts` (too few calibration tokens) are left out of the groups -- the caller rounds
+    them -- but still take the norm's AWQ fold, so their inputs stay what they were."""
     moe = spec.moe
-    dense_mlp = set(spec.mlp_gate_up) | {spec.mlp_down}
-    attn_groups = tuple(g for g in spec.input_groups if not set(g) & dense_mlp)
-    attn_scales = tuple(g for g in spec.scale_groups if not set(g.linears) & dense_mlp)
-    norm = next(g.prev for g in spec.scale_groups if set(g.linears) == set(spec.mlp_gate_up))
+    attn_groups = spec.input_groups
+    attn_scales = spec.scale_groups
     skip = set(rtn_experts)
-    routed = [e for e in range(num_experts(moe, config)) if e not in skip]
+    routed = [e for e in range(moe.num_experts) if e not in skip]
 
     groups: list[tuple[str, ...]] = []
     shared = shared_names(moe)
     if shared:
-        groups += [shared[:2], shared[2:]]
+        groups += [shared[:-1], shared[-1:]]
     # Every expert's gate/up, then every down: expert e's down reads only expert e's gate/up
     # outputs, so this order is still true-sequential, and same-kind groups sit next to each
     # other for ArchSpec.capture_batches to share forwards.
     groups += [(moe.expert(e, 0), moe.expert(e, 1)) for e in routed]
     groups += [(moe.expert(e, 2),) for e in routed]
 
-    in_norm_group = list(shared[:2] if shared else ()) + [
+    in_norm_group = list(shared[:-1] if shared else ()) + [
         moe.expert(e, k) for e in routed for k in (0, 1)]
-    folded_only = [f"{moe.disk_block}.{moe.router}"]
+    folded_only = [f"{moe.disk_block}.{moe.router}"] if moe.router else []
     if moe.shared_gate:
         folded_only.append(f"{moe.disk_block}.{moe.shared_gate}")
     folded_only += [moe.expert(e, k) for e in sorted(skip) for k in (0, 1)]
@@ -64,9 +63,9 @@ def moe_layer_spec(spec: ArchSpec, config, rtn_experts: tuple[int, ...] = ()) ->
     # keeps its weight and nothing needs the fold.
     scales = [ScaleGroup(norm, tuple(in_norm_group), judge=moe.disk_block,
                          also_scale=tuple(folded_only), stat=moe.disk_block)
-              ] if in_norm_group else []
+              ] if in_norm_group and norm else []
     if shared:
-        scales.append(ScaleGroup(shared[1], (shared[2],), judge=shared[2]))
+        scales.append(ScaleGroup(shared[-2], (shared[-1],), judge=shared[-1]))
     scales += [ScaleGroup(moe.expert(e, 1), (moe.expert(e, 2),), judge=moe.expert(e, 2))
                for e in routed]
 

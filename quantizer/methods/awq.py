@@ -31,6 +31,8 @@ from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, lay
 from quantizer.kernels.packing import QuantizedWeight
 from quantizer.plan_memory import AWQ_QUANTIZE_SLICE_ELEMENTS
 
+from quantizer.arch.folds import fold_problem
+
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
                          weight_group_mean, write_candidate)
@@ -193,6 +195,12 @@ class AWQ:
             self._skip(ctx, group, label, f"condition {group.when!r} does not hold")
             return
         problem = fold_shape_problem(ctx.layer, group.prev, group.linears + group.also_scale)
+        kind = ctx.arch.fold_kind(group.prev)
+        if problem is None and kind is None:
+            problem = (f"{group.prev} ({type(ctx.module(group.prev)).__name__}) cannot take a "
+                       f"fold: its output is not weight·x per channel")
+        if problem is None:
+            problem = fold_problem(ctx, group)
         if problem:
             self._skip(ctx, group, label, problem)
             return
@@ -234,7 +242,7 @@ class AWQ:
                     f"keeping s = 1 (plain RTN) for this group")
         if result["alpha"] is not None:
             fold_scales(ctx.layer, group.prev, group.linears + group.also_scale,
-                        result["scales"])
+                        result["scales"], kind)
         ctx.stats["time_s"]["search"] += self._now(ctx) - t1
 
     def _skip(self, ctx, group, label: str, reason: str) -> None:
@@ -319,7 +327,8 @@ class AWQ:
         numel = fold_values(layout, sizes)
 
         def loss_of(scales: torch.Tensor | None) -> float:
-            if scales is not None and fold_overflows(ctx.layer, prev_name, scales):
+            if scales is not None and fold_overflows(ctx.layer, prev_name, scales,
+                                                     ctx.arch.fold_kind(prev_name)):
                 return math.inf
             for lin, w0 in zip(linears, originals):
                 write_candidate(lin.weight.data, w0, scales, st, ctx.dtype)

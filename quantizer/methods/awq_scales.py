@@ -84,36 +84,34 @@ def grid_search(losses_of: Callable[[torch.Tensor], float], x_mean: torch.Tensor
 
 @torch.no_grad()
 def fold_scales(layer: nn.Module, prev_name: str, linear_names: Sequence[str],
-                scales: torch.Tensor) -> None:
+                scales: torch.Tensor, kind: str | None = "scale") -> None:
     """Exact in real arithmetic: prev's output channels / s, linears' input columns · s.
-    `prev` is a norm (1-D weight, optional bias) or a linear (rows of weight and bias)."""
+    `prev` is a norm (1-D weight, optional bias; `kind` "offset" for Gemma's x·(1+w)) or a
+    linear (rows of weight and bias)."""
+    from quantizer.arch.folds import fold_into
+
     prev = layer.get_submodule(prev_name)
     s = scales.float()
-    prev.weight.data = _div_rows(prev.weight.data, s)
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    fold_into(prev, kind, s)
     for name in linear_names:
         lin = layer.get_submodule(name)
         lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
-
-
-def _div_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (w.float() / (s if w.dim() == 1 else s.unsqueeze(1))).to(w.dtype)
 
 
 # Folded values must stay storable in float16: exports keep norms and biases in fp16.
 _FOLD_LIMIT = torch.finfo(torch.float16).max
 
 
-def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor) -> bool:
+def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor,
+                   kind: str | None = "scale") -> bool:
     """True when prev / s would not fit float16 or prev's dtype (a tiny s on a norm): the
     candidate search never runs prev, so this is checked separately."""
+    from quantizer.arch.folds import folded_weight
+
     prev = layer.get_submodule(prev_name)
-    s = scales.float().to(prev.weight.device)
-    tensors = [prev.weight.data] + ([prev.bias.data] if getattr(prev, "bias", None)
-                                    is not None else [])
-    for t in tensors:
-        folded = _div_rows(t, s)
+    for t, like in zip(folded_weight(prev, kind, scales),
+                       [prev.weight] + [getattr(prev, "bias", None)]):
+        folded = t.to(like.dtype)
         if not bool(torch.isfinite(folded).all()) or float(folded.abs().max()) > _FOLD_LIMIT:
             return True
     return False
