@@ -302,12 +302,12 @@ def _sparse(layer, experts: dict, linears, readers, first_in) -> SparseFound:
         rel = r[len(prefix):]
         if r in linears and linears[r].out_features == 1:
             shared_gate = rel
-        elif r in linears and "." in rel:
+        elif r not in linears or linears[r].out_features == len(mod):
+            router = router or rel  # a router module, or a router's own linear
+        elif "." in rel:
             owner = _parent(rel)
             if shared is None:
                 shared = owner
-        elif r not in linears or linears[r].out_features == len(mod):
-            router = router or rel
     if shared is not None:
         shared_mod = block_mod.get_submodule(shared)
         names = [n for n, m in shared_mod.named_modules() if isinstance(m, nn.Linear)]

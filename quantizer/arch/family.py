@@ -21,12 +21,45 @@ class Family:
     kept_in_layers: tuple[str, ...] = ()
     # spec -> spec: the override itself (None: discovery's spec as it is).
     override: Callable | None = None
+    # config -> reason or None: refusals that depend on the config (a feature some sizes of
+    # the family use and others do not)
+    refuse_if: Callable | None = None
     # The config key of the dense MLP width when no "*intermediate_size" key holds it.
     width_key: str = "intermediate_size"
 
     def adjust(self, spec, found, config):
         return self.override(spec, found, config) if self.override else spec
 
+    def refusal(self, config) -> str | None:
+        if self.refused:
+            return self.refused
+        return self.refuse_if(config) if self.refuse_if else None
+
+
+def _per_layer_inputs(config) -> str | None:
+    # Gemma 3n / Gemma 4's small variants feed every decoder layer a second, token-dependent
+    # input (per-layer token embeddings) and let later layers reuse earlier layers' KV cache:
+    # a layer is then no function of its hidden states alone, which layer-by-layer
+    # quantization streams. Sizes without either are quantized like any other family.
+    from .meta import text_config
+    text = text_config(config)
+    if getattr(text, "hidden_size_per_layer_input", 0):
+        return ("its decoder layers read per-layer token embeddings besides the hidden states "
+                "(hidden_size_per_layer_input > 0); layerquant streams one hidden-state tensor "
+                "from layer to layer")
+    if getattr(text, "num_kv_shared_layers", 0):
+        return ("later decoder layers reuse earlier layers' key/value cache "
+                "(num_kv_shared_layers > 0), so a layer cannot run alone")
+    return None
+
+
+_DSA_INDEXER = ("self_attn.indexer.wq_b", "self_attn.indexer.wk",
+                "self_attn.indexer.weights_proj")
+
+_FUSED_ON_DISK = (
+    "its checkpoints store every layer's experts fused as 3-D tensors ({}); vLLM loads "
+    "quantized experts per expert, under names the original checkpoint does not have, and "
+    "{}")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama 1/2/3: RMSNorm, RoPE, SwiGLU, optional GQA, no biases."),
@@ -45,7 +78,33 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # that). conv1d, A_log and dt_bias are parameters, not linears: kept as they are.
     Family("qwen3_next", "Qwen3-Next: Gated DeltaNet and gated full attention layers, MoE with "
                          "a shared expert.", kept_in_layers=("linear_attn.in_proj_ba",)),
+    # Qwen3.5's Gated DeltaNet splits Qwen3-Next's in_proj_ba into in_proj_b and in_proj_a:
+    # one number per value head each (beta, decay step), kept for the same reasons.
+    *(Family(t, "Qwen3.5: Gated DeltaNet and gated full attention layers.",
+             kept_in_layers=("linear_attn.in_proj_a", "linear_attn.in_proj_b"))
+      for t in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")),
+    # DeepSeek sparse attention's indexer (a small network scoring every key, whose top-k the
+    # attention then reads) stays in high precision: an error there changes which keys are
+    # seen at all, and transformers reads weights_proj's weight directly (its dtype).
+    *(Family(t, kept_in_layers=_DSA_INDEXER) for t in ("deepseek_v32", "glm_moe_dsa")),
+    *(Family(t, refuse_if=_per_layer_inputs) for t in (
+        "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
+        "gemma4_unified_text")),
+    Family("gpt_oss", refused=_FUSED_ON_DISK.format(
+        "gate_up_proj with gate and up interleaved, and their biases",
+        "its experts compute a clamped, biased GLU (x * sigmoid(1.702 x) * (up + 1)) that no "
+        "per-expert SwiGLU reproduces; its attention sinks and router would be kept")),
+    *(Family(t, refused=_FUSED_ON_DISK.format(
+        "feed_forward.experts.gate_up_proj (E, H, 2I)",
+        "the interleaved dense / MoE layers and the shared expert would be quantized as "
+        "discovered")) for t in ("llama4", "llama4_text")),
 )}
+
+
+# Families transformers does not know under their own model_type but builds from another's
+# config: Kimi-K2 publishes DeepSeek-V3's architecture (DeepseekV3ForCausalLM, the same
+# tensor names) as model_type "kimi_k2" with remote code.
+ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 def family_for(model_type: str) -> Family:

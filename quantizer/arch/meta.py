@@ -26,9 +26,12 @@ def config_from_dict(raw: dict):
 
     params = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config",
                                                       "transformers_version")}
+    from .family import ALIASES
+
     model_type = raw.get("model_type")
     if not model_type:
         raise InputError("config.json has no model_type")
+    model_type = ALIASES.get(model_type, model_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -53,7 +56,10 @@ def model_class(cfg):
     from transformers.models.auto import modeling_auto as auto
 
     model_type = cfg.model_type
-    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING"):
+    order = ("MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING")
+    if getattr(cfg, "vision_config", None) is not None:  # a composite config: the VLM class
+        order = order[::-1]
+    for mapping in order:
         m = getattr(auto, mapping)
         try:
             return m[type(cfg)]
@@ -260,6 +266,11 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: torc
     finally:
         if zero_embeddings:
             model.set_input_embeddings(embed)
+    if error is not None and "values to unpack (expected 2" in str(error):
+        raise InputError(f"unsupported architecture {model.config.model_type!r}: its decoder "
+                         f"layers hand a second value to the next layer besides the hidden "
+                         f"states (a separate residual, or attention indices one layer computes "
+                         f"for the next); layerquant runs each layer on its hidden states alone")
     if error is not None or len(record) != n:
         raise InputError(f"unsupported architecture {model.config.model_type!r}: the model's "
                          f"forward did not reach its decoder layers ({type(error).__name__ if error else 'no call'}: "

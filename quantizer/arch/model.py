@@ -266,6 +266,9 @@ def _discover_model(raw: dict, disk_names) -> ModelArch:
     if family.refused:
         raise InputError(f"unsupported architecture {raw.get('model_type')!r}: {family.refused}")
     cfg = config_from_dict(raw)
+    reason = family.refusal(cfg)
+    if reason:
+        raise InputError(f"unsupported architecture {raw.get('model_type')!r}: {reason}")
     text = text_config(cfg)
     model = build_meta(cfg)
     mem_layers, layers = decoder_layers(model)
@@ -370,45 +373,86 @@ def prepare_layer(layer: nn.Module, names: NameMap) -> list[str]:
 
 def layer_renames(layer: nn.Module, mem_prefix: str, names: NameMap) -> dict[str, str]:
     """{module path in memory: module path on disk} for the modules of one layer whose names
-    differ (Mixtral's mlp <-> block_sparse_moe), from its parameters' on-disk names."""
-    out: dict[str, str] = {}
-    disk_prefix = None
-    for rel, _ in layer.named_parameters():
+    differ, from its tensors' on-disk names: renames in place (Mixtral's mlp <->
+    block_sparse_moe, PhiMoE's router <-> gate inside it) and moves of a whole module to
+    another existing one (ERNIE-MoE's mlp.gate.moe_statics <-> mlp.moe_statics)."""
+    index = mem_prefix.rsplit(".", 1)[-1]
+    pairs: dict[str, str] = {}
+    for rel in layer.state_dict(keep_vars=True):
         disk = names.to_disk(f"{mem_prefix}.{rel}")
-        index = mem_prefix.rsplit(".", 1)[-1]
-        head, sep, tail = disk.partition(f".{index}.")
+        _, sep, tail = disk.partition(f".{index}.")
         if not sep:
             raise Unsupported(f"cannot place {disk} (memory {mem_prefix}.{rel}) in a layer")
-        disk_prefix = disk_prefix or head
+        pairs[rel] = tail
+    moves: dict[str, str] = {}
+    deeper = {}
+    for rel, tail in pairs.items():  # renames that keep the depth: one per path prefix
         mem_parts, disk_parts = rel.split("."), tail.split(".")
         if len(mem_parts) != len(disk_parts) or mem_parts[-1] != disk_parts[-1]:
-            raise Unsupported(f"transformers renames the on-disk tensor {tail} to {rel} inside "
-                              f"a decoder layer (not a module rename)")
+            deeper[rel] = tail
+            continue
         for depth in range(1, len(mem_parts)):
             m, d = ".".join(mem_parts[:depth]), ".".join(disk_parts[:depth])
-            if out.setdefault(m, d) != d:
-                raise Unsupported(f"module {m} has parameters under two on-disk names")
-    return {m: d for m, d in out.items() if m != d}
+            if moves.setdefault(m, d) != d:
+                raise Unsupported(f"module {m} has tensors under two on-disk names")
+    for path, _ in sorted(layer.named_modules(), key=lambda kv: kv[0].count(".")):
+        under = {k[len(path) + 1:]: v for k, v in deeper.items() if k.startswith(path + ".")}
+        if not path or not under or len(under) != sum(
+                1 for k in pairs if k.startswith(path + ".")):
+            continue  # a move takes the whole module
+        heads = {v[:-len(k) - 1] if v.endswith("." + k) else None for k, v in under.items()}
+        if len(heads) == 1 and None not in heads:
+            moves[path] = heads.pop()
+            for k in list(deeper):
+                if k.startswith(path + "."):
+                    del deeper[k]
+    if deeper:
+        rel, tail = next(iter(deeper.items()))
+        raise Unsupported(f"transformers renames the on-disk tensor {tail} to {rel} inside "
+                          f"a decoder layer in a way no module move reproduces")
+
+    def implied(path: str) -> str:  # where a module lands when only its ancestors move
+        parent, _, leaf = path.rpartition(".")
+        if not parent:
+            return path
+        return f"{moves.get(parent) or implied(parent)}.{leaf}"
+
+    return {m: d for m, d in moves.items() if d != implied(m)}
 
 
 def apply_renames(layer: nn.Module, renames: dict[str, str]) -> None:
-    """Register renamed modules under their on-disk names (state_dict, named_modules and
-    get_submodule see those) while the layer's forward still finds them by attribute."""
+    """Register moved modules under their on-disk paths (state_dict, named_modules and
+    get_submodule see those) while the layer's forward still finds them by attribute. The
+    on-disk parent must exist (a rename, or a move to another existing module)."""
+    found = dict(layer.named_modules())
     for mem, disk in sorted(renames.items(), key=lambda kv: kv[0].count(".")):
-        mem_leaf, disk_leaf = mem.rpartition(".")[2], disk.rpartition(".")[2]
-        if mem_leaf == disk_leaf:
+        if mem not in found:
+            continue  # already moved (a second call on the same layer)
+        child = found[mem]
+        old_parent = found[mem.rpartition(".")[0]] if "." in mem else layer
+        mem_leaf = mem.rpartition(".")[2]
+        disk_parent, _, disk_leaf = disk.rpartition(".")
+        try:
+            new_parent = layer.get_submodule(disk_parent) if disk_parent else layer
+        except AttributeError:
+            raise Unsupported(f"transformers moves {disk} to {mem} inside a decoder layer, "
+                              f"under a module ({disk_parent}) the layer does not have") from None
+        if old_parent._modules.get(mem_leaf) is not child:
             continue
-        parent = layer.get_submodule(disk.rpartition(".")[0]) if "." in disk else layer
-        if mem_leaf not in parent._modules:
-            continue  # already renamed
-        child = parent._modules.pop(mem_leaf)
-        parent._modules[disk_leaf] = child
-        object.__setattr__(parent, mem_leaf, child)
+        old_parent._modules.pop(mem_leaf)
+        new_parent._modules[disk_leaf] = child
+        object.__setattr__(old_parent, mem_leaf, child)
 
 
 def _disk_layers_prefix(mem_layers: str, layers, names: NameMap) -> str:
-    rel = next(n for n, _ in layers[0].named_parameters())
-    disk = names.to_disk(f"{mem_layers}.0.{rel}")
+    """The decoder layers' name prefix on disk: from a checkpoint tensor of layer 0 when
+    there is a checkpoint (an export names its quantized linears differently), else from
+    transformers' renamings reversed."""
+    mem0 = f"{mem_layers}.0."
+    disk = next((d for d, m in names.disk_to_memory.items() if m.startswith(mem0)), None)
+    if disk is None:
+        rel = next(n for n, _ in layers[0].named_parameters())
+        disk = names.to_disk(f"{mem0}{rel}")
     head, sep, _ = disk.partition(".0.")
     return head if sep else mem_layers
 
