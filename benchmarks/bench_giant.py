@@ -251,14 +251,12 @@ def check_export(args, src: Path, out: Path) -> dict:
 def layer_elements(args) -> dict[str, int]:
     """Weights of one dense and one MoE layer of the benchmark's config (the planner's
     shapes), which scale the export's assembly time to the full model."""
-    from quantizer.arch import get_arch
     from quantizer.plan_memory import _layer_elements
     from quantizer.shapes import ModelShapes, layer_groups
 
     cfg = model_config(args).to_dict()
     shapes = ModelShapes.from_config(cfg)
-    arch = get_arch("deepseek_v3")
-    return {kind: _layer_elements(layer_groups(shapes, kind == "moe", arch), 0)
+    return {kind: _layer_elements(layer_groups(shapes, kind == "moe"), 0)
             for kind in ("dense", "moe")}
 
 

@@ -376,14 +376,5 @@ def plan_command(model_dir_or_config, bits, method: str = "awq",
     host = host_facts(shapes, dtype_bytes, on_host, config, bits_value, group_size)
     plan = make_plan(shapes, method, calib_samples, calib_seqlen, specs, budgets, ram,
                      dtype_bytes, hidden_device, hessian_device, host=host)
-    from .arch import get_arch
-    try:
-        get_arch(shapes.model_type)
-    except InputError:
-        from .shapes import resolve_arch
-        plan = replace(plan, notes=plan.notes + (
-            f"no model family for {shapes.model_type!r} yet: the plan takes its shapes from "
-            f"config.json and its module names from the {resolve_arch(shapes, None).name} "
-            f"layout; `quantize` refuses this model until its family is added",))
     return "\n".join([f"{bits_value:g}-bit {method}, group size {group_size}", *capped,
                       plan.format()])

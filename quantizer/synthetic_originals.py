@@ -134,12 +134,12 @@ def quantize_weight(w: torch.Tensor, fmt: str, block: int = 128,
 
 def quantized_linears(config: dict) -> set[str]:
     """Full weight names of every decoder-layer linear the family's spec names."""
-    from .arch import get_arch
+    from .arch import model_arch
 
-    arch = get_arch(config["model_type"])
+    arch = model_arch(config)
     names = set()
-    for i in range(int(config["num_hidden_layers"])):
-        spec = arch.for_layer(config, i)
+    for i in range(arch.num_layers):
+        spec = arch.for_layer(None, i)
         names.update(f"{arch.layer_prefix(i)}.{lin}.weight" for lin in spec.linears)
     return names
 
@@ -180,20 +180,26 @@ def write_generated(out, config, fmt: str = "fp8-block", device="cpu", std: floa
 
     from transformers import AutoModelForCausalLM
 
-    from .arch import get_arch
-    from .moe import unfuse_model
-    from .skeleton import decoder_layers
+    from .arch.meta import decoder_layers
+    from .arch.model import apply_renames, layer_renames, prepare_layer
+    from .arch.names import NameMap
+    from .synthetic import _NUM_EXPERTS_KEY
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
-    unfuse_model(decoder_layers(model), get_arch(config.model_type), config)
+    # per-expert linears under their on-disk names (quantizer/arch/model.py)
+    names = NameMap(model)
+    path, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        prepare_layer(layer, names)
+        apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
     cfg = config.to_dict()
-    moe = get_arch(config.model_type).moe
-    if moe is not None:
-        cfg[moe.num_experts_key] = getattr(config, moe.num_experts_key)
+    key = _NUM_EXPERTS_KEY.get(config.model_type)
+    if key is not None:
+        cfg[key] = getattr(config, key)
     targets = quantized_linears(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)

@@ -90,6 +90,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     *(Family(t, refuse_if=_per_layer_inputs) for t in (
         "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
         "gemma4_unified_text")),
+    Family("mllama", refused="its text decoder interleaves cross-attention layers that read "
+                             "the image encoder's states; text calibration never runs them"),
     Family("gpt_oss", refused=_FUSED_ON_DISK.format(
         "gate_up_proj with gate and up interleaved, and their biases",
         "its experts compute a clamped, biased GLU (x * sigmoid(1.702 x) * (up + 1)) that no "

@@ -271,6 +271,14 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: torc
                          f"layers hand a second value to the next layer besides the hidden "
                          f"states (a separate residual, or attention indices one layer computes "
                          f"for the next); layerquant runs each layer on its hidden states alone")
+    skipped = [i for i in range(max(record, default=-1) + 1) if i not in record]
+    if error is None and 0 < len(record) < n:
+        skipped = [i for i in range(n) if i not in record]
+    if skipped:
+        raise InputError(f"unsupported architecture {model.config.model_type!r}: the model's "
+                         f"forward skips decoder layers {skipped[:4]} on text alone (layers "
+                         f"that need an image, such as cross-attention layers); layerquant "
+                         f"calibrates every layer with text")
     if error is not None or len(record) != n:
         raise InputError(f"unsupported architecture {model.config.model_type!r}: the model's "
                          f"forward did not reach its decoder layers ({type(error).__name__ if error else 'no call'}: "

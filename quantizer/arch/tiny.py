@@ -71,6 +71,10 @@ def _layers(d: dict, key: str = "num_hidden_layers") -> int:
         if isinstance(types, list) and len(types) == n and all(
                 isinstance(t, (str, int, bool)) for t in types):
             firsts += [types.index(t) for t in dict.fromkeys(types)]
+    for k, v in d.items():  # lists of layer indices (cross_attention_layers, ...)
+        if k.endswith("_layers") and isinstance(v, list) and v and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in v) and len(v) < n:
+            firsts.append(min(v))
     for key in ("full_attention_interval", "interleave_moe_layer_step", "decoder_sparse_step",
                 "sliding_window_pattern", "attn_layer_period", "expert_layer_period"):
         v = d.get(key)
