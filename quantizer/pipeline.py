@@ -247,6 +247,12 @@ def padded_width_and_group(source: CheckpointSource, settings: QuantSettings, in
     if arch.moe is not None and all(arch.is_moe_layer(source.raw_config, i)
                                     for i in arch.representative_layers(source.raw_config)):
         width = intermediate  # no dense MLP to pad (Mixtral's intermediate_size is experts')
+    if width != intermediate and not arch.mlp_down:
+        # no separate gate/up and down to pad (Phi-3's fused gate_up_proj): refuse, not guess
+        raise InputError(f"{arch.name}: its MLP width {intermediate} would need padding to "
+                         f"{width} for {group_label(group_size)}, but its MLP has no separate "
+                         f"gate/up and down projections to pad; choose a --group-size that "
+                         f"divides it")
     if width != intermediate and arch.moe is not None:
         # Expert widths are never padded (they are in `fixed`); a dense MLP width of a MoE
         # model could be, but no run has needed it yet: refuse rather than guess.

@@ -202,7 +202,9 @@ def trace_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
                           f"{type(layer).__name__}")
     experts = {n: m for n, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
     sparse = _sparse(layer, experts, linears, readers, first_in) if experts else None
-    kept = set(_kept_linears(sparse, linears)) | {n for n in linears if n in keep}
+    # norms are never quantized, nor a linear inside one (AXK2's low-rank norm adapters)
+    kept = set(_kept_linears(sparse, linears)) | {n for n in linears if n in keep or any(
+        "norm" in part for part in n.split(".")[:-1])}
     call_index = {}
     for i, (name, kind, _) in enumerate(trace.calls):
         if kind == "in" and name in linears:
