@@ -5,6 +5,7 @@ layers themselves -- names, widths, which are sparse -- come from structure disc
 transformers' own modules (quantizer/arch), never from per-family rules here."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -49,8 +50,10 @@ class ModelShapes:
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
             text = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}
 
+        aliases = _attribute_map(str(text.get("model_type") or cfg.get("model_type", "")))
+
         def need(key):
-            v = text.get(key)
+            v = text.get(key, text.get(aliases.get(key, key)))
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InputError(f"config.json: {key!r} must be a positive integer, got {v!r}")
             return v
@@ -58,7 +61,8 @@ class ModelShapes:
         hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), \
             need("num_hidden_layers")
         arch = model_arch(cfg)
-        kv = text.get("num_key_value_heads") or heads
+        kv = text.get("num_key_value_heads") or text.get(
+            aliases.get("num_key_value_heads", "num_key_value_heads")) or heads
         head_dim = text.get("head_dim") or hidden // heads
         mla = ()
         if text.get("kv_lora_rank"):
@@ -208,3 +212,14 @@ def width_keys(shapes: ModelShapes) -> dict[str, int]:
                 if lin.width_key:
                     out[lin.width_key] = int(getattr(shapes.arch.text, lin.width_key))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _attribute_map(model_type: str) -> dict[str, str]:
+    """The config class's standard-name -> its own key map (GPT-2's num_attention_heads is
+    n_head in config.json): config.json numbers are read under either name."""
+    from transformers import CONFIG_MAPPING
+    try:
+        return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
+    except KeyError:
+        return {}

@@ -208,6 +208,8 @@ def run_family(family: str, work: Path, methods=("rtn", "gptq", "awq"),
     except InputError as e:
         res.why = str(e) if "tiny" in str(e) else f"the tiny config does not build: {e}"
         return res
+    except TimeoutError:
+        raise
     except Exception as e:  # noqa: BLE001 -- transformers cannot build or save it
         res.why = f"the tiny {family} checkpoint cannot be made: {type(e).__name__}: " \
                   f"{str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -237,6 +239,8 @@ def run_family(family: str, work: Path, methods=("rtn", "gptq", "awq"),
             f", kept {', '.join(arch.kept_modules)}" if arch.kept_modules else "")
     except InputError as e:
         res.failure = f"refused after discovery: {e}"
+    except TimeoutError:
+        raise
     except Exception as e:  # noqa: BLE001 -- a failed check: reported in full
         res.failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         res.failure += " @ " + " < ".join(
@@ -276,18 +280,49 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/layerquant-zoo"))
     p.add_argument("--out", type=Path, help="JSON results (a .md table beside it)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--family-timeout", type=int, default=180,
+                   help="seconds one family may take before it is reported as a failure")
+    p.add_argument("--first", nargs="*", default=[],
+                   help="families to run before the rest (the rest in transformers' order)")
     a = p.parse_args(argv)
+    families = a.families or all_families() + list(VARIANTS)
+    families = [f for f in a.first if f in families] + [f for f in families
+                                                         if f not in a.first]
     results = []
-    for fam in a.families or all_families() + list(VARIANTS):
-        r = run_family(fam, a.work, keep=a.keep)
+    for fam in families:
+        r = _run_with_timeout(fam, a.work, a.keep, a.family_timeout)
         results.append(r)
         state = "ok" if r.supported and not r.failure else ("FAIL" if r.failure else "refused")
         print(f"{fam:28s} {state:8s} {r.seconds:6.1f}s {r.failure or r.why}", flush=True)
+        if a.out:  # after every family: a stopped run keeps what it did
+            _write(results, a.out, "PYTHONPATH=$PWD python " + " ".join(sys.argv))
     print(table(results))
-    if a.out:
-        a.out.write_text(json.dumps([asdict(r) for r in results], indent=1))
-        a.out.with_suffix(".md").write_text(table(results) + "\n")
     return 0
+
+
+def _run_with_timeout(fam: str, work: Path, keep: bool, seconds: int) -> ZooResult:
+    import signal
+
+    def stop(*_):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    t0 = time.perf_counter()
+    try:
+        return run_family(fam, work, keep=keep)
+    except TimeoutError as e:  # raised outside run_family's own checks (building the model)
+        shutil.rmtree(work, ignore_errors=True)
+        return ZooResult(fam, False, failure=str(e), seconds=round(time.perf_counter() - t0, 1))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _write(results: list[ZooResult], out: Path, command: str) -> None:
+    out.write_text(json.dumps({"command": command, "results": [asdict(r) for r in results]},
+                              indent=1))
+    out.with_suffix(".md").write_text(f"Made by: `{command}`\n\n" + table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ from quantizer.tp import check_checkpoint, check_tp
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
 
-def tiny_qwen2_vl(out: Path, dtype=torch.bfloat16) -> Path:
-    """A small Qwen2-VL in bfloat16 (hidden 512, MLP width 1408: 704 and 352 per GPU at TP 2
-    and 4, as 29568 gives 14784 and 7392), written by transformers."""
+def tiny_qwen2_vl_config():
+    """The small Qwen2-VL's config: hidden 512, MLP width 1408 (see tiny_qwen2_vl)."""
     from quantizer.arch import tiny
-    from quantizer.arch.meta import model_class
 
     cfg = tiny.tiny_config("qwen2_vl")
     text = cfg.text_config
@@ -35,6 +33,15 @@ def tiny_qwen2_vl(out: Path, dtype=torch.bfloat16) -> Path:
     text.num_attention_heads, text.num_key_value_heads = 8, 2
     text.rope_parameters = {**text.rope_parameters, "mrope_section": [8, 12, 12]}  # head_dim/2
     cfg.vision_config.hidden_size = 512  # the merger writes text-width tokens
+    return cfg
+
+
+def tiny_qwen2_vl(out: Path, dtype=torch.bfloat16) -> Path:
+    """A small Qwen2-VL in bfloat16 (hidden 512, MLP width 1408: 704 and 352 per GPU at TP 2
+    and 4, as 29568 gives 14784 and 7392), written by transformers."""
+    from quantizer.arch.meta import model_class
+
+    cfg = tiny_qwen2_vl_config()
     torch.manual_seed(0)
     model = model_class(cfg)._from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
@@ -75,8 +82,31 @@ def test_plan_cli_reports_tp(capsys):
     assert "7392 (29568 / 4)" in out and "29568 → 29696" in out
 
 
+def test_seed_case_check_and_plan_cli(tmp_path, capsys):
+    """The seed case as a user meets it, on the small Qwen2-VL's config alone: `quantize
+    check` and `quantize plan --tp-size` name the 704 / 352 per-GPU widths and the padding
+    that fixes them (the weights are not needed to know)."""
+    from quantizer.cli import main
+
+    src = tmp_path / "cfg"
+    tiny_qwen2_vl_config().save_pretrained(src)
+    for tp, per_gpu in ((2, 704), (4, 352)):
+        assert main(["check", str(src), "--tp-size", str(tp), "--group-size", "128"]) == 2
+        out = capsys.readouterr()
+        assert f"{per_gpu} (1408 / {tp})" in out.out and "1408 → 1536" in out.out
+        assert f"--pad-for-tp {tp}" in out.err and len(out.err.strip().splitlines()) == 1
+    assert main(["plan", str(src), "--vram-budget", "8G", "--ram-budget", "8G",
+                 "--tp-size", "2", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "704 (1408 / 2)" in out and "352 (1408 / 4)" in out and "1408 → 1536" in out
+
+
 @pytest.mark.slow
-def test_seed_case_end_to_end(qwen2_vl, tmp_path):
+def test_seed_case_end_to_end(qwen2_vl, tmp_path, capsys):
+    """Refused at TP 2 before any work, quantized with --pad-for-tp 2, and the export passes
+    `quantize check` at TP 2 and 4 (vLLM's serving rules read off the written files)."""
+    from quantizer.cli import main
+
     src = qwen2_vl
     source_names = set(load_file(src / "model.safetensors"))
     assert "model.layers.0.mlp.down_proj.weight" in source_names  # Qwen's on-disk names
@@ -103,6 +133,9 @@ def test_seed_case_end_to_end(qwen2_vl, tmp_path):
     assert "visual" in exported["quantization_config"]["modules_to_not_convert"]
     for tp in (2, 4):
         assert check_checkpoint(out, tp)[0] == []
+        capsys.readouterr()
+        assert main(["check", str(out), "--tp-size", str(tp)]) == 0
+        assert f"TP-{tp}: ok" in capsys.readouterr().out
     # names: every non-quantized tensor as in the source; vision tensors bit for bit
     zoo.check_names(src, out)
     before, after = load_file(src / "model.safetensors"), {}

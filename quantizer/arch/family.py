@@ -85,8 +85,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
       for t in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")),
     # DeepSeek sparse attention's indexer (a small network scoring every key, whose top-k the
     # attention then reads) stays in high precision: an error there changes which keys are
-    # seen at all, and transformers reads weights_proj's weight directly (its dtype).
-    *(Family(t, kept_in_layers=_DSA_INDEXER) for t in ("deepseek_v32", "glm_moe_dsa")),
+    # seen at all, and transformers reads weights_proj's weight directly (its dtype). AXK2
+    # carries the same indexer under the same names.
+    *(Family(t, kept_in_layers=_DSA_INDEXER) for t in ("deepseek_v32", "glm_moe_dsa",
+                                                        "axk2")),
     *(Family(t, refuse_if=_per_layer_inputs) for t in (
         "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
         "gemma4_unified_text")),

@@ -108,6 +108,11 @@ def _shrink_text(d: dict, multimodal_rope: bool = False, aliases: dict | None = 
     for k in ("mlp_only_layers",):
         if isinstance(d.get(k), list):
             d[k] = [i for i in d[k] if i < n]
+    if d.get("num_kv_shared_layers"):
+        # the last layers reuse earlier layers' KV cache (Gemma 3n/4): a count kept from the
+        # full depth leaves a layer kind with no earlier layer to reuse, so the few tiny
+        # layers share none (the refusal of shared KV reads the published config)
+        d["num_kv_shared_layers"] = 0
     d[key] = n
     for rope_key in ("rope_scaling", "rope_parameters"):
         rope = d.get(rope_key)
