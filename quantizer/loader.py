@@ -141,4 +141,4 @@ def load(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
                       UserWarning, stacklevel=3)
     for i in range(loader.num_layers):
         loader.load(i)
-    return loader.model
+    return loader.model.eval()  # as from_pretrained: the modules put in are made in train mode

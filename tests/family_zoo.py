@@ -238,7 +238,10 @@ def run_family(family: str, work: Path, methods=("rtn", "gptq", "awq"),
         res.why = f"{len(arch.kinds)} layer kind(s)" + (", MoE" if arch.moe else "") + (
             f", kept {', '.join(arch.kept_modules)}" if arch.kept_modules else "")
     except InputError as e:
-        res.failure = f"refused after discovery: {e}"
+        if not res.methods and not (base / methods[0]).exists():
+            res.why = str(e)  # quantize's own checks, before any work: a refusal
+        else:
+            res.failure = f"refused after discovery: {e}"
     except TimeoutError:
         raise
     except Exception as e:  # noqa: BLE001 -- a failed check: reported in full
@@ -259,9 +262,19 @@ def table(results: list[ZooResult]) -> str:
         ok = "yes" if r.supported and not r.failure else ("FAILED" if r.failure else "no")
         why = r.failure or r.why
         rows.append(f"| {r.family} | {ok} | {why.replace('|', '/')} |")
-    n = sum(r.supported and not r.failure for r in results)
-    rows.append(f"\n{n} of {len(results)} families pass")
+    passing = [r.family for r in results if r.supported and not r.failure]
+    vlm = [f for f in passing if _is_vlm(f)]
+    failed = sum(bool(r.failure) for r in results)
+    rows.append(f"\n{len(passing)} of {len(results)} families pass ({len(passing) - len(vlm)} "
+                f"text, {len(vlm)} vision-language text decoders); {failed} fail a check; the "
+                f"rest are refused before any work with the reason given")
     return "\n".join(rows)
+
+
+def _is_vlm(family: str) -> bool:
+    """An image-text-to-text family (its text decoder is what the zoo quantizes)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return VARIANTS.get(family, (family,))[0] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,11 @@ NAMED = {
     "mistral3": "pass", "kimi_k2": "pass", "gemma4_text(no per-layer inputs)": "pass",
     "gemma4_text": "per-layer token embeddings", "gemma3n_text": "per-layer token embeddings",
     "gpt_oss": "fused as 3-D tensors", "llama4_text": "fused as 3-D tensors",
+    "llama4": "fused as 3-D tensors", "granitemoe": "fused 3-D tensors",
+    "qwen3_next": "pass", "qwen3_5_text": "pass", "qwen3_5": "pass", "qwen3_5_moe_text": "pass",
+    "deepseek_v2": "pass", "deepseek_v32": "pass", "hunyuan_v1_dense": "pass",
+    "hunyuan_v1_moe": "pass", "ernie4_5_moe": "pass", "glm4v": "pass", "glm4_moe_lite": "pass",
+    "ministral3": "pass", "phimoe": "pass", "exaone": "a module (attn.attention)",
 }
 # The handful run on every `make test`: one of each kind of thing the zoo checks.
 FAST = ("llama", "gemma2", "qwen2_vl")  # MoE end to end: tests/test_moe.py
