@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .arch import ModelArch, model_arch
+from .arch.family import refuse_stated
 from .errors import InputError
 from .inputs import check_config
 
@@ -47,6 +48,7 @@ class CheckpointSource:
         model_type = self.raw_config.get("model_type")
         if not model_type:
             raise InputError(f"{cfg_file} has no model_type")
+        refuse_stated(model_type)  # a refused family as itself, before its numbers are read
         check_config(self.raw_config, cfg_file)  # numbers every stage reads: one line if bad
         self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[list[int], str]] = {}

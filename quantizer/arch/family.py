@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -113,6 +115,14 @@ ALIASES = {"kimi_k2": "deepseek_v3"}
 
 def family_for(model_type: str) -> Family:
     return FAMILIES.get(model_type) or Family(model_type)
+
+
+def refuse_stated(model_type: str) -> None:
+    """InputError when the family is refused whatever its config says (checked first, before
+    any number of config.json is read: gpt-oss is refused as gpt-oss, not for a missing key)."""
+    refused = family_for(model_type).refused
+    if refused:
+        raise InputError(f"unsupported architecture {model_type!r}: {refused}")
 
 
 def width_key(family: Family) -> str:

@@ -263,8 +263,7 @@ def _discover(config_json: str, disk_names) -> ModelArch:
 
 def _discover_model(raw: dict, disk_names) -> ModelArch:
     family = families.family_for(raw.get("model_type", ""))
-    if family.refused:
-        raise InputError(f"unsupported architecture {raw.get('model_type')!r}: {family.refused}")
+    families.refuse_stated(family.model_type)
     cfg = config_from_dict(raw)
     reason = family.refusal(cfg)
     if reason:
