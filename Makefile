@@ -11,7 +11,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.layerquant-installed
 PYTEST_ARGS ?=
 
-.PHONY: install upgrade test test-fast test-oldest demo bench bench-quality bench-kernels bench-speed clean
+.PHONY: install upgrade test test-fast test-oldest demo bench bench-quality bench-quality-models bench-kernels bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV_ARGS) $(VENV)
@@ -52,7 +52,18 @@ demo: $(STAMP)
 
 bench: bench-quality
 
+# Issue 20's table: ours beside llm-compressor 0.14 (rtn, awq, gptq, awq-gptq, adaptive; fp16 and
+# bf16; built-in and WikiText-2 calibration), every export evaluated by
+# benchmarks/eval_independent.py. With a GPU: SmolLM2-135M, ~9 min on one H100 (on the device
+# box: bash benchmarks/gpu_quality.sh, whose header says what to carry); PEER_SITE= a folder
+# holding llm-compressor (pip install --target) adds the peer's rows. Without a GPU: the same
+# logic on stories260K with tiny settings (--quick). The older per-model table (issues 4 and
+# 5): make bench-quality-models.
 bench-quality: $(STAMP)
+	$(VPY) benchmarks/quality_matrix.py $$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')") \
+	  $(if $(PEER_SITE),--peer-site $(PEER_SITE),) --out benchmarks/results/quality_matrix.json
+
+bench-quality-models: $(STAMP)
 	$(VPY) benchmarks/bench_quality.py --out benchmarks/results/quality.json
 
 bench-kernels: $(STAMP)

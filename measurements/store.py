@@ -8,12 +8,14 @@ any bits-per-weight target (the optimiser reads it; nothing is measured twice).
          "numel": 25165824, "modules": ["self_attn.q_proj", ...], "block": "self_attn",
          "candidates": [{"label": "4b g128", "bits": 4, "group_size": 128,
                          "bpw": 4.156, "err": 0.0123, "block_err": 0.0071}, ...]}},
-       "blocks": {"self_attn": {"output_sq": 0.61, "residual_sq": 9.8}, ...}}, ...]}
+       "blocks": {"self_attn": {"output_sq": 0.61, "residual_sq": 9.8,
+                                "token_share": 0.05}, ...}}, ...]}
 
 "block_err" (optional): the relative error of the group's block output with this candidate
 (quantizer/methods/block_error.py); the optimiser compares it instead of "err" where present.
-"blocks" (optional) holds each block's output energy and the residual stream's just after it
-(quantizer/methods/residual_share.py): the optimiser weighs a group's error by that share.
+"blocks" (optional) holds each block's output energy and the residual stream's just after it,
+and the per-token mean of their ratio (quantizer/methods/residual_share.py): with
+--error-weights residual the optimiser weighs a group's error by that share.
 
 A candidate may describe a per-part mixture with "parts": [{"bits", "group_size",
 "fraction"}, ...] (then "bits" is the weighted mean width); any other keys a method needs to
@@ -199,7 +201,11 @@ class MeasurementStore:
 
 
 def share(block: Any) -> float | None:
-    """A block's E‖out‖² / E‖h after‖² from its recorded statistics, None when unrecorded."""
+    """A block's share of the residual stream from its recorded statistics: the per-token
+    mean E_t[‖out_t‖² / ‖h_t‖²] where recorded ("token_share"), else E‖out‖² / E‖h after‖²;
+    None when unrecorded."""
+    if isinstance(block, dict) and _num(block.get("token_share")) and block["token_share"] > 0:
+        return float(block["token_share"])
     if not isinstance(block, dict) or not _num(block.get("residual_sq")) \
             or not _num(block.get("output_sq")) or block["residual_sq"] <= 0:
         return None

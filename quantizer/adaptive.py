@@ -25,9 +25,14 @@ MEASURE_NAME = "measurement.json"
 def measure_settings(settings) -> dict:
     """The settings a measurement depends on (the bits target is deliberately absent)."""
     opts = settings.method_options
-    return {"symmetric": settings.symmetric, "calib": settings.to_dict()["calib"],
-            "damp": opts.get("damp", 0.01), "act_order": bool(opts.get("act_order")),
-            "static_groups": bool(opts.get("static_groups")), "dtype": settings.dtype}
+    out = {"symmetric": settings.symmetric, "calib": settings.to_dict()["calib"],
+           "damp": opts.get("damp", 0.01), "act_order": bool(opts.get("act_order")),
+           "static_groups": bool(opts.get("static_groups")), "dtype": settings.dtype}
+    # recorded only when not the original behaviour, so older measurements stay valid
+    for key, plain in (("scale_search", "minmax"), ("token_weights", "none")):
+        if opts.get(key, plain) != plain:
+            out[key] = opts[key]
+    return out
 
 
 def measurement_fingerprint(model_fp: str, calib_fp: str, settings) -> dict:
@@ -79,7 +84,9 @@ class MeasureLoop(LayerLoop):
                            job.dtype, log=self.say)
         results = measure_layer(ctx, damp=opts.get("damp", 0.01),
                                 act_order=bool(opts.get("act_order")),
-                                static_groups=bool(opts.get("static_groups")))
+                                static_groups=bool(opts.get("static_groups")),
+                                scale_search=opts.get("scale_search", "minmax"),
+                                token_weights=opts.get("token_weights", "none"))
         with residual_shares(ctx) as shares:  # for --error-weights residual, same forward
             self.inputs = ctx.outputs()
         if not shares:

@@ -72,8 +72,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "a fractional target such as 4.25 (or --adaptive) allocates bits per module "
                    "group with adaptive GPTQ")
     p.add_argument("--group-size", default="auto", help="128, 64, 32, -1 (per channel) or auto")
-    p.add_argument("--method", default=None, help="rtn, awq or gptq (default: awq when "
-                   "available, else rtn)")
+    p.add_argument("--method", default=None, help="rtn, awq, gptq or awq-gptq (AWQ's "
+                   "scales, then GPTQ rounding); default: awq when available, else rtn")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=None,
                      help="symmetric quantization (default for GPTQ and compressed-tensors)")
@@ -135,6 +135,15 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq-no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--awq-no-duo-scaling", action="store_true",
                    help="AWQ scales from activations only (no weight term)")
+    p.add_argument("--scale-search", choices=("minmax", "mse", "imatrix"), default=None,
+                   help="how each group's scale and zero are chosen: minmax; mse (a shrink "
+                   "grid on the weight error); imatrix (the grid weighted by the inputs' "
+                   "E[x^2]: RTN then calibrates)")
+    p.add_argument("--token-weights", choices=("none", "outliers", "residual", "residual-in"),
+                   default=None, help="how calibration tokens weigh: alike (none); outliers: "
+                   "tokens whose residual stream is massive (attention sinks) by 1/mean(h^2) "
+                   "against their sequence's median; residual / residual-in: every token by "
+                   "1/mean(h^2) of the stream after / entering its block")
     p.add_argument("--max-shard-size", type=_size, default=_size("1G"), help="largest "
                    "safetensors shard of the export (default 1G)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export and "
@@ -179,8 +188,8 @@ def default_method(bits: float = 4, adaptive: bool = False) -> str:
 def gptq_options(a) -> dict:
     """The GPTQ options given on the command line (absent ones keep the method's defaults)."""
     options = {} if a.damp is None else {"damp": a.damp}
-    for key in ("act_order", "static_groups"):
-        if getattr(a, key) is not None:
+    for key in ("act_order", "static_groups", "scale_search", "token_weights"):
+        if getattr(a, key, None) is not None:
             options[key] = getattr(a, key)
     return options
 
@@ -282,8 +291,8 @@ def plan_parser() -> argparse.ArgumentParser:
         "refuse with the smallest budget that would work when nothing fits"))
     p.add_argument("model", help="model directory or config.json")
     p.add_argument("--bits", default="4", help="bits per weight, 2-8 (default 4)")
-    p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq"),
-                   help="rtn, awq or gptq (default awq)")
+    p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq", "awq-gptq"),
+                   help="rtn, awq, gptq or awq-gptq (default awq)")
     p.add_argument("--vram-budget", default=None, help="per GPU, e.g. 40G, or 0:20G,1:40G")
     p.add_argument("--ram-budget", default=None, help="host memory, e.g. 64G")
     p.add_argument("--devices", default=None, help="GPU indices, e.g. 0,1 (default: visible)")

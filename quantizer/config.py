@@ -11,7 +11,7 @@ import torch
 from .errors import InputError
 
 AUTO_GROUP_SIZES = (128, 64, 32)
-METHODS = ("rtn", "awq", "gptq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 
 
 @dataclass

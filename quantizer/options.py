@@ -20,25 +20,37 @@ class Option:
     rule: str = ""                 # what `check` demands, for the refusal
 
 
+_GPTQ = ("gptq", "awq-gptq")  # awq-gptq: AWQ's scales, then GPTQ (methods/awq_gptq.py)
+_AWQ_SCALES = ("awq", "awq-gptq")
+_ALL = ("rtn", "awq", "gptq", "awq-gptq")
+
 OPTIONS: dict[str, Option] = {
-    "damp": Option("--damp", ("gptq",), float, lambda v: 0 < v < 1, "in (0, 1)"),
-    "act_order": Option("--act-order", ("gptq",), bool),
-    "static_groups": Option("--static-groups", ("gptq",), bool),
-    "block": Option("block", ("gptq",), int, lambda v: v >= 1, "a positive integer"),
+    "damp": Option("--damp", _GPTQ, float, lambda v: 0 < v < 1, "in (0, 1)"),
+    "act_order": Option("--act-order", _GPTQ, bool),
+    "static_groups": Option("--static-groups", _GPTQ, bool),
+    "block": Option("block", _GPTQ, int, lambda v: v >= 1, "a positive integer"),
     "error_weights": Option("--error-weights", ("gptq",), str,
                             lambda v: v in ("none", "residual"), "none or residual"),
-    "report_error": Option("report_error", ("gptq",), bool),
-    "module_settings": Option("module_settings", ("gptq",), dict),
-    "grid": Option("--awq-grid", ("awq",), int, lambda v: v >= 1, "a positive integer"),
+    "report_error": Option("report_error", _GPTQ, bool),
+    "module_settings": Option("module_settings", _GPTQ, dict),
+    "grid": Option("--awq-grid", _AWQ_SCALES, int, lambda v: v >= 1, "a positive integer"),
     "clip": Option("--awq-no-clip", ("awq",), bool),
-    "duo_scaling": Option("--awq-no-duo-scaling", ("awq",), bool),
+    "duo_scaling": Option("--awq-no-duo-scaling", _AWQ_SCALES, bool),
     "clip_grid": Option("clip_grid", ("awq",), int, lambda v: v >= 1, "a positive integer"),
     "max_shrink": Option("max_shrink", ("awq",), float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "clip_tokens": Option("clip_tokens", ("awq",), int, lambda v: v >= 1, "a positive integer"),
-    "rtn_baseline": Option("rtn_baseline", ("awq",), bool),
-    "keep_identity": Option("keep_identity", ("awq",), bool),
-    "cache_device": Option("cache_device", ("awq",), str,
+    "rtn_baseline": Option("rtn_baseline", _AWQ_SCALES, bool),
+    "keep_identity": Option("keep_identity", _AWQ_SCALES, bool),
+    "cache_device": Option("cache_device", _AWQ_SCALES, str,
                            lambda v: v in ("auto", "device", "cpu"), "auto, device or cpu"),
+    "weighted_stat": Option("weighted_stat", _AWQ_SCALES, bool),
+    # how each group's scale and zero are chosen (methods/grid.py)
+    "scale_search": Option("--scale-search", _ALL, str,
+                           lambda v: v in ("minmax", "mse", "imatrix"), "minmax, mse or imatrix"),
+    # how calibration tokens weigh (methods/token_weights.py)
+    "token_weights": Option("--token-weights", _ALL, str,
+                            lambda v: v in ("none", "outliers", "residual", "residual-in"),
+                            "none, outliers, residual or residual-in"),
 }
 
 

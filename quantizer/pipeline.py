@@ -95,15 +95,20 @@ def plan_job(model_path, settings: QuantSettings,
                              f"(got --format {fmt})")
         fmt = "compressed-tensors"
     else:
+        opts = settings.method_options
+        # act-order without static groups writes a g_idx, which the AWQ layout cannot hold
+        g_idx = bool(opts.get("act_order")) and not opts.get("static_groups")
         if fmt == "auto":  # what vLLM serves for each: AWQ GEMM for 4-bit, else GPTQ / CT
-            fmt = ("gptq" if settings.method == "gptq" else
+            fmt = ("gptq" if settings.method == "gptq" or (settings.method == "awq-gptq"
+                                                           and g_idx) else
                    "awq" if settings.bits == 4 else "compressed-tensors")
     if settings.symmetric is None:  # the default: what the format's fast serving path takes
         from .export.serving import default_symmetric
         settings.symmetric = default_symmetric(fmt)
     if not settings.is_adaptive:
         get_exporter(fmt).check_supported(settings.bits, settings.symmetric,
-                                          bool(settings.method_options.get("act_order")))
+                                          bool(opts.get("act_order")) if fmt != "awq"
+                                          else g_idx)
     notes = []
     if source.original is not None:
         from .originals import describe

@@ -26,7 +26,7 @@ from .plan_search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS,  # no
 from .shapes import (InputGroup, Linear, ModelShapes, layer_groups, layer_kinds,  # noqa: F401
                      resolve_arch)
 
-METHODS = ("rtn", "awq", "gptq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 HIDDEN_PLACES = ("gpu", "cpu", "disk")
 
 
@@ -205,7 +205,7 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
                 f"{format_size(ram_budget)} (--ram-budget)")
             host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu"
                            else dec.hidden)
-            if (job.method == "gptq" and dec.hessian in ("gpu", "park") and forced[1] == "auto"
+            if (job.uses_gptq and dec.hessian in ("gpu", "park") and forced[1] == "auto"
                     and not on_host and _apply("hessian_off_gpu", job, dec, ram_budget) is None
                     and _peak(job, host).total < peak.total):  # blocked by host RAM
                 ram_note = (f" — Hessians on the CPU would fit the GPU but need "

@@ -39,7 +39,7 @@ def plan_memory(job):  # job: quantizer.pipeline.Job
         budgets, capped = cap_to_cards(budgets, devices)
         job.notes.extend(capped)
     ram = parse_size(s.ram_budget) if s.ram_budget else default_ram_budget()
-    method = s.method if s.method in ("rtn", "awq", "gptq") else "gptq"
+    method = s.method if s.method in ("rtn", "awq", "gptq", "awq-gptq") else "gptq"
     samples = max(s.calib.samples, 0 if method == "rtn" else 1)
     hidden = {"cuda": "gpu", "cpu": "cpu"}.get(s.hidden_device, s.hidden_device)
     shapes = ModelShapes.from_config(job.source.raw_config)

@@ -123,6 +123,14 @@ class _Job:
         error of every layer)."""
         return self.calibrated or self.samples > 0
 
+    @property
+    def uses_gptq(self) -> bool:  # Hessians and their solve (gptq, awq-gptq)
+        return self.method in ("gptq", "awq-gptq")
+
+    @property
+    def uses_awq(self) -> bool:  # AWQ's scale search and its caches (awq, awq-gptq)
+        return self.method in ("awq", "awq-gptq")
+
 
 @dataclass(frozen=True)
 class _Peak:
@@ -224,7 +232,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
     s, d, N, S, H = job.shapes, job.d, job.samples, job.seqlen, job.shapes.hidden
     c = dec.chunk
     hidden_local = dec.hidden == "gpu" or (job.on_host and dec.hidden == "cpu")
-    hess_local = job.method == "gptq" and (dec.hessian in ("gpu", "park") or job.on_host)
+    hess_local = job.uses_gptq and (dec.hessian in ("gpu", "park") or job.on_host)
     layer_w = (sum(g.weight_elements() for g in groups) + extra) * d
     # The largest thing streamed in for a by_group forward: one linear, or one whole expert.
     unit = max(max(g.weight_elements(1) if g.copies > 1 else
@@ -254,7 +262,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
     # One byte per weight: the codes of every linear quantized so far stay where they were
     # solved until the layer is exported (the last group's solve sees all of them), and the
     # export is packed there. A host solve (hessian 'cpu') leaves the GPU only the swap-in.
-    on_device = not (job.method == "gptq" and dec.hessian == "cpu")
+    on_device = not (job.uses_gptq and dec.hessian == "cpu")
     codes = [Term("codes", "quantized codes of the layer (1 byte per weight)",
                   layer_w // d)] if on_device else []
     whole = [Term("weights", f"layer weights ({d}-byte)", layer_w)]
@@ -291,7 +299,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
               (export[0], export[1] + held)]
     for g in groups:
         res = resident(g, True)
-        if job.method == "gptq":
+        if job.uses_gptq:
             n = g.in_features
             # XᵀX is added one sample at a time (the same bits whatever the chunking)
             update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
@@ -304,19 +312,19 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
                 alive.append(Term("hessian", f"the running shard fold of {g.name}'s Hessian",
                                   hessian(g).bytes))
             phases.append((f"calibrate {g.name}", res + held + act + alive + [update]))
-        else:
+        if job.uses_awq:
             stats = g.in_features * g.copies * 4
             phases.append((f"calibrate {g.name}", res + held + act + [
                 Term("stats", "AWQ per-channel activation statistics (fp32)", stats)]))
     for g in groups:
         res = resident(g, False)
-        if job.method == "gptq":
+        if job.uses_gptq:
             if not hess_local:  # accumulated and solved on the host
                 phases.append((f"solve {g.name} (host)", res + held))
-                continue
-            phases += _solve_phases(g, dec, d, res + held + codes, hessian(g),
-                                    _parks(g, groups, dec))
-        else:  # AWQ: the search caches every chunk's judge input and fp reference output
+            else:
+                phases += _solve_phases(g, dec, d, res + held + codes, hessian(g),
+                                        _parks(g, groups, dec))
+        if job.uses_awq:  # the search caches every chunk's judge input and fp reference
             n = g.in_features
             cached = Term("reference", f"AWQ judge inputs + fp references of {g.name}, "
                           f"{N}×{S}×({n}+{H})", N * S * (n + H) * d)
@@ -332,7 +340,7 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
                 Term("weight_fp32", f"fp32 temporaries of fake-quantizing by row slices of "
                      f"{AWQ_CANDIDATE_SLICE_ELEMENTS} elements",
                      AWQ_CANDIDATE_SLICE_ELEMENTS * 12)]))
-    if job.method != "gptq":  # AWQ quantizes every linear at the end
+    if not job.uses_gptq:  # AWQ quantizes every linear at the end
         phases.append(("quantize the layer", whole + held + codes + [Term(
             "weight_fp32", f"fp32 temporaries of quantizing by row slices of "
             f"{AWQ_QUANTIZE_SLICE_ELEMENTS} elements", AWQ_QUANTIZE_SLICE_ELEMENTS * 12)]))
@@ -446,15 +454,15 @@ def _ram_peak(job: _Job, dec: Decisions, kinds=None, assemble: bool = True
             held.append(Term("hidden", "hidden-state chunks in use (2 mapped, 2 staged)",
                              4 * dec.chunk * S * H * d))
         work = list(held)
-        if job.method == "awq" and dec.hidden in ("cpu", "disk"):
+        if job.uses_awq and dec.hidden in ("cpu", "disk"):
             n = max(g.in_features for g in groups)
             work.append(Term("reference", "AWQ judge inputs + fp references (widest group)",
                              N * S * (n + H) * d))
-        if job.method == "gptq" and dec.hessian == "park":
+        if job.uses_gptq and dec.hessian == "park":
             n = max(g.in_features for g in groups)
             work.append(Term("hessian", "a GPTQ Hessian parked during its solve (fp32)",
                              n * n * 4))
-        if job.method == "gptq" and dec.hessian == "cpu":
+        if job.uses_gptq and dec.hessian == "cpu":
             alive = max(g.in_features ** 2 * _hessian_copies(g, dec) for g in groups)
             n = max(g.in_features for g in groups)
             wide = max(lin.out_features * lin.in_features for g in groups for lin in g.linears)

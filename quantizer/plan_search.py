@@ -41,14 +41,14 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
         if dec.hidden == "gpu":
             to_cpu = replace(dec, hidden="cpu")
             return to_cpu if _ram_ok(job, to_cpu, ram_budget) else replace(dec, hidden="disk")
-    if (move == "hessian_park" and job.method == "gptq" and hessian_forced == "auto"
+    if (move == "hessian_park" and job.uses_gptq and hessian_forced == "auto"
             and dec.hessian == "gpu" and not job.on_host):
         return replace(dec, hessian="park")  # a few GB over PCIe per layer: cheap
     if move == "by_group" and dec.mode == "whole":
         return replace(dec, mode="by_group")
     if move == "experts" and dec.experts_per_pass > 1:
         return replace(dec, experts_per_pass=dec.experts_per_pass // 2)
-    if (move == "hessian_off_gpu" and job.method == "gptq" and hessian_forced == "auto"
+    if (move == "hessian_off_gpu" and job.uses_gptq and hessian_forced == "auto"
             and dec.hessian in ("gpu", "park") and not job.on_host):
         moved = replace(dec, hessian="cpu")
         if _ram_ok(job, moved, ram_budget):
@@ -62,7 +62,7 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
 def _start(job: _Job) -> Decisions:
     hidden_forced, hessian_forced = job.forced
     hidden = hidden_forced if hidden_forced != "auto" else ("cpu" if job.on_host else "gpu")
-    if job.method != "gptq":
+    if not job.uses_gptq:
         hessian = "none"
     else:
         hessian = "cpu" if job.on_host else (hessian_forced if hessian_forced != "auto"

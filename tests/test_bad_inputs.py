@@ -112,6 +112,6 @@ def test_option_errors_name_the_option_and_write_nothing(args, flag, tiny_checkp
 def test_api_refuses_options_of_another_method(tiny_checkpoint, tmp_path):
     from quantizer import quantize
     from quantizer.errors import InputError
-    with pytest.raises(InputError, match="--damp applies to --method gptq only"):
+    with pytest.raises(InputError, match="--damp applies to --method gptq"):
         quantize(str(tiny_checkpoint("tiny-llama")), str(tmp_path / "o"), method="awq", damp=0.05)
     assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,7 @@ def available() -> list[str]:
 
 def _load_optional() -> None:
     # Imported lazily so a broken optional method never breaks `rtn`.
-    for mod in ("awq", "gptq"):
+    for mod in ("awq", "gptq", "awq_gptq"):
         try:
             __import__(f"{__name__}.{mod}")
         except ImportError:

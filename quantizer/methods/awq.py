@@ -36,7 +36,10 @@ from quantizer.arch.folds import fold_problem
 from .awq_clip import sample_token_indices, search_clip, shrink_ratios
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
                          weight_group_mean, write_candidate)
+from .grid import GridSpec, grid_spec
+from .importance import second_moments
 from .rtn import rtn_quantize
+from .token_weights import TOKEN_WEIGHTS, token_weights_for, weights_for
 
 # Linears whose clipping the reference skips: their outputs meet in q·k, where clipping
 # one side's outliers distorts the attention pattern (AutoAWQ "q_", "k_", "query", "key").
@@ -98,13 +101,15 @@ _QUANTIZE_SLICE_ELEMENTS = AWQ_QUANTIZE_SLICE_ELEMENTS
 
 
 def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
-                     name: str) -> QuantizedWeight:
-    """rtn_quantize of `w` with per-(row, group) clip ratios, done by row slices (rows are
-    independent, so this equals one call) to keep float32 copies to a slice."""
+                     name: str, grid: GridSpec | None = None,
+                     importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """rtn_quantize of `w` with per-(row, group) clip ratios (and the grid's group parameters,
+    methods/grid.py), done by row slices (rows are independent, so this equals one call) to
+    keep float32 copies to a slice."""
     step = max(1, _QUANTIZE_SLICE_ELEMENTS // w.shape[1])
     parts = [rtn_quantize(w[r0:r0 + step], st.bits, st.group_size, st.symmetric,
                           clip_ratio=1.0 if clip_ratio is None else clip_ratio[r0:r0 + step],
-                          name=name)
+                          name=name, grid=grid, importance=importance)
              for r0 in range(0, w.shape[0], step)]
     if len(parts) == 1:
         return parts[0]
@@ -120,11 +125,13 @@ class AWQ:
 
     name = "awq"
     needs_calibration = True
+    _tw = None  # this layer's token weights (set per layer when token_weights is on)
 
     def __init__(self, duo_scaling: bool = True, grid: int = 20, clip: bool = True,
                  clip_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512,
                  rtn_baseline: bool = True, keep_identity: bool = False,
-                 cache_device: str = "auto"):
+                 cache_device: str = "auto", scale_search: str = "minmax",
+                 token_weights: str = "none", weighted_stat: bool = True):
         if grid < 1 or clip_grid < 1:
             raise ValueError("grid and clip_grid must be >= 1")
         if not 0.0 <= max_shrink < 1.0:
@@ -143,10 +150,48 @@ class AWQ:
         if cache_device not in ("auto", "device", "cpu"):
             raise ValueError(f"cache_device must be auto, device or cpu, got {cache_device!r}")
         self.cache_device = cache_device
+        # scale_search: how the final rounding picks each group's scale and zero
+        # (methods/grid.py; imatrix weighs by E[x²] of the scaled inputs); token_weights:
+        # residual weighs each calibration token's error in the scale search (and the
+        # activation statistic, unless weighted_stat is off) by 1 / mean(h²) of the residual
+        # stream after its block (methods/token_weights.py)
+        if token_weights not in TOKEN_WEIGHTS:
+            raise ValueError(f"token_weights must be one of {TOKEN_WEIGHTS}, "
+                             f"got {token_weights!r}")
+        self.final_grid = grid_spec(scale_search)
+        self.token_weights = token_weights
+        self.weighted_stat = bool(weighted_stat)
 
     # ------------------------------------------------------------------ entry point
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
+        self.smooth(ctx)
+        times = ctx.stats["time_s"]
+        t0 = self._now(ctx)
+        ratios = self._clip_all(ctx) if self.clip else {}
+        times["clip"] = self._now(ctx) - t0
+        ctx.mark("clip")
+        t0 = self._now(ctx)
+        s = ctx.settings
+        importance = {}
+        if self.final_grid.needs_importance:  # E[x²] of the inputs the scaled weights see
+            firsts = [g[0] for g in ctx.arch.input_groups]
+            moments = second_moments(ctx, firsts, self._tw)
+            importance = {n: moments[g[0]] for g in ctx.arch.input_groups for n in g}
+        out = {}
+        for name in ctx.arch.linears:
+            out[name] = quantize_by_rows(ctx.module(name).weight.data, s,
+                                         ratios.get(name), ctx.full_name(name),
+                                         self.final_grid, importance.get(name))
+        times["quantize"] = self._now(ctx) - t0
+        ctx.mark("quantize")
+        return out
+
+    @torch.no_grad()
+    def smooth(self, ctx) -> None:
+        """The activation-aware scales of every scale group, searched and folded into the
+        layer's float weights (the layer computes the same function; the weights are now
+        easier to round). AWQ then clips and rounds; awq-gptq hands the layer to GPTQ."""
         if not ctx.inputs:
             raise ValueError("AWQ needs calibration inputs (ctx.inputs is empty)")
         # calibrate: partial layer forwards capturing each group's inputs + fp references;
@@ -157,6 +202,7 @@ class AWQ:
         # Routed experts' up -> down groups share capture forwards; the routed tokens of a
         # batch add up to at most all calibration tokens, the judge inputs the planner counts.
         tokens = layout_of(ctx).n_samples * math.prod(ctx.inputs[0].shape[1:-1])
+        self._tw = token_weights_for(ctx, self.token_weights)
         for batch in ctx.arch.scale_batches(ctx.expert_tokens, tokens):
             captured = self._capture_groups(ctx, batch) if len(batch) > 1 else [None]
             for group, data in zip(batch, captured):
@@ -168,19 +214,6 @@ class AWQ:
                 # stay reserved beside the next's (H200 70B at 8G: reserved 7.05 GiB for
                 # 4.11 allocated)
                 torch.cuda.empty_cache()
-        t0 = self._now(ctx)
-        ratios = self._clip_all(ctx) if self.clip else {}
-        times["clip"] = self._now(ctx) - t0
-        ctx.mark("clip")
-        t0 = self._now(ctx)
-        s = ctx.settings
-        out = {}
-        for name in ctx.arch.linears:
-            out[name] = quantize_by_rows(ctx.module(name).weight.data, s,
-                                         ratios.get(name), ctx.full_name(name))
-        times["quantize"] = self._now(ctx) - t0
-        ctx.mark("quantize")
-        return out
 
     @staticmethod
     def _now(ctx) -> float:
@@ -226,7 +259,7 @@ class AWQ:
                 result = {"alpha": None, "loss": math.nan, "history": []}
             else:
                 result = self._search(ctx, group.prev, judge, linears, data, refs, w_mean,
-                                      eval_dtype)
+                                      eval_dtype, group.linears[0])
         del refs, data
         kept_identity = result.get("kept_identity", False)
         fallback = result["alpha"] is None and not kept_identity
@@ -281,10 +314,20 @@ class AWQ:
                 # One sample at a time, so the sum is the same bits however the samples were
                 # chunked (the chunk is a placement setting; OOM recovery halves it); per
                 # calibration shard, so it is the same on any number of processes.
-                for sample in _samples(seen[first][0]):
-                    part = sample.abs().sum(dim=0, dtype=torch.float32)
+                x = seen[first][0]
+                tw = (weights_for(self._tw, first, k, x)
+                      if self.weighted_stat else None)
+                tws = None if tw is None else tw.reshape(-1, x.shape[-2])
+                for j, sample in enumerate(_samples(x)):
+                    if tws is None:
+                        part = sample.abs().sum(dim=0, dtype=torch.float32)
+                        n = sample.shape[0]
+                    else:
+                        wj = tws[j].to(sample.device, torch.float32)
+                        part = (sample.abs().float() * wj.unsqueeze(-1)).sum(dim=0)
+                        n = float(wj.sum())
                     abs_sum[i][s] = part if s not in abs_sum[i] else abs_sum[i][s] + part
-                    count[i][s] = count[i].get(s, 0) + sample.shape[0]
+                    count[i][s] = count[i].get(s, 0) + n
         return [GroupCapture(judge_inputs[i], fold_tensors(layout, abs_sum[i])
                              / max(fold_values(layout, count[i]), 1))
                 for i in range(len(groups))]
@@ -317,7 +360,7 @@ class AWQ:
         return None if any_true(layout_of(ctx), not finite) else refs
 
     def _search(self, ctx, prev_name: str, judge, linears, data: GroupCapture, refs,
-                w_mean, eval_dtype) -> dict:
+                w_mean, eval_dtype, first: str = "") -> dict:
         st = ctx.settings
         originals = [lin.weight.data.clone() for lin in linears]
         layout = layout_of(ctx)
@@ -339,7 +382,11 @@ class AWQ:
                 s = layout.shard_of[k]
                 if s not in totals:
                     totals[s] = torch.zeros((), dtype=torch.float64, device=ctx.device)
-                for sample in _samples(diff.square_()):  # chunk-invariant
+                diff.square_()
+                tw = weights_for(self._tw, first, k, diff)
+                if tw is not None:
+                    diff.mul_(tw.to(diff.device, torch.float32).unsqueeze(-1))
+                for sample in _samples(diff):  # chunk-invariant
                     totals[s] += sample.sum(dtype=torch.float64)
             return fold_values(layout, {s: float(t) for s, t in totals.items()}) / numel
 

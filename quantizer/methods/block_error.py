@@ -34,10 +34,13 @@ class BlockJudge:
     """The float block's inputs (first chunks, up to `max_tokens`) and outputs; `error()`
     gives the block's relative output error with some of its linears replaced."""
 
-    def __init__(self, ctx, block: str, max_tokens: int = BLOCK_ERROR_TOKENS):
+    def __init__(self, ctx, block: str, max_tokens: int = BLOCK_ERROR_TOKENS,
+                 token_weights: dict | None = None):
         self.ctx, self.block = ctx, block
         self.module = block_module(ctx.layer, ctx.arch, block)
         self.data: list[tuple[torch.Tensor, dict]] = []
+        # per chunk: each token's weight (methods/token_weights.py), or None (alike)
+        self.weights = None if token_weights is None else token_weights.get(block)
         tokens = 0
         # closing() removes capture's hooks when the loop stops early: the chunks after the
         # first max_tokens need no forward at all
@@ -61,18 +64,23 @@ class BlockJudge:
                 saved[name] = lin.weight.data
                 lin.weight.data = q.dequantize_to(torch.empty_like(lin.weight.data))
             num = den = 0.0
-            for (x, kw), ref in zip(self.data, self.refs):
+            for k, ((x, kw), ref) in enumerate(zip(self.data, self.refs)):
                 out = run_module(self.module, x, kw).to(torch.float32)
                 ref = ref.to(torch.float32)
-                num += float((out - ref).square().sum(dtype=torch.float64))
-                den += float(ref.square().sum(dtype=torch.float64))
+                d2, r2 = (out - ref).square(), ref.square()
+                if self.weights is not None and self.weights[k].shape == ref.shape[:-1]:
+                    w = self.weights[k].to(ref.device, torch.float32).unsqueeze(-1)
+                    d2, r2 = d2 * w, r2 * w
+                num += float(d2.sum(dtype=torch.float64))
+                den += float(r2.sum(dtype=torch.float64))
         finally:
             for name, w in saved.items():
                 self.ctx.module(name).weight.data = w
         return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def judge_for(ctx, group: tuple[str, ...], judges: dict) -> BlockJudge | None:
+def judge_for(ctx, group: tuple[str, ...], judges: dict,
+              token_weights: dict | None = None) -> BlockJudge | None:
     """The block judge for a group whose error must go through its block (q/k/v, gate/up),
     made once per block; None where the group's own output is the block's (o_proj,
     down_proj: the last group of its block) or the block is a sparse-expert one."""
@@ -84,7 +92,7 @@ def judge_for(ctx, group: tuple[str, ...], judges: dict) -> BlockJudge | None:
     if group == members[-1]:
         return None
     if block not in judges:
-        judges[block] = BlockJudge(ctx, block)
+        judges[block] = BlockJudge(ctx, block, token_weights=token_weights)
     return judges[block]
 
 

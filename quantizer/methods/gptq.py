@@ -16,26 +16,28 @@ from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
 from . import register_method
 from .gptq_hessian import (HessianAccumulator, PreparedHessian, output_error, park,
                            prepare_hessian, report_errors)
-from .rtn import check_group_size, group_params
+from .grid import GridSpec, grid_spec, range_params, search_params
+from .rtn import check_group_size
+from .token_weights import TOKEN_WEIGHTS, token_weights_for, weights_for
 
 __all__ = ["GPTQ", "HessianAccumulator", "PreparedHessian", "gptq_group_params",
            "gptq_quantize", "group_hessians", "output_error", "prepare_hessian",
            "quantize_group", "split_rows"]
 
 
-def gptq_group_params(w: torch.Tensor, bits: int, symmetric: bool):
-    """Per-row scale/zero of `w` (rows, cols) via RTN's group_params, but never an asymmetric
-    zero point of 0: checkpoint_format "gptq" stores zero-1, so 0 is unrepresentable there.
-    A row that would get zero 0 (no negative weight beyond scale/2) gets zero 1 and a scale
-    wide enough that its maximum still fits in codes 1..maxq."""
-    scale, zero = group_params(w, bits, symmetric)
-    if not symmetric:  # branch-free: no host sync inside the GPU column loop
-        maxq = (1 << bits) - 1
-        bad = zero < 1
-        wmax = w.float().amax(dim=-1).clamp(min=0)
-        scale = torch.where(bad, torch.maximum(scale, wmax / (maxq - 1)), scale)
-        zero = torch.where(bad, torch.ones_like(zero), zero)
-    return scale, zero
+def gptq_group_params(w: torch.Tensor, bits: int, symmetric: bool, grid: GridSpec | None = None,
+                      importance: torch.Tensor | None = None):
+    """Per-row scale/zero of `w` (rows, cols) -- min-max, or the grid's search weighted by
+    `importance` (cols,) -- but never an asymmetric zero point of 0: checkpoint_format "gptq"
+    stores zero-1, so 0 is unrepresentable there. A row that would get zero 0 (no negative
+    weight beyond scale/2) gets zero 1 and a scale wide enough that its maximum still fits in
+    codes 1..maxq."""
+    if grid is None or not grid.searches:
+        w = w.float()
+        return range_params(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric, min_zero=1)
+    imp = None if importance is None else importance.reshape(1, -1)
+    scale, zero = search_params(w.unsqueeze(-2), bits, symmetric, grid, imp, min_zero=1)
+    return scale.squeeze(-1), zero.squeeze(-1)
 
 
 _TRITON_STATE = {"broken": False}
@@ -51,12 +53,13 @@ def _triton_usable() -> bool:
     return available()
 
 
-def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
+def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
     """The GPTQ recursion, one column per step, lazy batch updates per block (in place).
 
     WT (n, out): the weight's columns as rows, in visiting order; U (n, n): upper Cholesky
     factor of H⁻¹ in the same order; QT receives the codes (as floats). scales/zeros
-    (n_groups, out) are read (static groups) or written at each group's first column."""
+    (n_groups, out) are read (static groups) or written at each group's first column by
+    params(columns (out, gs), first visited column) -> (scale, zero)."""
     n = WT.shape[0]
     maxq = (1 << bits) - 1
     gids = gid.tolist()
@@ -72,7 +75,7 @@ def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symm
                 if dynamic:  # a group starts here: parameters from the updated weights
                     span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
                         [W1[i:], WT[i2:col + gs]])
-                    scales[g], zeros[g] = gptq_group_params(span.t(), bits, symmetric)
+                    scales[g], zeros[g] = params(span.t(), col)
                 scale, zero = scales[g], zeros[g]
                 zs = zero * scale
                 cur = g
@@ -92,13 +95,16 @@ def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symm
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
                   damp: float = 0.01, block: int = 128, log=print, name: str = "weight",
-                  prepared: PreparedHessian | None = None, backend: str = "auto"
-                  ) -> tuple[QuantizedWeight, dict]:
+                  prepared: PreparedHessian | None = None, backend: str = "auto",
+                  grid: GridSpec | None = None) -> tuple[QuantizedWeight, dict]:
     """Quantize W (out, in) against Hessian H (in, in) (or a PreparedHessian made from it with
     the same act_order). Returns the canonical QuantizedWeight (codes in original column
     order; g_idx only for act-order without static groups) and info {damp_used, retries,
     dead_columns}. Neither W nor H is modified. backend: "torch" (one column at a time from
-    Python), "triton" (gptq_triton's fused block kernel) or "auto" (triton on CUDA)."""
+    Python), "triton" (gptq_triton's fused block kernel) or "auto" (triton on CUDA).
+    grid: how each group's scale and zero are chosen (methods/grid.py; its importance is H's
+    diagonal), before the solve for static groups, at the group's first column (from the
+    updated weights) for dynamic ones; None: min-max."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
     if prepared is None:
@@ -114,12 +120,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
     zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
     dynamic = not (group_size == -1 or static_groups)
+    searching = grid is not None and grid.searches
+    imp = prepared.diag if searching and grid.needs_importance else None
     if not dynamic:
         # Parameters up front from the unpermuted weight, so group g covers columns
         # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
         for g in range(n_groups):
-            scales[g], zeros[g] = gptq_group_params(W[:, g * gs:(g + 1) * gs], bits,
-                                                    symmetric)
+            scales[g], zeros[g] = gptq_group_params(
+                W[:, g * gs:(g + 1) * gs], bits, symmetric, grid,
+                None if imp is None else imp[g * gs:(g + 1) * gs])
     # Columns as rows: every column GPTQ visits is one contiguous vector.
     WT = (W[:, perm] if perm is not None else W).t().contiguous()
     del W
@@ -131,7 +140,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     # Align blocks with groups so every group's parameters come from weights that already
     # carry all earlier columns' error feedback.
     block = (block // gs) * gs if gs <= block else math.gcd(block, gs)
-    args = (U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
+    if imp is not None and perm is not None:
+        imp = imp[perm]  # dynamic groups take the visited columns' importance
+
+    def params(w: torch.Tensor, col: int):
+        return gptq_group_params(w, bits, symmetric, grid,
+                                 None if imp is None else imp[col:col + w.shape[1]])
+
+    args = (U, QT, scales, zeros, gid, dynamic, gs, block, bits, params)
     if backend == "triton":
         from .gptq_triton import solve_columns_triton
         solve_columns_triton(WT, *args)
@@ -187,11 +203,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def group_hessians(ctx, groups, device=None, host_total: bool = False
+def group_hessians(ctx, groups, device=None, host_total: bool = False,
+                   token_weights: dict | None = None
                    ) -> dict[tuple[str, ...], HessianAccumulator]:
     """One Hessian per input group from its shared input over every calibration chunk, all
     groups in one pass per chunk (capturing only each group's first member; the forward stops
-    after the last one)."""
+    after the last one). token_weights: methods/token_weights.py's, weighing each token."""
     firsts = [g[0] for g in groups]
     layout = layout_of(ctx)
     # per calibration shard, folded in shard order: the same sums on any number of processes
@@ -200,7 +217,8 @@ def group_hessians(ctx, groups, device=None, host_total: bool = False
         ctx.module(g[0]).in_features, device), host_total) for g in groups}
     for k, seen in enumerate(ctx.capture(firsts)):  # to its end: that removes the hooks
         for g in groups:
-            folds[g].part(layout.shard_of[k]).add(seen[g[0]])
+            x = seen[g[0]]
+            folds[g].part(layout.shard_of[k]).add(x, weights_for(token_weights, g[0], k, x))
     return {g: folds[g].result() for g in groups}
 
 
@@ -228,7 +246,7 @@ def _cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
                    act_order: bool, static_groups: bool, damp: float, block: int,
                    prepared: PreparedHessian | None = None, row_slices: int = 1,
-                   parallel: bool = True):
+                   parallel: bool = True, grid: GridSpec | None = None):
     """GPTQ every linear of one input group against the group's H. Linears with the same
     (bits, group_size) are stacked row-wise into one solve (GPTQ treats rows independently
     given H, so this is exact and visits each column once instead of once per linear), in
@@ -250,7 +268,7 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
             q, info = gptq_quantize(_rows(weights, r0, min(r0 + step, total)), None, bits, gs,
                                     symmetric, act_order, static_groups, damp, block,
                                     log=ctx.log, name=ctx.full_name(names[0]),
-                                    prepared=prepared)
+                                    prepared=prepared, grid=grid)
             parts.append(q)
         return split_rows(_cat_rows(parts), [w.shape[0] for w in weights]), info
 
@@ -277,11 +295,17 @@ class GPTQ:
     def __init__(self, damp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, block: int = 128,
                  module_settings: dict[str, tuple[int, int]] | None = None,
-                 report_error: bool = True, error_weights: str = "none", **unknown):
+                 report_error: bool = True, error_weights: str = "none",
+                 scale_search: str = "minmax", token_weights: str = "none", **unknown):
         if unknown:
             raise InputError(f"unknown GPTQ option(s) {sorted(unknown)}; known: damp, "
                              f"act_order, static_groups, block, module_settings, "
-                             f"error_weights")
+                             f"error_weights, scale_search, token_weights")
+        if token_weights not in TOKEN_WEIGHTS:
+            raise InputError(f"--token-weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                             f"got {token_weights!r}")
+        self.grid = grid_spec(scale_search)
+        self.token_weights = token_weights
         if error_weights not in ERROR_WEIGHTS:
             raise InputError(f"error_weights must be one of {ERROR_WEIGHTS}, got "
                              f"{error_weights!r}")
@@ -306,7 +330,12 @@ class GPTQ:
         return int(bits), int(ctx.settings.group_size)
 
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
-        """Per input group: accumulate H, factor it, solve, report. Where H lives follows the
+        tw = token_weights_for(ctx, self.token_weights)
+        return self.quantize_weighted(ctx, tw)
+
+    def quantize_weighted(self, ctx, tw: dict | None) -> dict[str, QuantizedWeight]:
+        """Per input group: accumulate H (each token weighted by `tw`, token_weights.py),
+        factor it, solve, report. Where H lives follows the
         plan (ctx.placement 'hessian'): 'gpu'; 'park', on the GPU but moved to host RAM while
         its factor is prepared and the columns solved; 'cpu', accumulated and solved on the
         host. 'row_slices' splits the solve by output rows."""
@@ -329,7 +358,8 @@ class GPTQ:
             # park: the shard fold's running total waits in host RAM, where the solve
             # wants H anyway, so the GPU holds one n×n matrix while accumulating
             accs = group_hessians(ctx, batch, acc_dev,
-                                  host_total=where == "park" and ctx.device.type == "cuda")
+                                  host_total=where == "park" and ctx.device.type == "cuda",
+                                  token_weights=tw)
             _sync(ctx.device)
             ctx.mark(f"calibrate {batch[0][0]}" + (f" +{len(batch) - 1}" if len(batch) > 1
                                                    else ""))
@@ -383,7 +413,8 @@ class GPTQ:
                     f"{prepared.retries} failed Cholesky attempt(s)")
         qs, _ = quantize_group(ctx, group, H, settings, ctx.settings.symmetric,
                                self.act_order, self.static_groups, self.damp, self.block,
-                               prepared, row_slices=slices, parallel=parallel)
+                               prepared, row_slices=slices, parallel=parallel,
+                               grid=self.grid)
         info = {"damp_used": prepared.damp_used, "retries": prepared.retries,
                 "dead_columns": int(prepared.dead.sum())}
         del prepared  # U is not needed for the report: H comes back in its place

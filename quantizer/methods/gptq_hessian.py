@@ -29,19 +29,26 @@ class HessianAccumulator:
         self.n_tokens = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add the tokens of x (..., n); `weights` (x's leading shape) weighs each token's
+        x xᵀ (token weights, methods/token_weights.py); the mean still counts tokens."""
         if x.dim() >= 3:
-            for sample in x.reshape(-1, *x.shape[-2:]):
-                self._add_rows(sample)
+            ws = (None if weights is None else
+                  weights.reshape(-1, x.shape[-2]))
+            for k, sample in enumerate(x.reshape(-1, *x.shape[-2:])):
+                self._add_rows(sample, None if ws is None else ws[k])
         else:
-            self._add_rows(x)
+            self._add_rows(x, weights)
 
-    def _add_rows(self, x: torch.Tensor) -> None:
+    def _add_rows(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         half = x.dtype in (torch.float16, torch.bfloat16)
         x = x.reshape(-1, x.shape[-1]).to(self.H.device).to(torch.float32)
         m = x.shape[0]
         if m == 0:
             return
+        if weights is not None:
+            x = x * weights.reshape(-1, 1).to(x.device, torch.float32).sqrt()
+            half = False  # the products are no longer of half-precision values
         total = self.n_tokens + m
         # H <- H * n/(n+m) + (2/(n+m)) * xᵀx, in one fused addmm (scaling after the product,
         # so the factors stay the exact input values).
@@ -300,6 +307,7 @@ class PreparedHessian:
     dead: torch.Tensor  # bool (in,): columns that never saw a non-zero input
     damp_used: float
     retries: int
+    diag: torch.Tensor | None = None  # H's diagonal (float32, original column order)
 
 
 @torch.no_grad()
@@ -325,4 +333,4 @@ def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01
     reverse = order.flip(0)  # P H P in quantization order: see _upper_factor_of_inverse
     U, damp_used, retries = _upper_factor_of_inverse(
         lambda: _scratch(H, reverse, fix, device), damp, mean_diag, log)
-    return PreparedHessian(U, perm, dead, damp_used, retries)
+    return PreparedHessian(U, perm, dead, damp_used, retries, diag)

@@ -6,9 +6,9 @@ Rows of W are independent given H, so each program here owns a tile of BLOCK_O o
 for the whole block (≤128 columns) in registers and runs the block's columns sequentially:
 extract column i, quantize it with its group's scale/zero, store codes and the scaled error,
 and apply the rank-1 update to the tile's later columns. Group parameters of dynamic groups
-are computed between launches by the same `gptq_group_params` the Python path uses (a
-segment ends where a group starts), so both paths share one definition of a group's scale
-and zero.
+are computed between launches by the same `params` callable the Python path uses
+(gptq.gptq_group_params; a segment ends where a group starts), so both paths share one
+definition of a group's scale and zero.
 
 Rounding is round-half-to-even, written out with floor so it does not depend on a libdevice
 function (torch.round is half-to-even too)."""
@@ -68,7 +68,7 @@ if triton is not None:
 BLOCK_O = 32
 
 
-def solve_columns_triton(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
+def solve_columns_triton(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
     """Same contract as gptq._solve_columns (in place on WT, QT, scales, zeros)."""
     if triton is None:
         raise RuntimeError("the triton GPTQ backend needs triton installed")
@@ -76,13 +76,11 @@ def solve_columns_triton(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits
         raise RuntimeError("the triton GPTQ backend needs CUDA tensors (or TRITON_INTERPRET=1)")
     if WT.is_cuda:  # Triton launches on the current device: make it WT's
         with torch.cuda.device(WT.device):
-            return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
-    return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric)
+            return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params)
+    return _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params)
 
 
-def _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
-    from .gptq import gptq_group_params  # the one definition of a group's parameters
-
+def _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
     n, out_f = WT.shape
     assert WT.is_contiguous() and QT.is_contiguous() and scales.is_contiguous()
     assert U.stride(1) == 1
@@ -104,7 +102,7 @@ def _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, symmetric):
                 g, col = gids[i1 + s0], i1 + s0
                 span = W1[s0:s0 + gs] if s0 + gs <= count else torch.cat([W1[s0:],
                                                                          WT[i2:col + gs]])
-                scales[g], zeros[g] = gptq_group_params(span.t(), bits, symmetric)
+                scales[g], zeros[g] = params(span.t(), col)
             _gptq_segment_kernel[grid](W1, Q1, Err1, U1, scales, zeros, gid[i1:i2], out_f,
                                        U.stride(0), out_f, s0, s1, count, float((1 << bits) - 1),
                                        COUNT=COUNT, BLOCK_O=BLOCK_O, num_warps=4)

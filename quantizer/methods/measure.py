@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq import group_hessians, prepare_hessian, quantize_group
 from .block_error import judge_for
+from .gptq import group_hessians, prepare_hessian, quantize_group
+from .grid import grid_spec
+from .token_weights import token_weights_for
 from .residual_share import block_of
 
 
@@ -153,22 +155,27 @@ def group_label(group: tuple[str, ...]) -> str:
 
 @torch.no_grad()
 def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, block: int = 128
+                  act_order: bool = False, static_groups: bool = False, block: int = 128,
+                  scale_search: str = "minmax", token_weights: str = "none"
                   ) -> dict[str, list[CandidateResult]]:
     """{group label: [CandidateResult, ...]} for one layer; the layer's weights are left as
-    they were (float). Timings and the number of GPTQ solves go to ctx.stats."""
+    they were (float). Timings and the number of GPTQ solves go to ctx.stats. scale_search
+    and token_weights as GPTQ takes them: with token weights every error (Hessian and block
+    judge) weighs tokens by what the next RMSNorm makes of them."""
     candidates = default_candidates() if candidates is None else list(candidates)
     symmetric = bool(ctx.settings.symmetric)
     groups = list(ctx.arch.input_groups)
+    grid = grid_spec(scale_search)
     t0 = time.perf_counter()
-    hessians = group_hessians(ctx, groups)
+    tw = token_weights_for(ctx, token_weights)
+    hessians = group_hessians(ctx, groups, token_weights=tw)
     t_hess = time.perf_counter() - t0
     results: dict[str, list[CandidateResult]] = {}
     solves, t_solve, t_judge = 0, 0.0, 0.0
     judges: dict = {}  # block name -> BlockJudge, while its groups are measured
     for group in groups:
         t2 = time.perf_counter()
-        judge = judge_for(ctx, group, judges)
+        judge = judge_for(ctx, group, judges, tw)
         if judge is None:
             judges.clear()  # past the block's last judged group: free its cached tokens
         t_judge += time.perf_counter() - t2
@@ -191,7 +198,8 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
             members = tuple(n for n in group if any(ss.get(n) == setting for _, ss in plans))
             qs, _ = quantize_group(ctx, members, None, {n: (setting.bits, setting.group_size)
                                                         for n in members},
-                                   symmetric, act_order, static_groups, damp, block, prepared)
+                                   symmetric, act_order, static_groups, damp, block, prepared,
+                                   grid=grid)
             solves += 1
             per_setting[setting] = {}
             for n in members:

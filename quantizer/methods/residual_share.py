@@ -45,7 +45,7 @@ def residual_shares(ctx) -> Iterator[dict]:
     yielded dict holds {block: {"output_sq", "residual_sq"}} (means over tokens of ‖out‖² and
     ‖h after the block‖²), or stays empty when the layer is not in residual form."""
     blocks = list(dict.fromkeys(block_of(n) for g in ctx.arch.input_groups for n in g))
-    sums = {b: [0.0, 0.0] for b in blocks}
+    sums = {b: [0.0, 0.0, 0.0] for b in blocks}
     state = {"tokens": 0, "worst": 0.0}
 
     def layer_in(mod, args, kwargs):
@@ -58,6 +58,10 @@ def residual_shares(ctx) -> Iterator[dict]:
             state["r"] = state["r"] + y.reshape(state["r"].shape)
             sums[block][0] += float(y.square().sum(dtype=torch.float64))
             sums[block][1] += float(state["r"].square().sum(dtype=torch.float64))
+            # per token ‖out_t‖² / ‖h_t‖²: what the next RMSNorm sees of this block's output,
+            # not dominated by the few tokens whose stream is massive
+            ratio = y.square().sum(-1) / state["r"].square().sum(-1).clamp_min(1e-30)
+            sums[block][2] += float(ratio.sum(dtype=torch.float64))
         return hook
 
     def layer_out(mod, args, kwargs, out):
@@ -79,8 +83,8 @@ def residual_shares(ctx) -> Iterator[dict]:
             h.remove()
     n = state["tokens"]
     if n and state["worst"] <= RESIDUAL_TOLERANCE:
-        result.update({b: {"output_sq": s[0] / n, "residual_sq": s[1] / n}
-                       for b, s in sums.items()})
+        result.update({b: {"output_sq": s[0] / n, "residual_sq": s[1] / n,
+                           "token_share": s[2] / n} for b, s in sums.items()})
 
 
 __all__ = ["RESIDUAL_TOLERANCE", "block_module", "block_of", "residual_shares"]

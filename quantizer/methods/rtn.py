@@ -5,24 +5,16 @@ import torch
 
 from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
 
+from .grid import GridSpec, grid_spec, range_params, search_params
+
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool = False):
     """Scale and zero point per row of `w` (rows = groups), in float32.
 
     The range always includes 0 (as GPTQ does), so every code is reachable without clamping
     the zero point and the round-trip error stays within scale/2."""
-    maxq = (1 << bits) - 1
     w = w.float()
-    wmin = w.amin(dim=-1).clamp(max=0)
-    wmax = w.amax(dim=-1).clamp(min=0)
-    if symmetric:
-        wmax = torch.maximum(-wmin, wmax)
-        scale = (2 * wmax / maxq).clamp(min=1e-8)
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        scale = ((wmax - wmin) / maxq).clamp(min=1e-8)
-        zero = torch.round(-wmin / scale).clamp(0, maxq)
-    return scale, zero
+    return range_params(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
@@ -41,9 +33,12 @@ def check_group_size(in_features: int, group_size: int, name: str = "weight") ->
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                 clip_ratio: float | torch.Tensor = 1.0, name: str = "weight") -> QuantizedWeight:
+                 clip_ratio: float | torch.Tensor = 1.0, name: str = "weight",
+                 grid: GridSpec | None = None,
+                 importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a (out, in) weight. `clip_ratio` shrinks each group's range (AWQ's clip search
-    passes a per-(row, group) tensor)."""
+    passes a per-(row, group) tensor). `grid` chooses each group's scale and zero by its
+    search (methods/grid.py) with `importance` (in,) per input column; None: min-max."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
     out_f, in_f = w.shape
@@ -55,7 +50,11 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
             ratio = ratio.unsqueeze(-1)
         limit = wg.abs().amax(dim=-1, keepdim=True) * ratio
         wg = torch.maximum(torch.minimum(wg, limit), -limit)
-    scale, zero = group_params(wg, bits, symmetric)
+    if grid is not None and grid.searches:
+        imp = None if importance is None else importance.reshape(in_f // gs, gs)
+        scale, zero = search_params(wg, bits, symmetric, grid, imp)
+    else:
+        scale, zero = group_params(wg, bits, symmetric)
     codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return QuantizedWeight(codes=codes.reshape(out_f, in_f).to(torch.uint8), scales=scale,
                            zeros=zero.to(torch.int32), bits=bits, group_size=group_size,
@@ -70,16 +69,44 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool =
 
 
 class RTN:
-    """Method: no calibration, each linear rounded independently."""
+    """Method: each linear rounded independently. scale_search (methods/grid.py): minmax (no
+    calibration), mse (the weight error's shrink grid, no calibration) or imatrix (the grid
+    weighted by the calibration inputs' E[x²]: RTN then calibrates, one capture forward per
+    layer); token_weights: how imatrix weighs tokens (methods/token_weights.py)."""
 
     name = "rtn"
-    needs_calibration = False
+
+    def __init__(self, scale_search: str = "minmax", token_weights: str = "none"):
+        from .token_weights import TOKEN_WEIGHTS
+        if token_weights not in TOKEN_WEIGHTS:
+            from quantizer.errors import InputError
+            raise InputError(f"--token-weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                             f"got {token_weights!r}")
+        self.grid = grid_spec(scale_search)
+        self.token_weights = token_weights
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.grid.needs_importance
 
     def quantize_layer(self, ctx) -> dict[str, QuantizedWeight]:
         s = ctx.settings
+        importance = self._importance(ctx) if self.grid.needs_importance else {}
         out = {}
-        for name in ctx.arch.linears:
-            lin = ctx.module(name)
-            out[name] = rtn_quantize(lin.weight.data, s.bits, s.group_size, s.symmetric,
-                                     name=ctx.full_name(name))
-        return out
+        for group in ctx.arch.input_groups:
+            for name in group:
+                lin = ctx.module(name)
+                out[name] = rtn_quantize(lin.weight.data, s.bits, s.group_size, s.symmetric,
+                                         name=ctx.full_name(name), grid=self.grid,
+                                         importance=importance.get(group[0]))
+        return {name: out[name] for name in ctx.arch.linears}
+
+    def _importance(self, ctx) -> dict[str, torch.Tensor]:
+        if not ctx.inputs:
+            from quantizer.errors import InputError
+            raise InputError("rtn with --scale-search imatrix needs calibration inputs "
+                             "(--calib-samples > 0)")
+        from .importance import second_moments
+        from .token_weights import token_weights_for
+        tw = token_weights_for(ctx, self.token_weights)
+        return second_moments(ctx, [g[0] for g in ctx.arch.input_groups], tw)
