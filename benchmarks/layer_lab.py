@@ -76,6 +76,28 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
                          {"symmetric": True}),
     "gptq-two-imx": ("gptq", {"token_weights": "outliers", "scale_search": "imatrix"}, {}),
     "awq-two": ("awq", {"token_weights": "outliers"}, {}),
+    "gptq-two16": ("gptq", {"token_weights": "outliers"}, {"outlier_factor": 16.0}),
+    "gptq-imx": ("gptq", {"scale_search": "imatrix"}, {}),
+    "gptq-as-imx": ("gptq", {"act_order": True, "static_groups": True,
+                             "scale_search": "imatrix"}, {}),
+    "gptq-sas-imx": ("gptq", {"act_order": True, "static_groups": True,
+                              "scale_search": "imatrix"}, {"symmetric": True}),
+    "awq-gptq-imx": ("awq-gptq", {"scale_search": "imatrix"}, {}),
+    "awq-gptq-sas-imx": ("awq-gptq", {"act_order": True, "static_groups": True,
+                                      "scale_search": "imatrix"}, {"symmetric": True}),
+    "gptq-sas-two16": ("gptq", {"act_order": True, "static_groups": True,
+                                "token_weights": "outliers"},
+                       {"symmetric": True, "outlier_factor": 16.0}),
+    "gptq-sas-two16-imx": ("gptq", {"act_order": True, "static_groups": True,
+                                    "token_weights": "outliers", "scale_search": "imatrix"},
+                           {"symmetric": True, "outlier_factor": 16.0}),
+    "gptq-as-two16-imx": ("gptq", {"act_order": True, "static_groups": True,
+                                   "token_weights": "outliers", "scale_search": "imatrix"},
+                          {"outlier_factor": 16.0}),
+    "gptq-two16-imx": ("gptq", {"token_weights": "outliers", "scale_search": "imatrix"},
+                       {"outlier_factor": 16.0}),
+    "awq-gptq-two16": ("awq-gptq", {"token_weights": "outliers"}, {"outlier_factor": 16.0}),
+    "awq-two16": ("awq", {"token_weights": "outliers"}, {"outlier_factor": 16.0}),
     "awq-gptq-two": ("awq-gptq", {"token_weights": "outliers"}, {}),
     "awq-gptq-two-imx": ("awq-gptq", {"token_weights": "outliers", "scale_search": "imatrix"},
                          {}),
@@ -197,6 +219,9 @@ def run_variant(lab: Lab, i: int, name: str, bits: int, group_size: int, kl: boo
                 ref_logp=None) -> dict:
     from quantizer.methods import get_method
     method, options, overrides = VARIANTS[name]
+    overrides = dict(overrides)
+    from quantizer.methods import token_weights as twm
+    twm.OUTLIER_FACTOR = overrides.pop("outlier_factor", 4.0)  # lab-only knob
     settings = settings_for(method, overrides, bits, group_size, options)
     layer = load_layer(lab.model, lab.source, i, "cpu", torch.float32)
     _, held = lab.inputs(i)

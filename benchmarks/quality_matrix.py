@@ -52,9 +52,10 @@ OURS: dict[str, dict] = {
     "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
 }
 # llm-compressor recipes (benchmarks/peer/peer_quality.py); "gptq" is its defaults
-PEER = ("awq", "gptq", "gptq-imatrix", "rtn")
+PEER = ("awq", "gptq", "gptq-imatrix", "rtn", "awq-gptq")
 # Our row each peer row is held against (same method, bits, group size): ours <= theirs
-SAME_METHOD = {"awq": "awq", "gptq": "gptq", "gptq-imatrix": "gptq", "rtn": "rtn"}
+SAME_METHOD = {"awq": "awq", "gptq": "gptq", "gptq-imatrix": "gptq", "rtn": "rtn",
+               "awq-gptq": "awq-gptq"}
 
 FULL = dict(samples=128, seqlen=512, windows=40, group_size=64,
             calibs=("wikitext2-tail", "builtin"), dtypes=("float16", "bfloat16"))
@@ -131,7 +132,9 @@ def run_ours(base: Path, work: Path, calib: str, dtype: str, rows: list[str], sp
                            calib_seqlen=spec["seqlen"], seed=0, dtype=dtype, progress=False,
                            overwrite=True, **opts)
             rec = {"status": "ok", "export_format": res.export_format,
-                   "max_output_error": max((r.output_error or 0.0) for r in res.layers)}
+                   "max_output_error": max((r.output_error or 0.0) for r in res.layers),
+                   # per layer: ||y_q - y|| / ||y|| of the layer output on calibration tokens
+                   "output_errors": [round(r.output_error or 0.0, 5) for r in res.layers]}
             if adaptive and measurement is None and (out / "measurement.json").is_file():
                 measurement = work / "measurement.json"
                 shutil.copy2(out / "measurement.json", measurement)
@@ -151,35 +154,40 @@ def run_ours(base: Path, work: Path, calib: str, dtype: str, rows: list[str], sp
 def tasks_for(base: Path, work: Path, wiki: Path, spec: dict, rows: list[str],
               peers: list[str], peer_site: str | None, quick: bool,
               deadline: float | None = None) -> list[Task]:
+    """In priority order: our batches (the first calibration text and dtype first), then the
+    peer's recipes in the order given (each over every batch), then one evaluation per batch
+    (it waits for its batch's tasks)."""
     py = sys.executable
-    out: list[Task] = []
-    for calib in spec["calibs"]:
-        tokens = work / f"tokens-{calib}.pt"
-        for dtype in spec["dtypes"]:
+    batches = [(calib, dtype) for calib in spec["calibs"] for dtype in spec["dtypes"]]
+    ours, peer, evals = [], [], []
+    deps: dict[str, list[str]] = {}
+    for calib, dtype in batches:
+        b = f"{calib}-{dtype}"
+        bdir = work / b
+        ours.append(Task(f"ours:{b}", "ours", [
+            py, str(BENCH / "quality_matrix.py"), "ours", "--base", str(base),
+            "--work", str(bdir / "ours"), "--calib", calib, "--dtype", dtype,
+            "--rows", ",".join(rows), "--json", str(bdir / "ours.json")]
+            + (["--quick"] if quick else [])
+            + (["--deadline", str(deadline)] if deadline is not None else [])))
+        deps[b] = [ours[-1].name]
+    for recipe in (peers if peer_site else []):
+        for calib, dtype in batches:
             b = f"{calib}-{dtype}"
-            bdir = work / b
-            batch = [f"ours:{b}"]
-            out.append(Task(f"ours:{b}", "ours", [
-                py, str(BENCH / "quality_matrix.py"), "ours", "--base", str(base),
-                "--work", str(bdir / "ours"), "--calib", calib, "--dtype", dtype,
-                "--rows", ",".join(rows), "--json", str(bdir / "ours.json")]
-                + (["--quick"] if quick else [])
-                + (["--deadline", str(deadline)] if deadline is not None else [])))
-            if peer_site:
-                for recipe in peers:
-                    env = {"PYTHONPATH": peer_site, "DTYPE": dtype,
-                           "TOKENIZERS_PARALLELISM": "false"}
-                    out.append(Task(f"peer:{b}:{recipe}", "peer", [
-                        py, str(BENCH / "peer" / "peer_quality.py"), str(base), recipe,
-                        str(tokens), str(bdir / "peer" / recipe), str(spec["group_size"])],
-                        env=env))
-                    batch.append(out[-1].name)
-            out.append(Task(f"eval:{b}", "eval", [
-                py, str(BENCH / "eval_independent.py"), "--base", str(base), "--wikitext",
-                str(wiki), "--windows", str(spec["windows"]), "--seqlen",
-                str(spec["seqlen"]), "--dtype", "float16" if not quick else "float32",
-                "--out", str(bdir / "eval.json")], after=batch))
-    return out
+            env = {"PYTHONPATH": peer_site, "DTYPE": dtype, "TOKENIZERS_PARALLELISM": "false"}
+            peer.append(Task(f"peer:{b}:{recipe}", "peer", [
+                py, str(BENCH / "peer" / "peer_quality.py"), str(base), recipe,
+                str(work / f"tokens-{calib}.pt"), str(work / b / "peer" / recipe),
+                str(spec["group_size"])], env=env))
+            deps[b].append(peer[-1].name)
+    for calib, dtype in batches:
+        b = f"{calib}-{dtype}"
+        evals.append(Task(f"eval:{b}", "eval", [
+            py, str(BENCH / "eval_independent.py"), "--base", str(base), "--wikitext",
+            str(wiki), "--windows", str(spec["windows"]), "--seqlen", str(spec["seqlen"]),
+            "--dtype", "float32" if quick else "float16",
+            "--out", str(work / b / "eval.json")], after=deps[b]))
+    return ours + peer + evals
 
 
 def exports_of(batch_dir: Path) -> list[str]:
@@ -219,7 +227,10 @@ class Runner:
             while dep not in self.done:
                 time.sleep(0.5)
         elapsed = time.monotonic() - self.t0
-        if self.budget is not None and elapsed + self._estimate(task.kind) > self.budget:
+        # evaluations may use the whole budget; other tasks leave room for them
+        limit = None if self.budget is None else (
+            self.budget if task.kind == "eval" else self.budget - ESTIMATE["eval"])
+        if limit is not None and elapsed + self._estimate(task.kind) > limit:
             task.record = {"status": "skipped", "reason": f"would not finish in the time "
                            f"budget ({elapsed:.0f} s used of {self.budget:.0f} s)"}
         else:
@@ -227,6 +238,7 @@ class Runner:
                 task.cmd = task.cmd + exports_of(Path(task.cmd[task.cmd.index("--out") + 1])
                                                  .parent)
             env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", "4")  # several processes share the host
             for k, v in task.env.items():
                 env[k] = v if k != "PYTHONPATH" else v + os.pathsep + env.get("PYTHONPATH", "")
             log = self.logs / (task.name.replace(":", "_") + ".log")
@@ -428,7 +440,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default=",".join(PEER))
     p.add_argument("--calibs", default=None, help="comma list (default: wikitext2-tail,builtin)")
     p.add_argument("--dtypes", default=None, help="comma list (default: float16,bfloat16)")
-    p.add_argument("--jobs", type=int, default=4, help="tasks at once")
+    p.add_argument("--jobs", type=int, default=6, help="tasks at once")
     p.add_argument("--time-budget", type=float, default=None, help="seconds")
     p.add_argument("--quick", action="store_true", help=f"stories260K, CPU, {QUICK}")
     a = p.parse_args(argv)

@@ -6,6 +6,7 @@ wheels on PYTHONPATH; imports nothing of layerquant.
 
 RECIPE (all W4A16, `ignore=["lm_head"]`, group GROUP_SIZE, default 64):
 - awq: AWQModifier + asymmetric groups (its README's W4A16_ASYM recipe, at our group size);
+- awq-gptq: AWQModifier then GPTQModifier (its defaults) on asymmetric groups;
 - gptq: GPTQModifier with its defaults: symmetric groups, actorder static, dampening 0.01,
   block 128 (the W4A16 preset's scheme at our group size);
 - gptq-imatrix: the same with the imatrix_mse weight observer (importance-weighted grid);
@@ -33,9 +34,11 @@ def scheme(symmetric: bool, group: int, observer: str | None = None):
 
 def recipe(name: str, group: int):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    if name == "awq":
-        from llmcompressor.modifiers.awq import AWQModifier
-        return [AWQModifier(config_groups={"group_0": scheme(False, group)}, ignore=["lm_head"])]
+    if name in ("awq", "awq-gptq"):
+        from llmcompressor.modifiers.transform import AWQModifier
+        then = QuantizationModifier if name == "awq" else GPTQModifier
+        return [AWQModifier(), then(config_groups={"group_0": scheme(False, group)},
+                                    ignore=["lm_head"])]
     if name in ("gptq", "gptq-imatrix"):
         obs = "imatrix_mse" if name.endswith("imatrix") else None
         return [GPTQModifier(config_groups={"group_0": scheme(True, group, obs)},

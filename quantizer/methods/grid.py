@@ -34,7 +34,7 @@ class GridSpec:
     steps: int = 20
     max_shrink: float = 0.5
     norm: float = 2.0
-    refit: bool = False  # after the grid: least-squares scale (and zero) for the codes chosen
+    refit: bool = True  # after the grid: least-squares scale (and zero) for the codes chosen
 
     @property
     def searches(self) -> bool:

@@ -39,9 +39,10 @@ def token_weights_for(ctx, kind: str) -> dict[str, list[torch.Tensor]] | None:
     return {b: [outlier_weights(w) for w in ws] for b, ws in tw.items()}
 
 
-def outlier_weights(inv_ms: torch.Tensor, factor: float = OUTLIER_FACTOR) -> torch.Tensor:
+def outlier_weights(inv_ms: torch.Tensor, factor: float | None = None) -> torch.Tensor:
     """min(1, factor² · median_ms / ms_t) per token from 1 / ms (..., seq), the median per
     sequence (so the weights do not depend on how samples were chunked)."""
+    factor = OUTLIER_FACTOR if factor is None else factor
     ms = 1.0 / inv_ms
     med = ms.median(dim=-1, keepdim=True).values
     return torch.clamp(factor * factor * med / ms, max=1.0)
