@@ -43,10 +43,17 @@ OURS: dict[str, dict] = {
     "rtn-imatrix": dict(method="rtn", bits=4, scale_search="imatrix"),
     "awq": dict(method="awq", bits=4),
     "gptq": dict(method="gptq", bits=4),  # the defaults, whatever they are
+    "gptq-imatrix": dict(method="gptq", bits=4, scale_search="imatrix"),
     "gptq-sym-act-static": dict(method="gptq", bits=4, symmetric=True, act_order=True,
                                 static_groups=True),
-    "gptq-asym-act-static": dict(method="gptq", bits=4, act_order=True, static_groups=True),
+    # issue 20's old GPTQ defaults (before #26): asymmetric, no act-order
+    "gptq-asym": dict(method="gptq", bits=4, symmetric=False, act_order=False,
+                      static_groups=False),
+    "awq-imatrix": dict(method="awq", bits=4, scale_search="imatrix"),
+    "gptq-asym-act-static": dict(method="gptq", bits=4, symmetric=False, act_order=True,
+                                 static_groups=True),
     "awq-gptq": dict(method="awq-gptq", bits=4),
+    "awq-gptq-imatrix": dict(method="awq-gptq", bits=4, scale_search="imatrix"),
     "adaptive-4.31": dict(method="gptq", bits=4.31, adaptive=True),
     "adaptive-3.5": dict(method="gptq", bits=3.5, adaptive=True),
     "adaptive-3.0": dict(method="gptq", bits=3.0, adaptive=True),
@@ -57,10 +64,16 @@ PEER = ("awq", "gptq", "gptq-imatrix", "rtn", "awq-gptq")
 SAME_METHOD = {"awq": "awq", "gptq": "gptq", "gptq-imatrix": "gptq", "rtn": "rtn",
                "awq-gptq": "awq-gptq"}
 
-FULL = dict(samples=128, seqlen=512, windows=40, group_size=64,
-            calibs=("wikitext2-tail", "builtin"), dtypes=("float16", "bfloat16"))
-QUICK = dict(samples=4, seqlen=64, windows=4, group_size=4,
-             calibs=("wikitext2-tail", "builtin"), dtypes=("float32",))
+FULL = dict(model="smollm2", samples=128, seqlen=512, windows=40, group_size=64,
+            calibs=("wikitext2-tail", "builtin"), dtypes=("float16", "bfloat16"),
+            eval_dtype="float16")
+QUICK = dict(model="stories260K", samples=4, seqlen=64, windows=4, group_size=4,
+             calibs=("wikitext2-tail", "builtin"), dtypes=("float32",), eval_dtype="float32")
+# SmolLM2 on a small shared CPU (no GPU time): fewer calibration and evaluation tokens, one
+# calibration text, float32 quantization and evaluation
+CPU = dict(model="smollm2", samples=32, seqlen=512, windows=20, group_size=64,
+           calibs=("wikitext2-tail",), dtypes=("float32",), eval_dtype="float32")
+SPECS = {"full": FULL, "quick": QUICK, "cpu": CPU}
 # Seconds per task on one H100 for SmolLM2-135M, a first guess the run's own timings replace
 # (the JSON keeps them): a batch of our rows, one peer recipe, one evaluation of a batch.
 ESTIMATE = {"ours": 150.0, "peer": 60.0, "eval": 90.0}
@@ -76,8 +89,8 @@ class Task:
     record: dict = field(default_factory=dict)
 
 
-def model_dir(quick: bool) -> Path:
-    if quick:
+def model_dir(spec: dict) -> Path:
+    if spec["model"] == "stories260K":
         return STORIES
     from quantizer.demo_model import smollm2_checkpoint
     return smollm2_checkpoint()
@@ -152,7 +165,7 @@ def run_ours(base: Path, work: Path, calib: str, dtype: str, rows: list[str], sp
 
 # ---------------------------------------------------------------- the schedule
 def tasks_for(base: Path, work: Path, wiki: Path, spec: dict, rows: list[str],
-              peers: list[str], peer_site: str | None, quick: bool,
+              peers: list[str], peer_site: str | None, spec_name: str,
               deadline: float | None = None) -> list[Task]:
     """In priority order: our batches (the first calibration text and dtype first), then the
     peer's recipes in the order given (each over every batch), then one evaluation per batch
@@ -168,7 +181,7 @@ def tasks_for(base: Path, work: Path, wiki: Path, spec: dict, rows: list[str],
             py, str(BENCH / "quality_matrix.py"), "ours", "--base", str(base),
             "--work", str(bdir / "ours"), "--calib", calib, "--dtype", dtype,
             "--rows", ",".join(rows), "--json", str(bdir / "ours.json")]
-            + (["--quick"] if quick else [])
+            + ["--spec", spec_name] + ["--samples", str(spec["samples"])]
             + (["--deadline", str(deadline)] if deadline is not None else [])))
         deps[b] = [ours[-1].name]
     for recipe in (peers if peer_site else []):
@@ -185,7 +198,7 @@ def tasks_for(base: Path, work: Path, wiki: Path, spec: dict, rows: list[str],
         evals.append(Task(f"eval:{b}", "eval", [
             py, str(BENCH / "eval_independent.py"), "--base", str(base), "--wikitext",
             str(wiki), "--windows", str(spec["windows"]), "--seqlen", str(spec["seqlen"]),
-            "--dtype", "float32" if quick else "float16",
+            "--dtype", spec["eval_dtype"],
             "--out", str(work / b / "eval.json")], after=deps[b]))
     return ours + peer + evals
 
@@ -395,7 +408,7 @@ def targets(doc: dict) -> list[dict]:
                 out.append({"claim": f"[{b}] ours {row} closes >= 50% of RTN's gap",
                             "holds": closed >= 0.5, "detail": f"{closed:.0%}"})
         a = rows.get("ours:adaptive-4.31", {})
-        if a.get("ppl"):
+        if a.get("ppl") and doc["spec"].get("model") == "smollm2":  # the issue's number
             out.append({"claim": f"[{b}] adaptive 4.31 bpw <= 32.5 (SmolLM2 protocol)",
                         "holds": a["ppl"] <= 32.5, "detail": f"{a['ppl']:.3f}"})
     return out
@@ -419,17 +432,25 @@ def save(doc: dict, out: Path) -> None:
         os.replace(tmp, path)
 
 
+def _spec(name: str, samples: int | None = None) -> dict:
+    spec = dict(SPECS[name])
+    if samples:
+        spec["samples"] = samples
+    return spec
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "ours":
         p = argparse.ArgumentParser()
         for k in ("--base", "--work", "--calib", "--dtype", "--rows", "--json"):
             p.add_argument(k, required=True)
-        p.add_argument("--quick", action="store_true")
+        p.add_argument("--spec", choices=tuple(SPECS), default="full")
+        p.add_argument("--samples", type=int, default=None)
         p.add_argument("--deadline", type=float, default=None)
         a = p.parse_args(argv[1:])
         return run_ours(Path(a.base), Path(a.work), a.calib, a.dtype, a.rows.split(","),
-                        QUICK if a.quick else FULL, Path(a.json), a.deadline)
+                        _spec(a.spec, a.samples), Path(a.json), a.deadline)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/layerquant_qm"))
@@ -443,8 +464,14 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=6, help="tasks at once")
     p.add_argument("--time-budget", type=float, default=None, help="seconds")
     p.add_argument("--quick", action="store_true", help=f"stories260K, CPU, {QUICK}")
+    p.add_argument("--cpu", action="store_true", help=f"SmolLM2 on the CPU, {CPU}")
+    p.add_argument("--samples", type=int, default=None, help="calibration sequences")
+    p.add_argument("--windows", type=int, default=None, help="evaluation windows")
     a = p.parse_args(argv)
-    spec = dict(QUICK if a.quick else FULL)
+    spec_name = "quick" if a.quick else "cpu" if a.cpu else "full"
+    spec = _spec(spec_name, a.samples)
+    if a.windows:
+        spec["windows"] = a.windows
     if a.calibs:
         spec["calibs"] = tuple(a.calibs.split(","))
     if a.dtypes:
@@ -453,7 +480,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r not in OURS] + [r for r in peers if r not in PEER]
     if bad:
         p.error(f"unknown rows {bad}; ours: {', '.join(OURS)}; peer: {', '.join(PEER)}")
-    base, wiki = model_dir(a.quick), wikitext_file(a.wikitext)
+    base, wiki = model_dir(spec), wikitext_file(a.wikitext)
     if a.work.exists():
         shutil.rmtree(a.work)
     logs = a.work / "logs"
@@ -463,7 +490,7 @@ def main(argv=None) -> int:
     doc = {**environment(argv), "model": str(base), "spec": spec, "tasks": {}, "batches": {}}
     # our batches stop starting rows at the budget less one evaluation
     deadline = (time.time() + a.time_budget - ESTIMATE["eval"] if a.time_budget else None)
-    tasks = tasks_for(base, a.work, wiki, spec, rows, peers, a.peer_site, a.quick, deadline)
+    tasks = tasks_for(base, a.work, wiki, spec, rows, peers, a.peer_site, spec_name, deadline)
 
     def on_done(task: Task) -> None:
         doc["tasks"][task.name] = task.record

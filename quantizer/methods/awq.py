@@ -33,7 +33,8 @@ from quantizer.plan_memory import AWQ_QUANTIZE_SLICE_ELEMENTS
 
 from quantizer.arch.folds import fold_problem
 
-from .awq_clip import sample_token_indices, search_clip, shrink_ratios
+from .awq_clip import (MASSIVE_PER_SAMPLE, massive_tokens, sample_token_indices, search_clip,
+                       shrink_ratios)
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
                          weight_group_mean, write_candidate)
 from .grid import GridSpec, grid_spec
@@ -420,14 +421,14 @@ class AWQ:
             wanted = [n for n in group if n in names]
             if wanted:
                 shared[wanted[0]] = wanted
-        sample = self._sample_inputs(ctx, list(shared))
+        sample, weights = self._sample_inputs(ctx, list(shared))
         st = ctx.settings
         ratios_grid = shrink_ratios(self.clip_grid, self.max_shrink)
 
         def search(unit):
             rep, name = unit
             return search_clip(ctx.module(name).weight.data, sample[rep], st.bits,
-                               st.group_size, st.symmetric, ratios_grid)
+                               st.group_size, st.symmetric, ratios_grid, weights[rep])
 
         # one unit per linear: with several processes they search on different ranks
         units = [(rep, name) for rep, members in shared.items() for name in members]
@@ -437,26 +438,67 @@ class AWQ:
             ctx.stats["clip"][name] = stats
         return ratios
 
-    def _sample_inputs(self, ctx, names: list[str]) -> dict[str, torch.Tensor]:
-        """Inputs of `names` on a seeded subsample of `clip_tokens` calibration tokens."""
+    def _sample_inputs(self, ctx, names: list[str]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """Inputs of `names` on a seeded subsample of `clip_tokens` calibration tokens, plus
+        every sequence's massive tokens (awq_clip.massive_tokens: attention sinks), with
+        per-row weights that make the sample's mean error an unbiased estimate of the mean
+        over all calibration tokens (massive tokens count once, the random rows for the
+        rest). A random subsample alone mostly misses the sinks (8 x 512 tokens: none of
+        512 picks at SmolLM2's layer 28), and the clip search then clips the weights only
+        they use -- after AWQ scaled those columns up for them. Weights are None for an
+        input without massive tokens (the plain mean; the search as before)."""
         layout = layout_of(ctx)
         per_sample = math.prod(ctx.inputs[0].shape[1:-1])
         seed = int(ctx.settings.calib.seed) * 1_000_003 + int(ctx.index)
         # indices into every process's tokens, in sample order (the same draw everywhere)
         idx = sample_token_indices(layout.n_samples * per_sample, self.clip_tokens, seed)
+        keep = min(MASSIVE_PER_SAMPLE, per_sample)
         picked: dict[str, torch.Tensor] = {}
+        massive: dict[str, torch.Tensor] = {}
+        # per row: 1 where the row holds a token (massive slots) / where a random pick is
+        # itself massive (counted by its slot instead)
+        m_valid: dict[str, torch.Tensor] = {}
+        r_massive: dict[str, torch.Tensor] = {}
         # Iterate the capture generator to its end (not zip): its cleanup removes the hooks.
         for chunk, seen in enumerate(ctx.capture(names)):
-            lo = layout.sample_start[chunk] * per_sample
-            hi = layout.sample_end[chunk] * per_sample
+            s0, s1 = layout.sample_start[chunk], layout.sample_end[chunk]
+            lo, hi = s0 * per_sample, s1 * per_sample
             pos = ((idx >= lo) & (idx < hi)).nonzero().squeeze(1)
             for n in names:
                 x = seen[n].reshape(-1, seen[n].shape[-1])
                 if n not in picked:
                     picked[n] = x.new_zeros((len(idx), x.shape[-1]))
-                picked[n][pos.to(x.device)] = x[(idx[pos] - lo).to(x.device)]
+                    massive[n] = x.new_zeros((layout.n_samples * keep, x.shape[-1]))
+                    m_valid[n] = torch.zeros(layout.n_samples * keep, device=x.device)
+                    r_massive[n] = torch.zeros(len(idx), device=x.device)
+                local = (idx[pos] - lo).to(x.device)
+                picked[n][pos.to(x.device)] = x[local]
+                if x.shape[0] != (s1 - s0) * per_sample:
+                    continue  # not one row per token (a routed expert's input): random only
+                rows, valid = massive_tokens(x, per_sample, keep)
+                slots = torch.arange(s0 * keep, s1 * keep, device=x.device)
+                massive[n][slots] = x[rows.flatten()] * valid.flatten().unsqueeze(-1)
+                m_valid[n][slots] = valid.flatten().float()
+                is_massive = torch.zeros(x.shape[0], device=x.device)
+                is_massive[rows.flatten()] = valid.flatten().float()
+                r_massive[n][pos.to(x.device)] = is_massive[local]
         # each row was filled by the one process holding its token
-        return {n: assemble(t, layout.world) for n, t in picked.items()}
+        out, weights = {}, {}
+        total = layout.n_samples * per_sample
+        for n in picked:
+            sample = assemble(picked[n], layout.world)
+            valid = assemble(m_valid[n], layout.world) > 0
+            n_massive = int(valid.sum())
+            if n_massive == 0:
+                out[n], weights[n] = sample, None
+                continue
+            rest = assemble(r_massive[n], layout.world) == 0
+            w_rest = (total - n_massive) / max(int(rest.sum()), 1)
+            out[n] = torch.cat([sample[rest], assemble(massive[n], layout.world)[valid]])
+            weights[n] = torch.cat([torch.full((int(rest.sum()),), w_rest, device=sample.device),
+                                    torch.ones(n_massive, device=sample.device)])
+        return out, weights
 
 
 def describe_stats(stats: dict) -> str:

@@ -34,6 +34,27 @@ def fake_quantize_float(w: torch.Tensor, bits: int, group_size: int,
     return fake_quantize_groups(wg, bits, symmetric).reshape(out_f, in_f)
 
 
+# A token is massive in a layer input when its largest |x| exceeds this many times the
+# median over its sequence of every token's largest |x| (attention sinks: SmolLM2-135M's
+# layer 28 down_proj reads 2394 on one channel of each sequence's first token, ~20 elsewhere)
+MASSIVE_RATIO = 20.0
+# Massive tokens kept per calibration sequence for the clip search (the largest first)
+MASSIVE_PER_SAMPLE = 4
+
+
+def massive_tokens(x: torch.Tensor, per_sample: int, keep: int = MASSIVE_PER_SAMPLE,
+                   ratio: float = MASSIVE_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
+    """For x (samples * per_sample, features): (index (samples, keep) into x's rows, valid
+    (samples, keep) bool) of each sequence's massive tokens, the largest first."""
+    amax = x.abs().amax(dim=-1).float().reshape(-1, per_sample)  # (samples, per_sample)
+    med = amax.median(dim=-1, keepdim=True).values
+    k = min(keep, per_sample)
+    top, pos = amax.topk(k, dim=-1)
+    valid = top > ratio * med.clamp_min(torch.finfo(torch.float32).tiny)
+    base = torch.arange(amax.shape[0], device=x.device).unsqueeze(-1) * per_sample
+    return pos + base, valid
+
+
 def shrink_ratios(clip_grid: int, max_shrink: float) -> list[float]:
     """The reference's candidate ratios: 1 - i/clip_grid for i < max_shrink·clip_grid
     (20 steps, max_shrink 0.5 -> 1.00, 0.95, ..., 0.55)."""
@@ -43,12 +64,14 @@ def shrink_ratios(clip_grid: int, max_shrink: float) -> list[float]:
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
-                symmetric: bool, ratios: list[float]) -> tuple[torch.Tensor, dict]:
+                symmetric: bool, ratios: list[float],
+                token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Best clip ratio per (row, group) of `weight` (out, in) for inputs `x` (tokens, in).
 
     Returns (ratio tensor (out, n_groups) float32, stats). The error of one group is the
-    mean over tokens of (x_g · q(w_g) - x_g · w_g)^2, computed in float32 with batched
-    matmuls (groups are the batch), rows processed in batches to bound memory."""
+    mean over tokens of (x_g · q(w_g) - x_g · w_g)^2 (weighted by `token_weight` (tokens,)
+    when given: a stratified sample's weights), computed in float32 with batched matmuls
+    (groups are the batch), rows processed in batches to bound memory."""
     out_f, in_f = weight.shape
     gs = check_group_size(in_f, group_size)
     n_groups = in_f // gs
@@ -56,6 +79,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
     xg = x.float().reshape(n_tok, n_groups, gs).transpose(0, 1)  # (G, T, gs)
     rows_per_batch = max(1, min(out_f, _CLIP_BATCH_ELEMENTS // max(n_groups * n_tok, in_f)))
     ratio_t = torch.tensor(ratios, dtype=torch.float32, device=weight.device)
+    tw = None if token_weight is None else (
+        token_weight.to(weight.device, torch.float32) / token_weight.sum()).view(1, -1, 1)
     best_ratio = torch.empty(out_f, n_groups, dtype=torch.float32, device=weight.device)
     err_unclipped = torch.zeros((), dtype=torch.float64, device=weight.device)
     err_best = torch.zeros((), dtype=torch.float64, device=weight.device)
@@ -69,7 +94,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
             limit = amax * ratio_t[i]
             q = fake_quantize_groups(torch.maximum(torch.minimum(wb, limit), -limit),
                                      bits, symmetric)
-            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t()  # (b, G)
+            d2 = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2)  # (G, T, b)
+            err = (d2.mean(dim=1) if tw is None else (d2 * tw).sum(dim=1)).t()  # (b, G)
             if best_err is None:
                 best_err = err
                 best = torch.full_like(err, ratios[0])
