@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "rtn-sym": ("rtn", {}, {"symmetric": True}),
     "awq": ("awq", {}, {}),
     "awq-noclip": ("awq", {"clip": False}, {}),
+    # the clip search on the random token sample alone (before the massive-token fix)
+    "awq-randclip": ("awq", {}, {"massive_per_sample": 0}),
     "awq-tw": ("awq", {"token_weights": "residual"}, {}),
     "awq-tw-rawstat": ("awq", {"token_weights": "residual", "weighted_stat": False}, {}),
     "awq-imx": ("awq", {"scale_search": "imatrix"}, {}),
@@ -221,7 +223,10 @@ def run_variant(lab: Lab, i: int, name: str, bits: int, group_size: int, kl: boo
     method, options, overrides = VARIANTS[name]
     overrides = dict(overrides)
     from quantizer.methods import token_weights as twm
-    twm.OUTLIER_FACTOR = overrides.pop("outlier_factor", 4.0)  # lab-only knob
+    twm.OUTLIER_FACTOR = overrides.pop("outlier_factor", 4.0)  # lab-only knobs
+    from quantizer.methods import awq as awq_mod
+    from quantizer.methods.awq_clip import MASSIVE_PER_SAMPLE
+    awq_mod.MASSIVE_PER_SAMPLE = overrides.pop("massive_per_sample", MASSIVE_PER_SAMPLE)
     settings = settings_for(method, overrides, bits, group_size, options)
     layer = load_layer(lab.model, lab.source, i, "cpu", torch.float32)
     _, held = lab.inputs(i)

@@ -157,3 +157,26 @@ def test_bad_option_values_are_refused():
         get_method("rtn", token_weights="all")
     with pytest.raises(InputError, match="unknown awq-gptq option"):
         get_method("awq-gptq", clip=True)
+
+
+def test_outlier_weights_discount_only_massive_tokens():
+    from quantizer.methods.token_weights import outlier_weights
+    ms = torch.ones(2, 64)
+    ms[0, 0] = 1000.0 ** 2  # a sink: its stream's rms is 1000 against a median of 1
+    w = outlier_weights(1.0 / ms, factor=4.0)
+    assert torch.equal(w[1], torch.ones(64))
+    assert torch.equal(w[0, 1:], torch.ones(63))
+    assert float(w[0, 0]) == pytest.approx(16.0 / 1000.0 ** 2)
+
+
+def test_awq_gptq_rounds_the_smoothed_weights():
+    """awq-gptq is not plain GPTQ: AWQ's scales are folded before GPTQ rounds."""
+    ctx = tiny_llama_context(bits=3)
+    plain = copy.copy(ctx)
+    plain.layer = copy.deepcopy(ctx.layer)
+    g = get_method("gptq").quantize_layer(plain)
+    a = get_method("awq-gptq").quantize_layer(ctx)
+    assert set(a) == set(g)
+    differ = [n for n in a if not torch.equal(a[n].dequantize(torch.float32),
+                                             g[n].dequantize(torch.float32))]
+    assert differ
