@@ -257,12 +257,14 @@ def activation_stats(lab: Lab, layers: list[int]) -> list[dict]:
     """Per layer and linear input group: max |x|, the channel holding it, mean |x| of the
     median channel, top mean / median mean, and how many tokens carry the max channel's
     extremes (|x| > 10 x that channel's median)."""
+    from quantizer.methods.awq_clip import massive_tokens
     rows = []
     for i in layers:
         layer = load_layer(lab.model, lab.source, i, "cpu", torch.float32)
         calib, _ = lab.inputs(i)
         ctx = lab.context(i, layer, settings_for("rtn", {}, 4, 64, {}))
         names = [g[0] for g in ctx.arch.input_groups]
+        per_sample = calib.shape[1]
         seen = {n: [] for n in names}
         for part in ctx.capture(names):
             for n in names:
@@ -277,6 +279,8 @@ def activation_stats(lab: Lab, layers: list[int]) -> list[dict]:
                          "median_channel_mean": float(mean.median()),
                          "top_mean_over_median": float(mean.max() / mean.median()),
                          "tokens_over_10x": int((col > 10 * col.median()).sum()),
+                         # tokens AWQ's clip search adds to its sample (awq_clip)
+                         "massive_tokens": int(massive_tokens(x, per_sample)[1].sum()),
                          "tokens": x.shape[0]})
         release_layer(lab.model, i)
     return rows
@@ -438,7 +442,7 @@ def main(argv=None) -> int:
     if a.cmd == "stats":
         rows = activation_stats(lab, layers)
         print(table(rows, ["layer", "input_of", "max", "channel", "median_channel_mean",
-                           "top_mean_over_median", "tokens_over_10x"]))
+                           "top_mean_over_median", "tokens_over_10x", "massive_tokens"]))
         return 0
     rows = []
     for i in layers:
