@@ -1,5 +1,6 @@
 """AWQ's clip search and massive activations (issue 20's outlier layer): a random token sample
 mostly misses the attention sinks, and clipping then destroys the weights only they use."""
+import pytest
 import torch
 
 from quantizer.methods.awq_clip import massive_tokens, search_clip, shrink_ratios
@@ -55,3 +56,26 @@ def test_uniform_weights_choose_as_the_plain_mean():
     a, _ = search_clip(w, x[:200], 4, 64, True, ratios)
     b, _ = search_clip(w, x[:200], 4, 64, True, ratios, torch.full((200,), 3.0))
     assert torch.equal(a, b)
+
+
+def test_awq_clip_sample_holds_every_sink_with_unbiased_weights():
+    from quantizer.methods import get_method
+    from test_gptq import tiny_llama_context
+    ctx = tiny_llama_context(bits=4)  # 3 chunks x 2 sequences x 32 tokens
+    down = next(g[0] for g in ctx.arch.input_groups if g[0].endswith("down_proj"))
+    gate = next(g[0] for g in ctx.arch.input_groups if g[0].endswith("gate_proj"))
+
+    def sink(mod, args):  # the first token of every sequence carries a massive channel
+        x = args[0].clone()
+        x[:, 0, 5] = 500.0
+        return (x,)
+
+    ctx.module(down).register_forward_pre_hook(sink)
+    awq = get_method("awq", clip_tokens=16)
+    sample, weights = awq._sample_inputs(ctx, [gate, down])
+    assert weights[gate] is None and len(sample[gate]) == 16  # no massive tokens: as before
+    w, x = weights[down], sample[down]
+    assert len(w) == len(x)
+    assert int((x[:, 5] == 500.0).sum()) == 6  # every sequence's sink, once
+    assert float(w.sum()) == pytest.approx(3 * 2 * 32)  # the sample stands for all tokens
+    assert torch.all(w[x[:, 5] == 500.0] == 1.0)
