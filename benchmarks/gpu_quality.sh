@@ -25,7 +25,7 @@
 #   bash benchmarks/gpu_quality.sh [quality_matrix.py options]
 #   # under 5 minutes on one H100 (call 2; QM_TIME_BUDGET skips, never kills, what won't fit):
 #   QM_TIME_BUDGET=270 bash benchmarks/gpu_quality.sh --calibs wikitext2-tail \
-#     --rows rtn,awq,gptq,gptq-imatrix,awq-gptq,adaptive-4.31 --peers awq,gptq
+#     --rows rtn,awq,gptq,gptq-minmax,awq-gptq,adaptive-4.31 --peers awq,gptq
 #   BENCH=bench_quality bash benchmarks/gpu_quality.sh [bench_quality.py options]  # the older
 #       per-model table (issues 4 and 5)
 # Rows run in the working dtype given (fp16 / bf16 on the GPU), not in the float32 of CPU

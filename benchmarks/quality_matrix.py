@@ -44,11 +44,12 @@ OURS: dict[str, dict] = {
     "awq": dict(method="awq", bits=4),
     "gptq": dict(method="gptq", bits=4),  # the defaults, whatever they are
     "gptq-imatrix": dict(method="gptq", bits=4, scale_search="imatrix"),
+    "gptq-minmax": dict(method="gptq", bits=4, scale_search="minmax"),  # before issue 20
     "gptq-sym-act-static": dict(method="gptq", bits=4, symmetric=True, act_order=True,
                                 static_groups=True),
     # issue 20's old GPTQ defaults (before #26): asymmetric, no act-order
     "gptq-asym": dict(method="gptq", bits=4, symmetric=False, act_order=False,
-                      static_groups=False),
+                      static_groups=False, scale_search="minmax"),
     "awq-imatrix": dict(method="awq", bits=4, scale_search="imatrix"),
     "gptq-asym-act-static": dict(method="gptq", bits=4, symmetric=False, act_order=True,
                                  static_groups=True),

@@ -141,8 +141,12 @@ def test_gptq_defaults_to_act_order_with_static_groups():
     assert opts(bits=4, adaptive=True) == {"act_order": True, "static_groups": True}
     # uniform GPTQ too since issue 26 (llm-compressor's default scheme; SmolLM2 ppl 35.12
     # against 36.89 for the old asymmetric, no-act-order default)
-    assert opts(bits=4) == {"act_order": True, "static_groups": True}
-    assert opts(bits=4, method_options={"act_order": False}) == {"act_order": False}
+    # and, since issue 20, the imatrix-weighted grid for its group scales (adaptive: min-max)
+    assert opts(bits=4) == {"act_order": True, "static_groups": True, "scale_search": "imatrix"}
+    assert opts(bits=4, method_options={"act_order": False}) == {"act_order": False,
+                                                                  "scale_search": "imatrix"}
+    assert opts(bits=4, method_options={"scale_search": "minmax"}) == {
+        "scale_search": "minmax", "act_order": True, "static_groups": True}
     # any explicit choice is the user's: no defaults mixed into it
     assert opts(bits=4.5, method_options={"act_order": False}) == {"act_order": False}
     assert opts(bits=4.5, method_options={"act_order": True}) == {"act_order": True}
