@@ -8,7 +8,7 @@ output MSE, the imatrix E[x²]) weigh every token alike instead, so a few tokens
 massive activation (attention sinks: on SmolLM2-135M the first token of a window holds a
 residual ~1000 against ~30 elsewhere from layer 11 to 28, and layer 28's down_proj input
 reaches 2400 there) dominate them: the quantizer then spends its precision on tokens whose
-errors the next norm divides away (benchmarks/results/quality_lab_*.md).
+errors the next norm divides away (measure with benchmarks/layer_lab.py; off by default).
 
 `residual_token_weights(ctx)` runs the float layer once per calibration chunk and returns,
 per block, 1 / mean(h_t²) for every token (float32, the chunk's (batch, seq) shape). Layers
