@@ -162,7 +162,7 @@ class BudgetBench(Bench):
             if res["rc"] != 0 or res["timed_out"]:
                 raise RuntimeError(failure_reason(res))
             if c["who"] == "ours":
-                from quantizer.memsize import parse_size
+                from quantizer.plan.sizes import parse_size
                 budget = parse_size(c["budget"]) if c["budget"] else None
                 c["summary"] = summarize_budget(parse_report(res["stdout"]), budget)
                 c["export_sha256"] = export_hash(work / "model")

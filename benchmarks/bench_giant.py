@@ -5,7 +5,7 @@ sharded safetensors) generated on the GPU, then quantized to 4 bits with GPTQ an
 --vram-budget / --ram-budget (80G / 64G, and smaller). Per layer: seconds, peak GPU memory
 (allocator and the driver's count), the host's high-water RSS (and the whole process's, from
 the kernel); the plan's prediction beside each; one MoE layer of the export read back with
-`quantizer.loader` (what `quantizer.load()` does) and compared with the FP8 original
+`quantizer.validate.loader` (what `quantizer.load()` does) and compared with the FP8 original
 dequantized; and the full model's ETA extrapolated from the measured layers.
 
     python benchmarks/bench_giant.py --out results.json [--scratch /tmp/giant]
@@ -68,7 +68,7 @@ def generate(args, scratch: Path) -> tuple[Path, dict]:
     """The FP8 checkpoint, written from the GPU (reused while the scratch folder lives)."""
     import torch
 
-    from quantizer.synthetic_originals import write_generated
+    from quantizer.demo.synthetic_originals import write_generated
 
     path = scratch / f"deepseek-v3-fp8-{args.dense}d{args.moe}m{'-tiny' if args.tiny else ''}"
     if (path / "config.json").is_file():
@@ -201,10 +201,10 @@ def summarize(report: dict) -> dict:
 
 CHECK = r"""
 import json, sys, torch
-from quantizer.loader import LayerLoader
-from quantizer.skeleton import (build_skeleton, capture_layer0_inputs, load_layer,
+from quantizer.validate.loader import LayerLoader
+from quantizer.stream.skeleton import (build_skeleton, capture_layer0_inputs, load_layer,
                                 layer_output, to_device)
-from quantizer.source import CheckpointSource
+from quantizer.stream.source import CheckpointSource
 out, src, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -251,8 +251,8 @@ def check_export(args, src: Path, out: Path) -> dict:
 def layer_elements(args) -> dict[str, int]:
     """Weights of one dense and one MoE layer of the benchmark's config (the planner's
     shapes), which scale the export's assembly time to the full model."""
-    from quantizer.plan_memory import _layer_elements
-    from quantizer.shapes import ModelShapes, layer_groups
+    from quantizer.plan.memory import _layer_elements
+    from quantizer.plan.shapes import ModelShapes, layer_groups
 
     cfg = model_config(args).to_dict()
     shapes = ModelShapes.from_config(cfg)

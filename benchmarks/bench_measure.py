@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--scratch", default="/tmp/layerquant_measure")
     a = ap.parse_args()
     import torch
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     model = Path(a.scratch) / f"{a.preset}-{a.layers}L"
     if not (model / "config.json").exists():
         write_checkpoint(model, preset=a.preset, num_hidden_layers=a.layers, dtype=torch.float16)

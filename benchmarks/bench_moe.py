@@ -38,7 +38,7 @@ def write_model(scratch: Path, preset: str, layers: int) -> tuple[Path, float]:
     """The generated checkpoint (reused while the scratch folder survives)."""
     import torch
 
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
 
     path = scratch / f"{preset}-{layers}L"
     if (path / "config.json").exists():

@@ -135,7 +135,7 @@ def quantlinear_cuda1(d0: str = "cuda:0", d1: str = "cuda:1"):
 
 
 def _tiny(scratch: Path) -> Path:
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     path = scratch / "tiny-llama"
     if not (path / "config.json").exists():
         write_checkpoint(path, preset="tiny-llama", num_hidden_layers=4)
@@ -173,7 +173,7 @@ def _sha(p: Path) -> str:
 
 
 def quantize_cuda1(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
-    from quantizer import distributed as D
+    from quantizer.parallel import distributed as D
 
     _keep_current(d0)
     model = _tiny(scratch)
@@ -186,7 +186,7 @@ def quantize_cuda1(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
 
 
 def eval_placement(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
-    from quantizer.evaluation import evaluate
+    from quantizer.validate.evaluation import evaluate
 
     _keep_current(d0)
     out = scratch / "dev0-gptq"
@@ -204,7 +204,7 @@ def eval_placement(scratch: Path, d0: str = "cuda:0", d1: str = "cuda:1"):
 
 
 def nccl_2proc(scratch: Path, devices: list[str], ref_device: str):
-    from quantizer import distributed as D
+    from quantizer.parallel import distributed as D
 
     model = _tiny(scratch)
     if not (scratch / "ref-gptq").exists():
@@ -217,7 +217,7 @@ def nccl_2proc(scratch: Path, devices: list[str], ref_device: str):
 
 # ---- (b) scaling -----------------------------------------------------------------------------
 def make_model(scratch: Path, quick: bool) -> Path:
-    code = ("import sys, torch; from quantizer.synthetic import write_checkpoint; "
+    code = ("import sys, torch; from quantizer.demo.synthetic import write_checkpoint; "
             "write_checkpoint(sys.argv[1], preset=sys.argv[2], num_hidden_layers=4)")
     path = scratch / ("tiny4" if quick else "llama2-7b-4L")
     if not (path / "config.json").exists():

@@ -102,7 +102,7 @@ INDEX = ("g_idx", "weight_g_idx", "weight_shape")
 def model_dir(key: str) -> Path:
     if key.startswith("stories"):
         return STORIES
-    from quantizer.demo_model import smollm2_checkpoint
+    from quantizer.demo.smollm2 import smollm2_checkpoint
     return smollm2_checkpoint()
 
 

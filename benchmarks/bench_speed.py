@@ -226,7 +226,7 @@ class Bench:
             self.doc["setup"][key] = {"status": "ok", "reused": str(path)}
         else:
             shutil.rmtree(path, ignore_errors=True)
-            code = ("import json, sys, torch; from quantizer.synthetic import write_checkpoint; "
+            code = ("import json, sys, torch; from quantizer.demo.synthetic import write_checkpoint; "
                     f"write_checkpoint({str(path)!r}, preset={preset!r}, num_hidden_layers={layers}, "
                     "dtype=torch.float16, seed=0); "
                     f"open({str(marker)!r}, 'w').write(json.dumps({spec!r}))")
@@ -373,7 +373,7 @@ def record(spec: RunSpec) -> dict:
 
 
 def _parse_size(text: str) -> int:
-    from quantizer.memsize import parse_size  # the CLI's own parser: "8G" = 8 GiB
+    from quantizer.plan.sizes import parse_size  # the CLI's own parser: "8G" = 8 GiB
     return parse_size(text)
 
 

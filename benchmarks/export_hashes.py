@@ -6,7 +6,7 @@ hand-written specs must leave exports byte-identical).
     PYTHONPATH=$PWD     python benchmarks/export_hashes.py --work /tmp/eh --out branch.json
     python benchmarks/export_hashes.py --compare main.json branch.json
 
-The source checkpoints are written once into --work (synthetic ones by quantizer.synthetic,
+The source checkpoints are written once into --work (synthetic ones by quantizer.demo.synthetic,
 stories260K copied from ../shared) and reused, so both runs quantize the very same files.
 Hashed: every .safetensors file and config.json of the export (layerquant.json holds the
 source path and the notes, which are printed apart)."""
@@ -60,7 +60,7 @@ def source(work: Path, name: str) -> Path:
         return path
     import torch
 
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     preset, overrides = SYNTHETIC[name]
     write_checkpoint(path, preset=preset, dtype=torch.float16, outlier_channels=4, **overrides)
     return path

@@ -12,7 +12,7 @@
 #
 # The box has no network and a carry limit of 64 MiB per call, so the SmolLM2 GGUF (94 MB),
 # the `gguf` wheel and wiki.test.raw travel as parts in two ignored folders, made here by
-#   split -b 48000000 -d "$(python -c 'from quantizer.demo_model import smollm2_gguf as g; print(g())')" part
+#   split -b 48000000 -d "$(python -c 'from quantizer.demo.smollm2 import smollm2_gguf as g; print(g())')" part
 #   .cache/smol1/part00   .cache/smol2/part01 part02 gguf-*.whl wiki.test.raw
 # Every call stashes what it carries under /tmp/layerquant_site (kept while the box stays
 # warm) and the GGUF is assembled (and its sha256 checked) once all parts have arrived, so:
@@ -79,7 +79,7 @@ else
   [ -d "$peer/llmcompressor" ] || { echo "and .whl/ was not carried: waiting for it"; exit 0; }
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
-python3 -c "from quantizer.demo_model import smollm2_checkpoint as c; print(c())"
+python3 -c "from quantizer.demo.smollm2 import smollm2_checkpoint as c; print(c())"
 python3 benchmarks/quality_matrix.py --out "$dest/quality_matrix.json" \
   --work /tmp/layerquant_qm --wikitext "$LAYERQUANT_WIKITEXT" \
   --time-budget "${QM_TIME_BUDGET:-420}" ${peer_args[@]+"${peer_args[@]}"} "$@" \

@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from quantizer.config import CalibSettings, QuantSettings  # noqa: E402
-from quantizer.layer_context import LayerContext  # noqa: E402
-from quantizer.skeleton import (build_skeleton, capture_layer0_inputs, decoder_layers,  # noqa: E402
-                                layer_output, load_layer, release_layer)
-from quantizer.source import CheckpointSource  # noqa: E402
+from quantizer.settings import CalibSettings, QuantSettings  # noqa: E402
+from quantizer.methods.context import LayerContext  # noqa: E402
+from quantizer.stream.skeleton import (build_skeleton, capture_layer0_inputs, decoder_layers,  # noqa: E402
+                                       layer_output, load_layer, release_layer)
+from quantizer.stream.source import CheckpointSource  # noqa: E402
 
 # Variant name -> (method, options, settings overrides). Settings overrides: symmetric.
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
@@ -127,7 +127,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
 
 
 def default_model() -> Path:
-    from quantizer.demo_model import smollm2_checkpoint
+    from quantizer.demo.smollm2 import smollm2_checkpoint
     return smollm2_checkpoint()
 
 
@@ -137,7 +137,7 @@ def capture(model_dir: Path, out: Path, calib_source: str, samples: int, seqlen:
             heldout_first: int, heldout: int) -> None:
     """Every layer's float input for the calibration and held-out tokens, in float32, plus
     the final hidden states' logits' reference for the KL."""
-    from quantizer.tokens import calibration_batch, tokenizer_or_bytes
+    from quantizer.stream.tokens import calibration_batch, tokenizer_or_bytes
     from quantizer.calibration.sampling import eval_windows
     source = CheckpointSource(model_dir)
     tok, _ = tokenizer_or_bytes(source)

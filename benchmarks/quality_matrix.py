@@ -93,7 +93,7 @@ class Task:
 def model_dir(spec: dict) -> Path:
     if spec["model"] == "stories260K":
         return STORIES
-    from quantizer.demo_model import smollm2_checkpoint
+    from quantizer.demo.smollm2 import smollm2_checkpoint
     return smollm2_checkpoint()
 
 
@@ -111,8 +111,8 @@ def save_tokens(base: Path, calib: str, spec: dict, path: Path) -> None:
     """The calibration windows our quantize() draws (the same function, arguments and
     seed), saved for the peer so both tools calibrate on identical tokens."""
     import torch
-    from quantizer.source import CheckpointSource
-    from quantizer.tokens import calibration_batch, tokenizer_or_bytes
+    from quantizer.stream.source import CheckpointSource
+    from quantizer.stream.tokens import calibration_batch, tokenizer_or_bytes
     tok, _ = tokenizer_or_bytes(CheckpointSource(base))
     torch.save(calibration_batch(tok, calib, spec["samples"], spec["seqlen"], 0), path)
 

@@ -27,10 +27,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import InputError, QuantizerError
+from ..run.outputs import JOB, MARKER, read_marker, write_marker
 from .atomic import (atomic_save_tensors, atomic_write_json, list_files, load_tensors,
                      read_json, read_safetensors_metadata, remove_temporaries)
 from .fingerprint import fingerprint_differences, fingerprint_digest
-from ..outputs import JOB, MARKER, read_marker, write_marker
 
 SCHEMA_VERSION = 1
 STAGES = ("measure", "quantize", "export", "done")

@@ -7,15 +7,14 @@ import functools
 import inspect
 from pathlib import Path
 
-from . import evaluation as _evaluation
-from . import loader as _loader
-from .config import CalibSettings, QuantSettings, default_method
 from .errors import InputError
-from .evaluation import EvalResult
 from .options import OPTIONS, check_positive_size
-from .outputs import check_paths, local_model_path
-from .pipeline import check_output, input_files, run_quantize
-from .report import QuantResult
+from .run.outputs import check_paths, local_model_path
+from .run.pipeline import check_output, input_files, run_quantize
+from .run.report import QuantResult
+from .settings import CalibSettings, QuantSettings, default_method
+from .validate import evaluation as _evaluation, loader as _loader
+from .validate.evaluation import EvalResult
 
 
 def checked_keywords(fn):
@@ -94,7 +93,7 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto",
     devices="0,1" (or "all", or "cpu,cpu") runs one process per device through
     torch.distributed (quantizer/distributed.py); the output is bit-identical to one
     process's. calib_shards: the calibration set's shard count, which bounds the processes."""
-    from . import distributed as D
+    from .parallel import distributed as D
 
     if method is None:
         method = default_method(bits, adaptive or bool(measurement))
@@ -146,7 +145,7 @@ def measure(model: str, output: str, calib_data: str = "builtin", calib_samples:
     `quantize(model, out, bits=<any target>, measurement=output)` allocates bits from it with
     no second measuring pass. GPTQ options (act_order, static_groups, damp) go in
     `method_options` and must match the later quantize calls'. Returns a summary dict."""
-    from .adaptive import run_measure
+    from .adaptive.loop import run_measure
     settings = QuantSettings(
         bits=4, group_size=group_size, method="gptq", symmetric=symmetric,
         calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
@@ -171,7 +170,7 @@ def _log_stderr(msg: str) -> None:
 
 
 def _quantize_worker(kwargs: dict, logging: bool) -> QuantResult:
-    """One process of a multi-device run (started by quantizer.distributed.launch)."""
+    """One process of a multi-device run (started by quantizer.parallel.distributed.launch)."""
     return quantize(**kwargs, log=_log_stderr if logging else None)
 
 

@@ -170,7 +170,7 @@ def visible_gpu_memory() -> dict[int, int]:
     process that only launches others (or only plans)."""
     import torch
 
-    from .memsize import gpu_memory
+    from .plan.sizes import gpu_memory
     if not torch.cuda.is_available():
         return {}
     found = {index: total for index, _, total, _ in gpu_memory()}
@@ -186,7 +186,7 @@ CARD_SLACK = 1.1  # a budget up to 10% above a card's memory means the whole car
 def check_vram_budget(text, gpus: dict[int, int]) -> None:
     """--vram-budget: a size ("40G") or DEVICE:SIZE list, each at least 1 GiB and at most what
     its GPU has (`gpus`: {index: total bytes} of the visible ones; none: at most 1 TiB)."""
-    from .memsize import format_size, parse_budgets, parse_size
+    from .plan.sizes import format_size, parse_budgets, parse_size
     if text is None:
         return
     flag = "--vram-budget"
@@ -215,7 +215,7 @@ def check_ram_budget(text) -> None:
     """--ram-budget: a size of at least 256 MiB (and not beyond any machine: 64 TiB). More than
     this machine has is allowed: a plan may be for another machine, and a budget above what
     is here simply does not bind."""
-    from .memsize import parse_size
+    from .plan.sizes import parse_size
     if text is None:
         return
     flag = "--ram-budget"
@@ -229,7 +229,7 @@ def check_ram_budget(text) -> None:
 
 
 def _check_range(flag: str, text, size: int, minimum: int, why: str) -> None:
-    from .memsize import format_size
+    from .plan.sizes import format_size
     if size < minimum:
         raise InputError(f"{flag} {text} is less than {format_size(minimum)} {why}")
 

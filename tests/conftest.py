@@ -43,7 +43,7 @@ def prose_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """factory(preset, **overrides) -> directory of a generated random checkpoint (cached)."""
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
 
     cache = {}
 
@@ -63,7 +63,7 @@ def serving_check_every_export(request, monkeypatch):
     the published directory is re-read from disk and checked, whatever --engine the run
     used. A test that writes an export vLLM refuses on purpose (to test --engine none) marks
     itself `serving_errors_expected` and gets the reports in `request.node.serving_reports`."""
-    import quantizer.pipeline as pipeline
+    import quantizer.run.pipeline as pipeline
     from quantizer.export.serving import check_export
 
     real = pipeline.publish

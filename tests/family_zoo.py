@@ -136,7 +136,7 @@ def logits(model, vocab: int) -> torch.Tensor:
 def check_logits(out: Path, fmt: str, work: Path) -> float:
     """quantizer.load(export) against transformers' model of the dequantized export."""
     from quantizer import load
-    from quantizer.source import CheckpointSource
+    from quantizer.stream.source import CheckpointSource
 
     vocab = int(CheckpointSource(out).arch.text.vocab_size)
     ours = logits(load(out), vocab)
@@ -151,11 +151,11 @@ def check_folds(src: Path) -> dict:
     """Each AWQ scale group of each layer kind, folded alone with random scales into a copy
     of the float layer: exact where the probe calls it exact, skipped with a reason else."""
     from quantizer.arch.folds import fold_problem
-    from quantizer.config import QuantSettings
-    from quantizer.layer_context import LayerContext
-    from quantizer.loader import LayerLoader
+    from quantizer.settings import QuantSettings
+    from quantizer.methods.context import LayerContext
+    from quantizer.validate.loader import LayerLoader
     from quantizer.methods.awq_scales import fold_scales, fold_shape_problem
-    from quantizer.skeleton import capture_layer_inputs, kwargs_to_device, layer_output
+    from quantizer.stream.skeleton import capture_layer_inputs, kwargs_to_device, layer_output
 
     loader = LayerLoader(src, torch.float32)
     arch = loader.source.arch
@@ -196,7 +196,7 @@ def run_family(family: str, work: Path, methods=("rtn", "gptq", "awq"),
     from quantizer import quantize
     from quantizer.arch.tiny import write_tiny
     from quantizer.errors import InputError
-    from quantizer.source import CheckpointSource
+    from quantizer.stream.source import CheckpointSource
 
     t0 = time.perf_counter()
     res = ZooResult(family, False)

@@ -130,7 +130,7 @@ def test_cli_passes_act_order_and_static_groups(tiny_checkpoint, tmp_path, prose
 
 
 def test_gptq_defaults_to_act_order_with_static_groups():
-    from quantizer.config import QuantSettings
+    from quantizer.settings import QuantSettings
 
     def opts(**kw):
         s = QuantSettings(method="gptq", **kw)

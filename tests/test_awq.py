@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from quantizer.arch import get_arch
-from quantizer.config import QuantSettings
-from quantizer.layer_context import LayerContext
+from quantizer.settings import QuantSettings
+from quantizer.methods.context import LayerContext
 from quantizer.methods import get_method
 from quantizer.methods.awq import AWQ, describe_stats
 from quantizer.methods.awq_scales import (candidate_scales, fold_overflows, fold_scales,

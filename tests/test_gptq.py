@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from quantizer.arch import get_arch
-from quantizer.config import QuantSettings
-from quantizer.layer_context import LayerContext
+from quantizer.settings import QuantSettings
+from quantizer.methods.context import LayerContext
 from quantizer.methods import get_method
 from quantizer.methods.gptq import HessianAccumulator, gptq_quantize, output_error
 from quantizer.methods.rtn import RTN, rtn_quantize

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantizer.hidden_store import host_copy, to_device_ahead
+from quantizer.stream.hidden_store import host_copy, to_device_ahead
 
 
 def _chunks(device="cpu", n=5):

@@ -142,8 +142,8 @@ def test_every_scale_group_fold_preserves_the_layer(preset, tiny_checkpoint):
     router, shared-expert gate, fallback experts) by s: exact in real arithmetic, so the MoE
     layer's output -- routing included -- must not change. Leaving the router out changes
     which experts tokens go to, and this fails."""
-    from quantizer.skeleton import build_skeleton, load_layer, layer_output
-    from quantizer.source import CheckpointSource
+    from quantizer.stream.skeleton import build_skeleton, load_layer, layer_output
+    from quantizer.stream.source import CheckpointSource
 
     source = CheckpointSource(tiny_checkpoint(preset, dtype=torch.float32))
     model = build_skeleton(source, "cpu", torch.float32)
@@ -165,7 +165,7 @@ def test_every_scale_group_fold_preserves_the_layer(preset, tiny_checkpoint):
 
 
 def test_layer_specs_name_dense_and_moe_layers():
-    from quantizer.synthetic import PRESETS as P, make_config
+    from quantizer.demo.synthetic import PRESETS as P, make_config
     params = dict(P["tiny-deepseek"])
     cfg = make_config(params.pop("model_type"), **params)
     arch = get_arch(cfg.to_dict())
@@ -244,7 +244,7 @@ def test_adaptive_bits_on_moe_serve_or_go_per_expert(tiny_checkpoint, tmp_path, 
     (compressed-tensors config names them; vLLM refuses that). Both reload and match their
     dequantized form as transformers loads it."""
     from quantizer.export.serving import _ct_declared
-    from quantizer.loader import quant_spec
+    from quantizer.validate.loader import quant_spec
 
     src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
     kw = dict(group_size=32, method="gptq", calib_data=str(prose_file), calib_samples=4,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from quantizer import quantize
 from quantizer.export import get_exporter
 from quantizer.methods.rtn import rtn_quantize
-from quantizer.moe import ExpertMLP, UnfusedExperts
+from quantizer.stream.experts import ExpertMLP, UnfusedExperts
 
 CHANNEL = 7
 # Router logits = x[CHANNEL] * slope: tokens with x > 0 go to experts {0, 1}, x < 0 to {4, 3};
@@ -38,7 +38,7 @@ def transformers_layer0_counts(path, settings):
     """Tokens per expert of layer 0 as transformers' own (fused) Mixtral routes them."""
     from transformers import AutoModelForCausalLM
 
-    from quantizer.pipeline import calibration_tokens, plan_job
+    from quantizer.run.pipeline import calibration_tokens, plan_job
 
     ids = calibration_tokens(plan_job(path, settings))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -56,7 +56,7 @@ def transformers_layer0_counts(path, settings):
 
 def test_token_counts_and_rtn_fallback_for_a_constructed_routing(routed_checkpoint, tmp_path,
                                                                   prose_file):
-    from quantizer.config import CalibSettings, QuantSettings
+    from quantizer.settings import CalibSettings, QuantSettings
 
     out = tmp_path / "q"
     with pytest.warns(UserWarning, match="rounded to nearest"):
@@ -122,7 +122,7 @@ def test_interrupted_moe_run_resumes_byte_identical(tiny_checkpoint, tmp_path, p
                                                     monkeypatch):
     """Stop after layer 0 of a GPTQ run on Qwen3-MoE; the resumed run replays layer 0 from its
     file (per-expert tensors, hidden states not saved) and writes the same bytes."""
-    from quantizer.layer_loop import LayerLoop
+    from quantizer.run.layer_loop import LayerLoop
 
     src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
     kw = dict(bits=4, group_size=32, method="gptq", export_format="gptq",

@@ -2,8 +2,8 @@
 modest GPU budget by holding a few experts' state at a time (its weights stay whole: see
 the last test)."""
 from quantizer.arch import get_arch
-from quantizer.memsize import GIB
-from quantizer.plan import DeviceSpec, ModelShapes, layer_groups, make_plan
+from quantizer.plan.sizes import GIB
+from quantizer.plan.planner import DeviceSpec, ModelShapes, layer_groups, make_plan
 
 DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=7168, intermediate_size=18432,
                    moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
@@ -34,7 +34,7 @@ def test_a_deepseek_v3_layer_holds_a_few_experts_at_a_time_and_24_gib_is_refused
     out, so 24 GiB is refused naming them, and 40 GiB plans."""
     import pytest
 
-    from quantizer.plan import PlanError
+    from quantizer.plan.planner import PlanError
 
     s = ModelShapes.from_config(DEEPSEEK_V3)
     args = (s, "gptq", 128, 512, [DeviceSpec(0, "test GPU")])
@@ -46,7 +46,7 @@ def test_a_deepseek_v3_layer_holds_a_few_experts_at_a_time_and_24_gib_is_refused
     assert 0 < moe_layer.experts_per_pass <= 256
     # GPTQ captures expert groups in batches of at most 2 GiB of Hessians (capture_batches):
     # ten 7168² gate/up Hessians, 128 2048² down ones -- what the plan counts
-    from quantizer.plan_memory import _hessian_copies
+    from quantizer.plan.memory import _hessian_copies
     groups = {g.name: g for g in layer_groups(s, True, get_arch("deepseek_v3"))}
     assert _hessian_copies(groups["experts.gate+up"], moe_layer) == 10
     assert _hessian_copies(groups["experts.down"], moe_layer) == 128

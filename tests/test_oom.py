@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantizer.config import CalibSettings, QuantSettings
+from quantizer.settings import CalibSettings, QuantSettings
 from quantizer.errors import OutOfMemory
-from quantizer.hidden_store import HiddenStore
-from quantizer.oom import INJECT_ENV, injection_plan, is_oom, maybe_inject
-from quantizer.pipeline import run_quantize
+from quantizer.stream.hidden_store import HiddenStore
+from quantizer.run.oom import INJECT_ENV, injection_plan, is_oom, maybe_inject
+from quantizer.run.pipeline import run_quantize
 
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     seed = random.randrange(1 << 16)  # fresh weights each run; printed on failure
     out = tmp_path_factory.mktemp("oom-model")
     return write_checkpoint(out, preset="tiny-llama", num_hidden_layers=LAYERS,
@@ -144,9 +144,9 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
                                                       monkeypatch):
     """GPU runs take their decisions from the plan and recover through plan.shrink; on CPU the
     same path runs with a plan made for the host (the planner plans a host 'device' too)."""
-    import quantizer.pipeline as pipeline
-    from quantizer.memsize import GIB
-    from quantizer.plan import ModelShapes, make_plan
+    import quantizer.run.pipeline as pipeline
+    from quantizer.plan.sizes import GIB
+    from quantizer.plan.planner import ModelShapes, make_plan
 
     model_dir, seed = model
     real = pipeline.plan_job
@@ -175,8 +175,8 @@ def test_an_explicit_budget_caps_the_allocator(monkeypatch):
     calls replaced by fakes here; the GPU benchmark runs the real ones)."""
     from types import SimpleNamespace
 
-    from quantizer.plan_apply import cap_allocator
-    from quantizer.plan import CUDA_CONTEXT
+    from quantizer.plan.apply import cap_allocator
+    from quantizer.plan.planner import CUDA_CONTEXT
 
     total = random.randint(16, 140) << 30
     budget = random.randint(4, 15) << 30

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantizer.cli import main
-from quantizer.source import CheckpointSource
-from quantizer.synthetic_originals import FORMATS, convert_checkpoint, mxfp4_blocks
+from quantizer.stream.source import CheckpointSource
+from quantizer.demo.synthetic_originals import FORMATS, convert_checkpoint, mxfp4_blocks
 
 BLOCK = 32  # several cells per tiny weight, and edge cells (kv_a_proj has 48 rows)
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -93,7 +93,7 @@ def reference_float(quantized, out):
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory):
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     return write_checkpoint(tmp_path_factory.mktemp("float"), preset="tiny-deepseek",
                             dtype=torch.float32)
 
@@ -228,8 +228,8 @@ def _gpt_oss_like(path, experts=2, hidden=64, inter=32):
 
 
 def test_mxfp4_reads_like_the_reference_and_transformers(tmp_path):
-    from quantizer.originals import original_format
-    from quantizer.source import read_header
+    from quantizer.stream.originals import original_format
+    from quantizer.stream.source import read_header
 
     path, tensors, floats = _gpt_oss_like(tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())

@@ -10,10 +10,9 @@ import sys
 import pytest
 
 from quantizer.errors import InputError, OutOfMemory
-from quantizer.memsize import GIB, MIB, parse_budgets, parse_size
-from quantizer.plan import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes,
-                            PlanError, layer_groups,
-                            make_plan, plan_command, shrink)
+from quantizer.plan.sizes import GIB, MIB, parse_budgets, parse_size
+from quantizer.plan.planner import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes,
+                                    PlanError, layer_groups, make_plan, plan_command, shrink)
 
 # Published config.json values (the fields the planner reads).
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -121,7 +120,7 @@ def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
     assert dp.peak_phase in ("calibrate mlp.down_proj", "solve mlp.down_proj")
     h, i, kv, d = 8192, 28672, 1024, 2
     assert dict(dp.breakdown)["CUDA context"] == CUDA_CONTEXT
-    from quantizer.plan_memory import _make_job, _phase_terms
+    from quantizer.plan.memory import _make_job, _phase_terms
     job = _make_job(ModelShapes.from_config(LLAMA2_70B), "gptq", 128, 512, d, False,
                     ("cpu", "gpu"), None)
     (groups, extra), = job.kinds
@@ -357,7 +356,7 @@ class _FakeNvml:
 
 
 def test_default_budgets_come_from_nvml_minus_a_margin(monkeypatch):
-    from quantizer.plan import default_vram_budgets, detect_devices
+    from quantizer.plan.planner import default_vram_budgets, detect_devices
     free = [random.randrange(8, 70) * GIB for _ in range(3)]
     fake = _FakeNvml([(80 * GIB, f) for f in free])
     monkeypatch.setitem(sys.modules, "pynvml", fake)
@@ -406,7 +405,7 @@ def test_budget_a_little_above_the_card_is_the_whole_card():
     refused (the GPU run of issue 23 hit the refusal)."""
     from quantizer.errors import InputError
     from quantizer.options import check_vram_budget
-    from quantizer.plan import DeviceSpec, cap_to_cards
+    from quantizer.plan.planner import DeviceSpec, cap_to_cards
     card = int(79.6 * 2**30)
     check_vram_budget("80G", {0: card})
     with pytest.raises(InputError, match="more than the GPU's memory"):

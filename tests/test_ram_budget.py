@@ -13,10 +13,10 @@ import psutil
 import pytest
 import torch
 
-from quantizer.hidden_store import HiddenStore, Singles, to_device_ahead
-from quantizer.memsize import GIB, MIB
-from quantizer.plan import ModelShapes, make_plan
-from quantizer.plan_memory import host_facts
+from quantizer.stream.hidden_store import HiddenStore, Singles, to_device_ahead
+from quantizer.plan.sizes import GIB, MIB
+from quantizer.plan.planner import ModelShapes, make_plan
+from quantizer.plan.memory import host_facts
 
 WIDTHS = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
               num_key_value_heads=8, vocab_size=1024)
@@ -64,8 +64,8 @@ def test_host_plan_moves_hidden_states_to_disk_when_they_do_not_fit():
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from quantizer.config import CalibSettings, QuantSettings
-    from quantizer.pipeline import plan_job
+    from quantizer.settings import CalibSettings, QuantSettings
+    from quantizer.run.pipeline import plan_job
     out = {}
     for hidden in ("cpu", "disk"):
         s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu",
@@ -94,7 +94,7 @@ def test_peak_rss_stays_under_the_ram_budget(tmp_path, prose_file):
     sends them to disk and the measured peak RSS of the whole run (the kernel's high-water
     mark, export assembly included) stays under the budget. (A model several times larger
     than its budget: tests/test_streaming_memory.py, slow.)"""
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
 
     model = write_checkpoint(tmp_path / "m", preset="tiny-llama", num_hidden_layers=4,
                              max_shard_bytes=16 << 20, dtype=torch.float16, **WIDTHS)

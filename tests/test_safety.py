@@ -332,7 +332,7 @@ def test_overwrite_replaces_our_export_and_resume_of_an_overwrite_may_too(tmp_pa
     job.begin({"model": "x", "calibration": None, "settings": {}}, first_stage="quantize")
     job.set_note("replaces_output", True)
     job.unlock()
-    from quantizer.pipeline import check_output
+    from quantizer.run.pipeline import check_output
     check_output(out, tmp_path / "out.job", overwrite=False, resume=True)  # allowed
     (tmp_path / "out.job" / "state.json").write_text(
         (tmp_path / "out.job" / "state.json").read_text().replace('"replaces_output": true',
@@ -489,7 +489,7 @@ def test_load_of_a_float_directory_says_so(tiny_checkpoint):
     ({}, {"a.weight": ([8, 8], "BF16")}, None),
 ])
 def test_quantized_inputs_are_recognised_in_one_place(config, header, refused):
-    from quantizer.originals import original_format
+    from quantizer.stream.originals import original_format
     if refused is None:
         assert original_format(config, header) is None
         return
@@ -587,7 +587,7 @@ def test_awq_says_a_skipped_scale_group_once_per_run(tmp_path, tiny_checkpoint, 
 def test_launch_cleans_its_temporary_files_on_every_exit(tmp_path):
     """Success and a worker's failure: the launcher's log/error folder is removed, and a
     failure is one line naming the worker."""
-    from quantizer import distributed as D
+    from quantizer.parallel import distributed as D
     from quantizer.errors import QuantizerError
     temp = Path(tempfile.gettempdir())
     before = {p.name for p in temp.iterdir()}

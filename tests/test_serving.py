@@ -377,7 +377,7 @@ def test_not_published_when_the_written_export_breaks_a_rule(tiny_checkpoint, tm
     """An export whose files break a rule (here: a config that names the wrong width) is not
     published: exit 2 naming the rule, the job directory kept, and --resume re-exports it
     once fixed, without quantizing again."""
-    import quantizer.pipeline as pipeline
+    import quantizer.run.pipeline as pipeline
 
     src = tiny_checkpoint("tiny-llama")
     out = tmp_path / "q"
@@ -417,7 +417,7 @@ def test_adaptive_fused_groups_share_and_low_targets_are_refused(tiny_checkpoint
     assert main([str(src), "-o", str(out), "--bits", "4.5", "--calib-data", str(prose_file),
                  *ARGS]) == 0
     capsys.readouterr()
-    from quantizer.loader import quant_spec
+    from quantizer.validate.loader import quant_spec
     spec = quant_spec(json.loads((out / "config.json").read_text()))
     for i in range(2):
         for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):

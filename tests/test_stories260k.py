@@ -5,8 +5,9 @@ import json
 import torch
 
 from quantizer import evaluate, quantize
-from quantizer.skeleton import build_skeleton, capture_layer0_inputs, layer_output, load_layer
-from quantizer.source import CheckpointSource
+from quantizer.stream.skeleton import (build_skeleton, capture_layer0_inputs, layer_output,
+                                       load_layer)
+from quantizer.stream.source import CheckpointSource
 
 # 4-bit RTN on a 260K-parameter model costs about 12% perplexity on TinyStories per channel
 # (measured 5.72 -> 6.42) and less at g64; the margin leaves room for calibration differences.

@@ -15,7 +15,7 @@ WIDTHS = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
 
 
 def make(path, layers):
-    from quantizer.synthetic import write_checkpoint
+    from quantizer.demo.synthetic import write_checkpoint
     import torch
     return write_checkpoint(path, preset="tiny-llama", num_hidden_layers=layers,
                             max_shard_bytes=512 << 20, dtype=torch.float16, **WIDTHS)
@@ -23,8 +23,8 @@ def make(path, layers):
 
 PLANNED = """
 import sys
-from quantizer.config import CalibSettings, QuantSettings
-from quantizer.pipeline import plan_job
+from quantizer.settings import CalibSettings, QuantSettings
+from quantizer.run.pipeline import plan_job
 s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu", ram_budget="1T",
                   calib=CalibSettings(source=sys.argv[2], samples=2, seqlen=32))
 print(plan_job(sys.argv[1], s, max_shard_bytes=int(sys.argv[3])).plan.predicted_peak[-1])

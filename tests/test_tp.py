@@ -9,7 +9,7 @@ import random
 import pytest
 
 from quantizer.errors import InputError
-from quantizer.tp import (check_tp, padded_config, padded_intermediate, require_tp)
+from quantizer.export.tp import check_tp, padded_config, padded_intermediate, require_tp
 
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
 EXPERTS = {"experts.gate", "experts.up", "experts.down"}

@@ -11,10 +11,11 @@ import torch
 
 from quantizer import load, quantize
 from quantizer.cli import main
-from quantizer.config import QuantSettings
+from quantizer.settings import QuantSettings
 from quantizer.errors import InputError
-from quantizer.pipeline import plan_job
-from quantizer.skeleton import build_skeleton, capture_layer0_inputs, layer_output, load_layer
+from quantizer.run.pipeline import plan_job
+from quantizer.stream.skeleton import (build_skeleton, capture_layer0_inputs, layer_output,
+                                       load_layer)
 
 from test_e2e import fake_quant_reference
 from test_tp import dense  # 70B-class attention: only the MLP can be flagged
@@ -153,7 +154,7 @@ def test_tp_size_is_a_check_pad_for_tp_changes_the_result():
 
 
 def padded_skeleton_logits(src, padded, ids):
-    from quantizer.source import CheckpointSource
+    from quantizer.stream.source import CheckpointSource
     source = CheckpointSource(src)
     model = build_skeleton(source, "cpu", torch.float32, padded)
     _, kw = capture_layer0_inputs(model, ids[:1])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import family_zoo as zoo
 from quantizer import load, quantize
 from quantizer.errors import InputError
-from quantizer.tp import check_checkpoint, check_tp
+from quantizer.export.tp import check_checkpoint, check_tp
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -65,7 +65,7 @@ def test_published_72b_config_reports_the_14784_problem():
         assert problems and all(p.fixable_by_padding for p in problems)
         assert any(str(per_gpu) in p.message for p in problems)
         assert all("intermediate_size 29568 → 29696" in p.message for p in problems)
-    from quantizer.tp import padded_config
+    from quantizer.export.tp import padded_config
     padded, changes = padded_config(config, 4, 128)
     assert changes == {"intermediate_size": (29568, 29696)}
     assert check_tp(padded, None, 2, 128) == [] and check_tp(padded, None, 4, 128) == []

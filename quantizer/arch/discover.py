@@ -164,7 +164,7 @@ def trace_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
                 keep: tuple[str, ...] = ()) -> LayerFound:
     """Run `layer` once (meta tensors) and read its structure off the trace. Linears named in
     `keep` stay in high precision (they take their input's AWQ fold)."""
-    from ..moe import UnfusedExperts
+    from ..stream.experts import UnfusedExperts
 
     leaves = {n for n, m in layer.named_modules() if not list(m.children())}
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -274,7 +274,7 @@ def _is_row(name: str, trace: _Trace, outputs: dict) -> bool:
 @contextlib.contextmanager
 def _route_all(layer):
     """Every expert sees every token while discovering (no routing on meta tensors)."""
-    from ..moe import UnfusedExperts
+    from ..stream.experts import UnfusedExperts
 
     mods = [m for m in layer.modules() if isinstance(m, UnfusedExperts)]
     for m in mods:

@@ -130,7 +130,7 @@ def group_signature(group) -> tuple:
 def probe(layer: nn.Module, group, x: torch.Tensor, kwargs: dict) -> str | None:
     """None when folding scales across `group` leaves `layer`'s output on `x` unchanged, else
     why not. Runs the layer twice with hooks; no weight is changed."""
-    from ..skeleton import layer_output
+    from ..stream.skeleton import layer_output
 
     prev = layer.get_submodule(group.prev)
     readers = list(group.linears) + list(group.also_scale)
@@ -181,7 +181,7 @@ def _out_width(mod: nn.Module) -> int | None:
 def fold_problem(ctx, group) -> str | None:
     """Why folding `group`'s scales would change the float layer's output (None: it would
     not), probed once per group shape and layer class on the real layer (ctx: a
-    quantizer.layer_context.LayerContext) with a seeded random input of the calibration
+    quantizer.methods.context.LayerContext) with a seeded random input of the calibration
     shape; the result is shared by every later layer of the model."""
     key = (type(ctx.layer).__name__,) + group_signature(group)
     checks = ctx.arch.fold_checks

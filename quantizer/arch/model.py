@@ -346,7 +346,7 @@ def _to_meta(obj):
 def prepare_layer(layer: nn.Module, names: NameMap) -> list[str]:
     """Swap the layer's fused experts for per-expert linears under their on-disk names (in
     place, on whatever device the layer is). Returns the experts modules' paths."""
-    from ..moe import UnfusedExperts, unfused
+    from ..stream.experts import UnfusedExperts, unfused
 
     done = []
     for path, mod in list(layer.named_modules()):

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
-from ..tp import marlin_problems, partition
+from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
+from .tp import marlin_problems, partition
 
 log = logging.getLogger(__name__)
 

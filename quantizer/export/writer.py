@@ -97,7 +97,7 @@ def publish(staged: Path, output: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(staged)
-    from ..outputs import remove_export
+    from ..run.outputs import remove_export
     remove_export(output)  # only our own export, never files layerquant did not write
     os.replace(staged, output)
     fsync_dir(output.parent)

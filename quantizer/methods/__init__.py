@@ -2,7 +2,7 @@
 QuantizedWeight per linear; methods never load files or choose devices.
 
 A method is an object with `name`, `needs_calibration` and `quantize_layer(ctx)` where ctx is
-a quantizer.pipeline.LayerContext. It may change the layer's float weights (AWQ folds scales
+a quantizer.run.pipeline.LayerContext. It may change the layer's float weights (AWQ folds scales
 into norms); it returns {linear name: QuantizedWeight}. The pipeline then swaps each linear's
 weight for its dequantized value and runs the layer to produce the next layer's inputs."""
 from __future__ import annotations

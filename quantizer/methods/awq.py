@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantizer.hidden_store import host_copy, to_device_ahead
-from quantizer.layer_context import run_module
-from quantizer.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
-                              run_units)
 from quantizer.kernels.packing import QuantizedWeight
-from quantizer.plan_memory import AWQ_QUANTIZE_SLICE_ELEMENTS
+from quantizer.methods.context import run_module
+from quantizer.parallel.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
+                                       run_units)
+from quantizer.plan.memory import AWQ_QUANTIZE_SLICE_ELEMENTS
+from quantizer.stream.hidden_store import host_copy, to_device_ahead
 
 from quantizer.arch.folds import fold_problem
 

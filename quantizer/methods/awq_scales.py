@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from quantizer.plan_memory import AWQ_CANDIDATE_SLICE_ELEMENTS
+from quantizer.plan.memory import AWQ_CANDIDATE_SLICE_ELEMENTS
 
 from .awq_clip import fake_quantize_float
 from .rtn import check_group_size

@@ -20,7 +20,7 @@ import math
 import torch
 
 from quantizer.kernels.packing import QuantizedWeight
-from quantizer.layer_context import run_module
+from quantizer.methods.context import run_module
 
 from .residual_share import block_module, block_of
 

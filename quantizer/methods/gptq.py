@@ -10,8 +10,8 @@ import time
 import torch
 
 from quantizer.errors import InputError
-from quantizer.shards import ShardFold, layout_of, run_units
 from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
+from quantizer.parallel.shards import ShardFold, layout_of, run_units
 
 from . import register_method
 from .gptq_hessian import (HessianAccumulator, PreparedHessian, output_error, park,
@@ -273,7 +273,7 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
         return split_rows(_cat_rows(parts), [w.shape[0] for w in weights]), info
 
     # Each stacked solve is one unit of work; with several processes they run on different
-    # ranks at once and every rank receives every result (quantizer.distributed.run_units).
+    # ranks at once and every rank receives every result (quantizer.parallel.distributed.run_units).
     units = list(buckets.items())
     out, info = {}, {}
     solved = (run_units(layout_of(ctx), units, solve) if parallel

@@ -12,7 +12,7 @@ import torch
 
 from quantizer.errors import InputError
 from quantizer.kernels.packing import QuantizedWeight
-from quantizer.hidden_store import to_device_ahead
+from quantizer.stream.hidden_store import to_device_ahead
 
 
 class HessianAccumulator:
@@ -59,7 +59,7 @@ class HessianAccumulator:
     @torch.no_grad()
     def merge(self, other: "HessianAccumulator") -> None:
         """Fold in another accumulator's mean (the running-mean rule for a block of tokens):
-        how calibration shards combine, in shard order (quantizer.distributed). A total kept in
+        how calibration shards combine, in shard order (quantizer.parallel.distributed). A total kept in
         host RAM (to_host) is merged a block of rows at a time on the other's device: the same
         elementwise arithmetic, so the same bits, with one n×n matrix on the GPU."""
         total = self.n_tokens + other.n_tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from quantizer.shards import fold_tensors, fold_values, layout_of
+from quantizer.parallel.shards import fold_tensors, fold_values, layout_of
 
 from .token_weights import weights_for
 
