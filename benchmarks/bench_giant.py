@@ -77,7 +77,7 @@ def generate(args, scratch: Path) -> tuple[Path, dict]:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     t0 = time.perf_counter()
     write_generated(path, model_config(args), "fp8-block", device=device,
-                    max_shard_bytes=(5 * GIB if not args.tiny else 1 << 20), log=log)
+                    max_shard_bytes=(5 * GIB if not args.tiny else 1 << 20))
     files = list(path.glob("*.safetensors"))
     return path, {"status": "ok", "path": str(path), "device": device,
                   "seconds": time.perf_counter() - t0, "shards": len(files),
@@ -251,12 +251,12 @@ def check_export(args, src: Path, out: Path) -> dict:
 def layer_elements(args) -> dict[str, int]:
     """Weights of one dense and one MoE layer of the benchmark's config (the planner's
     shapes), which scale the export's assembly time to the full model."""
-    from quantizer.plan.memory import _layer_elements
+    from quantizer.plan.memory import layer_elements as elements_of
     from quantizer.plan.shapes import ModelShapes, layer_groups
 
     cfg = model_config(args).to_dict()
     shapes = ModelShapes.from_config(cfg)
-    return {kind: _layer_elements(layer_groups(shapes, kind == "moe"), 0)
+    return {kind: elements_of(layer_groups(shapes, kind == "moe"), 0)
             for kind in ("dense", "moe")}
 
 
@@ -322,6 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=500)
     p.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a smoke test)")
     args = p.parse_args(argv)
+    from quantizer import logs
+    logs.configure()  # the generator's progress lines on stderr
     if args.tiny:
         args.samples, args.seqlen, args.vocab = min(args.samples, 4), min(args.seqlen, 16), 512
     t_start = time.perf_counter()

@@ -143,12 +143,14 @@ def _tiny(scratch: Path) -> Path:
 
 
 def _tiny_jobs(model: Path, root: Path, tag: str, device: str | None):
+    """(fn, args) per method: the settings object each process of a launch gets."""
     from quantizer.api import _quantize_worker
-    common = dict(model=str(model), calib_samples=32, calib_seqlen=64, group_size=32,
-                  overwrite=True, progress=False)
+    from quantizer.settings import OutputSettings, QuantSettings
+    common = dict(calib_samples=32, calib_seqlen=64, group_size=32)
     if device:
         common["device"] = device
-    return [(_quantize_worker, (dict(common, output=str(root / f"{tag}-{m}"), method=m), False))
+    return [(_quantize_worker, (model, QuantSettings().replaced(method=m, **common),
+                                OutputSettings(root / f"{tag}-{m}", overwrite=True), False, None))
             for m in ("gptq", "awq")]
 
 

@@ -192,8 +192,7 @@ class Lab:
         arch = self.source.arch.for_layer(self.model.config, i)
         return LayerContext(i, layer, arch, self.model.config, settings,
                             [calib[k:k + chunk] for k in range(0, len(calib), chunk)],
-                            self.meta["kwargs"], torch.device("cpu"), torch.float32,
-                            log=lambda m: print("   ", m, flush=True))
+                            self.meta["kwargs"], torch.device("cpu"), torch.float32)
 
     @torch.no_grad()
     def tail_logits(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -209,17 +208,14 @@ class Lab:
 
 def settings_for(method: str, overrides: dict, bits: int, group_size: int,
                  options: dict) -> QuantSettings:
-    s = QuantSettings(bits=bits, group_size=group_size, method=method,
-                      calib=CalibSettings(samples=0), method_options=dict(options))
-    for k, v in overrides.items():
-        setattr(s, k, v)
-    return s
+    return QuantSettings(bits=bits, group_size=group_size, method=method,
+                         calib=CalibSettings(samples=0)).replaced(**options, **overrides)
 
 
 @torch.no_grad()
 def run_variant(lab: Lab, i: int, name: str, bits: int, group_size: int, kl: bool,
                 ref_logp=None) -> dict:
-    from quantizer.methods import get_method
+    from quantizer.methods.registry import get_method
     method, options, overrides = VARIANTS[name]
     overrides = dict(overrides)
     from quantizer.methods import token_weights as twm

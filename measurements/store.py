@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import InputError
+from ..run.outputs import MEASUREMENT_KIND
 from .atomic import atomic_write_json, read_json
 from .fingerprint import fingerprint_differences, normalise_settings
 from .optimizer import Candidate, Choice, Group
 
 SCHEMA_VERSION = 1
-KIND = "layerquant-measurement"
+KIND = MEASUREMENT_KIND
 
 
 class MeasurementStore:

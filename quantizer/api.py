@@ -1,42 +1,59 @@
-"""The Python API: `quantize`, `measure`, `evaluate`, `load` — the same code paths as the CLI."""
+"""The Python API: `quantize`, `measure`, `evaluate`, `load` — the same code paths as the CLI.
+
+`quantize` and `measure` take a whole `QuantSettings` (what the command line builds), and any
+setting as a keyword for convenience (bits=3, calib_data="wikitext2", vram_budget="40G",
+damp=0.05: keywords replace those of `settings`)."""
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 import inspect
+from dataclasses import fields, replace
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
+from . import logs
+from .adaptive.stage import run_measure
 from .errors import InputError
-from .options import OPTIONS, check_positive_size
-from .run.outputs import check_paths, local_model_path
-from .run.pipeline import check_output, input_files, run_quantize
+from .parallel.distributed import launch, resolve_devices, world
+from .plan.machine import visible_gpu_memory
+from .run.jobdir import check_output
+from .run.outputs import check_paths, input_files, local_model_path
+from .run.quantize import run_quantize
 from .run.report import QuantResult
-from .settings import CalibSettings, QuantSettings, default_method
+from .settings import OPTION_FIELDS, SETTING_KEYWORDS, OutputSettings, QuantSettings
 from .validate import evaluation as _evaluation, loader as _loader
 from .validate.evaluation import EvalResult
 
+# what `quantize measure` reads of the settings (the API's keywords of `measure`)
+MEASURE_KEYWORDS = ("calib_data", "calib_samples", "calib_seqlen", "seed", "calib_shards",
+                    "symmetric", "group_size", "device", "dtype", "vram_budget", "ram_budget",
+                    "hessian_device", "hidden_device", "damp", "act_order", "static_groups")
+_MEASURE_FIELDS = {"calib", "symmetric", "group_size", "device", "dtype", "budgets",
+                   "hessian_device", "hidden_device", "gptq", "method", "adaptive"}
 
-def checked_keywords(fn):
+
+def checked_keywords(known=()):
     """A mistyped keyword is an InputError (a ValueError) naming it and the nearest right
-    one, like every other bad argument, not a TypeError from deep inside. Keywords that go
-    on to a method's options (quantize's **method_options) are checked against options.py."""
-    sig = inspect.signature(fn)
-    named = [n for n, p in sig.parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes_options = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    one, like every other bad argument, not a TypeError from deep inside. `known`: the
+    keywords a **keywords parameter takes besides the named ones."""
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        named = [n for n, p in sig.parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = set(named) | set(known)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        for key in kwargs:
-            if key in named or (takes_options and key in OPTIONS):
-                continue
-            known = named + (sorted(OPTIONS) if takes_options else [])
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise InputError(f"{fn.__name__}() has no keyword argument {key!r}{hint}")
-        return fn(*args, **kwargs)
-    return wrapper
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for key in kwargs:
+                if key not in accepted:
+                    near = difflib.get_close_matches(key, sorted(accepted), n=1)
+                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    raise InputError(f"{fn.__name__}() has no keyword argument {key!r}{hint}")
+            return fn(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 def resolve_model(path_or_id: str) -> Path:
@@ -45,7 +62,6 @@ def resolve_model(path_or_id: str) -> Path:
     if local is not None:
         return local
     try:
-        from huggingface_hub import snapshot_download
         return Path(snapshot_download(path_or_id, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "merges.txt"]))
     except Exception as e:  # offline, unknown repo, no access
@@ -54,24 +70,19 @@ def resolve_model(path_or_id: str) -> Path:
                          "directory") from None
 
 
-@checked_keywords
-def quantize(model: str, output: str, bits: float = 4, group_size="auto",
-             method: str | None = None,
-             symmetric: bool | None = None, calib_data: str = "builtin", calib_samples: int = 128,
-             calib_seqlen: int = 512, seed: int = 0, device: str = "auto", dtype: str = "auto",
-             export_format: str = "auto", overwrite: bool = False, resume: bool = False,
-             work_dir=None, progress: bool = True, max_shard_bytes: int = 1 << 30, log=None,
-             vram_budget: str | None = None, ram_budget: str | None = None,
-             save_hidden: str = "auto", measurement: str | None = None,
-             adaptive: bool = False, hessian_device: str = "auto", hidden_device: str = "auto",
-             tp_size: int | None = None, pad_for_tp: int | None = None,
-             devices: str | list | None = None, calib_shards: int = 8,
-             min_expert_tokens: int = 16, engine: str = "vllm",
-             **method_options) -> QuantResult:
+@checked_keywords(SETTING_KEYWORDS + tuple(OPTION_FIELDS))
+def quantize(model: str, output: str, settings: QuantSettings | None = None, *,
+             overwrite: bool = False, resume: bool = False, work_dir=None,
+             max_shard_bytes: int = 1 << 30, progress: bool = True,
+             **keywords) -> QuantResult:
     """Quantize `model` into `output`; returns a result that renders as a per-layer table.
 
-    method: rtn, awq or gptq; default as on the command line (AWQ for 4 bits when available,
-    GPTQ otherwise, adaptive GPTQ for fractional targets).
+    settings: a QuantSettings (every setting, typed); keywords: any setting by name as a
+    convenience (bits=3, method="gptq", calib_data="wikitext2", vram_budget="40G",
+    devices="0,1", damp=0.05, grid=10, ...), replacing those of `settings`.
+
+    method: rtn, awq or gptq; default as on the command line (AWQ for 4 bits, GPTQ
+    otherwise, adaptive GPTQ for fractional targets).
 
     Work is checkpointed after every layer in `work_dir` (default OUTPUT.job); after a crash
     or Ctrl-C, call again with resume=True to continue from the last finished layer.
@@ -91,90 +102,76 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto",
     nearest instead of calibrated (with a warning; the report lists tokens per expert).
 
     devices="0,1" (or "all", or "cpu,cpu") runs one process per device through
-    torch.distributed (quantizer/distributed.py); the output is bit-identical to one
+    torch.distributed (parallel/distributed.py); the output is bit-identical to one
     process's. calib_shards: the calibration set's shard count, which bounds the processes."""
-    from .parallel import distributed as D
-
-    if method is None:
-        method = default_method(bits, adaptive or bool(measurement))
-    device_list = D.parse_devices(devices) if isinstance(devices, (str, type(None))) else \
-        D.parse_devices(",".join(map(str, devices)))
-    if device_list:
-        D.require_devices(device_list)
-    if device_list and len(device_list) == 1:
-        device = device_list[0]
-    settings = QuantSettings(
-        bits=bits, group_size=group_size, method=method, symmetric=symmetric,
-        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
-        device=device,
-        dtype=dtype, export_format=export_format, method_options=method_options,
-        vram_budget=vram_budget, ram_budget=ram_budget, save_hidden=save_hidden,
-        measurement=str(measurement) if measurement else None, adaptive=adaptive,
-        hessian_device=hessian_device, hidden_device=hidden_device, tp_size=tp_size,
-        pad_for_tp=pad_for_tp, min_expert_tokens=min_expert_tokens, engine=engine)
-    if device_list and len(device_list) > 1 and not D.world().distributed:
-        # refuse before any process starts: settings, paths, the output
-        model_path = resolve_model(str(model))
-        check_settings = copy.deepcopy(settings)
-        check_settings.validate()
-        check_positive_size("--max-shard-size", max_shard_bytes)
-        out = Path(output).absolute()
-        work = Path(work_dir).absolute() if work_dir else out.parent / (out.name + ".job")
-        check_paths(model_path, out, work, inputs=input_files(check_settings))
-        check_output(out, work, overwrite, resume)
-        kwargs = {k: v for k, v in locals().items()
-                  if k in _QUANTIZE_ARGS and k not in ("devices", "log")}
-        kwargs["model"] = str(model_path)  # fetched once, not once per process
-        kwargs.update(method_options)
-        return D.launch(device_list, _quantize_worker, kwargs, log is not None)
-    return run_quantize(resolve_model(str(model)), output, settings, progress=progress,
-                        overwrite=overwrite, resume=resume, work_dir=work_dir,
-                        max_shard_bytes=max_shard_bytes, log=log)
+    settings = (settings or QuantSettings()).replaced(**keywords)
+    out = OutputSettings(Path(output), work_dir, overwrite, resume, max_shard_bytes)
+    return quantize_with(model, settings, out, progress)
 
 
-@checked_keywords
-def measure(model: str, output: str, calib_data: str = "builtin", calib_samples: int = 128,
-            calib_seqlen: int = 512, seed: int = 0, symmetric: bool | None = None,
-            group_size="auto", device: str = "auto", dtype: str = "auto",
-            overwrite: bool = False, resume: bool = False, work_dir=None, progress: bool = True,
-            log=None, vram_budget: str | None = None, ram_budget: str | None = None,
-            hessian_device: str = "auto", hidden_device: str = "auto", calib_shards: int = 8,
-            **method_options) -> dict:
+def quantize_with(model: str, settings: QuantSettings, out: OutputSettings,
+                  progress: bool = True) -> QuantResult:
+    """`quantize` with its settings and outputs built (what the command line calls)."""
+    devices = resolve_devices(settings.devices)
+    if devices and len(devices) > 1 and not world().distributed:
+        return _launch(model, replace(settings, devices=tuple(devices)), out, progress)
+    if devices and len(devices) == 1:
+        settings = replace(settings, device=devices[0], devices=None)
+    return run_quantize(resolve_model(str(model)), settings, out, progress)
+
+
+def _launch(model: str, settings: QuantSettings, out: OutputSettings, progress: bool
+            ) -> QuantResult:
+    """One process per device; refuse before any starts: settings, paths, the output."""
+    model_path = resolve_model(str(model))  # fetched once, not once per process
+    settings, out = settings.validated(), out.validated()
+    settings.budgets.check_totals(visible_gpu_memory())
+    check_paths(model_path, out.output, out.work_dir, inputs=input_files(settings))
+    check_output(out.output, out.work_dir, out.overwrite, out.resume)
+    return launch(list(settings.devices), _quantize_worker, model_path, settings, out, progress,
+                  logs.configured_level())
+
+
+def _quantize_worker(model_path, settings: QuantSettings, out: OutputSettings, progress: bool,
+                     log_level: int | None) -> QuantResult:
+    """One process of a multi-device run (started by parallel.distributed.launch): the same
+    settings, unchanged; rank 0 logs as the command line does."""
+    if log_level is not None and world().main:
+        logs.configure(log_level)
+    return run_quantize(model_path, settings, out, progress)
+
+
+@checked_keywords(MEASURE_KEYWORDS)
+def measure(model: str, output: str, settings: QuantSettings | None = None, *,
+            overwrite: bool = False, resume: bool = False, work_dir=None,
+            progress: bool = True, **keywords) -> dict:
     """Adaptive GPTQ's measurement pass alone: per layer and module group, the error and exact
     cost of every candidate setting, written to the file `output` (measurement.json). Then
     `quantize(model, out, bits=<any target>, measurement=output)` allocates bits from it with
-    no second measuring pass. GPTQ options (act_order, static_groups, damp) go in
-    `method_options` and must match the later quantize calls'. Returns a summary dict."""
-    from .adaptive.loop import run_measure
-    settings = QuantSettings(
-        bits=4, group_size=group_size, method="gptq", symmetric=symmetric,
-        calib=CalibSettings(calib_data, calib_samples, calib_seqlen, seed, calib_shards),
-        device=device, dtype=dtype, method_options=method_options, vram_budget=vram_budget,
-        ram_budget=ram_budget, adaptive=True, hessian_device=hessian_device,
-        hidden_device=hidden_device)
-    return run_measure(resolve_model(str(model)), output, settings, progress=progress,
-                       overwrite=overwrite, resume=resume, work_dir=work_dir, log=log)
+    no second measuring pass. The GPTQ options (act_order, static_groups, damp) must match the
+    later quantize calls'. Returns a summary dict."""
+    settings = (settings or QuantSettings()).replaced(**keywords)
+    check_measure_settings(settings)
+    out = OutputSettings(Path(output), work_dir, overwrite, resume)
+    return run_measure(resolve_model(str(model)), settings, out, progress)
 
 
-_QUANTIZE_ARGS = ("model", "output", "bits", "group_size", "method", "symmetric", "calib_data",
-                  "calib_samples", "calib_seqlen", "seed", "device", "dtype", "export_format",
-                  "overwrite", "resume", "work_dir", "progress", "max_shard_bytes",
-                  "vram_budget", "ram_budget", "save_hidden", "measurement", "adaptive",
-                  "hessian_device", "hidden_device", "tp_size", "pad_for_tp", "calib_shards",
-                  "min_expert_tokens", "engine")
+def check_measure_settings(settings: QuantSettings) -> None:
+    """A setting `quantize measure` does not use is refused rather than silently ignored."""
+    default = QuantSettings()
+    for f in fields(QuantSettings):
+        if f.name not in _MEASURE_FIELDS and getattr(settings, f.name) != getattr(default,
+                                                                                   f.name):
+            raise InputError(f"quantize measure does not use {f.name} (it measures every "
+                             f"candidate setting; give it to the quantize run that uses the "
+                             f"measurement)")
+    if settings.method not in (None, "gptq"):
+        raise InputError(f"quantize measure measures GPTQ candidates, not --method "
+                         f"{settings.method}")
 
 
-def _log_stderr(msg: str) -> None:
-    import sys
-    print(msg, file=sys.stderr)
+evaluate = checked_keywords()(_evaluation.evaluate)
+load = checked_keywords()(_loader.load)
 
-
-def _quantize_worker(kwargs: dict, logging: bool) -> QuantResult:
-    """One process of a multi-device run (started by quantizer.parallel.distributed.launch)."""
-    return quantize(**kwargs, log=_log_stderr if logging else None)
-
-
-evaluate = checked_keywords(_evaluation.evaluate)
-load = checked_keywords(_loader.load)
-
-__all__ = ["quantize", "measure", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model"]
+__all__ = ["quantize", "measure", "evaluate", "load", "QuantResult", "EvalResult", "resolve_model",
+           "QuantSettings", "OutputSettings"]

@@ -57,16 +57,27 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+def plan_text(model, bits=4, method=None, vram_budget=None, ram_budget=None, devices=None,
+               calib_samples=128, calib_seqlen=512, **settings) -> str:
+    """`quantize plan MODEL ...` as text, through the path the command line takes."""
+    from quantizer.plan.apply import plan_command
+    from quantizer.settings import QuantSettings
+    s = QuantSettings().replaced(bits=bits, method=method, vram_budget=vram_budget,
+                                 ram_budget=ram_budget, calib_samples=calib_samples,
+                                 calib_seqlen=calib_seqlen, **settings).validated()
+    return plan_command(model, s, devices)
+
+
 @pytest.fixture(autouse=True)
 def serving_check_every_export(request, monkeypatch):
     """Every export a test publishes passes `quantize check` (vLLM's rules) with no error:
     the published directory is re-read from disk and checked, whatever --engine the run
     used. A test that writes an export vLLM refuses on purpose (to test --engine none) marks
     itself `serving_errors_expected` and gets the reports in `request.node.serving_reports`."""
-    import quantizer.run.pipeline as pipeline
+    import quantizer.run.quantize as run
     from quantizer.export.serving import check_export
 
-    real = pipeline.publish
+    real = run.publish
     expected = request.node.get_closest_marker("serving_errors_expected") is not None
     request.node.serving_reports = []
 
@@ -78,7 +89,7 @@ def serving_check_every_export(request, monkeypatch):
             raise AssertionError(f"export {output} fails the serving check:\n"
                                  + report.render())
 
-    monkeypatch.setattr(pipeline, "publish", publish)
+    monkeypatch.setattr(run, "publish", publish)
     yield
 
 

@@ -130,26 +130,38 @@ def test_cli_passes_act_order_and_static_groups(tiny_checkpoint, tmp_path, prose
 
 
 def test_gptq_defaults_to_act_order_with_static_groups():
-    from quantizer.settings import QuantSettings
+    from quantizer.settings import GPTQOptions, QuantSettings
 
     def opts(**kw):
-        s = QuantSettings(method="gptq", **kw)
-        s.validate()
-        return s.method_options
+        s = QuantSettings(method="gptq", **kw).validated()
+        return s.gptq.act_order, s.gptq.static_groups
 
-    assert opts(bits=4.5) == {"act_order": True, "static_groups": True}
-    assert opts(bits=4, adaptive=True) == {"act_order": True, "static_groups": True}
+    assert opts(bits=4.5) == (True, True)
+    assert opts(bits=4, adaptive=True) == (True, True)
     # uniform GPTQ too since issue 26 (llm-compressor's default scheme; SmolLM2 ppl 35.12
     # against 36.89 for the old asymmetric, no-act-order default)
+    assert opts(bits=4) == (True, True)
+    assert opts(bits=4, gptq=GPTQOptions(act_order=False)) == (False, False)
     # and, since issue 20, the imatrix-weighted grid for its group scales (adaptive: min-max)
-    assert opts(bits=4) == {"act_order": True, "static_groups": True, "scale_search": "imatrix"}
-    assert opts(bits=4, method_options={"act_order": False}) == {"act_order": False,
-                                                                  "scale_search": "imatrix"}
-    assert opts(bits=4, method_options={"scale_search": "minmax"}) == {
+    from quantizer.settings import RoundingOptions
+
+    def record(**kw):
+        return QuantSettings(method="gptq", **kw).validated().options_record()
+
+    assert record(bits=4) == {"act_order": True, "static_groups": True,
+                              "scale_search": "imatrix"}
+    assert record(bits=4.5) == {"act_order": True, "static_groups": True}
+    assert record(bits=4, gptq=GPTQOptions(act_order=False)) == {
+        "act_order": False, "static_groups": False, "scale_search": "imatrix"}
+    assert record(bits=4, rounding=RoundingOptions(scale_search="minmax")) == {
         "scale_search": "minmax", "act_order": True, "static_groups": True}
     # any explicit choice is the user's: no defaults mixed into it
-    assert opts(bits=4.5, method_options={"act_order": False}) == {"act_order": False}
-    assert opts(bits=4.5, method_options={"act_order": True}) == {"act_order": True}
+    assert opts(bits=4.5, gptq=GPTQOptions(act_order=False)) == (False, False)
+    assert opts(bits=4.5, gptq=GPTQOptions(act_order=True)) == (True, False)
+    # the record (fingerprint, layerquant.json) names both, as it always did for the default
+    # (and uniform GPTQ's scale search, issue 20)
+    record = QuantSettings(method="gptq").validated().result_dict()["method_options"]
+    assert record == {"act_order": True, "static_groups": True, "scale_search": "imatrix"}
 
 
 def test_measure_subcommand_then_two_targets(tiny_checkpoint, tmp_path, prose_file, capsys):

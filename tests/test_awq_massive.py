@@ -59,7 +59,7 @@ def test_uniform_weights_choose_as_the_plain_mean():
 
 
 def test_awq_clip_sample_holds_every_sink_with_unbiased_weights():
-    from quantizer.methods import get_method
+    from quantizer.methods.registry import get_method
     from test_gptq import tiny_llama_context
     ctx = tiny_llama_context(bits=4)  # 3 chunks x 2 sequences x 32 tokens
     down = next(g[0] for g in ctx.arch.input_groups if g[0].endswith("down_proj"))

@@ -14,13 +14,17 @@ from quantizer.methods.gptq import quantize_group
 from quantizer.methods.measure import measure_layer, store_groups, CandidateSpec, Setting
 from quantizer.methods.residual_share import residual_shares
 from test_gptq import tiny_llama_context
+from quantizer.settings import GPTQOptions
+
+# the options these tests were written with: no act-order (the measurement's old default)
+NO_ACT = GPTQOptions(act_order=False, static_groups=False).resolved()
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 def _quantized(ctx, names, bits):
-    qs, _ = quantize_group(ctx, names, None, {n: (bits, 32) for n in names}, False, False,
-                           False, 0.01, 128, _prepared(ctx, names))
+    qs, _ = quantize_group(ctx, names, None, {n: (bits, 32) for n in names}, False, NO_ACT,
+                           _prepared(ctx, names))
     return qs
 
 
@@ -64,7 +68,7 @@ def test_measurement_records_block_errors_and_shares(tmp_path):
     ctx = tiny_llama_context(bits=4, seed=5, n_chunks=2)
     specs = [CandidateSpec(Setting(3, 32)), CandidateSpec(Setting(5, 32)),
              CandidateSpec(Setting(3, 32), Setting(5, 32))]
-    results = measure_layer(ctx, specs)
+    results = measure_layer(ctx, specs, options=NO_ACT)
     for label, res in results.items():
         judged = label.startswith("self_attn.q") or label.startswith("mlp.gate")
         assert all((r.block_err is not None) == judged for r in res), label

@@ -14,6 +14,7 @@ from quantizer.parallel import distributed as D
 from quantizer.parallel import shards as S
 from quantizer.errors import InputError
 from quantizer.methods.gptq_hessian import HessianAccumulator
+from quantizer.settings import OutputSettings, QuantSettings, parse_devices
 
 CALIB = Path(__file__).with_name("data") / "calibration.txt"
 
@@ -62,12 +63,12 @@ def test_shard_fold_is_the_left_fold_in_shard_order():
 
 
 def test_devices_flag_parsing():
-    assert D.parse_devices("0,1") == ["cuda:0", "cuda:1"]
-    assert D.parse_devices("cpu,cpu") == ["cpu", "cpu"]
-    assert D.parse_devices(None) is None
+    assert parse_devices("0,1") == ("cuda:0", "cuda:1")
+    assert parse_devices("cpu,cpu") == ("cpu", "cpu")
+    assert parse_devices(None) is None
     for bad in ("0,0", "gpu1", "cpu,0"):
         with pytest.raises(InputError):
-            D.parse_devices(bad)
+            parse_devices(bad)
 
 
 def test_eval_placement_is_contiguous_runs_of_layers():
@@ -77,17 +78,21 @@ def test_eval_placement_is_contiguous_runs_of_layers():
     assert [str(d) for d in layer_devices(["cuda:1"], 2)] == ["cuda:1", "cuda:1"]
 
 
-def _jobs(model, root: Path, tag: str, devices=None):
-    """(fn, args) of a GPTQ and an AWQ run with shards of uneven size and 2 chunks each."""
+def _jobs(model, root: Path, tag: str, devices=None, **extra):
+    """(fn, args) of a GPTQ and an AWQ run with shards of uneven size and 2 chunks each, as
+    a launch hands them to each process: the settings object, unchanged."""
     from quantizer.api import _quantize_worker
-    common = dict(model=str(model), calib_data=str(CALIB), calib_samples=31, calib_seqlen=16,
-                  calib_shards=3, group_size=32, overwrite=True, progress=False)
+    common = dict(calib_data=str(CALIB), calib_samples=31, calib_seqlen=16, calib_shards=3,
+                  group_size=32)
     if devices is None:
         common["device"] = "cpu"
-    return [(_quantize_worker, (dict(common, output=str(root / f"{tag}-gptq"), method="gptq",
-                                     act_order=True), False)),
-            (_quantize_worker, (dict(common, output=str(root / f"{tag}-awq"), method="awq",
-                                     grid=3, clip_tokens=96), False))]
+    common.update(extra)
+
+    def job(method, **options):
+        settings = QuantSettings().replaced(method=method, **common, **options)
+        out = OutputSettings(root / f"{tag}-{method}", overwrite=True)
+        return _quantize_worker, (model, settings, out, False, None)
+    return [job("gptq", act_order=True), job("awq", grid=3, clip_tokens=96)]
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -117,8 +122,7 @@ def test_two_gloo_processes_moe_matches_single_process(tiny_checkpoint, tmp_path
     model = tiny_checkpoint("tiny-mixtral")
 
     def jobs(tag, dev, threshold):
-        return [(f, (dict(kw, min_expert_tokens=threshold), v))
-                for f, (kw, v) in _jobs(model, tmp_path, tag, dev)]
+        return _jobs(model, tmp_path, tag, dev, min_expert_tokens=threshold)
 
     probe = D.run_sequence(jobs("probe", None, 1))[0].expert_coverage()
     # the least-routed expert's whole-run count: it is calibrated, while a rank that counted
@@ -159,10 +163,7 @@ def test_cuda1_quantize_and_eval_match_cuda0(tiny_checkpoint, tmp_path):
 @two_gpus
 def test_two_nccl_processes_write_the_single_gpu_files(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("tiny-llama")
-    jobs = _jobs(model, tmp_path, "one", None)
-    for _, (kwargs, _) in jobs:
-        kwargs["device"] = "cuda:0"
-    D.run_sequence(jobs)
+    D.run_sequence(_jobs(model, tmp_path, "one", "cuda", device="cuda:0"))
     D.launch(["cuda:0", "cuda:1"], D.run_sequence, _jobs(model, tmp_path, "two", "0,1"))
     for method in ("gptq", "awq"):
         _same_files(tmp_path / f"one-{method}", tmp_path / f"two-{method}")

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 
 from quantizer.plan.sizes import GIB
-from quantizer.plan.planner import DeviceSpec, ModelShapes, make_plan, plan_command
+from conftest import plan_text
+from quantizer.plan.machine import DeviceSpec
 from quantizer.plan.memory import host_facts
+from quantizer.plan.planner import make_plan
+from quantizer.plan.shapes import ModelShapes
 from quantizer.plan.speed import COEFFICIENTS, MEASURED, fit, measured_seconds, model_seconds
 
 CONFIGS = Path(__file__).with_name("data") / "configs"
@@ -81,12 +84,12 @@ def test_too_little_host_ram_is_refused_naming_what_does_not_fit():
 def test_plan_command_prints_the_tables_of_every_family():
     # GLM-4.6 and Kimi-K2 (DeepSeek-V3's architecture under its own model_type) are families
     # since structure discovery (issue 19): their plans name their own layers
-    text = plan_command(CONFIGS / "glm-4.6.json", 4, "gptq", "80G", "64G")
+    text = plan_text(CONFIGS / "glm-4.6.json", 4, "gptq", "80G", "64G")
     assert "no model family" not in text and "plan for glm4_moe" in text
-    text = plan_command(CONFIGS / "kimi-k2.json", 4, "awq", "80G", "64G")
+    text = plan_text(CONFIGS / "kimi-k2.json", 4, "awq", "80G", "64G")
     assert "no model family" not in text and "moe" in text
     assert "FP8 e4m3, 128x128 block scales" in text
-    text = plan_command(CONFIGS / "deepseek-v3.json", 4, "gptq", "80G", "64G")
+    text = plan_text(CONFIGS / "deepseek-v3.json", 4, "gptq", "80G", "64G")
     assert "no model family" not in text and "dense" in text and "moe" in text
 
 

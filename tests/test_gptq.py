@@ -3,6 +3,7 @@ g_idx is a consistent permutation, static groups stay contiguous, Cholesky failu
 higher damping (logged), dead columns quantize to 0, and the method lowers a real Llama
 decoder layer's output error versus RTN."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from quantizer.arch import get_arch
 from quantizer.settings import QuantSettings
 from quantizer.methods.context import LayerContext
-from quantizer.methods import get_method
+from quantizer.methods.registry import get_method
 from quantizer.methods.gptq import HessianAccumulator, gptq_quantize, output_error
 from quantizer.methods.rtn import RTN, rtn_quantize
 
@@ -100,22 +101,23 @@ def test_act_order_g_idx_is_a_consistent_permutation():
     assert output_error(w, q.dequantize(), H) < rtn_err
 
 
-def test_cholesky_failure_retries_with_more_damping_and_logs():
+def test_cholesky_failure_retries_with_more_damping_and_logs(caplog):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     n = 64
     basis, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     eig = torch.ones(n, dtype=torch.float64)
     eig[0] = -0.05  # indefinite: 0.01*mean(diag) is too little damping, 0.1*mean is enough
     H = (basis * eig) @ basis.t()
-    logs = []
+    caplog.set_level("INFO", logger="quantizer")
     w = torch.randn(16, n, generator=gen)
-    q, info = gptq_quantize(w, H.float(), 4, 32, log=logs.append)
+    q, info = gptq_quantize(w, H.float(), 4, 32)
     assert info["retries"] == 1 and info["damp_used"] == pytest.approx(0.1)
+    logs = caplog.messages
     assert len(logs) == 1 and "Cholesky failed" in logs[0] and "damp=0.1" in logs[0]
     assert torch.isfinite(q.dequantize()).all()
 
 
-def test_cholesky_exception_is_retried(monkeypatch):
+def test_cholesky_exception_is_retried(monkeypatch, caplog):
     real = torch.linalg.cholesky_ex
     calls = {"n": 0}
 
@@ -126,11 +128,11 @@ def test_cholesky_exception_is_retried(monkeypatch):
         return real(a, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
-    logs = []
+    caplog.set_level("INFO", logger="quantizer")
     w = torch.randn(8, 64)
-    q, info = gptq_quantize(w, torch.eye(64), 3, 32, damp=0.02, log=logs.append)
+    q, info = gptq_quantize(w, torch.eye(64), 3, 32, damp=0.02)
     assert info["retries"] == 1 and info["damp_used"] == pytest.approx(0.2)
-    assert "forced failure" in logs[0]
+    assert "forced failure" in caplog.messages[0]
 
 
 def test_dead_column_quantizes_to_zero():
@@ -161,7 +163,7 @@ def test_asymmetric_zero_point_never_zero():
 # ---------------------------------------------------------------------------------------
 # The method on a tiny transformers Llama decoder layer
 # ---------------------------------------------------------------------------------------
-def tiny_llama_context(bits=3, group_size=32, seed=0, n_chunks=3, seq=32, log=None):
+def tiny_llama_context(bits=3, group_size=32, seed=0, n_chunks=3, seq=32):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -183,8 +185,7 @@ def tiny_llama_context(bits=3, group_size=32, seed=0, n_chunks=3, seq=32, log=No
     return LayerContext(0, layer, get_arch("llama").for_layer(cfg, 0), cfg, settings, inputs,
                         {"position_embeddings": cos_sin, "position_ids": pos,
                          "attention_mask": None},
-                        torch.device("cpu"), torch.float32,
-                        log=log if log is not None else (lambda m: None))
+                        torch.device("cpu"), torch.float32)
 
 
 def layer_error(ctx, fp_out, quantized):
@@ -273,7 +274,7 @@ def test_module_settings_override_bits_per_linear():
     assert (quantized["mlp.down_proj"].bits, quantized["mlp.down_proj"].group_size) == (8, 64)
     assert quantized["mlp.up_proj"].bits == 3 and quantized["mlp.gate_proj"].bits == 4
     assert ctx.stats["modules"]["mlp.down_proj"]["bits"] == 8
-    ctx.settings.bits = 3.5  # fractional target: every module needs an explicit setting
+    ctx.settings = replace(ctx.settings, bits=3.5)  # fractional: every module needs a setting
     from quantizer.errors import InputError
     with pytest.raises(InputError, match="measurement"):
         get_method("gptq", module_settings={down: (8, 64)}).quantize_layer(ctx)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from quantizer.methods import get_method
+from quantizer.methods.registry import get_method
 from quantizer.methods.gptq import gptq_quantize
 from quantizer.methods.gptq_hessian import HessianAccumulator
 from quantizer.methods.grid import GridSpec, range_params, search_params
@@ -151,7 +151,7 @@ def test_methods_with_grids_and_token_weights_beat_rtn(method, options):
 
 def test_bad_option_values_are_refused():
     from quantizer.errors import InputError
-    with pytest.raises(InputError, match="scale search"):
+    with pytest.raises(InputError, match="scale-search"):
         get_method("gptq", scale_search="best")
     with pytest.raises(InputError, match="token-weights"):
         get_method("rtn", token_weights="all")

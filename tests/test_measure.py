@@ -5,19 +5,23 @@ through measurement.json and back into GPTQ per-module settings."""
 import pytest
 import torch
 
-from quantizer.methods import get_method
+from quantizer.methods.registry import get_method
 from quantizer.methods.gptq import HessianAccumulator, quantize_group
 from quantizer.methods.measure import (CandidateSpec, Setting, default_candidates, group_label,
                                        measure_layer, module_settings_from_selection,
                                        store_groups, vllm_can_load)
 from test_gptq import tiny_llama_context
+from quantizer.settings import GPTQOptions
+
+# the options these tests were written with: no act-order (the measurement's old default)
+NO_ACT = GPTQOptions(act_order=False, static_groups=False).resolved()
 
 
 @pytest.fixture(scope="module")
 def measured():
     ctx = tiny_llama_context(bits=4, seed=torch.seed() % 1000, n_chunks=2)
     before = {n: ctx.module(n).weight.detach().clone() for n in ctx.arch.linears}
-    results = measure_layer(ctx)
+    results = measure_layer(ctx, options=NO_ACT)
     return ctx, before, results
 
 
@@ -81,13 +85,13 @@ def test_hessian_error_equals_a_real_forward():
     ctx = tiny_llama_context(bits=4, seed=torch.seed() % 1000, n_chunks=2)
     group = ("mlp.gate_proj", "mlp.up_proj")
     spec = CandidateSpec(Setting(3, 32), Setting(4, 64))
-    res = by_label(measure_layer(ctx, [spec])[group_label(group)])[spec.label]
+    res = by_label(measure_layer(ctx, [spec], options=NO_ACT)[group_label(group)])[spec.label]
     xs = [seen[group[0]] for seen in ctx.capture([group[0]])]
     acc = HessianAccumulator(128)
     for x in xs:
         acc.add(x)
     qs, _ = quantize_group(ctx, group, acc.H, {"mlp.gate_proj": (3, 32), "mlp.up_proj": (4, 64)},
-                           False, False, False, 0.01, 128)
+                           False, NO_ACT)
     num = den = 0.0
     for n in group:
         w = ctx.module(n).weight
@@ -101,10 +105,10 @@ def test_hessian_error_equals_a_real_forward():
 def test_unfit_group_sizes_are_skipped_but_every_width_stays_covered():
     ctx = tiny_llama_context(bits=4, n_chunks=1)
     res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(3, 32)),
-                              CandidateSpec(Setting(4, 64))])
+                              CandidateSpec(Setting(4, 64))], options=NO_ACT)
     for label, rs in res.items():
         assert [r.label for r in rs] == ["3b g32", "4b g64"]  # 4b g96 skipped, 4b covered
-    res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(5, 96))])
+    res = measure_layer(ctx, [CandidateSpec(Setting(4, 96)), CandidateSpec(Setting(5, 96))], options=NO_ACT)
     for label, rs in res.items():  # no fitting candidate: largest fitting group size stands in
         assert [r.label for r in rs] == ["4b g128", "5b g128"]
         assert rs[0].err > rs[1].err
@@ -126,7 +130,7 @@ def test_store_round_trip_and_selection_drives_gptq(tmp_path):
     ctx = tiny_llama_context(bits=4, n_chunks=1)
     small = [CandidateSpec(Setting(3, 64)), CandidateSpec(Setting(8, 128)),
              CandidateSpec(Setting(3, 64), Setting(8, 128))]
-    groups = store_groups(ctx, measure_layer(ctx, small))
+    groups = store_groups(ctx, measure_layer(ctx, small, options=NO_ACT))
     store = store_mod.MeasurementStore.create(
         tmp_path / "measurement.json", {"model": "tiny", "calibration": "rand", "settings": {}})
     store.record_layer(0, groups)

@@ -38,7 +38,8 @@ def transformers_layer0_counts(path, settings):
     """Tokens per expert of layer 0 as transformers' own (fused) Mixtral routes them."""
     from transformers import AutoModelForCausalLM
 
-    from quantizer.run.pipeline import calibration_tokens, plan_job
+    from quantizer.run.calibrate import calibration_tokens
+    from quantizer.run.job import plan_job
 
     ids = calibration_tokens(plan_job(path, settings))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -119,7 +120,7 @@ def test_unfused_experts_count_routed_tokens_and_skip_masked_slots():
 
 
 def test_interrupted_moe_run_resumes_byte_identical(tiny_checkpoint, tmp_path, prose_file,
-                                                    monkeypatch):
+                                                    monkeypatch, caplog):
     """Stop after layer 0 of a GPTQ run on Qwen3-MoE; the resumed run replays layer 0 from its
     file (per-expert tensors, hidden states not saved) and writes the same bytes."""
     from quantizer.run.layer_loop import LayerLoop
@@ -140,8 +141,9 @@ def test_interrupted_moe_run_resumes_byte_identical(tiny_checkpoint, tmp_path, p
     with pytest.raises(KeyboardInterrupt):
         quantize(src, tmp_path / "resumed", **kw)
     monkeypatch.setattr(LayerLoop, "_layer", original)
-    said = []
-    quantize(src, tmp_path / "resumed", resume=True, log=said.append, **kw)
+    caplog.set_level("INFO", logger="quantizer")
+    quantize(src, tmp_path / "resumed", resume=True, **kw)
+    said = caplog.messages
     assert any("replaying 1 finished layers" in m for m in said), said
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")

@@ -3,7 +3,9 @@ modest GPU budget by holding a few experts' state at a time (its weights stay wh
 the last test)."""
 from quantizer.arch import get_arch
 from quantizer.plan.sizes import GIB
-from quantizer.plan.planner import DeviceSpec, ModelShapes, layer_groups, make_plan
+from quantizer.plan.machine import DeviceSpec
+from quantizer.plan.planner import make_plan
+from quantizer.plan.shapes import ModelShapes, layer_groups
 
 DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=7168, intermediate_size=18432,
                    moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
@@ -46,7 +48,7 @@ def test_a_deepseek_v3_layer_holds_a_few_experts_at_a_time_and_24_gib_is_refused
     assert 0 < moe_layer.experts_per_pass <= 256
     # GPTQ captures expert groups in batches of at most 2 GiB of Hessians (capture_batches):
     # ten 7168² gate/up Hessians, 128 2048² down ones -- what the plan counts
-    from quantizer.plan.memory import _hessian_copies
+    from quantizer.methods.gptq_memory import hessian_copies
     groups = {g.name: g for g in layer_groups(s, True, get_arch("deepseek_v3"))}
-    assert _hessian_copies(groups["experts.gate+up"], moe_layer) == 10
-    assert _hessian_copies(groups["experts.down"], moe_layer) == 128
+    assert hessian_copies(groups["experts.gate+up"], moe_layer) == 10
+    assert hessian_copies(groups["experts.down"], moe_layer) == 128

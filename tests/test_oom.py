@@ -15,7 +15,8 @@ from quantizer.settings import CalibSettings, QuantSettings
 from quantizer.errors import OutOfMemory
 from quantizer.stream.hidden_store import HiddenStore
 from quantizer.run.oom import INJECT_ENV, injection_plan, is_oom, maybe_inject
-from quantizer.run.pipeline import run_quantize
+from quantizer.run.quantize import run_quantize
+from quantizer.settings import OutputSettings
 
 LAYERS = 3
 
@@ -45,7 +46,7 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 def run(model_dir, out, s, **kw):
-    return run_quantize(model_dir, out, s, progress=False, overwrite=True, **kw)
+    return run_quantize(model_dir, s, OutputSettings(out, overwrite=True, **kw), progress=False)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -101,8 +102,8 @@ def test_gives_up_when_nothing_is_left_then_resume_finishes(model, prose_file, t
     assert not (tmp_path / "out").exists()
     assert state["last_finished"]["quantize"] == 0  # layer 0 stays committed
     monkeypatch.delenv(INJECT_ENV)
-    res = run_quantize(model_dir, tmp_path / "out", settings("gptq", prose_file, chunk=2),
-                       progress=False, resume=True)
+    res = run_quantize(model_dir, settings("gptq", prose_file, chunk=2),
+                       OutputSettings(tmp_path / "out", resume=True), progress=False)
     assert files(tmp_path / "out") == files(tmp_path / "clean"), f"seed {seed}"
     assert [r.oom_retries for r in res.layers] == [[], [], []]
 
@@ -144,12 +145,13 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
                                                       monkeypatch):
     """GPU runs take their decisions from the plan and recover through plan.shrink; on CPU the
     same path runs with a plan made for the host (the planner plans a host 'device' too)."""
-    import quantizer.run.pipeline as pipeline
+    import quantizer.run.quantize as run_module
+    from quantizer.plan.planner import make_plan
+    from quantizer.plan.shapes import ModelShapes
     from quantizer.plan.sizes import GIB
-    from quantizer.plan.planner import ModelShapes, make_plan
 
     model_dir, seed = model
-    real = pipeline.plan_job
+    real = run_module.plan_job
 
     def with_host_plan(path, s, *args, **kwargs):
         job = real(path, s, *args, **kwargs)
@@ -157,7 +159,7 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
                              s.calib.samples, s.calib.seqlen, [], {}, 64 * GIB, 4)
         return job
 
-    monkeypatch.setattr(pipeline, "plan_job", with_host_plan)
+    monkeypatch.setattr(run_module, "plan_job", with_host_plan)
     clean = run(model_dir, tmp_path / "clean", settings("gptq", prose_file, chunk=1))
     assert {r.decisions["chunk"] for r in clean.layers} == {8}  # the plan's, not the setting's
     assert all(r.predicted_peak and r.predicted_peak > 0 for r in clean.layers)
@@ -176,7 +178,7 @@ def test_an_explicit_budget_caps_the_allocator(monkeypatch):
     from types import SimpleNamespace
 
     from quantizer.plan.apply import cap_allocator
-    from quantizer.plan.planner import CUDA_CONTEXT
+    from quantizer.plan.memory import CUDA_CONTEXT
 
     total = random.randint(16, 140) << 30
     budget = random.randint(4, 15) << 30

@@ -10,9 +10,14 @@ import sys
 import pytest
 
 from quantizer.errors import InputError, OutOfMemory
+from conftest import plan_text
+from quantizer.plan.machine import DeviceSpec
+from quantizer.plan.memory import CUDA_CONTEXT
+from quantizer.plan.planner import PlanError, make_plan, shrink
+from quantizer.plan.search import MAX_CHUNK_TOKENS
+from quantizer.plan.shapes import ModelShapes, layer_groups
 from quantizer.plan.sizes import GIB, MIB, parse_budgets, parse_size
-from quantizer.plan.planner import (CUDA_CONTEXT, MAX_CHUNK_TOKENS, DeviceSpec, ModelShapes,
-                                    PlanError, layer_groups, make_plan, plan_command, shrink)
+from quantizer.settings import Budgets
 
 # Published config.json values (the fields the planner reads).
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -120,11 +125,11 @@ def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
     assert dp.peak_phase in ("calibrate mlp.down_proj", "solve mlp.down_proj")
     h, i, kv, d = 8192, 28672, 1024, 2
     assert dict(dp.breakdown)["CUDA context"] == CUDA_CONTEXT
-    from quantizer.plan.memory import _make_job, _phase_terms
-    job = _make_job(ModelShapes.from_config(LLAMA2_70B), "gptq", 128, 512, d, False,
-                    ("cpu", "gpu"), None)
+    from quantizer.plan.memory import layer_phases, make_job
+    job = make_job(ModelShapes.from_config(LLAMA2_70B), "gptq", 128, 512, d, False,
+                   ("cpu", "gpu"), None)
     (groups, extra), = job.kinds
-    phases = dict(_phase_terms(job, groups, extra, False, dp.decisions))
+    phases = dict(layer_phases(job, groups, extra, dp.decisions))
     peak = {t.label: t.bytes for t in phases["calibrate mlp.down_proj"]}
     assert peak["the 28672×28672 fp32 Hessian of mlp.down_proj"] == i * i * 4
     assert peak["the running shard fold of mlp.down_proj's Hessian"] == i * i * 4
@@ -303,24 +308,24 @@ def test_random_shapes_keep_the_invariants():
 def test_plan_command_reads_config_only(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # plan for GPUs not here
     (tmp_path / "config.json").write_text(json.dumps(QWEN2_72B))
-    text = plan_command(tmp_path, 4, "gptq", "16G", "64G", None, 128, 512)
+    text = plan_text(tmp_path, 4, "gptq", "16G", "64G", None, 128, 512)
     assert "cuda:0" in text and "predicted peak" in text and "16.0 GiB" in text
     assert "29568×29568" in text or "Hessian" in text or "hidden" in text
-    text2 = plan_command(str(tmp_path / "config.json"), 4, "awq", "0:24G,1:12G", "64G",
-                         None, 64, 512)
+    text2 = plan_text(str(tmp_path / "config.json"), 4, "awq", "0:24G,1:12G", "64G",
+                      None, 64, 512)
     assert "cuda:1" in text2
     with pytest.raises(PlanError):
-        plan_command(tmp_path, 4, "gptq", "1G", "64G", None, 128, 512)
+        plan_text(tmp_path, 4, "gptq", "1G", "64G", None, 128, 512)
     with pytest.raises(InputError):
-        plan_command(tmp_path / "missing", 4, "gptq", "16G", "64G", None, 128, 512)
+        plan_text(tmp_path / "missing", 4, "gptq", "16G", "64G", None, 128, 512)
     with pytest.raises(InputError):
-        plan_command(tmp_path, 11, "gptq", "16G", "64G", None, 128, 512)
+        plan_text(tmp_path, 11, "gptq", "16G", "64G", None, 128, 512)
 
 
 def test_plan_command_without_gpu_plans_the_host(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # no nvidia-ml-py
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
-    text = plan_command(tmp_path, 4, "gptq", None, "16G", None, 16, 256)
+    text = plan_text(tmp_path, 4, "gptq", None, "16G", None, 16, 256)
     assert "\ncpu " in text and "CUDA context" not in text
 
 
@@ -356,7 +361,7 @@ class _FakeNvml:
 
 
 def test_default_budgets_come_from_nvml_minus_a_margin(monkeypatch):
-    from quantizer.plan.planner import default_vram_budgets, detect_devices
+    from quantizer.plan.machine import default_vram_budgets, detect_devices
     free = [random.randrange(8, 70) * GIB for _ in range(3)]
     fake = _FakeNvml([(80 * GIB, f) for f in free])
     monkeypatch.setitem(sys.modules, "pynvml", fake)
@@ -390,26 +395,44 @@ def test_parse_size_rejects(bad):
 
 def test_parse_budgets():
     n = random.randrange(1, 9)
-    assert parse_budgets("40G", list(range(n))) == {i: 40 * GIB for i in range(n)}
-    assert parse_budgets("0:20G,1:40G", [0, 1]) == {0: 20 * GIB, 1: 40 * GIB}
+    assert Budgets.parse("40G").vram_for(n) == 40 * GIB
+    assert parse_budgets("0:20G,1:40G") == {0: 20 * GIB, 1: 40 * GIB}
     assert parse_budgets(" 1:512M , 3:2G ") == {1: 512 * MIB, 3: 2 * GIB}
-    for bad, devs in [("0:20G,1:40G", [0]), ("0:20G", [0, 1]), ("0:20G,20G", [0, 1]),
-                      ("0:1G,0:2G", [0]), ("x:1G", [0]), ("", [0]), ("40G", None),
-                      ("-1:4G", None)]:
+    for bad in ("0:20G,20G", "0:1G,0:2G", "x:1G", "", "-1:4G"):
         with pytest.raises(InputError):
-            parse_budgets(bad, devs)
+            parse_budgets(bad)
+    per = Budgets.parse("0:20G,1:40G")
+    per.check_gpus([0, 1])
+    for used in ([0], [0, 1, 2]):  # a device list names exactly the GPUs a run uses
+        with pytest.raises(InputError):
+            per.check_gpus(used)
+    with pytest.raises(InputError, match="no budget for device"):
+        Budgets.parse("0:20G").vram_for(1)
+
+
+def test_every_rank_reads_its_budget_from_the_list_of_all(monkeypatch):
+    """`--vram-budget 0:20G,1:40G --devices 0,1`: each rank of the run looks its own GPU up in
+    the budget parsed for all of them (it used to parse against its own device only, and
+    refused the other's entry)."""
+    import quantizer.plan.machine as machine
+    from quantizer.settings import QuantSettings
+    gpus = {0: DeviceSpec(0, "a", 80 * GIB, 80 * GIB), 1: DeviceSpec(1, "b", 80 * GIB, 80 * GIB)}
+    monkeypatch.setattr(machine, "detect_devices", lambda *a, **k: list(gpus.values()))
+    s = QuantSettings().replaced(vram_budget="0:20G,1:40G", devices="0,1").validated()
+    for rank, want in ((0, 20 * GIB), (1, 40 * GIB)):
+        specs, vram, _ = machine.gpu_budgets(s.budgets, [rank], use_torch=True)
+        assert [d.index for d in specs] == [rank] and vram == {rank: want}
+    s.budgets.check_gpus([0, 1])  # what run.job.check_placement asks of every rank
 
 
 def test_budget_a_little_above_the_card_is_the_whole_card():
     """`--vram-budget 80G` on an H100 80GB (79.6 GiB) plans for the whole card; far above is
     refused (the GPU run of issue 23 hit the refusal)."""
-    from quantizer.errors import InputError
-    from quantizer.options import check_vram_budget
-    from quantizer.plan.planner import DeviceSpec, cap_to_cards
+    from quantizer.plan.machine import cap_to_cards
     card = int(79.6 * 2**30)
-    check_vram_budget("80G", {0: card})
+    Budgets.parse("80G").check_totals({0: card})
     with pytest.raises(InputError, match="more than the GPU's memory"):
-        check_vram_budget("100G", {0: card})
+        Budgets.parse("100G").check_totals({0: card})
     budgets, notes = cap_to_cards({0: 80 * 2**30}, [DeviceSpec(0, "H100", card, card)])
     assert budgets == {0: card} and "whole card" in notes[0]
     assert cap_to_cards({0: 40 * 2**30}, [DeviceSpec(0, "H100", card, card)]) == (

@@ -11,6 +11,13 @@ from test_gptq import tiny_llama_context
 
 from quantizer.methods.gptq import GPTQ, HessianAccumulator, output_error
 from quantizer.methods.gptq_hessian import prepare_hessian
+from quantizer.plan.terms import Decisions
+
+
+def decisions(hessian: str = "gpu", row_slices: int = 1) -> Decisions:
+    """The plan's decisions GPTQ carries out itself: where Hessians live, row slices."""
+    return Decisions(hidden="cpu", hessian=hessian, mode="whole", chunk=8,
+                     row_slices=row_slices)
 
 
 def reference_factor(H: torch.Tensor, perm, damp: float) -> torch.Tensor:
@@ -36,7 +43,7 @@ def test_factor_in_one_copy_matches_float64_reference(n, act_order):
     H[dead, :] = 0
     H[:, dead] = 0
     before = H.clone()
-    p = prepare_hessian(H, act_order, 0.01, log=lambda m: None)
+    p = prepare_hessian(H, act_order, 0.01)
     assert torch.equal(H, before)  # H itself is never touched
     assert torch.equal(p.U, p.U.triu()) and bool((torch.diagonal(p.U) > 0).all())
     assert set(torch.nonzero(p.dead).flatten().tolist()) == set(dead.tolist())
@@ -45,11 +52,11 @@ def test_factor_in_one_copy_matches_float64_reference(n, act_order):
     assert err < 1e-4, f"seed {seed}: {err}"
 
 
-def quantize_with(placement: dict, seed: int, chunks: int):
+def quantize_with(placement: Decisions | None, seed: int, chunks: int):
     ctx = tiny_llama_context(bits=4, seed=seed, n_chunks=4)
     if chunks != 4:  # the same 8 samples, chunked differently
         ctx.inputs = list(torch.cat(ctx.inputs).split(8 // chunks))
-    ctx.placement = placement
+    ctx.decisions = placement
     return GPTQ().quantize_layer(ctx), ctx
 
 
@@ -60,15 +67,15 @@ def same(a: dict, b: dict) -> bool:
 
 def test_chunking_does_not_change_codes_and_row_slices_only_round_differently():
     seed = random.randrange(1000)
-    base, ctx = quantize_with({}, seed, 4)
+    base, ctx = quantize_with(None, seed, 4)
     for chunks in (8, 1):  # one sample per chunk, all eight in one
-        other, _ = quantize_with({"hessian": "cpu"}, seed, chunks)
+        other, _ = quantize_with(decisions("cpu"), seed, chunks)
         assert same(base, other), (seed, chunks)
     # Rows are independent given H, so slicing is exact in arithmetic; the error feedback's
     # matrix products over fewer rows may round differently in the last bit, and one flipped
     # code changes the feedback of every later column of its row (seed 154: 11% of down_proj's
     # codes differ). The quantization is equally good, not bit-equal.
-    other, octx = quantize_with({"row_slices": 3}, seed, 4)
+    other, octx = quantize_with(decisions(row_slices=3), seed, 4)
     for name, q in base.items():
         o = other[name]
         assert q.codes.shape == o.codes.shape and q.scales.shape == o.scales.shape
@@ -80,7 +87,7 @@ def test_chunking_does_not_change_codes_and_row_slices_only_round_differently():
 def test_error_report_by_row_slices_equals_the_direct_formula():
     seed = random.randrange(1000)
     ctx = tiny_llama_context(bits=3, seed=seed, n_chunks=2)
-    ctx.placement = {"row_slices": 4}
+    ctx.decisions = decisions(row_slices=4)
     group = ("mlp.gate_proj", "mlp.up_proj")
     weights = {n: ctx.module(n).weight.detach().clone() for n in group}
     out = GPTQ().quantize_layer(ctx)

@@ -64,13 +64,13 @@ def test_host_plan_moves_hidden_states_to_disk_when_they_do_not_fit():
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from quantizer.settings import CalibSettings, QuantSettings
-    from quantizer.run.pipeline import plan_job
+    from quantizer.settings import Budgets, CalibSettings, QuantSettings
+    from quantizer.run.job import plan_job
     out = {}
     for hidden in ("cpu", "disk"):
         s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu",
                           calib=CalibSettings(source=sys.argv[2], samples=64, seqlen=256),
-                          ram_budget="1T", hidden_device=hidden)
+                          budgets=Budgets.parse(ram="1T"), hidden_device=hidden)
         job = plan_job(sys.argv[1], s, max_shard_bytes=8 << 20)
         out[hidden] = job.plan.predicted_peak[-1]
     print(json.dumps(out))

@@ -332,7 +332,7 @@ def test_overwrite_replaces_our_export_and_resume_of_an_overwrite_may_too(tmp_pa
     job.begin({"model": "x", "calibration": None, "settings": {}}, first_stage="quantize")
     job.set_note("replaces_output", True)
     job.unlock()
-    from quantizer.run.pipeline import check_output
+    from quantizer.run.jobdir import check_output
     check_output(out, tmp_path / "out.job", overwrite=False, resume=True)  # allowed
     (tmp_path / "out.job" / "state.json").write_text(
         (tmp_path / "out.job" / "state.json").read_text().replace('"replaces_output": true',
@@ -393,11 +393,10 @@ def test_eval_says_when_the_recorded_original_is_gone(tmp_path, tiny_checkpoint,
 
 
 def test_help_texts_and_no_abbreviations():
-    from quantizer import cli
-    for parser in (cli.quantize_parser(), cli.eval_parser(), cli.plan_parser(),
-                   cli.check_parser()):
-        assert parser.allow_abbrev is False
-    helps = {a.dest: a.help for a in cli.quantize_parser()._actions}
+    from quantizer.cli.args import PARSERS, quantize_parser
+    for make in PARSERS.values():
+        assert make().allow_abbrev is False
+    helps = {a.dest: a.help for a in quantize_parser()._actions}
     for dest in ("bits", "calib_samples", "calib_seqlen", "seed", "device", "output"):
         assert helps[dest], dest
 
@@ -435,11 +434,11 @@ def test_plan_without_a_gpu_says_what_it_planned_for(tmp_path, tiny_checkpoint, 
 
 def test_api_default_method_is_the_clis(monkeypatch, tmp_path, tiny_checkpoint):
     import quantizer.api as api
-    from quantizer.cli import default_method
+    from quantizer.settings import default_method
     seen = {}
 
-    def fake_run(model, output, settings, **kw):
-        seen["method"] = settings.method
+    def fake_run(model, settings, out, progress):
+        seen["method"] = settings.validated().method
     monkeypatch.setattr(api, "run_quantize", fake_run)
     for bits in (4, 3, 4.5):
         api.quantize(tiny_checkpoint(), tmp_path / "o", bits=bits)
@@ -573,12 +572,13 @@ def test_sigterm_keeps_the_job_and_prints_the_resume_hint(tmp_path, tiny_checkpo
 
 
 @pytest.mark.slow
-def test_awq_says_a_skipped_scale_group_once_per_run(tmp_path, tiny_checkpoint, prose_file):
+def test_awq_says_a_skipped_scale_group_once_per_run(tmp_path, tiny_checkpoint, prose_file,
+                                                    caplog):
     from quantizer import quantize
-    logs = []
+    caplog.set_level("INFO", logger="quantizer")
     quantize(tiny_checkpoint("tiny-llama", num_hidden_layers=3), tmp_path / "q", method="awq",
-             calib_data=str(prose_file), calib_samples=2, calib_seqlen=16, progress=False,
-             log=logs.append)
+             calib_data=str(prose_file), calib_samples=2, calib_seqlen=16, progress=False)
+    logs = caplog.messages
     skipped = [ln for ln in logs if "skipping scale group" in ln]
     assert len(skipped) == 1, logs
 

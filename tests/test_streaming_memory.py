@@ -23,9 +23,10 @@ def make(path, layers):
 
 PLANNED = """
 import sys
-from quantizer.settings import CalibSettings, QuantSettings
-from quantizer.run.pipeline import plan_job
-s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu", ram_budget="1T",
+from quantizer.settings import Budgets, CalibSettings, QuantSettings
+from quantizer.run.job import plan_job
+s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu",
+                  budgets=Budgets.parse(ram="1T"),
                   calib=CalibSettings(source=sys.argv[2], samples=2, seqlen=32))
 print(plan_job(sys.argv[1], s, max_shard_bytes=int(sys.argv[3])).plan.predicted_peak[-1])
 """

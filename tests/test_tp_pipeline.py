@@ -13,7 +13,7 @@ from quantizer import load, quantize
 from quantizer.cli import main
 from quantizer.settings import QuantSettings
 from quantizer.errors import InputError
-from quantizer.run.pipeline import plan_job
+from quantizer.run.job import plan_job
 from quantizer.stream.skeleton import (build_skeleton, capture_layer0_inputs, layer_output,
                                        load_layer)
 
@@ -145,12 +145,12 @@ def test_group_size_auto_reads_the_padded_width(tiny_checkpoint):
 
 
 def test_tp_size_is_a_check_pad_for_tp_changes_the_result():
-    base = QuantSettings()
-    assert QuantSettings(tp_size=4).fingerprint() == base.fingerprint()
-    assert QuantSettings(pad_for_tp=4).fingerprint() != base.fingerprint()
+    base = QuantSettings().result_dict()
+    assert QuantSettings(tp_size=4).result_dict() == base
+    assert QuantSettings(pad_for_tp=4).result_dict() != base
     for bad in (0, -2, "2", 1.5):
         with pytest.raises(InputError, match="positive integer"):
-            QuantSettings(tp_size=bad).validate()
+            QuantSettings(tp_size=bad).validated()
 
 
 def padded_skeleton_logits(src, padded, ids):

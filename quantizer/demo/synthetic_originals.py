@@ -18,12 +18,15 @@ checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..export.writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0  # largest float8 e4m3fn value
 FORMATS = ("fp8-block", "ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-int4",
@@ -172,7 +175,7 @@ def convert_checkpoint(src, out, fmt: str, block: int = 128, seed: int = 0,
 
 def write_generated(out, config, fmt: str = "fp8-block", device="cpu", std: float = 0.02,
                     seed: int = 0, block: int = 128, max_shard_bytes: int = 5 << 30,
-                    dtype: torch.dtype = torch.bfloat16, log=None) -> Path:
+                    dtype: torch.dtype = torch.bfloat16) -> Path:
     """Random weights of `config` (a transformers config) written straight in `fmt`: each
     tensor is drawn on `device`, quantized there and only its stored form reaches the host.
     Norms are 1, everything else N(0, std); the plain tensors are in `dtype`."""
@@ -215,8 +218,8 @@ def write_generated(out, config, fmt: str = "fp8-block", device="cpu", std: floa
             writer.add({base + k: v.cpu() for k, v in quantize_weight(t, fmt, block).items()})
         else:
             writer.add({name: t.to(dtype).cpu()})
-        if log is not None and name.endswith("down_proj.weight") and ".experts." not in name:
-            log(f"written through {name}")
+        if name.endswith("down_proj.weight") and ".experts." not in name:
+            log.info("written through %s", name)
     writer.finish()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("dtype", None)

@@ -1,4 +1,5 @@
-"""Exporters: AutoAWQ GEMM, GPTQ, compressed-tensors; and the sharded writer.
+"""Pack and write: the exporters (AutoAWQ GEMM, GPTQ, compressed-tensors), the sharded writer,
+the serving rules (vLLM's load-time checks) and the tensor-parallel shape checks.
 
 An exporter module provides `FORMAT`, `check_supported(bits, symmetric, act_order)`,
 `linear_tensors(prefix, QuantizedWeight) -> {name: tensor}`, its inverse
@@ -7,21 +8,12 @@ and `quantization_config(bits, group_size, not_converted, **details) -> dict`.""
 from __future__ import annotations
 
 from ..errors import InputError
+from . import awq_gemm, compressed_tensors, gptq
 
-_EXPORTERS: dict = {}
-
-
-def register_exporter(module) -> None:
-    _EXPORTERS[module.FORMAT] = module
-
-
-from . import awq_gemm, compressed_tensors, gptq  # noqa: E402  (they register themselves)
-
-for _m in (awq_gemm, gptq, compressed_tensors):
-    register_exporter(_m)
+EXPORTERS = {m.FORMAT: m for m in (awq_gemm, gptq, compressed_tensors)}
 
 
 def get_exporter(fmt: str):
-    if fmt not in _EXPORTERS:
-        raise InputError(f"unknown export format {fmt!r}; available: {', '.join(sorted(_EXPORTERS))}")
-    return _EXPORTERS[fmt]
+    if fmt not in EXPORTERS:
+        raise InputError(f"unknown export format {fmt!r}; available: {', '.join(sorted(EXPORTERS))}")
+    return EXPORTERS[fmt]

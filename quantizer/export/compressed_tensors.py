@@ -12,7 +12,6 @@ requires all shards of a fused linear to share one scheme (see measure.py's cand
 from __future__ import annotations
 
 import re
-import sys
 from collections import defaultdict
 
 import torch
@@ -21,7 +20,6 @@ from quantizer.errors import InputError
 from quantizer.kernels.packing import (SUPPORTED_BITS, QuantizedWeight, ct_pack_linear,
                                        ct_unpack_linear)
 
-from . import register_exporter
 
 FORMAT = "compressed-tensors"
 VLLM_ASYMMETRIC_BITS = (4, 8)  # WNA16_ZP_SUPPORTED_TYPES_MAP in vLLM
@@ -254,5 +252,3 @@ def quantization_config(bits: int, group_size: int, not_converted: list[str], **
         return cfg
     return ct_quantization_config(module_bits, ignore=ignore, static_groups=static)
 
-
-register_exporter(sys.modules[__name__])

@@ -5,15 +5,14 @@ Per linear: {prefix}.qweight int32 (in*bits/32, out), .qzeros int32 (in/G, out*b
 .scales fp16 (in/G, out), .g_idx int32 (in,) (always written, i // G without act-order)."""
 from __future__ import annotations
 
-import sys
 
 import torch
 
 from quantizer.errors import InputError
 from quantizer.kernels.packing import (GPTQ_CHECKPOINT_FORMATS, QuantizedWeight, gptq_pack_linear,
                                        gptq_unpack_linear)
+from quantizer.settings import GPTQOptions
 
-from . import register_exporter
 
 FORMAT = "gptq"
 # vLLM's GPTQ kernels (exllama / gptq_marlin) and AutoGPTQ's pack for these widths only.
@@ -68,7 +67,7 @@ def gptq_tensors(prefix: str, q: QuantizedWeight, checkpoint_format: str = "gptq
 
 
 def gptq_quantization_config(bits: int, group_size: int, symmetric: bool, act_order: bool,
-                             static_groups: bool = False, damp: float = 0.01,
+                             static_groups: bool = False, damp: float = GPTQOptions.damp,
                              true_sequential: bool = True, checkpoint_format: str = "gptq",
                              not_converted: list[str] | None = None,
                              dynamic: dict | None = None) -> dict:
@@ -124,9 +123,7 @@ def quantization_config(bits: int, group_size: int, not_converted: list[str], **
         bits, group_size, symmetric=bool(details.get("symmetric", False)),
         act_order=bool(details.get("act_order", False)),
         static_groups=bool(details.get("static_groups", False)),
-        damp=float(details.get("damp", 0.01)),
+        damp=float(details.get("damp", GPTQOptions.damp)),
         checkpoint_format=details.get("checkpoint_format", "gptq"),
         not_converted=not_converted)
 
-
-register_exporter(sys.modules[__name__])

@@ -17,6 +17,7 @@ with atomics is used, so equal inputs give bit-identical outputs."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,23 +25,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantizer.kernels.packing import QuantizedWeight
-from quantizer.methods.context import run_module
-from quantizer.parallel.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
-                                       run_units)
-from quantizer.plan.memory import AWQ_QUANTIZE_SLICE_ELEMENTS
-from quantizer.stream.hidden_store import host_copy, to_device_ahead
-
-from quantizer.arch.folds import fold_problem
-
+from ..arch.folds import fold_problem
+from ..kernels.packing import QuantizedWeight
+from ..parallel.shards import (any_true, assemble, fold_tensors, fold_values, layout_of,
+                               run_units)
+from ..settings import AWQOptions, options_with, rounding_with
+from ..stream.hidden_store import host_copy, to_device_ahead
+from . import awq_memory
 from .awq_clip import (MASSIVE_PER_SAMPLE, massive_tokens, sample_token_indices, search_clip,
                        shrink_ratios)
 from .awq_scales import (fold_overflows, fold_scales, fold_shape_problem, grid_search,
                          weight_group_mean, write_candidate)
+from .context import run_module
 from .grid import GridSpec, grid_spec
 from .importance import second_moments
 from .rtn import rtn_quantize
-from .token_weights import TOKEN_WEIGHTS, token_weights_for, weights_for
+from .token_weights import token_weights_for, weights_for
+
+log = logging.getLogger(__name__)
 
 # Linears whose clipping the reference skips: their outputs meet in q·k, where clipping
 # one side's outliers distorts the attention pattern (AutoAWQ "q_", "k_", "query", "key").
@@ -96,18 +98,13 @@ def _store(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-# Rows per slice of the final quantization: bounds rtn_quantize's float32 temporaries (the
-# planner's memory model counts them, so the number lives there).
-_QUANTIZE_SLICE_ELEMENTS = AWQ_QUANTIZE_SLICE_ELEMENTS
-
-
 def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
                      name: str, grid: GridSpec | None = None,
                      importance: torch.Tensor | None = None) -> QuantizedWeight:
     """rtn_quantize of `w` with per-(row, group) clip ratios (and the grid's group parameters,
     methods/grid.py), done by row slices (rows are independent, so this equals one call) to
     keep float32 copies to a slice."""
-    step = max(1, _QUANTIZE_SLICE_ELEMENTS // w.shape[1])
+    step = max(1, awq_memory.QUANTIZE_SLICE_ELEMENTS // w.shape[1])  # the planner counts it
     parts = [rtn_quantize(w[r0:r0 + step], st.bits, st.group_size, st.symmetric,
                           clip_ratio=1.0 if clip_ratio is None else clip_ratio[r0:r0 + step],
                           name=name, grid=grid, importance=importance)
@@ -128,40 +125,18 @@ class AWQ:
     needs_calibration = True
     _tw = None  # this layer's token weights (set per layer when token_weights is on)
 
-    def __init__(self, duo_scaling: bool = True, grid: int = 20, clip: bool = True,
-                 clip_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512,
-                 rtn_baseline: bool = True, keep_identity: bool = False,
-                 cache_device: str = "auto", scale_search: str = "minmax",
-                 token_weights: str = "none", weighted_stat: bool = True):
-        if grid < 1 or clip_grid < 1:
-            raise ValueError("grid and clip_grid must be >= 1")
-        if not 0.0 <= max_shrink < 1.0:
-            raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
-        self.duo_scaling = bool(duo_scaling)
-        self.grid = int(grid)
-        self.clip = bool(clip)
-        self.clip_grid = int(clip_grid)
-        self.max_shrink = float(max_shrink)
-        self.clip_tokens = int(clip_tokens)
-        # rtn_baseline: also score s = 1 (plain RTN) for the report (one extra judge pass
-        # per group in duo mode; free otherwise). keep_identity: choose s = 1 when it beats
-        # every grid point (the references never do; off by default to match them).
-        self.rtn_baseline = bool(rtn_baseline) or bool(keep_identity)
-        self.keep_identity = bool(keep_identity)
-        if cache_device not in ("auto", "device", "cpu"):
-            raise ValueError(f"cache_device must be auto, device or cpu, got {cache_device!r}")
-        self.cache_device = cache_device
-        # scale_search: how the final rounding picks each group's scale and zero
-        # (methods/grid.py; imatrix weighs by E[x²] of the scaled inputs); token_weights:
-        # residual weighs each calibration token's error in the scale search (and the
-        # activation statistic, unless weighted_stat is off) by 1 / mean(h²) of the residual
-        # stream after its block (methods/token_weights.py)
-        if token_weights not in TOKEN_WEIGHTS:
-            raise ValueError(f"token_weights must be one of {TOKEN_WEIGHTS}, "
-                             f"got {token_weights!r}")
-        self.final_grid = grid_spec(scale_search)
-        self.token_weights = token_weights
-        self.weighted_stat = bool(weighted_stat)
+    def __init__(self, options: AWQOptions | None = None, rounding=None, **overrides):
+        """`options` (default AWQOptions()) and `rounding` (settings.RoundingOptions) with
+        keyword `overrides` (grid=10, scale_search="imatrix", ...). scale_search: how the final
+        rounding picks each group's scale and zero (methods/grid.py; imatrix weighs by E[x²]
+        of the scaled inputs); token_weights: each calibration token's weight in the scale
+        search (and the activation statistic, unless weighted_stat is off) and the clip search
+        (methods/token_weights.py)."""
+        r = rounding_with(rounding, overrides, "awq")
+        self.options = options_with(AWQOptions, options, overrides, "awq")
+        self.final_grid = grid_spec(r.search)
+        self.token_weights = r.weights
+        self._said: set[str] = set()  # notes that hold for every layer, said once per run
 
     # ------------------------------------------------------------------ entry point
     @torch.no_grad()
@@ -169,7 +144,7 @@ class AWQ:
         self.smooth(ctx)
         times = ctx.stats["time_s"]
         t0 = self._now(ctx)
-        ratios = self._clip_all(ctx) if self.clip else {}
+        ratios = self._clip_all(ctx) if self.options.clip else {}
         times["clip"] = self._now(ctx) - t0
         ctx.mark("clip")
         t0 = self._now(ctx)
@@ -244,13 +219,14 @@ class AWQ:
         judge = ctx.module(group.judge)
         linears = [ctx.module(n) for n in group.linears]
         w_mean = (weight_group_mean([lin.weight.data for lin in linears],
-                                    ctx.settings.group_size) if self.duo_scaling else None)
+                                    ctx.settings.group_size) if self.options.duo_scaling else None)
         eval_dtype = ctx.dtype
         refs = self._references(ctx, judge, data, eval_dtype)
         if refs is None:  # the half-precision reference itself overflows
             eval_dtype = torch.float32
-            ctx.log(f"layer {ctx.index} AWQ {label}: {group.judge} output overflows in "
-                    f"{str(ctx.dtype).replace('torch.', '')}; searching this group in float32")
+            log.warning("layer %d AWQ %s: %s output overflows in %s; searching this group in "
+                        "float32", ctx.index, label, group.judge,
+                        str(ctx.dtype).replace("torch.", ""))
         t1 = self._now(ctx)
         ctx.stats["time_s"]["calibrate"] += t1 - t0
         with module_in_dtype(judge, eval_dtype):
@@ -272,8 +248,8 @@ class AWQ:
             "overflow": eval_dtype != ctx.dtype,
             "kept_identity": kept_identity, "fallback": fallback}
         if fallback:
-            ctx.log(f"layer {ctx.index} AWQ {label}: no finite loss on the grid; "
-                    f"keeping s = 1 (plain RTN) for this group")
+            log.warning("layer %d AWQ %s: no finite loss on the grid; keeping s = 1 (plain "
+                        "RTN) for this group", ctx.index, label)
         if result["alpha"] is not None:
             fold_scales(ctx.layer, group.prev, group.linears + group.also_scale,
                         result["scales"], kind)
@@ -283,16 +259,18 @@ class AWQ:
         ctx.stats["skipped_groups"][group.prev] = {"prev": group.prev,
                                                    "linears": list(group.linears),
                                                    "reason": reason}
-        # The same in every layer of a model: said once per run (the run's log drops repeats;
-        # the per-layer record keeps it)
-        ctx.log(f"AWQ: skipping scale group {label}: {reason}")
+        # The same in every layer of a model: said once per run (the per-layer record keeps it)
+        note = f"AWQ: skipping scale group {label}: {reason}"
+        if note not in self._said:
+            self._said.add(note)
+            log.info("%s", note)
 
     def _cache_device(self, ctx) -> torch.device:
         """Where judge inputs and references wait between candidates: with the layer's
         hidden states (the planner's choice; host RAM when they live there), unless the
         `cache_device` option says otherwise."""
-        if self.cache_device != "auto":
-            return ctx.device if self.cache_device == "device" else torch.device("cpu")
+        if self.options.cache_device != "auto":
+            return ctx.device if self.options.cache_device == "device" else torch.device("cpu")
         return ctx.inputs[0].device if ctx.inputs else ctx.device
 
     def _capture_groups(self, ctx, groups) -> list[GroupCapture]:
@@ -317,7 +295,7 @@ class AWQ:
                 # calibration shard, so it is the same on any number of processes.
                 x = seen[first][0]
                 tw = (weights_for(self._tw, first, k, x)
-                      if self.weighted_stat else None)
+                      if self.options.weighted_stat else None)
                 tws = None if tw is None else tw.reshape(-1, x.shape[-2])
                 for j, sample in enumerate(_samples(x)):
                     if tws is None:
@@ -392,12 +370,14 @@ class AWQ:
             return fold_values(layout, {s: float(t) for s, t in totals.items()}) / numel
 
         try:
-            result = grid_search(loss_of, data.x_abs_mean, w_mean, self.grid)
-            if self.rtn_baseline:
+            result = grid_search(loss_of, data.x_abs_mean, w_mean, self.options.grid)
+            # rtn_baseline: also score s = 1 (plain RTN) for the report (one extra judge pass
+            # per group in duo mode; free otherwise); keep_identity needs that score
+            if self.options.rtn_baseline or self.options.keep_identity:
                 # Without duo scaling α = 0 is exactly s = 1: reuse its loss.
                 plain = (result["history"][0] if w_mean is None else loss_of(None))
                 result["loss_rtn"] = plain
-                if (self.keep_identity and math.isfinite(plain)
+                if (self.options.keep_identity and math.isfinite(plain)
                         and plain < result["loss"]):
                     result.update(alpha=None, loss=plain, kept_identity=True,
                                   scales=torch.ones_like(result["scales"]))
@@ -423,7 +403,7 @@ class AWQ:
                 shared[wanted[0]] = wanted
         sample, weights = self._sample_inputs(ctx, list(shared))
         st = ctx.settings
-        ratios_grid = shrink_ratios(self.clip_grid, self.max_shrink)
+        ratios_grid = shrink_ratios(self.options.clip_grid, self.options.max_shrink)
 
         def search(unit):
             rep, name = unit
@@ -452,7 +432,7 @@ class AWQ:
         per_sample = math.prod(ctx.inputs[0].shape[1:-1])
         seed = int(ctx.settings.calib.seed) * 1_000_003 + int(ctx.index)
         # indices into every process's tokens, in sample order (the same draw everywhere)
-        idx = sample_token_indices(layout.n_samples * per_sample, self.clip_tokens, seed)
+        idx = sample_token_indices(layout.n_samples * per_sample, self.options.clip_tokens, seed)
         keep = min(MASSIVE_PER_SAMPLE, per_sample)
         picked: dict[str, torch.Tensor] = {}
         massive: dict[str, torch.Tensor] = {}
@@ -500,35 +480,3 @@ class AWQ:
                                     torch.ones(n_massive, device=sample.device)])
         return out, weights
 
-
-def describe_stats(stats: dict) -> str:
-    """One line for the report from the ctx.stats this method fills in."""
-    parts = []
-    for g in stats.get("groups", {}).values():
-        short = "/".join(n.rsplit(".", 1)[-1].replace("_proj", "") for n in g["linears"])
-        alpha = "RTN" if g["alpha"] is None else f"{g['alpha']:.2f}"
-        rel = (f" ({g['loss'] / g['loss_rtn']:.2f}x RTN)"
-               if g.get("loss_rtn") and math.isfinite(g["loss_rtn"]) and g["loss_rtn"] > 0
-               else "")
-        flags = (" [fp32: half overflowed]" if g.get("overflow") else "") + (
-            " [no finite loss: s=1]" if g["fallback"] else "")
-        parts.append(f"{short} a={alpha}{rel}{flags}")
-    for g in stats.get("skipped_groups", {}).values():
-        parts.append(f"{g['prev'].rsplit('.', 1)[-1]}->{g['linears'][0].rsplit('.', 1)[-1]} "
-                     f"skipped")
-    clip = stats.get("clip", {})
-    if clip:
-        frac = sum(c["clipped_fraction"] for c in clip.values()) / len(clip)
-        parts.append(f"clip {frac:.0%} groups")
-    t = stats.get("time_s", {})
-    if t:
-        parts.append("time " + " ".join(f"{k} {v:.2f}s" for k, v in t.items()))
-    return "; ".join(parts)
-
-
-def _register() -> None:
-    from quantizer.methods import register_method
-    register_method("awq", AWQ)
-
-
-_register()

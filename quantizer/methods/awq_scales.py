@@ -9,21 +9,18 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from quantizer.plan.memory import AWQ_CANDIDATE_SLICE_ELEMENTS
-
+from . import awq_memory
 from .awq_clip import fake_quantize_float
 from .rtn import check_group_size
-
-# Elements of one row slice when writing a candidate weight: the float32 temporaries of the
-# fake-quantizer stay at a few x 16 MiB whatever the linear's size (the planner counts them).
-_CANDIDATE_SLICE_ELEMENTS = AWQ_CANDIDATE_SLICE_ELEMENTS
 
 
 def write_candidate(dest: torch.Tensor, w0: torch.Tensor, scales: torch.Tensor | None,
                     st, store_dtype: torch.dtype) -> None:
     """dest <- Q(W0·s)/s (or Q(W0) for s None), by row slices, in dest's dtype. W0·s is
     rounded to the layer's dtype first: that is exactly the tensor that will be quantized."""
-    rows = max(1, _CANDIDATE_SLICE_ELEMENTS // w0.shape[1])
+    # row slices of awq_memory.CANDIDATE_SLICE_ELEMENTS: the float32 temporaries of the
+    # fake-quantizer stay at a few x 16 MiB whatever the linear's size (the planner counts them)
+    rows = max(1, awq_memory.CANDIDATE_SLICE_ELEMENTS // w0.shape[1])
     s = None if scales is None else scales.to(w0.device, torch.float32)
     for r0 in range(0, w0.shape[0], rows):
         w = w0[r0:r0 + rows]
@@ -44,7 +41,7 @@ def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch
     for w in weights:
         out_f, in_f = w.shape
         gs = check_group_size(in_f, group_size)
-        step = max(1, _CANDIDATE_SLICE_ELEMENTS // in_f)
+        step = max(1, awq_memory.CANDIDATE_SLICE_ELEMENTS // in_f)
         for r0 in range(0, out_f, step):
             wg = w[r0:r0 + step].float().abs().reshape(-1, in_f // gs, gs)
             wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from quantizer.kernels.packing import QuantizedWeight
 
 from ..arch import ArchSpec
+from ..plan.terms import Decisions
 from ..settings import QuantSettings
 from ..stream.hidden_store import Singles, to_device_ahead
 from ..stream.skeleton import layer_output
@@ -41,15 +42,14 @@ class LayerContext:
     layer_kwargs: dict  # position embeddings / mask / position ids for one chunk
     device: torch.device
     dtype: torch.dtype
-    log: Callable[[str], None] = print
     stats: dict = field(default_factory=dict)  # method-specific numbers for the report
     replaced: set = field(default_factory=set)  # linears whose weight set_quantized replaced
     # quantizer.parallel.shards.CalibLayout: the calibration shard of each of `inputs` and this
     # process's rank; None: one process, one shard.
     layout: object = None
-    # The memory plan's choices a method carries out itself (GPTQ: "hessian" gpu/park/cpu,
-    # "row_slices"); empty = everything on `device`, whole.
-    placement: dict = field(default_factory=dict)
+    # The memory plan's decisions for this layer; a method carries out its own part of them
+    # (GPTQ: where Hessians live, row slices of the solve). None: everything on `device`.
+    decisions: Decisions | None = None
     # MoE: calibration tokens routed to each expert of this layer (summed over processes);
     # None for dense layers.
     expert_tokens: torch.Tensor | None = None
@@ -80,9 +80,6 @@ class LayerContext:
         # host-resident chunks: the next one's copy overlaps this one's forward
         for (x,) in to_device_ahead(Singles(self.inputs), self.device, self.dtype):
             yield x
-
-    def kwargs_for(self, module_kwargs: dict | None = None) -> dict:
-        return dict(self.layer_kwargs if module_kwargs is None else module_kwargs)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,102 +1,42 @@
 """GPTQ (Frantar et al., 2022): quantize a linear's columns one at a time and push each
 column's rounding error onto the not-yet-quantized columns through the inverse Hessian of
 the layer's input, H = 2 XᵀX. Shared-input linears (q/k/v, gate/up) share one H; groups run
-true-sequentially so each group's Hessian sees the quantized predecessors' outputs."""
+true-sequentially so each group's Hessian sees the quantized predecessors' outputs.
+The column recursion itself is gptq_columns.py; H and its factor gptq_hessian.py; the memory
+the planner counts for all of it gptq_memory.py."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 
-from quantizer.errors import InputError
-from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
-from quantizer.parallel.shards import ShardFold, layout_of, run_units
-
-from . import register_method
+from ..errors import InputError
+from ..kernels.packing import SUPPORTED_BITS, QuantizedWeight
+from ..parallel.shards import ShardFold, layout_of, run_units
+from ..settings import GPTQOptions, options_with, rounding_with
+from .gptq_columns import SOLVER, gptq_group_params
 from .gptq_hessian import (HessianAccumulator, PreparedHessian, output_error, park,
                            prepare_hessian, report_errors)
-from .grid import GridSpec, grid_spec, range_params, search_params
+from .grid import GridSpec, grid_spec
 from .rtn import check_group_size
-from .token_weights import TOKEN_WEIGHTS, token_weights_for, weights_for
+from .token_weights import token_weights_for, weights_for
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GPTQ", "HessianAccumulator", "PreparedHessian", "gptq_group_params",
            "gptq_quantize", "group_hessians", "output_error", "prepare_hessian",
            "quantize_group", "split_rows"]
 
 
-def gptq_group_params(w: torch.Tensor, bits: int, symmetric: bool, grid: GridSpec | None = None,
-                      importance: torch.Tensor | None = None):
-    """Per-row scale/zero of `w` (rows, cols) -- min-max, or the grid's search weighted by
-    `importance` (cols,) -- but never an asymmetric zero point of 0: checkpoint_format "gptq"
-    stores zero-1, so 0 is unrepresentable there. A row that would get zero 0 (no negative
-    weight beyond scale/2) gets zero 1 and a scale wide enough that its maximum still fits in
-    codes 1..maxq."""
-    if grid is None or not grid.searches:
-        w = w.float()
-        return range_params(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric, min_zero=1)
-    imp = None if importance is None else importance.reshape(1, -1)
-    scale, zero = search_params(w.unsqueeze(-2), bits, symmetric, grid, imp, min_zero=1)
-    return scale.squeeze(-1), zero.squeeze(-1)
-
-
-_TRITON_STATE = {"broken": False}
-
-
-def _triton_usable() -> bool:
-    if _TRITON_STATE["broken"]:
-        return False
-    try:
-        from .gptq_triton import available
-    except ImportError:
-        return False
-    return available()
-
-
-def _solve_columns(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
-    """The GPTQ recursion, one column per step, lazy batch updates per block (in place).
-
-    WT (n, out): the weight's columns as rows, in visiting order; U (n, n): upper Cholesky
-    factor of H⁻¹ in the same order; QT receives the codes (as floats). scales/zeros
-    (n_groups, out) are read (static groups) or written at each group's first column by
-    params(columns (out, gs), first visited column) -> (scale, zero)."""
-    n = WT.shape[0]
-    maxq = (1 << bits) - 1
-    gids = gid.tolist()
-    cur = -1
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        inv_d = (1 / torch.diagonal(U1)).tolist()  # one host sync per block
-        for i in range(i2 - i1):
-            col, g = i1 + i, gids[i1 + i]
-            if g != cur:
-                if dynamic:  # a group starts here: parameters from the updated weights
-                    span = W1[i:i + gs] if i + gs <= i2 - i1 else torch.cat(
-                        [W1[i:], WT[i2:col + gs]])
-                    scales[g], zeros[g] = params(span.t(), col)
-                scale, zero = scales[g], zeros[g]
-                zs = zero * scale
-                cur = g
-            w, q, e = W1[i], QT[col], Err1[i]
-            # codes = clamp(round(w/s) + z), bit-identical to RTN (divide, then add z: the
-            # symmetric range's end points sit exactly on rounding ties)
-            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
-            torch.addcmul(w, q, scale, value=-1, out=e)  # e = (w - (q - z)·s) / U_ii
-            e.add_(zs).mul_(inv_d[i])
-            if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1)
-        if i2 < n:
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-
-
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
                   symmetric: bool = False, act_order: bool = False, static_groups: bool = False,
-                  damp: float = 0.01, block: int = 128, log=print, name: str = "weight",
-                  prepared: PreparedHessian | None = None, backend: str = "auto",
-                  grid: GridSpec | None = None) -> tuple[QuantizedWeight, dict]:
+                  damp: float = GPTQOptions.damp, block: int = GPTQOptions.block,
+                  name: str = "weight", prepared: PreparedHessian | None = None,
+                  backend: str = "auto", grid: GridSpec | None = None
+                  ) -> tuple[QuantizedWeight, dict]:
     """Quantize W (out, in) against Hessian H (in, in) (or a PreparedHessian made from it with
     the same act_order). Returns the canonical QuantizedWeight (codes in original column
     order; g_idx only for act-order without static groups) and info {damp_used, retries,
@@ -108,31 +48,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
     if prepared is None:
-        prepared = prepare_hessian(H, act_order, damp, log)
+        prepared = prepare_hessian(H, act_order, damp)
     elif (prepared.perm is not None) != bool(act_order):
         raise ValueError("prepared Hessian was made with a different act_order")
-    U, perm, dead = prepared.U, prepared.perm, prepared.dead
-    out_f, n = W.shape
-    gs = check_group_size(n, group_size, name)
-    W = W.to(U.device, torch.float32, copy=True)  # one fp32 copy (the planner counts two)
-    W[:, dead] = 0
-    n_groups = n // gs
-    scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
-    zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
+    gs = check_group_size(W.shape[1], group_size, name)
     dynamic = not (group_size == -1 or static_groups)
     searching = grid is not None and grid.searches
     imp = prepared.diag if searching and grid.needs_importance else None
-    if not dynamic:
-        # Parameters up front from the unpermuted weight, so group g covers columns
-        # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
-        for g in range(n_groups):
-            scales[g], zeros[g] = gptq_group_params(
-                W[:, g * gs:(g + 1) * gs], bits, symmetric, grid,
-                None if imp is None else imp[g * gs:(g + 1) * gs])
-    # Columns as rows: every column GPTQ visits is one contiguous vector.
-    WT = (W[:, perm] if perm is not None else W).t().contiguous()
-    del W
+    WT, scales, zeros = _columns(W, prepared, bits, gs, symmetric, dynamic, grid, imp)
     QT = torch.empty_like(WT)
+    n, perm = WT.shape[0], prepared.perm
     # Group of each visited column: its own position // gs, or its original column's group
     # when static groups are visited in act-order.
     gid = torch.arange(n, device=WT.device) if perm is None or dynamic else perm
@@ -147,42 +72,52 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
         return gptq_group_params(w, bits, symmetric, grid,
                                  None if imp is None else imp[col:col + w.shape[1]])
 
-    args = (U, QT, scales, zeros, gid, dynamic, gs, block, bits, params)
-    if backend == "triton":
-        from .gptq_triton import solve_columns_triton
-        solve_columns_triton(WT, *args)
-    elif backend == "auto" and WT.is_cuda and _triton_usable():
-        from .gptq_triton import solve_columns_triton
-        # A copy to fall back on only until the kernel has built and run once in this
-        # process: after that the copy would be an fp32 weight of GPU memory for nothing.
-        backup = None if _TRITON_STATE.get("proven") else WT.clone()
-        try:
-            solve_columns_triton(WT, *args)
-            _TRITON_STATE["proven"] = True
-        except Exception as e:  # a kernel that fails to build must not fail the run
-            if backup is None or isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            _TRITON_STATE["broken"] = True
-            log(f"gptq: Triton solver failed ({type(e).__name__}: {str(e)[:200]}); "
-                f"using the Python column loop from now on")
-            _solve_columns(backup, *args)
-            WT = backup
-    else:
-        _solve_columns(WT, *args)
+    SOLVER.solve(WT, (prepared.U, QT, scales, zeros, gid, dynamic, gs, block, bits, params),
+                 backend)
+    qw = _quantized(QT, scales, zeros, perm, dynamic, gs, bits, group_size, symmetric)
+    return qw, {"damp_used": prepared.damp_used, "retries": prepared.retries,
+                "dead_columns": int(prepared.dead.sum())}
 
+
+def _columns(W: torch.Tensor, prepared: PreparedHessian, bits: int, gs: int, symmetric: bool,
+             dynamic: bool, grid: GridSpec | None = None, imp: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W's columns as rows in visiting order (one fp32 copy; dead columns zeroed), and the
+    group scales / zeros, filled up front for static groups (by `grid`'s search weighted by
+    `imp`, H's diagonal in original column order, when given)."""
+    out_f, n = W.shape
+    W = W.to(prepared.U.device, torch.float32, copy=True)  # the planner counts two copies
+    W[:, prepared.dead] = 0
+    n_groups = n // gs
+    scales = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
+    zeros = torch.zeros((n_groups, out_f), dtype=torch.float32, device=W.device)
+    if not dynamic:
+        # Parameters up front from the unpermuted weight, so group g covers columns
+        # g*gs..(g+1)*gs-1 whatever order the columns are quantized in.
+        for g in range(n_groups):
+            scales[g], zeros[g] = gptq_group_params(
+                W[:, g * gs:(g + 1) * gs], bits, symmetric, grid,
+                None if imp is None else imp[g * gs:(g + 1) * gs])
+    perm = prepared.perm
+    # Columns as rows: every column GPTQ visits is one contiguous vector.
+    return (W[:, perm] if perm is not None else W).t().contiguous(), scales, zeros
+
+
+def _quantized(QT: torch.Tensor, scales, zeros, perm, dynamic: bool, gs: int, bits: int,
+               group_size: int, symmetric: bool) -> QuantizedWeight:
+    """The solved codes in original column order, with g_idx for dynamic act-order groups."""
+    n = QT.shape[0]
     g_idx = None
     if dynamic and perm is not None:
         # Group k holds permuted columns k*gs..; map back to each original column.
-        g_idx = torch.empty(n, dtype=torch.int32, device=WT.device)
-        g_idx[perm] = (torch.arange(n, device=WT.device) // gs).to(torch.int32)
+        g_idx = torch.empty(n, dtype=torch.int32, device=QT.device)
+        g_idx[perm] = (torch.arange(n, device=QT.device) // gs).to(torch.int32)
     codes = QT.t().to(torch.uint8)
     if perm is not None:
         codes = torch.empty_like(codes).index_copy_(1, perm, codes)
-    qw = QuantizedWeight(codes=codes.contiguous(), scales=scales.t().contiguous(),
-                         zeros=zeros.t().to(torch.int32).contiguous(), bits=bits,
-                         group_size=group_size, g_idx=g_idx, symmetric=symmetric)
-    return qw, {"damp_used": prepared.damp_used, "retries": prepared.retries,
-                "dead_columns": int(dead.sum())}
+    return QuantizedWeight(codes=codes.contiguous(), scales=scales.t().contiguous(),
+                           zeros=zeros.t().to(torch.int32).contiguous(), bits=bits,
+                           group_size=group_size, g_idx=g_idx, symmetric=symmetric)
 
 
 def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
@@ -244,16 +179,15 @@ def _cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetric: bool,
-                   act_order: bool, static_groups: bool, damp: float, block: int,
-                   prepared: PreparedHessian | None = None, row_slices: int = 1,
-                   parallel: bool = True, grid: GridSpec | None = None):
+                   options: GPTQOptions, prepared: PreparedHessian | None = None,
+                   row_slices: int = 1, parallel: bool = True, grid: GridSpec | None = None):
     """GPTQ every linear of one input group against the group's H. Linears with the same
     (bits, group_size) are stacked row-wise into one solve (GPTQ treats rows independently
     given H, so this is exact and visits each column once instead of once per linear), in
     `row_slices` slices of rows (the planner's choice: each slice's fp32 copies are that much
-    smaller). Returns ({name: QuantizedWeight}, info)."""
+    smaller). `options`: resolved GPTQOptions. Returns ({name: QuantizedWeight}, info)."""
     if prepared is None:
-        prepared = prepare_hessian(H, act_order, damp, ctx.log)
+        prepared = prepare_hessian(H, options.act_order, options.damp)
     buckets: dict[tuple[int, int], list[str]] = {}
     for name in group:
         buckets.setdefault(settings[name], []).append(name)
@@ -266,14 +200,15 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
         parts = []
         for r0 in range(0, total, step):
             q, info = gptq_quantize(_rows(weights, r0, min(r0 + step, total)), None, bits, gs,
-                                    symmetric, act_order, static_groups, damp, block,
-                                    log=ctx.log, name=ctx.full_name(names[0]),
-                                    prepared=prepared, grid=grid)
+                                    symmetric, options.act_order, options.static_groups,
+                                    options.damp, options.block,
+                                    name=ctx.full_name(names[0]), prepared=prepared,
+                                    grid=grid)
             parts.append(q)
         return split_rows(_cat_rows(parts), [w.shape[0] for w in weights]), info
 
     # Each stacked solve is one unit of work; with several processes they run on different
-    # ranks at once and every rank receives every result (quantizer.parallel.distributed.run_units).
+    # ranks at once and every rank receives every result (parallel/shards.py run_units).
     units = list(buckets.items())
     out, info = {}, {}
     solved = (run_units(layout_of(ctx), units, solve) if parallel
@@ -287,36 +222,23 @@ class GPTQ:
     """Method: true-sequential GPTQ over the layer's input groups.
 
     `module_settings` ({full module name: (bits, group_size)}, e.g. from the bpw optimiser's
-    selection) overrides ctx.settings' bits and group size per linear."""
+    selection) overrides ctx.settings' bits and group size per linear. Where Hessians live
+    and the row slices of the solve follow the plan's decisions (ctx.decisions)."""
 
     name = "gptq"
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, block: int = 128,
-                 module_settings: dict[str, tuple[int, int]] | None = None,
-                 report_error: bool = True, error_weights: str = "none",
-                 scale_search: str = "minmax", token_weights: str = "none", **unknown):
-        if unknown:
-            raise InputError(f"unknown GPTQ option(s) {sorted(unknown)}; known: damp, "
-                             f"act_order, static_groups, block, module_settings, "
-                             f"error_weights, scale_search, token_weights")
-        if token_weights not in TOKEN_WEIGHTS:
-            raise InputError(f"--token-weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
-                             f"got {token_weights!r}")
-        self.grid = grid_spec(scale_search)
-        self.token_weights = token_weights
-        if error_weights not in ERROR_WEIGHTS:
-            raise InputError(f"error_weights must be one of {ERROR_WEIGHTS}, got "
-                             f"{error_weights!r}")
-        if not 0 < float(damp) < 1:
-            raise InputError(f"--damp must be in (0, 1), got {damp}")
-        self.damp = float(damp)
-        self.act_order = bool(act_order)
-        self.static_groups = bool(static_groups)
-        self.block = int(block)
+    def __init__(self, options: GPTQOptions | None = None, rounding=None,
+                 module_settings: dict[str, tuple[int, int]] | None = None, **overrides):
+        """`options` (default GPTQOptions()) and `rounding` (settings.RoundingOptions) with
+        keyword `overrides` (damp=0.05, scale_search="imatrix", ...). scale_search: how each
+        group's scale and zero are chosen (methods/grid.py; imatrix weighs by H's diagonal);
+        token_weights: each calibration token's weight in H (methods/token_weights.py)."""
+        r = rounding_with(rounding, overrides, "gptq")
+        self.options = options_with(GPTQOptions, options, overrides, "gptq").resolved()
+        self.grid = grid_spec(r.search)
+        self.token_weights = r.weights
         self.module_settings = dict(module_settings or {})
-        self.report_error = bool(report_error)
 
     def _settings(self, ctx, name: str) -> tuple[int, int]:
         full = ctx.full_name(name)
@@ -336,15 +258,15 @@ class GPTQ:
     def quantize_weighted(self, ctx, tw: dict | None) -> dict[str, QuantizedWeight]:
         """Per input group: accumulate H (each token weighted by `tw`, token_weights.py),
         factor it, solve, report. Where H lives follows the
-        plan (ctx.placement 'hessian'): 'gpu'; 'park', on the GPU but moved to host RAM while
+        plan (ctx.decisions.hessian): 'gpu'; 'park', on the GPU but moved to host RAM while
         its factor is prepared and the columns solved; 'cpu', accumulated and solved on the
         host. 'row_slices' splits the solve by output rows."""
         out: dict[str, QuantizedWeight] = {}
         per_module = ctx.stats.setdefault("modules", {})
         totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
-        placement = getattr(ctx, "placement", None) or {}
-        layer_where = placement.get("hessian", "gpu")
-        slices = int(placement.get("row_slices", 1))
+        dec = ctx.decisions
+        layer_where = dec.hessian if dec is not None and dec.hessian != "none" else "gpu"
+        slices = dec.row_slices if dec is not None else 1
         acc_dev = torch.device("cpu") if layer_where == "cpu" else ctx.device
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
         batches = list(ctx.arch.capture_batches(lambda n: ctx.module(n).in_features))
@@ -406,15 +328,14 @@ class GPTQ:
             acc.H = None  # the GPU copy goes now: its factor takes its place
         solve_dev = torch.device("cpu") if where == "cpu" else ctx.device
         settings = {name: self._settings(ctx, name) for name in group}
-        prepared = prepare_hessian(H, self.act_order, self.damp, ctx.log, device=solve_dev)
+        opts = self.options
+        prepared = prepare_hessian(H, opts.act_order, opts.damp, device=solve_dev)
         if prepared.retries:
-            ctx.log(f"gptq: {ctx.full_name(group[0])} (+{len(group) - 1} sharing its "
-                    f"input) needed damp={prepared.damp_used:g} after "
-                    f"{prepared.retries} failed Cholesky attempt(s)")
-        qs, _ = quantize_group(ctx, group, H, settings, ctx.settings.symmetric,
-                               self.act_order, self.static_groups, self.damp, self.block,
-                               prepared, row_slices=slices, parallel=parallel,
-                               grid=self.grid)
+            log.warning("gptq: %s (+%d sharing its input) needed damp=%g after %d failed "
+                        "Cholesky attempt(s)", ctx.full_name(group[0]), len(group) - 1,
+                        prepared.damp_used, prepared.retries)
+        qs, _ = quantize_group(ctx, group, H, settings, ctx.settings.symmetric, opts, prepared,
+                               row_slices=slices, parallel=parallel, grid=self.grid)
         info = {"damp_used": prepared.damp_used, "retries": prepared.retries,
                 "dead_columns": int(prepared.dead.sum())}
         del prepared  # U is not needed for the report: H comes back in its place
@@ -424,7 +345,7 @@ class GPTQ:
     def _report(self, ctx, group, qs, H, where, slices) -> dict:
         """{linear: (output error against H, relative weight error)}, or {} when the report
         is off. H may wait in host RAM ('park'): it comes back for this."""
-        if not self.report_error:
+        if not self.options.report_error:
             return {}
         if H.device != ctx.device and where != "cpu":
             H = H.to(ctx.device)
@@ -454,11 +375,3 @@ class GPTQ:
             ctx.set_quantized(name, qs[name])
         out.update(qs)
 
-
-# How adaptive GPTQ's bit allocation weighs each group's measured (block output) error:
-# "none" by default; "residual" by its block's share of the residual stream, which helped on
-# stories260K but hurt on SmolLM2, whose massive activations make every middle layer's share
-# tiny (benchmarks/results/quality_gpu_s5.md)
-ERROR_WEIGHTS = ("none", "residual")
-
-register_method("gptq", GPTQ)

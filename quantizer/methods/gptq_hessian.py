@@ -5,14 +5,18 @@ act-order resolved."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from quantizer.errors import InputError
-from quantizer.kernels.packing import QuantizedWeight
-from quantizer.stream.hidden_store import to_device_ahead
+from ..errors import InputError
+from ..kernels.packing import QuantizedWeight
+from ..settings import GPTQOptions
+from ..stream.hidden_store import to_device_ahead
+
+log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -269,7 +273,7 @@ def _factor(make, shift: float) -> tuple[torch.Tensor | None, str]:
     return S, ""
 
 
-def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retries: int = 4):
+def _upper_factor_of_inverse(make, damp: float, mean_diag: float, max_retries: int = 4):
     """U, the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, on failure retrying with λ×10.
 
     `make()` returns a fresh float32 copy of H with rows and columns reversed (P H P, P the
@@ -282,8 +286,8 @@ def _upper_factor_of_inverse(make, damp: float, mean_diag: float, log, max_retri
         S, reason = _factor(make, lam * mean_diag)
         if reason:  # not positive definite at this damping
             if attempt < max_retries:
-                log(f"gptq: Cholesky failed at damp={lam:g} ({reason}); retrying at "
-                    f"damp={lam * 10:g}")
+                log.info("gptq: Cholesky failed at damp=%g (%s); retrying at damp=%g", lam,
+                         reason, lam * 10)
                 lam *= 10
             continue
         S.tril_()
@@ -311,8 +315,8 @@ class PreparedHessian:
 
 
 @torch.no_grad()
-def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01,
-                    log=print, device=None) -> PreparedHessian:
+def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = GPTQOptions.damp,
+                    device=None) -> PreparedHessian:
     """The factor GPTQ solves with, on `device` (default: H's). H itself is never modified
     and may live elsewhere (a Hessian parked in host RAM is read into the GPU copy)."""
     device = torch.device(device) if device is not None else H.device
@@ -332,5 +336,5 @@ def prepare_hessian(H: torch.Tensor, act_order: bool = False, damp: float = 0.01
     mean_diag = float((diag + fix).mean())
     reverse = order.flip(0)  # P H P in quantization order: see _upper_factor_of_inverse
     U, damp_used, retries = _upper_factor_of_inverse(
-        lambda: _scratch(H, reverse, fix, device), damp, mean_diag, log)
+        lambda: _scratch(H, reverse, fix, device), damp, mean_diag)
     return PreparedHessian(U, perm, dead, damp_used, retries, diag)

@@ -7,7 +7,7 @@ for the whole block (≤128 columns) in registers and runs the block's columns s
 extract column i, quantize it with its group's scale/zero, store codes and the scaled error,
 and apply the rank-1 update to the tile's later columns. Group parameters of dynamic groups
 are computed between launches by the same `params` callable the Python path uses
-(gptq.gptq_group_params; a segment ends where a group starts), so both paths share one
+(gptq_columns.gptq_group_params; a segment ends where a group starts), so both paths share one
 definition of a group's scale and zero.
 
 Rounding is round-half-to-even, written out with floor so it does not depend on a libdevice
@@ -69,7 +69,7 @@ BLOCK_O = 32
 
 
 def solve_columns_triton(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
-    """Same contract as gptq._solve_columns (in place on WT, QT, scales, zeros)."""
+    """Same contract as gptq_columns.solve_columns_torch (in place on WT, QT, scales, zeros)."""
     if triton is None:
         raise RuntimeError("the triton GPTQ backend needs triton installed")
     if not (WT.is_cuda or interpreting()):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..settings import SCALE_SEARCHES  # noqa: F401 (re-exported)
+
 # Rows per slice of the search: bounds its float32 temporaries (a few copies of a slice).
 _SEARCH_SLICE_ELEMENTS = 1 << 22
 
-SCALE_SEARCHES = ("minmax", "mse", "imatrix")
 
 
 @dataclass(frozen=True)

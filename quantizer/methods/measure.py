@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..settings import GPTQOptions, RoundingOptions
 from .block_error import judge_for
 from .gptq import group_hessians, prepare_hessian, quantize_group
 from .grid import grid_spec
@@ -154,20 +155,22 @@ def group_label(group: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, block: int = 128,
-                  scale_search: str = "minmax", token_weights: str = "none"
+def measure_layer(ctx, candidates: list[CandidateSpec] | None = None,
+                  options: GPTQOptions | None = None, rounding: RoundingOptions | None = None
                   ) -> dict[str, list[CandidateResult]]:
     """{group label: [CandidateResult, ...]} for one layer; the layer's weights are left as
-    they were (float). Timings and the number of GPTQ solves go to ctx.stats. scale_search
-    and token_weights as GPTQ takes them: with token weights every error (Hessian and block
-    judge) weighs tokens by what the next RMSNorm makes of them."""
+    they were (float). `options`: GPTQ's, `rounding`: scale_search and token_weights as GPTQ
+    takes them (default: ctx.settings'): with token weights every error (Hessian and block
+    judge) weighs tokens by what the next RMSNorm makes of them. Timings and the number of
+    GPTQ solves go to ctx.stats."""
+    options = (options or ctx.settings.gptq).resolved()
+    rounding = rounding or ctx.settings.rounding
     candidates = default_candidates() if candidates is None else list(candidates)
     symmetric = bool(ctx.settings.symmetric)
     groups = list(ctx.arch.input_groups)
-    grid = grid_spec(scale_search)
+    grid = grid_spec(rounding.search)
     t0 = time.perf_counter()
-    tw = token_weights_for(ctx, token_weights)
+    tw = token_weights_for(ctx, rounding.weights)
     hessians = group_hessians(ctx, groups, token_weights=tw)
     t_hess = time.perf_counter() - t0
     results: dict[str, list[CandidateResult]] = {}
@@ -189,7 +192,7 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
         kept: dict = {}
         block_err: dict[str, float] = {}
         t1, judged_s = time.perf_counter(), 0.0
-        prepared = prepare_hessian(H, act_order, damp, ctx.log)
+        prepared = prepare_hessian(H, options.act_order, options.damp)
         weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
         # ‖W X‖² per linear (the denominator), and per (linear, setting): ‖(W-Ŵ)X‖², bits.
         signal = {n: float(((w @ H) * w).sum()) for n, w in weights.items()}
@@ -198,8 +201,7 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None, damp: floa
             members = tuple(n for n in group if any(ss.get(n) == setting for _, ss in plans))
             qs, _ = quantize_group(ctx, members, None, {n: (setting.bits, setting.group_size)
                                                         for n in members},
-                                   symmetric, act_order, static_groups, damp, block, prepared,
-                                   grid=grid)
+                                   symmetric, options, prepared, grid=grid)
             solves += 1
             per_setting[setting] = {}
             for n in members:

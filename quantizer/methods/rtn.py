@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from quantizer.kernels.packing import SUPPORTED_BITS, QuantizedWeight
-
+from ..errors import InputError
+from ..kernels.packing import SUPPORTED_BITS, QuantizedWeight
+from ..settings import rounding_with
 from .grid import GridSpec, grid_spec, range_params, search_params
 
 
@@ -26,7 +27,6 @@ def check_group_size(in_features: int, group_size: int, name: str = "weight") ->
     if group_size == -1:
         return in_features
     if group_size <= 0 or in_features % group_size:
-        from quantizer.errors import InputError
         raise InputError(f"group size {group_size} does not divide in_features={in_features} "
                          f"of {name}; choose a divisor, -1 (per channel) or --group-size auto")
     return group_size
@@ -76,14 +76,17 @@ class RTN:
 
     name = "rtn"
 
-    def __init__(self, scale_search: str = "minmax", token_weights: str = "none"):
-        from .token_weights import TOKEN_WEIGHTS
-        if token_weights not in TOKEN_WEIGHTS:
-            from quantizer.errors import InputError
-            raise InputError(f"--token-weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
-                             f"got {token_weights!r}")
-        self.grid = grid_spec(scale_search)
-        self.token_weights = token_weights
+    def __init__(self, options=None, rounding=None, **overrides):
+        """RTN has no options of its own; `rounding` (settings.RoundingOptions) with keyword
+        overrides (scale_search="imatrix")."""
+        if options is not None:
+            raise InputError(f"--method rtn takes no method options, got {options}")
+        r = rounding_with(rounding, overrides, "rtn")
+        if overrides:
+            raise InputError(f"unknown option(s) {sorted(overrides)} for --method rtn "
+                             f"(it takes: scale_search, token_weights)")
+        self.grid = grid_spec(r.search)
+        self.token_weights = r.weights
 
     @property
     def needs_calibration(self) -> bool:
@@ -103,7 +106,6 @@ class RTN:
 
     def _importance(self, ctx) -> dict[str, torch.Tensor]:
         if not ctx.inputs:
-            from quantizer.errors import InputError
             raise InputError("rtn with --scale-search imatrix needs calibration inputs "
                              "(--calib-samples > 0)")
         from .importance import second_moments

@@ -16,11 +16,15 @@ that are not pre-norm residual (layer output ≠ input + Σ block outputs) get n
 methods then weigh tokens alike."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..settings import TOKEN_WEIGHTS  # noqa: F401 (re-exported)
 from .residual_share import RESIDUAL_TOLERANCE, block_module, block_of
 
-TOKEN_WEIGHTS = ("none", "outliers", "residual", "residual-in")
+log = logging.getLogger(__name__)
+
 # "outliers": a token whose stream's rms exceeds this many times its sequence's median
 # counts as 1 / (rms / (factor · median))², every other token as 1
 OUTLIER_FACTOR = 4.0
@@ -88,7 +92,7 @@ def residual_token_weights(ctx, before: bool = False) -> dict[str, list[torch.Te
             h.remove()
     if state["worst"] > RESIDUAL_TOLERANCE or any(len(v) != len(ctx.inputs)
                                                   for v in out.values()):
-        ctx.log(f"layer {ctx.index}: not in pre-norm residual form; tokens weigh alike")
+        log.info("layer %d: not in pre-norm residual form; tokens weigh alike", ctx.index)
         return None
     return out
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import uuid
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from ..errors import InputError, QuantizerError
-
-
 
 @dataclass(frozen=True)
 class World:
@@ -36,7 +40,6 @@ class World:
 
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
             dist.barrier()
 
 
@@ -54,32 +57,19 @@ def comm_device(w: World) -> torch.device:
 
 
 # ---- launching / joining ------------------------------------------------------------------
-def parse_devices(text: str | None) -> list[str] | None:
-    """`--devices`: "0,1" (CUDA indices), "all" (every visible GPU) or "cpu,cpu" (one CPU
-    process per entry). None when not given."""
-    if text is None or str(text).strip() == "":
+def resolve_devices(devices: tuple[str, ...] | None) -> list[str] | None:
+    """settings.devices made concrete ("all": every visible GPU), each GPU checked to exist:
+    `--devices 0,1` on a machine without them is one line, not a launch whose workers fail
+    in CUDA initialisation."""
+    if not devices:
         return None
-    if str(text).strip() == "all":
+    if tuple(devices) == ("all",):
         n = torch.cuda.device_count()
         if n == 0:
             raise InputError("--devices all: no CUDA device is visible")
         return [f"cuda:{i}" for i in range(n)]
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part == "cpu":
-            out.append("cpu")
-        elif part.isdigit():
-            out.append(f"cuda:{part}")
-        elif part.startswith("cuda:") and part[5:].isdigit():
-            out.append(part)
-        else:
-            raise InputError(f"--devices: {part!r} is not a GPU index, cuda:N or cpu")
-    if len({d for d in out if d != "cpu"}) != len([d for d in out if d != "cpu"]):
-        raise InputError(f"--devices {text}: a GPU is named twice (one process per GPU)")
-    if any(d.startswith("cuda") for d in out) and "cpu" in out:
-        raise InputError(f"--devices {text}: mix of cpu and GPUs (one backend per run)")
-    return out
+    require_devices(list(devices))
+    return list(devices)
 
 
 def under_launcher() -> bool:
@@ -91,8 +81,6 @@ def under_launcher() -> bool:
 def join(devices: list[str] | None = None) -> World:
     """Join the process group of this launch (env:// set by the launcher) and pick this
     rank's device: devices[LOCAL_RANK], or cuda:LOCAL_RANK when devices are not named."""
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", 0))
     if devices:
         if len(devices) != int(os.environ.get("LOCAL_WORLD_SIZE", len(devices))):
@@ -115,7 +103,6 @@ def join(devices: list[str] | None = None) -> World:
 
 
 def leave() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
     _WORLD[0] = SINGLE
@@ -141,13 +128,6 @@ def launch(devices: list[str], fn, *args):
     `torchrun --standalone` uses: a c10d store on a free local port); each worker joins the
     group first. Returns rank 0's return value. The launcher's log and error files live in a
     temporary folder of ours, removed on every way out (success, failure, Ctrl-C)."""
-    import shutil
-    import tempfile
-
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     require_devices(devices)
     logs = tempfile.mkdtemp(prefix="layerquant-launch-")
     try:
@@ -197,7 +177,6 @@ class _Refused:
 def _worker(devices, fn, args):
     """A launched process: its exception is written to the launcher's error file (`record`),
     so the parent can say in one line what failed."""
-    from torch.distributed.elastic.multiprocessing.errors import record
     return record(_join_and_run)(devices, fn, args)
 
 
@@ -209,57 +188,3 @@ def _join_and_run(devices, fn, args):
         return _Refused(type(e), str(e))
     finally:
         leave()
-
-
-# ---- the job directory --------------------------------------------------------------------
-def begin_job(w: World, jobdir, fingerprint, **kwargs):
-    """Rank 0 begins (locks, creates or resumes) the job directory; once it has, the other
-    ranks open a read-only view of it. A refusal on rank 0 is raised on every rank."""
-    if not w.distributed:
-        return jobdir, jobdir.begin(fingerprint, **kwargs)
-    import torch.distributed as dist
-    box, state = [None], None
-    if w.main:
-        try:
-            state = jobdir.begin(fingerprint, **kwargs)
-        except InputError as e:
-            box = [str(e)]
-            dist.broadcast_object_list(box, src=0, device=comm_device(w))
-            raise
-    dist.broadcast_object_list(box, src=0, device=comm_device(w))
-    if box[0] is not None:
-        raise InputError(box[0])
-    if w.main:
-        return jobdir, state
-    follower = FollowerJob(jobdir.path)
-    return follower, follower.state
-
-
-class FollowerJob:
-    """The job directory as ranks > 0 see it: they read what rank 0 wrote, write nothing."""
-
-    def __init__(self, path):
-        from ..measurements.jobstate import JobDir
-        self._job = JobDir(path)
-        self._job.state = self._job.load_state()
-
-    def __getattr__(self, name):
-        return getattr(self._job, name)
-
-    def save_layer(self, *args, **kwargs) -> None:
-        pass
-
-    def save_hidden(self, *args, **kwargs) -> None:
-        pass
-
-    def commit_layer(self, *args, **kwargs) -> None:
-        pass
-
-    def set_stage(self, stage: str) -> None:
-        self._job.state["stage"] = stage  # keep the same view of the stage as rank 0
-
-    def finish(self) -> None:
-        pass
-
-    def unlock(self) -> None:
-        pass

@@ -2,12 +2,9 @@
 with the memory plan per layer kind, host RAM, disk and the time the speed model predicts."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from .memory import device_peak, disk_needs, export_sizes, layer_elements, ram_peak
 from .sizes import format_size
-
-if TYPE_CHECKING:
-    from .planner import Plan
+from .speed import SOURCE, format_duration, model_seconds
 
 
 def _layer_span(layers: tuple[int, ...]) -> str:
@@ -21,7 +18,8 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def _format_plan(plan: Plan) -> str:
+def format_plan(plan) -> str:
+    """The plan as `quantize plan` prints it (plan: planner.Plan)."""
     s = plan.shapes
     moe = (f" · {s.num_experts} experts × {s.moe_intermediate} (top-{s.experts_per_tok}"
            + (f", shared {s.shared_expert_intermediate}" if s.shared_expert_intermediate
@@ -66,16 +64,13 @@ def _format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _details(plan: Plan) -> list[str]:
+def _details(plan) -> list[str]:
     """Per layer kind: weights, GPU peak, host RAM, time per layer; then disk and time."""
-    from .memory import _export_sizes, _layer_elements, _peak, _ram_peak, disk_needs
-    from .speed import SOURCE, format_duration, model_seconds
-
     dp = plan.devices[0]
     job = plan.job(dp)
     s = plan.shapes
     tokens = plan.calib_samples * plan.calib_seqlen
-    export = _export_sizes(job)[1]
+    export = export_sizes(job)[1]
     times = {m: model_seconds(s, m, tokens, plan.arch, plan.dtype_bytes, export)
              for m in ("gptq", "awq")}
     where = "host" if dp.device.is_host else dp.device.label
@@ -85,13 +80,13 @@ def _details(plan: Plan) -> list[str]:
         moe = any(g.copies > 1 for g in groups)
         kind = "moe" if moe else "dense"
         count = s.moe_layers if moe else s.layers - s.moe_layers
-        peak = _peak(job, dp.decisions, kinds=[(groups, extra)], assemble=False)
+        peak = device_peak(job, dp.decisions, kinds=[(groups, extra)], assemble=False)
         if dp.device.is_host:
             ram, ram_phase = peak.total, peak.phase
         else:
-            ram, ram_phase, _ = _ram_peak(job, dp.decisions, kinds=[(groups, extra)],
+            ram, ram_phase, _ = ram_peak(job, dp.decisions, kinds=[(groups, extra)],
                                           assemble=False)
-        rows.append((kind, str(count), _count(_layer_elements(groups, extra)),
+        rows.append((kind, str(count), _count(layer_elements(groups, extra)),
                      format_size(peak.total), peak.phase, format_size(ram),
                      ram_phase, f"{times['gptq'].get(kind, 0):.1f}",
                      f"{times['awq'].get(kind, 0):.1f}"))

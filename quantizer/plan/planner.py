@@ -1,28 +1,24 @@
 """The memory planner: a pure function of model shapes × method × calibration size × devices ×
 budgets → where everything lives, how large each forward chunk is, and the predicted peak.
 
-This module is the public API (Plan, DevicePlan, Decisions, DeviceSpec, PlanError, make_plan,
-shrink, plan_command, detect_devices, default_vram_budgets) and the refusals. The parts live in:
-  shapes.py       model shapes and the input groups of one decoder layer
-  plan_memory.py  the memory model (the bytes of each phase of a layer; its docstring has it)
-  plan_search.py  the walk from the fastest configuration until the peak fits
-  plan_format.py  the printed plan"""
+This module is the planner (Plan, DevicePlan, PlanError, make_plan, shrink) and its refusals.
+The parts live beside it: shapes.py (model shapes and the input groups of one layer), terms.py
+and memory.py (the memory model: the bytes of each phase of a layer, with each method's own
+terms from methods/<method>_memory.py), search.py (the walk from the fastest configuration
+until the peak fits), format.py (the printed plan), apply.py (the plan of one run, and
+`quantize plan`), machine.py (devices and default budgets)."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError, OutOfMemory
-from .format import _format_plan
-# Some names are imported only to be re-exported: callers import them from quantizer.plan.planner.
-from .memory import (ATTN_SCORE_COPIES, CUDA_CONTEXT, SLACK, Decisions, HostFacts, Term, _make_job,  # noqa: F401
-                     _peak, _Peak, _ram, _ram_peak, host_facts)
-from .search import (MAX_CHUNK_TOKENS, MAX_ROW_SLICES, TARGET_TOKENS, _MOVES, _apply, _ram_ok,  # noqa: F401
-                     _search)
-from .shapes import InputGroup, Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch  # noqa: F401
-from .sizes import (default_ram_budget, format_size, format_size_up, gpu_memory, parse_budgets,
-                    parse_size, vram_margin)
+from .format import format_plan
+from .machine import DeviceSpec
+from .memory import CUDA_CONTEXT, Peak, device_peak, make_job, ram_peak
+from .search import MOVES, apply_move, ram_ok, search
+from .shapes import ModelShapes
+from .sizes import format_size, format_size_up
+from .terms import Decisions, HostFacts, Term
 
 METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 HIDDEN_PLACES = ("gpu", "cpu", "disk")
@@ -35,22 +31,6 @@ class PlanError(InputError):
         super().__init__(message)
         self.needed = needed
         self.culprit = culprit
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    index: int  # CUDA ordinal; -1 is the host CPU
-    name: str = ""
-    total_bytes: int = 0
-    free_bytes: int = 0
-
-    @property
-    def is_host(self) -> bool:
-        return self.index < 0
-
-    @property
-    def label(self) -> str:
-        return "cpu" if self.is_host else f"cuda:{self.index}"
 
 
 @dataclass(frozen=True)
@@ -85,8 +65,8 @@ class Plan:
     def job(self, device_plan: DevicePlan | None = None):
         """The planner's job of this plan (for a device's own view: its host flag)."""
         on_host = (device_plan or self.devices[0]).device.is_host
-        return _make_job(self.shapes, self.method, self.calib_samples, self.calib_seqlen,
-                         self.dtype_bytes, on_host, self.forced, self.arch, self.host)
+        return make_job(self.shapes, self.method, self.calib_samples, self.calib_seqlen,
+                        self.dtype_bytes, on_host, self.forced, self.arch, self.host)
 
     @property
     def predicted_peak(self) -> dict[int, int]:
@@ -103,7 +83,7 @@ class Plan:
         return self.device_plan_for(layer_index).decisions
 
     def format(self) -> str:
-        return _format_plan(self)
+        return format_plan(self)
 
 
 # ---------------------------------------------------------------- planning
@@ -122,13 +102,13 @@ _ADVICE = {
 }
 
 
-def _culprit(peak: _Peak, on_host: bool) -> Term:
+def _culprit(peak: Peak, on_host: bool) -> Term:
     context = () if on_host else (Term("context", "the CUDA context and cuBLAS workspace",
                                        CUDA_CONTEXT),)
     return max(peak.terms + context, key=lambda t: t.bytes)
 
 
-def _refusal(label: str, budget: int, peak: _Peak, forced: tuple[str, str],
+def _refusal(label: str, budget: int, peak: Peak, forced: tuple[str, str],
              ram_note: str = "", on_host: bool = False) -> PlanError:
     culprit = _culprit(peak, on_host)
     advice = _ADVICE.get(culprit.kind, "a larger budget")
@@ -166,6 +146,47 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
 
     `devices` empty (or one DeviceSpec(-1)) plans for the host CPU with `ram_budget`.
     Raises PlanError (an InputError) when no configuration fits on any device."""
+    _check_plan_args(method, calib_samples, calib_seqlen, dtype_bytes, hidden_device,
+                     hessian_device)
+    devices = list(devices) or [DeviceSpec(-1, "host")]
+    on_host = all(dev.is_host for dev in devices)
+    if not on_host and any(dev.is_host for dev in devices):
+        raise InputError("plan either GPUs or the host CPU, not both at once")
+    if on_host and hidden_device == "gpu":
+        raise InputError("--hidden-device gpu with no GPU to plan for")
+    forced = (hidden_device, hessian_device)
+    job = make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced,
+                   arch, host)
+    fitting, refusals = [], []
+    for dev in devices:
+        budget = ram_budget if dev.is_host else vram_budgets.get(dev.index)
+        if budget is None:
+            raise InputError(f"no VRAM budget for {dev.label}")
+        dec, peak, steps, fits = search(job, budget, ram_budget)
+        if fits:
+            fitting.append((dev, budget, dec, peak, steps))
+        else:
+            refusals.append((dev, _device_refusal(job, dev, budget, dec, peak, ram_budget)))
+    if not fitting:
+        errors = [r for _, r in refusals]
+        raise errors[0] if len(errors) == 1 else PlanError(
+            "; ".join(str(r) for r in errors), needed=min(r.needed for r in errors),
+            culprit=errors[0].culprit)
+    blocks = _split_layers(shapes.layers, [b for _, b, *_ in fitting])
+    plans = tuple(DevicePlan(dev, budget, dec, peak.total, peak.breakdown, peak.phase, block,
+                             steps) for (dev, budget, dec, peak, steps), block
+                  in zip(fitting, blocks))
+    if on_host:
+        ram_total, ram_phase, ram_items = plans[0].predicted_peak, plans[0].peak_phase, ()
+    else:
+        ram_total, ram_phase, ram_items = max(ram_peak(job, dp.decisions) for dp in plans)
+    notes = tuple(f"{dev.label} left out: {r}" for dev, r in refusals)
+    return Plan(shapes, method, calib_samples, calib_seqlen, dtype_bytes, plans, ram_budget,
+                ram_total, ram_items, forced, notes, ram_phase, job.host, arch)
+
+
+def _check_plan_args(method, calib_samples, calib_seqlen, dtype_bytes, hidden_device,
+                     hessian_device) -> None:
     if method not in METHODS:
         raise InputError(f"planner: unknown method {method!r}; known: {', '.join(METHODS)}")
     if method != "rtn" and (calib_samples < 1 or calib_seqlen < 1) or calib_samples < 0:
@@ -177,58 +198,29 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
         raise InputError(f"--hidden-device must be auto, gpu, cpu or disk, got {hidden_device!r}")
     if hessian_device not in ("auto", "gpu", "cpu"):
         raise InputError(f"--hessian-device must be auto, gpu or cpu, got {hessian_device!r}")
-    devices = list(devices) or [DeviceSpec(-1, "host")]
-    on_host = all(dev.is_host for dev in devices)
-    if not on_host and any(dev.is_host for dev in devices):
-        raise InputError("plan either GPUs or the host CPU, not both at once")
-    if on_host and hidden_device == "gpu":
-        raise InputError("--hidden-device gpu with no GPU to plan for")
-    forced = (hidden_device, hessian_device)
-    job = _make_job(shapes, method, calib_samples, calib_seqlen, dtype_bytes, on_host, forced,
-                    arch, host)
-    fitting, refusals, notes = [], [], []
-    for dev in devices:
-        budget = ram_budget if dev.is_host else vram_budgets.get(dev.index)
-        if budget is None:
-            raise InputError(f"no VRAM budget for {dev.label}")
-        dec, peak, steps, fits = _search(job, budget, ram_budget)
-        if fits:
-            fitting.append((dev, budget, dec, peak, steps))
-        elif peak.total <= budget and not on_host:  # the GPU fits; host RAM does not
-            refusals.append(_ram_refusal(job, dec, ram_budget))
-            notes.append(f"{dev.label} left out: {refusals[-1]}")
-        else:
-            ram_note = "" if _ram_ok(job, dec, ram_budget) else (
-                f"; host RAM also short: needs {format_size_up(_ram(job, dec)[0])} of "
-                f"{format_size(ram_budget)} (--ram-budget)")
-            host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu"
-                           else dec.hidden)
-            if (job.uses_gptq and dec.hessian in ("gpu", "park") and forced[1] == "auto"
-                    and not on_host and _apply("hessian_off_gpu", job, dec, ram_budget) is None
-                    and _peak(job, host).total < peak.total):  # blocked by host RAM
-                ram_note = (f" — Hessians on the CPU would fit the GPU but need "
-                            f"{format_size_up(_ram(job, host)[0])} of host RAM (--ram-budget "
-                            f"is {format_size(ram_budget)}){ram_note}")
-            refusals.append(_refusal(dev.label, budget, peak, forced, ram_note, on_host))
-            notes.append(f"{dev.label} left out: {refusals[-1]}")
-    if not fitting:
-        raise refusals[0] if len(refusals) == 1 else PlanError(
-            "; ".join(str(r) for r in refusals), needed=min(r.needed for r in refusals),
-            culprit=refusals[0].culprit)
-    blocks = _split_layers(shapes.layers, [b for _, b, *_ in fitting])
-    plans = tuple(DevicePlan(dev, budget, dec, peak.total, peak.breakdown, peak.phase, block,
-                             steps) for (dev, budget, dec, peak, steps), block
-                  in zip(fitting, blocks))
-    if on_host:
-        ram_peak, ram_phase, ram_items = plans[0].predicted_peak, plans[0].peak_phase, ()
-    else:
-        ram_peak, ram_phase, ram_items = max(_ram_peak(job, dp.decisions) for dp in plans)
-    return Plan(shapes, method, calib_samples, calib_seqlen, dtype_bytes, plans, ram_budget,
-                ram_peak, ram_items, forced, tuple(notes), ram_phase, job.host, arch)
+
+
+def _device_refusal(job, dev: DeviceSpec, budget: int, dec: Decisions, peak: Peak,
+                    ram_budget: int) -> PlanError:
+    """Why nothing fits `dev`: host RAM (the GPU would fit), or the device's own budget with
+    the term that does not fit and what to change."""
+    if peak.total <= budget and not job.on_host:  # the GPU fits; host RAM does not
+        return _ram_refusal(job, dec, ram_budget)
+    ram_note = "" if ram_ok(job, dec, ram_budget) else (
+        f"; host RAM also short: needs {format_size_up(ram_peak(job, dec)[0])} of "
+        f"{format_size(ram_budget)} (--ram-budget)")
+    host = replace(dec, hessian="cpu", hidden="disk" if dec.hidden == "cpu" else dec.hidden)
+    if (job.uses_gptq and dec.hessian in ("gpu", "park") and job.forced[1] == "auto"
+            and not job.on_host and apply_move("hessian_off_gpu", job, dec, ram_budget) is None
+            and device_peak(job, host).total < peak.total):  # blocked by host RAM
+        ram_note = (f" — Hessians on the CPU would fit the GPU but need "
+                    f"{format_size_up(ram_peak(job, host)[0])} of host RAM (--ram-budget "
+                    f"is {format_size(ram_budget)}){ram_note}")
+    return _refusal(dev.label, budget, peak, job.forced, ram_note, job.on_host)
 
 
 def _ram_refusal(job, dec: Decisions, ram_budget: int) -> PlanError:
-    total, phase, items = _ram_peak(job, dec)
+    total, phase, items = ram_peak(job, dec)
     label, size = max(items, key=lambda kv: kv[1])
     advice = {"the process": "a larger --ram-budget"}.get(label[:11], (
         "fewer calibration tokens (--calib-samples / --calib-seqlen)" if "hidden" in label
@@ -252,26 +244,26 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
     OutOfMemory when none is left. Moves the layer loop does not carry out (by_group) are not
     offered."""
     dp = plan.device_plan_for(layer_index)
-    job = _make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
-                    plan.dtype_bytes, dp.device.is_host, plan.forced, arch, plan.host)
+    job = make_job(plan.shapes, plan.method, plan.calib_samples, plan.calib_seqlen,
+                   plan.dtype_bytes, dp.device.is_host, plan.forced, arch, plan.host)
     dec = dp.decisions
     neutral = [(m, c) for m in NEUTRAL_MOVES if not dp.device.is_host
-               for c in [_apply(m, job, dec, plan.ram_budget)] if c is not None and c != dec]
+               for c in [apply_move(m, job, dec, plan.ram_budget)] if c is not None and c != dec]
     if neutral:
         new, step = neutral[0][1], f"oom: {neutral[0][0]}"
     elif dec.chunk > 1:
         new, step = replace(dec, chunk=dec.chunk // 2), "oom: chunk"
     else:
         sizes: dict[str, int] = {}
-        for t in _peak(job, dec).terms:
+        for t in device_peak(job, dec).terms:
             sizes[t.kind] = sizes.get(t.kind, 0) + t.bytes
         options = []  # (bytes the move frees, move)
         for move, kinds in (("hidden_off_gpu", ("hidden", "reference")),
                             ("hessian_off_gpu", ("hessian", "cholesky")),
                             ("experts", ("hessian",)), ("row_slices", ("weight_fp32",))):
-            if move not in _MOVES:  # modelled, not carried out (by_group)
+            if move not in MOVES:  # modelled, not carried out (by_group)
                 continue
-            cand = _apply(move, job, dec, plan.ram_budget)
+            cand = apply_move(move, job, dec, plan.ram_budget)
             if cand is not None and cand != dec:
                 options.append((sum(sizes.get(k, 0) for k in kinds), move, cand))
         if not options:
@@ -280,99 +272,9 @@ def shrink(plan: Plan, layer_index: int, arch=None) -> Plan:
                               f"{format_size(dp.predicted_peak)} of {format_size(dp.budget)}")
         _, move, new = max(options, key=lambda o: o[0])
         step = f"oom: {move}"
-    peak = _peak(job, new)
+    peak = device_peak(job, new)
     new_dp = replace(dp, decisions=new, predicted_peak=peak.total, breakdown=peak.breakdown,
                      peak_phase=peak.phase, steps=dp.steps + (step,))
     devices = tuple(new_dp if x is dp else x for x in plan.devices)
     note = f"layer {layer_index}: out of memory on {dp.device.label}; {step}"
     return replace(plan, devices=devices, notes=plan.notes + (note,))
-
-
-# ---------------------------------------------------------------- devices and the command
-
-
-def detect_devices(indices: list[int] | None = None) -> list[DeviceSpec]:
-    return [DeviceSpec(i, name, total, free) for i, name, total, free in gpu_memory(indices)]
-
-
-def default_vram_budgets(devices: list[DeviceSpec]) -> dict[int, int]:
-    """Free memory as nvidia-ml-py reported it, minus a safety margin (memsize.vram_margin)."""
-    return {d.index: max(0, d.free_bytes - vram_margin(d.total_bytes)) for d in devices}
-
-
-def cap_to_cards(budgets: dict[int, int], devices: list[DeviceSpec]) -> tuple[dict, list]:
-    """A budget a little above a card's memory ("80G" on an H100 80GB, which has 79.6 GiB) is
-    the whole card: (budgets capped at each known card's total, a note per capped one).
-    Larger ones were refused by the settings' validation (options.check_vram_budget)."""
-    totals = {d.index: d.total_bytes for d in devices if d.total_bytes}
-    capped, notes = dict(budgets), []
-    for i, b in budgets.items():
-        if i in totals and b > totals[i]:
-            capped[i] = totals[i]
-            notes.append(f"--vram-budget {format_size(b)} is above cuda:{i}'s "
-                         f"{format_size(totals[i])}: planning for the whole card")
-    return capped, notes
-
-
-def _read_config(model_dir_or_config) -> dict:
-    if isinstance(model_dir_or_config, dict):
-        return model_dir_or_config
-    path = os.fspath(model_dir_or_config)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return cfg
-
-
-def plan_command(model_dir_or_config, bits, method: str = "awq",
-                 vram_budget_str: str | None = None, ram_budget_str: str | None = None,
-                 devices=None, calib_samples: int = 128, calib_seqlen: int = 512,
-                 hidden_device: str = "auto", hessian_device: str = "auto",
-                 dtype_bytes: int = 2, group_size: int = 128) -> str:
-    """`quantize plan MODEL --bits 4 --vram-budget 16G`: reads config.json only (no weights)
-    and returns the formatted plan. `devices`: None/'auto' (every visible GPU), '0,1' or a
-    list of indices. With a budget but no visible GPU, plans for the GPUs the budget names
-    (or cuda:0), so a plan can be made on a machine without the target GPU."""
-    try:
-        bits_value = float(bits)
-    except (TypeError, ValueError):
-        raise InputError(f"--bits must be a number, got {bits!r}") from None
-    if not 2 <= bits_value <= 8:
-        raise InputError(f"--bits must be between 2 and 8, got {bits}")
-    config = _read_config(model_dir_or_config)
-    shapes = ModelShapes.from_config(config)
-    if isinstance(devices, str) and devices not in ("", "auto"):
-        try:
-            devices = [int(x) for x in devices.split(",")]
-        except ValueError:
-            raise InputError(f"--devices must be a list of GPU indices, got {devices!r}") \
-                from None
-    detected = {d.index: d for d in detect_devices()}
-    wanted = sorted(detected) if devices in (None, "", "auto") else list(devices)
-    if vram_budget_str:
-        if not wanted:  # planning for a GPU this machine does not have
-            wanted = sorted(parse_budgets(vram_budget_str)) if ":" in vram_budget_str else [0]
-        budgets = parse_budgets(vram_budget_str, wanted)
-    else:
-        budgets = default_vram_budgets([detected[i] for i in wanted if i in detected])
-        missing = [i for i in wanted if i not in budgets]
-        if missing:
-            raise InputError(f"no GPU {missing} visible to measure free memory; "
-                             f"give --vram-budget")
-    specs = [detected.get(i, DeviceSpec(i)) for i in wanted]
-    budgets, capped = cap_to_cards(budgets, specs)
-    ram = parse_size(ram_budget_str) if ram_budget_str else default_ram_budget()
-    on_host = not specs
-    host = host_facts(shapes, dtype_bytes, on_host, config, bits_value, group_size)
-    plan = make_plan(shapes, method, calib_samples, calib_seqlen, specs, budgets, ram,
-                     dtype_bytes, hidden_device, hessian_device, host=host)
-    return "\n".join([f"{bits_value:g}-bit {method}, group size {group_size}", *capped,
-                      plan.format()])

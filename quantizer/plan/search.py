@@ -2,7 +2,7 @@
 
 Every device starts from the fastest configuration (hidden states, Hessians and the whole layer
 on the GPU; the largest power-of-two chunk) and applies moves in a fixed order of increasing
-cost (see _MOVES) — at each step the cheapest move that lowers the predicted peak — until the
+cost (see MOVES) — at each step the cheapest move that lowers the predicted peak — until the
 peak fits the budget. The sequence of configurations does not depend on the budget, only where
 it stops does; so a smaller budget never gets a configuration that uses more GPU memory, and
 the last configuration of the sequence is the smallest budget that works: that is the number a
@@ -11,25 +11,25 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import Decisions, _Job, _Peak, _peak, _ram
+from .memory import Peak, device_peak, ram_peak
+from .terms import Decisions, PlanJob
 
 # Tokens per forward beyond which a larger chunk buys no speed, only memory: the first chunk
 # never exceeds it (the layer loop runs the planned chunk as it is).
 MAX_CHUNK_TOKENS = 4096
-TARGET_TOKENS = MAX_CHUNK_TOKENS  # the name older callers import
 MAX_ROW_SLICES = 32
 
 # Moves from the fastest configuration, cheapest first. Each is taken only when it lowers the
 # predicted peak. "by_group" (stream modules in for the forward) is modelled but the layer loop
 # does not carry it out, so neither the search nor OOM recovery takes it.
-_MOVES = ("hidden_off_gpu", "hessian_park", "row_slices", "experts", "chunk", "hessian_off_gpu")
+MOVES = ("hidden_off_gpu", "hessian_park", "row_slices", "experts", "chunk", "hessian_off_gpu")
 
 
-def _ram_ok(job: _Job, dec: Decisions, ram_budget: int) -> bool:
-    return job.on_host or _ram(job, dec)[0] <= ram_budget
+def ram_ok(job: PlanJob, dec: Decisions, ram_budget: int) -> bool:
+    return job.on_host or ram_peak(job, dec)[0] <= ram_budget
 
 
-def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions | None:
+def apply_move(move: str, job: PlanJob, dec: Decisions, ram_budget: int) -> Decisions | None:
     hidden_forced, hessian_forced = job.forced
     if move == "chunk" and dec.chunk > 1:
         return replace(dec, chunk=dec.chunk // 2)
@@ -40,7 +40,7 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
             return replace(dec, hidden="disk") if dec.hidden == "cpu" else None
         if dec.hidden == "gpu":
             to_cpu = replace(dec, hidden="cpu")
-            return to_cpu if _ram_ok(job, to_cpu, ram_budget) else replace(dec, hidden="disk")
+            return to_cpu if ram_ok(job, to_cpu, ram_budget) else replace(dec, hidden="disk")
     if (move == "hessian_park" and job.uses_gptq and hessian_forced == "auto"
             and dec.hessian == "gpu" and not job.on_host):
         return replace(dec, hessian="park")  # a few GB over PCIe per layer: cheap
@@ -51,15 +51,15 @@ def _apply(move: str, job: _Job, dec: Decisions, ram_budget: int) -> Decisions |
     if (move == "hessian_off_gpu" and job.uses_gptq and hessian_forced == "auto"
             and dec.hessian in ("gpu", "park") and not job.on_host):
         moved = replace(dec, hessian="cpu")
-        if _ram_ok(job, moved, ram_budget):
+        if ram_ok(job, moved, ram_budget):
             return moved
         if moved.hidden == "cpu" and hidden_forced == "auto":
             moved = replace(moved, hidden="disk")
-            return moved if _ram_ok(job, moved, ram_budget) else None
+            return moved if ram_ok(job, moved, ram_budget) else None
     return None
 
 
-def _start(job: _Job) -> Decisions:
+def start(job: PlanJob) -> Decisions:
     hidden_forced, hessian_forced = job.forced
     hidden = hidden_forced if hidden_forced != "auto" else ("cpu" if job.on_host else "gpu")
     if not job.uses_gptq:
@@ -77,20 +77,20 @@ def _start(job: _Job) -> Decisions:
                      experts_per_pass=experts)
 
 
-def _search(job: _Job, budget: int, ram_budget: int
-            ) -> tuple[Decisions, _Peak, tuple[str, ...], bool]:
+def search(job: PlanJob, budget: int, ram_budget: int
+            ) -> tuple[Decisions, Peak, tuple[str, ...], bool]:
     """Walk the fixed move sequence until the peak fits; (decisions, peak, steps, fits)."""
-    dec = _start(job)
-    peak = _peak(job, dec)
+    dec = start(job)
+    peak = device_peak(job, dec)
     steps: list[str] = []
-    while peak.total > budget or not _ram_ok(job, dec, ram_budget):
-        for move in _MOVES:
-            cand = _apply(move, job, dec, ram_budget)
+    while peak.total > budget or not ram_ok(job, dec, ram_budget):
+        for move in MOVES:
+            cand = apply_move(move, job, dec, ram_budget)
             if cand is None:
                 continue
-            cand_peak = _peak(job, cand)
+            cand_peak = device_peak(job, cand)
             if cand_peak.total < peak.total or (
-                    not _ram_ok(job, dec, ram_budget) and _ram_ok(job, cand, ram_budget)):
+                    not ram_ok(job, dec, ram_budget) and ram_ok(job, cand, ram_budget)):
                 dec, peak = cand, cand_peak
                 steps.append(move)
                 break

@@ -26,9 +26,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from ..demo.synthetic import PRESETS
+from ..settings import AWQOptions
 from .shapes import ModelShapes, layer_groups, resolve_arch
 
-GRID = 20  # AWQ's scale candidates per group (methods/awq.py default)
+GRID = AWQOptions.grid  # AWQ's scale candidates per group (its default)
 # The export's assembly (layer files read back, shards written): 32 llama2-7b layers, 3.6 GB
 # of export in 3.5 s on the H100 box (speed_h100_s6_32L.json, phases_s.export).
 ASSEMBLY_BYTES_PER_S = 1.0e9
@@ -133,10 +137,6 @@ def measured_seconds(m: Measured, results: Path) -> float:
 def fit(results: Path | None = None) -> dict[str, tuple[float, float, float]]:
     """Non-negative least squares (every subset of the three terms, the best feasible one) on
     relative error, per method; with `results`, the seconds are read from the files."""
-    import numpy as np
-
-    from ..demo.synthetic import PRESETS
-
     out = {}
     for method in ("gptq", "awq"):
         rows, times = [], []

@@ -7,42 +7,45 @@ next layer are exactly what a resumed run reconstructs by replaying finished lay
 files, and a resumed run produces byte-identical output."""
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, replace
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import torch
+from tqdm.auto import tqdm
 
 from quantizer.kernels.packing import QuantizedWeight
 
 from ..errors import OutOfMemory
-from ..methods.context import LayerContext
 from ..parallel.distributed import world
 from ..parallel.shards import CalibLayout, agree_min, fold_values
-from ..plan.memory import Decisions
-from ..stream.experts import ExpertCoverage
+from ..plan.planner import shrink
+from ..plan.terms import Decisions
 from ..stream.hidden_store import Chunks, HiddenStore
 from ..stream.skeleton import (build_skeleton, capture_layer_inputs, embed_inputs, kwargs_to_device,
                                load_layer, pad_mlp, release_layer)
 from .meter import MemoryMeter
 from .oom import free_memory, injection_plan, is_oom, maybe_inject, shrink_local
+from .expert_coverage import ExpertCoverage
+from .job import layer_decisions, local_decisions
 from .report import LayerRecord
 
 STAGE = "quantize"
+log = logging.getLogger(__name__)
 
 
 class LayerLoop:
-    def __init__(self, job, method, exporter, jobdir, tokens, progress: bool, say):
+    def __init__(self, job, method, exporter, jobdir, tokens, progress: bool):
         self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
-        self.say = say
         s = job.settings
         self.model = job.take_skeleton() or build_skeleton(job.source, "cpu", job.dtype,
                                                            job.padded_intermediate)
-        self.plan = job.plan  # quantizer.plan.planner.Plan on GPU runs; OOM recovery replaces it
-        # Without a plan (CPU runs) the settings say where hidden states wait.
-        hidden = {"disk": "disk"}.get(s.hidden_device,
-                                      "gpu" if s.hidden_device.startswith("cuda") else "cpu")
-        self._local = Decisions(hidden=hidden, hessian="gpu", mode="whole",
-                                chunk=max(1, s.chunk_size))
+        # Without a plan (CPU runs) the settings say where hidden states wait; OOM recovery
+        # replaces the job's plan (or these) with smaller decisions.
+        self._local = local_decisions(s, job.device)
+        self.plan = job.plan  # this pass's plan (OOM recovery replaces it)
         self.hidden = HiddenStore(job.device, jobdir.path / "hidden")
         # where plain lists of hidden states go (the measurement pass keeps them in memory)
         self.hidden_dev = torch.device(job.device if self.decisions(0).hidden == "gpu"
@@ -83,10 +86,7 @@ class LayerLoop:
         return self.kwargs[i] if self.kwargs else {}
 
     def decisions(self, i: int) -> Decisions:
-        dec = self.plan.decisions_for(i) if self.plan is not None else self._local
-        if dec.hidden == "none":  # planned without calibration (RTN) yet given tokens
-            dec = replace(dec, hidden="cpu")
-        return dec
+        return layer_decisions(self.plan, i, self._local)
 
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
@@ -97,8 +97,6 @@ class LayerLoop:
     # ---- the pass --------------------------------------------------------------------------
     @torch.no_grad()
     def run(self) -> list[LayerRecord]:
-        from tqdm.auto import tqdm
-
         n = self.job.source.num_layers
         start = self.jobdir.next_layer(STAGE)
         records = self.records(self.jobdir)
@@ -147,21 +145,20 @@ class LayerLoop:
             free_memory(self.job.device)
             step = self._shrink(i, dec, reason)
             retries.append(f"{reason} -> {step}")
-            self.say(f"layer {i}: out of memory ({reason}); retrying with {step}")
+            log.warning("layer %d: out of memory (%s); retrying with %s", i, reason, step)
 
     def _shrink(self, i: int, dec: Decisions, reason: str) -> str:
         if self.plan is not None:
-            from ..plan.planner import shrink
             self.plan = shrink(self.plan, i, self.job.arch)  # OutOfMemory when none is left
             new = self.plan.decisions_for(i)
-            return f"{self.plan.device_plan_for(i).steps[-1]} ({_describe(new)})"
+            return f"{self.plan.device_plan_for(i).steps[-1]} ({new.describe()})"
         moved = shrink_local(dec)
         if moved is None:
             raise OutOfMemory(f"layer {i} ran out of memory at chunk 1 with hidden states "
                               f"on disk: nothing left to shrink ({reason}); finished layers "
                               f"are kept: rerun with --resume after freeing memory")
         self._local = moved[0]
-        return f"{moved[1]} ({_describe(moved[0])})"
+        return f"{moved[1]} ({moved[0].describe()})"
 
     def _attempt(self, i: int, dec: Decisions, retries: list[str]) -> LayerRecord:
         job = self.job
@@ -172,11 +169,8 @@ class LayerLoop:
                            job.padded_intermediate, tensors=self._read(i))
         self._start_read(i + 1)
         t_load = time.perf_counter() - t0
-        ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                           self.inputs, self.layer_kwargs(i), job.device, job.dtype,
-                           log=self.say,
-                           layout=self.layout,
-                           placement={"hessian": dec.hessian, "row_slices": dec.row_slices})
+        ctx = job.layer_context(i, layer, self.model.config, self.inputs, self.layer_kwargs(i),
+                                layout=self.layout, decisions=dec)
         # MoE: the float pass also counts tokens per expert; the method then gets this
         # layer's own linears, less the experts that saw too few tokens (rounded after).
         coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
@@ -189,7 +183,7 @@ class LayerLoop:
         ctx.expert_tokens = coverage.counts
         t1 = time.perf_counter()
         quantized = self.method.quantize_layer(ctx)
-        coverage.quantize_fallbacks(ctx, quantized, self.say,
+        coverage.quantize_fallbacks(ctx, quantized,
                                     getattr(self.method, "module_settings", None))
         t_quant = time.perf_counter() - t1
         maybe_inject(self.inject, i, len(retries))
@@ -215,7 +209,7 @@ class LayerLoop:
         record = LayerRecord(index=i, weight_error=max(w_err.values()), output_error=out_err,
                              seconds=0.0, load_s=t_load, quantize_s=t_quant,
                              peak_bytes=peak, stats=_numbers(ctx.stats),
-                             predicted_peak=predicted, decisions=_describe(dec),
+                             predicted_peak=predicted, decisions=dec.describe(),
                              oom_retries=list(retries))
         record.seconds = time.perf_counter() - t0  # so far: the file's record has a time too
         self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
@@ -271,7 +265,6 @@ class LayerLoop:
         grows the host footprint (a second malloc arena holds its own high-water mark)."""
         if i >= self.job.source.num_layers or self.job.device.type != "cuda":
             return
-        from concurrent.futures import ThreadPoolExecutor
         if not hasattr(self, "_reader"):
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._prefetch = (i, self._reader.submit(self.job.source.load_stored,
@@ -305,7 +298,7 @@ class LayerLoop:
         where = self.decisions(start).hidden
         if not self.world.distributed and self.jobdir.has_hidden(start, STAGE):
             self.inputs = self.hidden.move(self.jobdir.load_hidden(start, STAGE), where)
-            self.say(f"resumed at layer {start} from saved hidden states")
+            log.info("resumed at layer %d from saved hidden states", start)
             return
         job = self.job
         for i in range(start):
@@ -313,15 +306,14 @@ class LayerLoop:
             layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                                job.padded_intermediate)
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
-            ctx = LayerContext(i, layer, job.arch, self.model.config, job.resolved_settings(),
-                               self.inputs, self.layer_kwargs(i), job.device, job.dtype,
-                               layout=self.layout)
+            ctx = job.layer_context(i, layer, self.model.config, self.inputs, self.layer_kwargs(i),
+                                    layout=self.layout)
             new = self._forward_all(ctx, self.decisions(i))
             self.hidden.release(self.inputs)
             self.inputs = new
             self._pending.clear()
             release_layer(self.model, i)
-        self.say(f"resumed at layer {start} by replaying {start} finished layers")
+        log.info("resumed at layer %d by replaying %d finished layers", start, start)
 
 
 def export_tensors(layer, prefix: str, quantized: dict, exporter, out_dtype) -> dict:
@@ -364,19 +356,12 @@ def _rel(q: QuantizedWeight, w: torch.Tensor) -> float:
 def _our_frame(e: BaseException) -> str:
     """file:line (function) of the innermost frame of this package in e's traceback: which
     allocation the memory model missed, for the report."""
-    import traceback
-
     ours = [f for f in traceback.extract_tb(e.__traceback__)
             if "/quantizer/" in f.filename.replace("\\", "/")]
     if not ours:
         return "?"
     f = ours[-1]
     return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
-
-
-def _describe(dec: Decisions) -> dict:
-    return {"hidden": dec.hidden, "hessian": dec.hessian, "mode": dec.mode, "chunk": dec.chunk,
-            "row_slices": dec.row_slices}
 
 
 def _numbers(stats: dict, prefix: str = "") -> dict:

@@ -18,6 +18,7 @@ from ..errors import InputError
 
 MARKER = ".layerquant"
 EXPORT, JOB = "export", "job"
+MEASUREMENT_KIND = "layerquant-measurement"  # "kind" of a measurement.json (measurements/store.py)
 _WRITTEN_BY = "layerquant"
 
 
@@ -151,7 +152,6 @@ def check_measurement_output(output: Path, overwrite: bool, resume: bool,
                              has_job: bool) -> None:
     """`quantize measure -o FILE`: a file path, replaced only when it is a layerquant
     measurement and --overwrite (or --resume of a job) says so."""
-    from quantizer.measurements.store import KIND
     output = Path(output)
     if output.is_dir():
         raise InputError(f"output {output} is a directory: name the measurement file "
@@ -159,7 +159,7 @@ def check_measurement_output(output: Path, overwrite: bool, resume: bool,
     if not output.exists():
         return
     try:
-        ours = json.loads(output.read_text()).get("kind") == KIND
+        ours = json.loads(output.read_text()).get("kind") == MEASUREMENT_KIND
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
@@ -184,3 +184,14 @@ def local_model_path(text: str) -> Path | None:
     if s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith("/"):
         return None
     raise InputError(f"model path does not exist: {p}")
+
+
+def input_files(settings) -> dict[str, str]:
+    """Files besides the model that a run reads (settings: QuantSettings): they must not lie
+    where it writes."""
+    files = {}
+    if settings.measurement:
+        files["--measurement"] = settings.measurement
+    if Path(str(settings.calib.source)).expanduser().is_file():
+        files["--calib-data"] = str(settings.calib.source)
+    return files

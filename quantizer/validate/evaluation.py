@@ -11,9 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ..calibration.sampling import eval_windows
 from ..errors import InputError
+from ..parallel.distributed import resolve_devices
+from ..plan.machine import check_device
+from ..settings import check_device_name, parse_devices
 from ..stream.skeleton import capture_layer_inputs, embed_inputs, kwargs_to_device, layer_output
+from ..stream.tokens import tokenizer_or_bytes
 from .loader import LayerLoader
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,6 @@ def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
     """Hidden states after the last decoder layer for every window, kept on the CPU. With
     `devices`, each layer runs on its pipeline placement (layer_devices); every tensor it
     sees is moved there explicitly."""
-    from tqdm.auto import tqdm
-
     model = loader.model
     _, calls = capture_layer_inputs(model, windows[:1])
     placement = layer_devices(devices or [device], loader.num_layers)
@@ -110,14 +114,13 @@ def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
     if note:
         log.warning("%s", note)
     if devices:
-        from ..parallel.distributed import parse_devices, require_devices
-        devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
-        require_devices(devices)
+        devices = resolve_devices(parse_devices(devices) if isinstance(devices, str)
+                                  else tuple(devices))
         device = devices[0]
-    from ..options import check_device
-    check_device(device)
+    check_device_name(device)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
+    check_device(dev, text=device)
     dtype = torch.float32 if dev.type == "cpu" else torch.float16
     q_loader = LayerLoader(quantized, dtype, dev)
     windows = eval_tokens(q_loader, data, seqlen, max_windows)
@@ -162,9 +165,6 @@ def recorded_original(quantized: Path) -> tuple[str | None, str | None]:
 
 
 def eval_tokens(loader: LayerLoader, data: str, seqlen: int, max_windows) -> torch.Tensor:
-    from ..stream.tokens import tokenizer_or_bytes
-    from quantizer.calibration.sampling import eval_windows
-
     tok, _ = tokenizer_or_bytes(loader.source)
     windows = eval_windows(tok, source=data, seqlen=seqlen, max_windows=max_windows)
     if len(windows) == 0:
