@@ -377,25 +377,25 @@ def test_not_published_when_the_written_export_breaks_a_rule(tiny_checkpoint, tm
     """An export whose files break a rule (here: a config that names the wrong width) is not
     published: exit 2 naming the rule, the job directory kept, and --resume re-exports it
     once fixed, without quantizing again."""
-    import quantizer.run.pipeline as pipeline
+    import quantizer.run.assemble as assemble
 
     src = tiny_checkpoint("tiny-llama")
     out = tmp_path / "q"
-    real = pipeline.write_config
+    real = assemble.write_config
 
     def wrong_width(src_dir, dst_dir, updates):
         updates = {**updates, "quantization_config": {**updates["quantization_config"],
                                                       "bits": 8}}
         return real(src_dir, dst_dir, updates)
 
-    monkeypatch.setattr(pipeline, "write_config", wrong_width)
+    monkeypatch.setattr(assemble, "write_config", wrong_width)
     args = [str(src), "-o", str(out), "--method", "rtn", "--calib-samples", "0",
             "--no-progress"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "not published" in err and "[scheme]" in err and "job directory kept" in err
     assert not out.exists() and (tmp_path / "q.job").is_dir()
-    monkeypatch.setattr(pipeline, "write_config", real)
+    monkeypatch.setattr(assemble, "write_config", real)
     assert main([*args, "--resume"]) == 0
     assert check_export(out).findings == [] and not (tmp_path / "q.job").exists()
 
