@@ -23,7 +23,7 @@ from pathlib import Path
 
 METHODS = ("rtn", "awq", "gptq")
 FORMATS = ("awq", "gptq", "compressed-tensors")
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K" / "hf"
+STORIES = Path("/work/shared/data/stories260K/hf")  # or --stories
 WRITE_TINY = ("import sys\n"
               "try:\n"
               "    from quantizer.demo.synthetic import write_checkpoint\n"
@@ -36,9 +36,29 @@ def _env(repo: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
 
 
-def _hashes(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+def _hashes(directory: Path, tmp: str | None = None) -> dict:
+    """SHA-256 per file; layerquant.json (the run's record: source path, seconds) is kept as
+    text with the temporary directory and the timings masked, so a difference is readable."""
+    out: dict = {}
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file():
+            continue
+        name = str(p.relative_to(directory))
+        if name == "layerquant.json":
+            record = json.loads(p.read_text().replace(tmp or "\0", "<tmp>"))
+            out[name] = _masked(record)
+        else:
+            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _masked(value):
+    if isinstance(value, dict):
+        return {k: ("<varies>" if any(w in k for w in ("second", "time", "date", "peak", "rss"))
+                    else _masked(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
 
 
 def _run(repo: Path, model: Path, out: Path, method: str, fmt: str) -> dict:
@@ -51,7 +71,7 @@ def _run(repo: Path, model: Path, out: Path, method: str, fmt: str) -> dict:
         lines = [x for x in done.stderr.splitlines() if x.strip()]
         last = lines[-1] if lines else ""
         return {"exit": done.returncode, "refusal": last.replace(str(out.parent), "<tmp>")}
-    return {"exit": 0, "files": _hashes(out)}
+    return {"exit": 0, "files": _hashes(out, str(out.parent))}
 
 
 def main(argv=None) -> int:
@@ -59,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default=".", help="the tree to test (default: here)")
     p.add_argument("--out", required=True, help="JSON file of the hashes")
     p.add_argument("--only", default=None, help="comma-separated METHOD/FORMAT cases")
+    p.add_argument("--stories", default=str(STORIES), help="stories260K (hf) directory; "
+                   "skipped when absent")
     a = p.parse_args(argv)
     repo = Path(a.repo).resolve()
     only = set(a.only.split(",")) if a.only else None
@@ -69,8 +91,8 @@ def main(argv=None) -> int:
                        env=_env(repo), check=True)
         results["tiny-llama/input"] = {"files": _hashes(tiny)}
         models = {"tiny-llama": tiny}
-        if (STORIES / "config.json").is_file():
-            models["stories260K"] = STORIES
+        if (Path(a.stories) / "config.json").is_file():
+            models["stories260K"] = Path(a.stories)
         for name, model in models.items():
             for method in METHODS:
                 for fmt in FORMATS:
