@@ -21,8 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-METHODS = ("rtn", "awq", "gptq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 FORMATS = ("awq", "gptq", "compressed-tensors")
+# cases beyond the defaults: the rounding options (issue 20) -> extra flags
+EXTRA = {"rtn+imatrix/awq": ("rtn", "awq", ("--scale-search", "imatrix")),
+         "gptq+minmax+residual/gptq": ("gptq", "gptq", ("--scale-search", "minmax",
+                                                        "--token-weights", "residual")),
+         "awq+outliers/awq": ("awq", "awq", ("--token-weights", "outliers"))}
 STORIES = Path("/work/shared/data/stories260K/hf")  # or --stories
 WRITE_TINY = ("import sys\n"
               "try:\n"
@@ -61,10 +66,11 @@ def _masked(value):
     return value
 
 
-def _run(repo: Path, model: Path, out: Path, method: str, fmt: str) -> dict:
+def _run(repo: Path, model: Path, out: Path, method: str, fmt: str,
+         flags: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), "--method", method,
            "--format", fmt, "--bits", "4", "--device", "cpu", "--calib-samples", "8",
-           "--calib-seqlen", "64", "--no-progress"]
+           "--calib-seqlen", "64", "--no-progress", *flags]
     done = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
                           timeout=900)
     if done.returncode:
@@ -93,15 +99,14 @@ def main(argv=None) -> int:
         models = {"tiny-llama": tiny}
         if (Path(a.stories) / "config.json").is_file():
             models["stories260K"] = Path(a.stories)
+        cases = {f"{m}/{f}": (m, f, ()) for m in METHODS for f in FORMATS} | EXTRA
         for name, model in models.items():
-            for method in METHODS:
-                for fmt in FORMATS:
-                    case = f"{method}/{fmt}"
-                    if only and case not in only:
-                        continue
-                    out = Path(tmp) / f"{name}-{method}-{fmt}"
-                    results[f"{name}/{case}"] = _run(repo, model, out, method, fmt)
-                    print(name, case, results[f"{name}/{case}"].get("exit"), flush=True)
+            for case, (method, fmt, flags) in cases.items():
+                if only and case not in only:
+                    continue
+                out = Path(tmp) / f"{name}-{case.replace('/', '-')}"
+                results[f"{name}/{case}"] = _run(repo, model, out, method, fmt, flags)
+                print(name, case, results[f"{name}/{case}"].get("exit"), flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0
 
