@@ -17,7 +17,7 @@ from .config import AUTO_GROUP_SIZES, QuantSettings, resolve_group_size
 from .errors import InputError
 from .export import get_exporter
 from .export.serving import NotServable
-from .export.writer import ShardWriter, copy_tokenizer, publish, write_config
+from .export.writer import copy_tokenizer, publish, write_config
 from .inputs import check_calibration_length
 from .outputs import EXPORT, RefusedLate, check_output_dir, check_paths, write_marker
 from .layer_loop import LayerLoop
@@ -594,24 +594,11 @@ def check_staged(job: Job, staged: Path) -> dict:
 
 def assemble(job: Job, jobdir, staged: Path, max_shard_bytes: int,
              module_settings: dict | None = None) -> None:
-    """Final checkpoint: non-layer tensors from the source, layers from their job files."""
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir(parents=True)
+    """Final checkpoint: the shards (written in place layer by layer, or assembled from
+    layer files: export/store.py), config.json, tokenizer, layerquant.json."""
+    from .export.store import write_shards
     source = job.source
-    out_dtype = getattr(torch, job.settings.out_dtype)
-    writer = ShardWriter(staged, max_shard_bytes)
-    # Tensors the text model uses in the output dtype; a vision tower's and a projector's as
-    # they are in the checkpoint (never cast, never quantized)
-    text, kept = job.arch.split_non_layer(source.non_layer_names())
-    head = source.load(text, dtype=out_dtype)
-    head.update(source.load(kept))
-    writer.add(dict(sorted(head.items())))
-    del head
-    for i in range(source.num_layers):
-        tensors, _ = jobdir.load_layer("quantize", i)
-        writer.add(dict(sorted(tensors.items())))
-    writer.finish()
+    write_shards(job, jobdir, staged, max_shard_bytes)
     qcfg = export_quantization_config(job, module_settings)
     if module_settings is not None and (jobdir.path / "measurement.json").is_file():
         shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")
