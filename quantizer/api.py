@@ -95,7 +95,9 @@ def quantize(model: str, output: str, bits: float = 4, group_size="auto",
     torch.distributed (quantizer/distributed.py); the output is bit-identical to one
     process's. calib_shards: the calibration set's shard count, which bounds the processes."""
     from . import distributed as D
+    from .warmup import configure_caches
 
+    configure_caches()
     if method is None:
         method = default_method(bits, adaptive or bool(measurement))
     device_list = D.parse_devices(devices) if isinstance(devices, (str, type(None))) else \

@@ -416,6 +416,8 @@ def main(argv=None) -> int:
         handler = handlers[argv.pop(0)]
     resumable = handler in (run_quantize_cli, run_measure_cli)
     debug = bool(os.environ.get("LAYERQUANT_DEBUG"))
+    from .warmup import configure_caches
+    configure_caches()  # before anything imports triton
     previous = _stop_on_sigterm()
     try:
         _dump_stacks_every(os.environ.get("LAYERQUANT_DUMP_STACKS"))

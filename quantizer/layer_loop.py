@@ -36,6 +36,10 @@ class LayerLoop:
         self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
         self.say = say
         s = job.settings
+        self.world = world()
+        self._prefetch = None  # (index, future) of the next layer's tensors being read
+        if exporter is not None:  # the first layer is read while the loop is set up
+            self._start_read(jobdir.next_layer(STAGE))
         self.model = job.take_skeleton() or build_skeleton(job.source, "cpu", job.dtype,
                                                            job.padded_intermediate)
         self.plan = job.plan  # quantizer.plan.Plan on GPU runs; OOM recovery replaces it
@@ -52,7 +56,6 @@ class LayerLoop:
         self.progress = progress
         self.inputs, self.kwargs = Chunks(), []
         self.inject = injection_plan()
-        self.world = world()
         self.layout = None
         if tokens is not None:
             dec = self.decisions(0)
@@ -76,7 +79,6 @@ class LayerLoop:
             and not (self.plan is not None and self.decisions(0).hidden == "disk"))
         if self.world.distributed:  # each rank holds only its shards: resume replays instead
             self.save_hidden = False
-        self._prefetch = None  # (index, future) of the next layer's tensors being read
         self._pending: list[Chunks] = []  # hidden states the current attempt is writing
         self._writer = None  # one thread: the store's set-up, then each layer's write + commit
         self._write = None  # the future of the last task given to it

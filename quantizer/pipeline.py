@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import AUTO_GROUP_SIZES, QuantSettings, resolve_group_size
+from . import warmup
 from .errors import InputError
 from .export import get_exporter
 from .export.serving import NotServable
@@ -82,6 +83,7 @@ def prepare_skeleton(job: Job) -> None:
 def plan_job(model_path, settings: QuantSettings,
              max_shard_bytes: int = 1 << 30) -> Job:
     settings.validate()
+    warmup.start(settings)  # CUDA, cuBLAS, cuSOLVER, Triton: on a thread beside the imports
     source = CheckpointSource(model_path, originals=True)  # refuses what it cannot read
     check_calibration_length(source.raw_config, settings.calib.seqlen, settings.calib.samples)
     arch = source.arch
@@ -143,6 +145,8 @@ def plan_job(model_path, settings: QuantSettings,
     if not settings.is_adaptive:  # adaptive: checked once the bit allocation is known
         check_planned(job)
     job.max_shard_bytes = max_shard_bytes
+    if device.type == "cuda":
+        warmup.wait()  # the plan reads free memory: after the warm-up let go of its own
     job.plan = plan_memory(job) if device.type in ("cuda", "cpu") else None
     if job.plan is None:  # a CPU run without --ram-budget keeps hidden states in RAM
         check_host_memory(job)

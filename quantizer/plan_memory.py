@@ -301,9 +301,11 @@ def _phase_terms(job: _Job, groups: tuple[InputGroup, ...], extra: int, moe: boo
         res = resident(g, True)
         if job.uses_gptq:
             n = g.in_features
-            # XᵀX is added one sample at a time (the same bits whatever the chunking)
-            update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({S}×{n})",
-                          S * n * 4)
+            # XᵀX is added a fixed group of samples at a time (the same bits whatever the
+            # chunking): one sample in fp32, or on a GPU a gathered group
+            from .methods.gptq_hessian import hessian_update_bytes
+            update = Term("hessian_update", f"X^T·X update scratch ({S}×{n} per sample)",
+                          hessian_update_bytes(n, S, d, not job.on_host))
             alive = [hessian(g)] if hess_local else []
             if (dec.hessian == "gpu" or dec.hessian == "park" and not _parks(g, groups, dec)) \
                     and N > 1 and not job.on_host:
