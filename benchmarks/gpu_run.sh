@@ -31,6 +31,7 @@ scratch="${BENCH_SCRATCH:-/tmp/layerquant_bench}"  # checkpoints, reused while t
 python3 "benchmarks/bench_$bench.py" --out "$json" --time-budget "${BENCH_TIME_BUDGET:-510}" \
   --scratch "$scratch" ${wheels[@]+"${wheels[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-# the per-run stderr logs, for failures the JSON's tails do not explain
-cp -r "$scratch/logs" "$dest/logs_$stamp" 2>/dev/null || true
+# the per-run stderr logs, for failures the JSON's tails do not explain (one archive: the
+# device tool returns at most 8 files)
+tar czf "$dest/logs_$stamp.tgz" -C "$scratch" logs 2>/dev/null || true
 exit "$status"

@@ -39,10 +39,19 @@ def configure_caches() -> None:
     os.environ["TRITON_CACHE_DIR"] = str(path)
 
 
-def start(device) -> None:
-    """Begin warming `device` on a thread (GPUs only; once per process)."""
-    if (_STATE["thread"] is not None or getattr(device, "type", None) != "cuda"
-            or os.environ.get("LAYERQUANT_WARMUP", "1") == "0"):
+def start(target) -> None:
+    """Begin warming a GPU on a thread (once per process; nothing for the CPU). `target`: a
+    torch.device or settings with `torch_device()`; a device that does not resolve is left to
+    the run to refuse."""
+    if _STATE["thread"] is not None or os.environ.get("LAYERQUANT_WARMUP", "1") == "0":
+        return
+    try:
+        import torch
+        device = target.torch_device() if hasattr(target, "torch_device") else target
+        if (device.type != "cuda" or not torch.cuda.is_available()
+                or (device.index or 0) >= torch.cuda.device_count()):
+            return
+    except Exception:  # noqa: BLE001
         return
     t = threading.Thread(target=_run, args=(device,), name="layerquant-warmup", daemon=True)
     _STATE["thread"] = t

@@ -155,3 +155,71 @@ def test_parse_report_skips_leading_noise():
     assert bench_speed.parse_report(text) == payload
     with pytest.raises(ValueError):
         bench_speed.parse_report("no json here")
+
+
+def test_issue21_suite_plan():
+    runs = bench_speed.plan_runs(_args("--suite", "issue21"))
+    ids = [r.id for r in runs]
+    assert ids[:4] == ["8L-ours-gptq-7b-8L", "8L-peer-gptq-7b-8L", "8L-ours-awq-7b-8L",
+                       "8L-peer-awq-7b-8L"]
+    assert ids[4:6] == ["32L-gptq-ours-gptq-7b-32L", "32L-gptq-peer-gptq-7b-32L"]
+    assert {r.dtype for r in runs} == {"bfloat16"}
+    assert {(r.model, r.layers) for r in runs if r.who != "probe"} == {
+        ("7b", 8), ("7b", 32), ("qwen3moe", 2), ("mixtral", 2)}
+    assert [r.id for r in runs if r.who == "probe"] == ["startup-probe"]
+    picked = bench_speed.plan_runs(_args("--suite", "issue21", "--rows", "moe-awq,32L-awq",
+                                         "--moe-layers", "3"))
+    assert [r.id for r in picked] == ["moe-awq-ours-awq-qwen3moe-3L",
+                                      "moe-awq-peer-awq-qwen3moe-3L",
+                                      "32L-awq-ours-awq-7b-32L", "32L-awq-peer-awq-7b-32L"]
+    tiny = bench_speed.plan_runs(_args("--suite", "issue21", "--tiny", "--rows", "8L"))
+    assert {r.who for r in tiny} == {"ours"} and {r.layers for r in tiny} == {2}
+    with pytest.raises(SystemExit):
+        _args("--suite", "issue21", "--rows", "9L")
+
+
+def _suite_run(who, method, layers, wall, secs=None, peer_per_layer=None, phases=None):
+    run = {"id": f"8L-{who}-{method}", "table": "issue21", "who": who, "method": method,
+           "dtype": "bfloat16", "model": "7b", "layers": layers, "budget": None,
+           "status": "ok", "wall_s": wall}
+    if who == "ours":
+        total = wall - 3.0
+        run["summary"] = report.summarize_ours({"layers": [
+            _layer(i, t, GIB, {}) for i, t in enumerate(secs)], "seconds": total,
+            "extra": {"phases_s": phases}})
+    else:
+        run["summary"] = report.summarize_peer({"layers": layers, "per_layer_s": peer_per_layer})
+    return run
+
+
+def test_issue21_tables_on_made_up_runs():
+    secs = [2.0] + [0.5] * 7
+    phases = {"plan": 2.5, "calibration_tokens": 0.1, "embed": 0.6, "export": 0.2}
+    ours = _suite_run("ours", "gptq", 8, 12.0, secs, phases=phases)
+    peer = _suite_run("peer", "gptq", 8, 30.0, peer_per_layer=1.9)
+    text = report.format_tables([ours, peer])
+    row = next(l for l in text.splitlines() if l.startswith("| Llama-2-7B width | 8 | GPTQ"))
+    assert "| 0.50 | 1.90 | 3.80× | 12.0 s | 30.0 s | 2.50× | ok/ok |" in row
+    f = report.fixed_cost(ours)
+    assert f["fixed"] == pytest.approx(12.0 - 8 * 0.5)
+    assert f["startup+exit"] == pytest.approx(3.0) and f["layer0 extra"] == pytest.approx(1.5)
+    assert f["fixed"] == pytest.approx(sum(v for k, v in f.items() if k != "fixed"))
+    assert "Our fixed cost" in text and "8L-ours-gptq" in text
+    # a failed peer leaves the ratio empty, never a made-up number
+    peer["status"] = "failed"
+    row = next(l for l in report.format_tables([ours, peer]).splitlines()
+               if l.startswith("| Llama-2-7B width"))
+    assert "| - | 12.0 s |" in row and "ok/failed" in row
+
+
+@pytest.mark.slow
+def test_tiny_issue21_suite_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--suite", "issue21",
+                           "--tiny", "--rows", "8L,moe-gptq", "--out", str(out),
+                           "--scratch", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok", "ok"], doc["runs"]
+    assert "Qwen3-30B-A3B width" in doc["tables"] and "Our fixed cost" in doc["tables"]
