@@ -106,14 +106,16 @@ class LayerLoop:
         if not self.world.main:
             return store  # ranks > 0 only read (resume replays), once rank 0 created it
         fresh = not DirectStore.present(self.jobdir.path)
+        if not fresh:
+            store.attach()  # a resumed job's files are checked before any work
         self._submit(lambda: self._prepare_store(store, fresh))
         return store
 
     def _prepare_store(self, store, fresh: bool) -> None:
+        """New shard files, then the non-layer tensors (on the writer thread on GPUs: beside
+        the first layer's work)."""
         if fresh:
             store.create()
-        else:
-            store.attach()
         if not store.head_written():
             store.write_head(self.job.source)
 

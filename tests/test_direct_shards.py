@@ -227,3 +227,44 @@ def test_a_damaged_shard_refuses_the_resume(tiny_checkpoint, tmp_path):
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert res.returncode == 2 and "damaged" in res.stderr and "--overwrite" in res.stderr
     assert job.exists()  # the refusal keeps the job for the user to decide
+
+
+@pytest.mark.slow
+def test_kills_while_the_writer_thread_writes_then_resume(tiny_checkpoint, tmp_path):
+    """GPU runs write and commit layer i on a thread while layer i+1 is quantized
+    (LAYERQUANT_ASYNC_WRITE=1 does the same on the CPU): killed anywhere, resumed, the same
+    bytes."""
+    import os
+    import time
+    model = tiny_checkpoint("tiny-llama", num_hidden_layers=8)
+    args = ["--method", "gptq", "--max-shard-size", "200K", "--save-hidden", "never"]
+    env = {**os.environ, "LAYERQUANT_ASYNC_WRITE": "1"}
+    ref = quantize_cli(model, tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out, job = tmp_path / "out", tmp_path / "out.job"
+    cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *args,
+           "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
+           "--no-progress"]
+    rng = random.Random(7)
+    for attempt in range(5):
+        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = rng.randint(0, 6)
+        while proc.poll() is None:
+            try:
+                if json.loads((job / "state.json").read_text())["last_finished"][
+                        "quantize"] >= target:
+                    time.sleep(rng.uniform(0, 0.5))
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        if out.exists():
+            break
+    if not out.exists():
+        done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    drop = lambda d: {k: v for k, v in digest(d).items() if k != "layerquant.json"}  # noqa
+    assert drop(out) == drop(tmp_path / "ref")
