@@ -54,7 +54,7 @@ METHODS = ("awq", "gptq", "rtn")  # rtn: not compared, the floor of streaming + 
 BUILD_ESTIMATE = {"7b": 1.5, "70b": 8, "qwen3moe": 6, "mixtral": 8}
 # The issue-21 suite (--suite issue21), in priority order: the main table at 8 layers, GPTQ at
 # 32, the MoE width, then what takes longest. --rows picks some.
-SUITE_ROWS = ("8L", "32L-gptq", "moe-gptq", "startup", "moe-awq", "32L-awq", "mixtral")
+SUITE_ROWS = ("8L", "32L-gptq", "startup", "moe-gptq", "moe-awq", "32L-awq", "mixtral")
 TAIL_CHARS = 2000
 
 

@@ -5,7 +5,8 @@
   solver and quantized-matmul kernels an earlier run compiled. Triton reads the variable when it
   compiles, so this holds even where triton was imported first.
 - `start(device)`: on a GPU, a thread initialises CUDA and loads what the first layer would
-  otherwise wait for (cuBLAS / cuBLASLt handles, cuSOLVER, triton and the GPTQ solver kernel)
+  otherwise wait for (cuBLAS / cuBLASLt handles, cuSOLVER, triton and the GPTQ solver kernel,
+  the probe of the GEMM that adds GPTQ's XᵀX)
   while the main thread imports transformers and reads the model's config. `wait()` is called
   before the memory plan reads free memory (so the plan sees the same device as without it).
   Nothing here changes a result: the kernels are the ones the run compiles anyway.
@@ -90,6 +91,8 @@ def _warm(device) -> None:
         factor, _ = torch.linalg.cholesky_ex(spd)
         torch.linalg.solve_triangular(factor, x, upper=False)
         _warm_gptq_kernel(device)
+        from .methods.gptq_hessian import _gram_mode
+        _gram_mode(device)  # which GEMM adds XᵀX here: probed now, not inside layer 0
         del x, spd, factor
         torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # the plan reads free memory after this

@@ -207,6 +207,20 @@ def gram_update(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> 
     """H <- beta·H + alpha·xᵀx for half x (m, n) and float32 H (n, n) on one GPU, products
     on tensor cores accumulated in float32."""
     mode = _gram_mode(H.device)
+    if mode != "tf32":
+        try:
+            _gemm(mode, H, x, beta, alpha)
+            return
+        except RuntimeError as e:
+            # refused for a shape the probe did not cover (argument checks run before the
+            # GEMM, so H is untouched): TF32 from now on
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            _GRAM_MODE[_device_key(H.device)] = "tf32"
+    _gemm("tf32", H, x, beta, alpha)
+
+
+def _gemm(mode: str, H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
     xt = x.t()
     if mode == "addmm":
         torch.addmm(H, xt, x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=H)
@@ -225,7 +239,7 @@ def _gram_mode(device: torch.device) -> str:
     A candidate must give the float64 reference's values on a probe and leave no n×n
     temporary behind (measured with the allocator's peak); LAYERQUANT_GRAM=tf32 forces the
     fallback."""
-    key = str(device)
+    key = _device_key(device)
     if key in _GRAM_MODE:
         return _GRAM_MODE[key]
     import os
@@ -239,6 +253,13 @@ def _gram_mode(device: torch.device) -> str:
     return mode
 
 
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def _probe(mode: str, device: torch.device) -> bool:
     n, m = 1024, 256
     gen = torch.Generator(device=device).manual_seed(0)
@@ -247,14 +268,13 @@ def _probe(mode: str, device: torch.device) -> bool:
         H = torch.randn((n, n), device=device, generator=gen)
         H = H @ H.t() / n
         want = H.double() * 0.25 + 0.5 * (x.double().t() @ x.double())
-        _GRAM_MODE[str(device)] = mode
-        gram_update(H, x, 0.25, 0.5)  # the first call may set up cuBLAS workspaces
+        _gemm(mode, H, x, 0.25, 0.5)  # the first call may set up cuBLAS workspaces
         torch.cuda.synchronize(device)
         H = want.float()
         ptr = H.data_ptr()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        gram_update(H, x, 0.25, 0.5)
+        _gemm(mode, H, x, 0.25, 0.5)
         torch.cuda.synchronize(device)
         extra = torch.cuda.max_memory_allocated(device) - before
         want = want * 0.25 + 0.5 * (x.double().t() @ x.double())
@@ -262,8 +282,6 @@ def _probe(mode: str, device: torch.device) -> bool:
         return H.data_ptr() == ptr and extra < n * n * 4 and err < 1e-5
     except Exception:  # noqa: BLE001 - this torch has no such GEMM: the next candidate
         return False
-    finally:
-        _GRAM_MODE.pop(str(device), None)
 
 
 @torch.no_grad()
