@@ -84,7 +84,7 @@ class LayerLoop:
         self._write = None  # the future of the last task given to it
         self._async_write = False
         # the quantize pass's (the measurement pass, a subclass, exports nothing)
-        self.store = (self._open_store(getattr(job, "max_shard_bytes", 1 << 30))
+        self.layer_store = (self._open_store(getattr(job, "max_shard_bytes", 1 << 30))
                       if exporter is not None else None)
 
     # ---- where finished layers go ----------------------------------------------------------
@@ -140,7 +140,7 @@ class LayerLoop:
         """Layer i durable, then committed in state.json (hidden states saved in between)."""
         if not self.world.main:
             return
-        store = self.store
+        store = self.layer_store
         if self._async_write:  # the bytes leave the GPU here, the thread writes them
             tensors = {k: v.to("cpu") for k, v in tensors.items()}
         hidden = (list(self.inputs) if self.save_hidden and self.inputs
@@ -393,7 +393,7 @@ class LayerLoop:
         job = self.job
         self.wait_writes()  # the store is checked before anything is read from it
         for i in range(start):
-            tensors = self.store.load_layer(i)
+            tensors = self.layer_store.load_layer(i)
             layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                                job.padded_intermediate)
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
