@@ -85,7 +85,7 @@ class LayerLoop:
         self._async_write = False
         # the quantize pass's (the measurement pass, a subclass, exports nothing)
         self.layer_store = (self._open_store(getattr(job, "max_shard_bytes", 1 << 30))
-                      if exporter is not None else None)
+                            if exporter is not None else None)
 
     # ---- where finished layers go ----------------------------------------------------------
     def _open_store(self, max_shard_bytes: int):
