@@ -18,9 +18,10 @@ log="$dest/${bench}_$stamp.log"
 
 {
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+  # one interpreter for the versions and the import check (each start costs seconds)
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'cuda', torch.cuda.is_available())" || true
-  python3 -c "import quantizer.kernels, quantizer.calibration, quantizer.cli; print('layerquant importable')"
+transformers.__version__, 'cuda', torch.cuda.is_available()); \
+import quantizer.kernels, quantizer.calibration, quantizer.cli; print('layerquant importable')"
 } 2>&1 | tee "$log"
 
 wheels=()

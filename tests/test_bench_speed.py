@@ -223,3 +223,44 @@ def test_tiny_issue21_suite_end_to_end(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["status"] for r in doc["runs"]] == ["ok", "ok", "ok"], doc["runs"]
     assert "Qwen3-30B-A3B width" in doc["tables"] and "Our fixed cost" in doc["tables"]
+
+
+def test_peer_setup_runs_beside_set_up_never_beside_a_timed_run(tmp_path, monkeypatch):
+    """The peer's wheel install and import check start in a thread with the first checkpoint
+    build; every timed run (ours, the peer's, the probe) waits for them to finish."""
+    import threading
+    spans, lock = [], threading.Lock()
+
+    def fake_run_process(cmd, timeout, log_path, env=None, cwd=None):
+        text = " ".join(map(str, cmd))
+        kind = ("install" if "pip" in text else "import" if "import datasets" in text
+                else "build" if "write_checkpoint" in text else "timed")
+        t0 = time.monotonic()
+        time.sleep({"install": 0.3, "import": 0.3, "build": 0.4}.get(kind, 0.05))
+        with lock:
+            spans.append((kind, t0, time.monotonic(), threading.current_thread().name, text))
+        return {"rc": 0, "timed_out": False, "wall_s": 0.1, "stdout": "", "stderr_tail": ""}
+
+    monkeypatch.setattr(bench_speed, "run_process", fake_run_process)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "llmcompressor-0.14.0.1-py3-none-any.whl").write_bytes(b"")
+    a = _args("--suite", "issue21", "--tiny", "--only", "peer", "--rows", "8L,startup",
+              "--peer-wheels", str(wheels), "--scratch", str(tmp_path / "s"),
+              "--out", str(tmp_path / "r.json"))
+    runs = bench_speed.plan_runs(a)
+    assert [r.who for r in runs] == ["ours", "peer", "ours", "peer", "probe"]
+    bench = bench_speed.Bench(a)
+    bench.run(runs)
+    background = [s for s in spans if s[3] == "peer-setup"]
+    assert [s[0] for s in background] == ["install", "import"]
+    build = next(s for s in spans if s[0] == "build")
+    assert background[0][1] < build[2]  # the install started while the checkpoint was built
+    for kind, start, *_ in spans:
+        if kind == "timed":
+            assert all(b[2] <= start for b in background)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["setup"]["peer-install"]["background"] is True
+    assert doc["setup"]["peer-import"]["status"] == "ok"
+    assert "--no-index" in background[0][4] and str(wheels) in background[0][4]
+    assert len([s for s in spans if s[0] == "timed"]) == 5
