@@ -268,3 +268,49 @@ def test_kills_while_the_writer_thread_writes_then_resume(tiny_checkpoint, tmp_p
         assert done.returncode == 0, done.stderr[-2000:]
     drop = lambda d: {k: v for k, v in digest(d).items() if k != "layerquant.json"}  # noqa
     assert drop(out) == drop(tmp_path / "ref")
+
+
+# ---- vision-language models -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    from test_vlm import tiny_qwen2_vl
+    return tiny_qwen2_vl(tmp_path_factory.mktemp("vlm") / "src")  # bfloat16
+
+
+def test_the_plan_keeps_a_vision_towers_dtype(tiny_vlm):
+    """The text model's non-layer tensors are planned in the output dtype, the vision tower's
+    and projector's in the checkpoint's (as pipeline's layer-file assembly writes them)."""
+    from quantizer.export.store import head_specs
+    from quantizer.source import CheckpointSource
+
+    source = CheckpointSource(tiny_vlm)
+    specs = {s.name: s for s in head_specs(source, source.arch, torch.float16)}
+    visual = [n for n in specs if n.startswith("visual.")]
+    assert visual and all(specs[n].dtype == "BF16" for n in visual)
+    text = [n for n in specs if not n.startswith("visual.")]
+    assert "model.embed_tokens.weight" in text and all(specs[n].dtype == "F16" for n in text)
+
+
+@pytest.mark.slow
+def test_a_vlm_export_equals_the_layer_file_writer(tiny_vlm, tmp_path):
+    """Qwen2-VL (bfloat16 source, float16 export, several shards): direct shards hold the
+    layer-file writer's bytes, the vision tower bit for bit as stored."""
+    from safetensors.torch import load_file
+
+    args = ["--method", "rtn", "--format", "gptq", "--max-shard-size", "2M"]
+    hashes = {}
+    for name, env in {"layer-files": {"LAYERQUANT_DIRECT_SHARDS": "0"}, "direct": {}}.items():
+        res = quantize_cli(tiny_vlm, tmp_path / name, *args, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        hashes[name] = {k: v for k, v in digest(tmp_path / name).items()
+                        if k != "layerquant.json"}
+    assert len([k for k in hashes["direct"] if k.endswith(".safetensors")]) >= 2
+    assert hashes["direct"] == hashes["layer-files"]
+    before = load_file(tiny_vlm / "model.safetensors")
+    after = {}
+    for f in (tmp_path / "direct").glob("*.safetensors"):
+        after.update(load_file(f))
+    visual = [n for n in before if n.startswith("visual.")]
+    assert visual and all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], before[n])
+                          for n in visual)
+    assert after["model.embed_tokens.weight"].dtype == torch.float16
