@@ -69,8 +69,10 @@ bench-quality-models: $(STAMP)
 bench-kernels: $(STAMP)
 	$(VPY) benchmarks/bench_kernels.py --out benchmarks/results/kernels_$${GPU:-h100}.json
 
+# Issue 21's table (ours beside llm-compressor 0.14 at 8 and 32 layers of a 7B width, MoE
+# widths, the fixed cost broken down); on the GPU box: benchmarks/gpu_run.sh --suite issue21
 bench-speed: $(STAMP)
-	$(VPY) benchmarks/bench_speed.py --out benchmarks/results/speed_$${GPU:-h100}.json
+	$(VPY) benchmarks/bench_speed.py --suite issue21 --out benchmarks/results/speed_$${GPU:-h100}.json
 
 clean:
 	rm -rf $(VENV) .venv-oldest build dist *.egg-info

@@ -163,11 +163,17 @@ def run_case(args, src: Path, scratch: Path, method: str, vram: str, ram: str,
 
 
 def finished_layers(job: Path) -> list[dict]:
-    """The layer records a killed run left in its job directory (each layer file's header)."""
+    """The layer records a killed run left in its job directory (each layer's record file,
+    or each layer file's header for a job written with layer files)."""
     from quantizer.measurements.atomic import read_safetensors_metadata
 
     records = []
-    for path in sorted((job / "layers").glob("quantize-*.safetensors")):
+    for path in sorted((job / "layers").glob("quantize-*.json")):  # direct shards' records
+        try:
+            records.append(json.loads(path.read_text())["meta"]["record"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for path in sorted((job / "layers").glob("quantize-*.safetensors")):  # layer files
         for value in read_safetensors_metadata(path).values():
             try:
                 info = json.loads(value)

@@ -21,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,18 +31,31 @@ from bench_speed_report import format_tables, summarize_ours, summarize_peer  # 
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_DIR = REPO / "benchmarks" / "peer"
-# Checkpoint slots: (synthetic preset, default layer count); --tiny replaces both by tiny-llama.
-MODELS = {"7b": "llama2-7b", "70b": "llama2-70b"}
+# Checkpoint slots -> synthetic presets (--tiny: the tiny preset of the same family).
+MODELS = {"7b": "llama2-7b", "70b": "llama2-70b", "qwen3moe": "qwen3-30b-a3b",
+          "mixtral": "mixtral-8x7b"}
+TINY_MODELS = {"7b": "tiny-llama", "70b": "tiny-llama", "qwen3moe": "tiny-qwen3-moe",
+               "mixtral": "tiny-mixtral"}
 # Rough seconds for the time-budget guard: (start-up incl. model load, per layer). From the
 # peer README's H100 numbers and the issue's estimates; a run is skipped, not started, when less
 # time than its estimate is left, so that the device limit never kills a run half way.
-ESTIMATES = {("ours", "awq", "7b"): (25, 8), ("ours", "gptq", "7b"): (25, 3),
+ESTIMATES = {("ours", "awq", "7b"): (20, 3.2), ("ours", "gptq", "7b"): (20, 1.2),
              ("ours", "awq", "70b"): (40, 25), ("ours", "gptq", "70b"): (40, 15),
-             ("peer", "awq", "7b"): (60, 7), ("peer", "gptq", "7b"): (60, 3.5),
+             ("peer", "awq", "7b"): (25, 5), ("peer", "gptq", "7b"): (25, 2.1),
              ("peer", "awq", "70b"): (90, 15), ("peer", "gptq", "70b"): (90, 12.5),
-             ("ours", "rtn", "7b"): (25, 1.5), ("ours", "rtn", "70b"): (40, 4)}
+             ("ours", "rtn", "7b"): (25, 1.5), ("ours", "rtn", "70b"): (40, 4),
+             # MoE (H200, session 3: ours GPTQ 5-7 s/layer, AWQ 28 s + 58 s for layer 0; the
+             # peer's MoE numbers are not known yet: generous)
+             ("ours", "gptq", "qwen3moe"): (30, 10), ("ours", "awq", "qwen3moe"): (60, 35),
+             ("peer", "gptq", "qwen3moe"): (60, 45), ("peer", "awq", "qwen3moe"): (60, 70),
+             ("ours", "gptq", "mixtral"): (30, 9), ("ours", "awq", "mixtral"): (30, 12),
+             ("peer", "gptq", "mixtral"): (60, 25), ("peer", "awq", "mixtral"): (60, 35)}
 METHODS = ("awq", "gptq", "rtn")  # rtn: not compared, the floor of streaming + packing alone
-BUILD_ESTIMATE = {"7b": 40, "70b": 80}
+# seconds per layer to write a checkpoint (weights drawn on the GPU), plus 15 s
+BUILD_ESTIMATE = {"7b": 1.5, "70b": 8, "qwen3moe": 6, "mixtral": 8}
+# The issue-21 suite (--suite issue21), in priority order: the main table at 8 layers, GPTQ at
+# 32, the MoE width, then what takes longest. --rows picks some.
+SUITE_ROWS = ("8L", "32L-gptq", "startup", "moe-gptq", "moe-awq", "32L-awq", "mixtral")
 TAIL_CHARS = 2000
 
 
@@ -52,7 +66,7 @@ class RunSpec:
     who: str  # "ours" or "peer"
     method: str
     dtype: str
-    model: str  # "7b" or "70b"
+    model: str  # a MODELS slot: "7b", "70b", "qwen3moe", "mixtral"
     layers: int = 0
     budget: str | None = None  # --vram-budget value, None = unconstrained
     est_s: float = 60.0
@@ -76,9 +90,47 @@ def selection(only: str | None) -> tuple[list[str], bool, bool, bool]:
     return methods, main, "budget" in tokens, "peer" in tokens
 
 
+def _estimate(a, who: str, method: str, model: str, layers: int) -> float:
+    start, per_layer = (10, 5) if a.tiny else ESTIMATES[(who, method, model)]
+    return start + per_layer * layers
+
+
+def suite_runs(a) -> list[RunSpec]:
+    """Issue 21's measurements (--suite issue21): ours and llm-compressor one after the other
+    on the same checkpoints, bf16, 4-bit g128, 128 × 512 tokens, rows in SUITE_ROWS order."""
+    dtype = a.dtypes[0]
+    small, large = a.suite_layers
+    peer = not a.tiny or "peer" in (a.only or "")
+    runs: list[RunSpec] = []
+
+    def pair(model: str, method: str, layers: int, row: str):
+        for who in ("ours", "peer") if peer else ("ours",):
+            runs.append(RunSpec(f"{row}-{who}-{method}-{model}-{layers}L", "issue21", who,
+                                method, dtype, model, layers,
+                                est_s=_estimate(a, who, method, model, layers)))
+
+    for row in a.rows:
+        if row == "8L":
+            pair("7b", "gptq", small, row)
+            pair("7b", "awq", small, row)
+        elif row in ("32L-gptq", "32L-awq"):
+            pair("7b", row.split("-")[1], large, row)
+        elif row in ("moe-gptq", "moe-awq"):
+            pair("qwen3moe", row.split("-")[1], a.moe_layers, row)
+        elif row == "mixtral":
+            pair("mixtral", "gptq", a.moe_layers, row)
+            pair("mixtral", "awq", a.moe_layers, row)
+        elif row == "startup":
+            runs.append(RunSpec("startup-probe", "issue21", "probe", "-", dtype, "-", 0,
+                                est_s=40))
+    return runs
+
+
 def plan_runs(a) -> list[RunSpec]:
     """The sub-runs in priority order: what the issues compare first, so that a time budget
     that runs out drops the least important runs."""
+    if a.suite:
+        return suite_runs(a)
     methods, main, budget, peer = selection(a.only)
     peer = peer and (not a.tiny or "peer" in (a.only or ""))  # tiny: only when asked by name
     peer_methods = [m for m in methods if m != "rtn"]  # llm-compressor's peers of ours
@@ -87,10 +139,9 @@ def plan_runs(a) -> list[RunSpec]:
 
     def add(table, who, method, dtype, model, budget_value=None):
         tag = f"{table}-{who}-{method}-{dtype}-{model}" + (f"-{budget_value}" if budget_value else "")
-        start, per_layer = (10, 5) if a.tiny else ESTIMATES[(who, method, model)]
         layers = a.model_layers[model]
         runs.append(RunSpec(tag, table, who, method, dtype, model, layers, budget_value,
-                            est_s=start + per_layer * layers))
+                            est_s=_estimate(a, who, method, model, layers)))
 
     if main:
         for dtype in dtypes:
@@ -184,9 +235,14 @@ class Bench:
         self.env = base_env()
         self.doc = {"args": {k: v for k, v in vars(a).items() if k != "model_layers"},
                     "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "python": sys.version.split()[0], "git": _git_head(), "setup": {},
+                    "python": sys.version.split()[0], "git": _git_head(),
+                    "gpu": _gpu_name(), "setup": {},
                     "runs": []}
         self.ready: dict[str, object] = {}  # step name -> path, or an error string
+        # the peer's set-up (wheel install, import check) runs in a thread beside our own
+        # set-up; its records wait here until join_background() puts them into the document
+        self._background: threading.Thread | None = None
+        self._background_records: list[tuple[str, dict]] = []
 
     def save(self) -> None:
         out = Path(self.a.out)
@@ -199,7 +255,8 @@ class Bench:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
     def step(self, name: str, cmd, est: float, env=None, cwd=None, timeout: float = 900) -> dict:
-        """One set-up subprocess, recorded under setup[name]."""
+        """One set-up subprocess, recorded under setup[name] (by join_background() when it
+        ran in the background thread)."""
         if self.left() < est:
             res = {"status": "skipped", "reason": f"time budget: ~{est:.0f} s needed, "
                                                   f"{self.left():.0f} s left"}
@@ -209,18 +266,47 @@ class Bench:
             res["status"] = "ok" if res["rc"] == 0 and not res["timed_out"] else "failed"
             if res["status"] != "ok":
                 res["reason"] = failure_reason(res)
-        self.doc["setup"][name] = res
-        self.save()
+        if threading.current_thread() is self._background:
+            self._background_records.append((name, res))
+        else:
+            self.doc["setup"][name] = res
+            self.save()
         return res
 
-    def checkpoint(self, model: str):
-        key = f"checkpoint-{model}"
+    def start_background(self, runs: list[RunSpec]) -> None:
+        """Start the peer's set-up (wheels installed, llm-compressor imported once) in a thread
+        while the checkpoints are written: in a short device call its ~20 s would otherwise
+        come on top. It only overlaps set-up steps: every timed run joins it first."""
+        if any(r.who == "peer" for r in runs) and "peer" not in self.ready:
+            self._background = threading.Thread(target=self.peer_env, name="peer-setup",
+                                                daemon=True)
+            self._background.start()
+
+    def join_background(self) -> None:
+        thread = self._background
+        if thread is None:
+            return
+        t0 = time.perf_counter()
+        thread.join()
+        self._background = None
+        for name, res in self._background_records:
+            res["background"] = True
+            self.doc["setup"][name] = res
+        self._background_records.clear()
+        self.doc["setup"]["background_wait_s"] = round(time.perf_counter() - t0, 2)
+        self.save()
+
+    def checkpoint(self, model: str, layers: int | None = None):
+        layers = layers or self.a.model_layers[model]
+        key = f"checkpoint-{model}" + ("" if layers == self.a.model_layers.get(model)
+                                       else f"-{layers}L")
         if key in self.ready:
             return self.ready[key]
-        preset = "tiny-llama" if self.a.tiny else MODELS[model]
-        layers = self.a.model_layers[model]
+        preset = TINY_MODELS[model] if self.a.tiny else MODELS[model]
         path = self.scratch / f"ckpt-{preset}-{layers}L"
-        spec = {"preset": preset, "num_hidden_layers": layers, "dtype": "float16", "seed": 0}
+        # weights drawn on the GPU where there is one (a 32-layer 7B in seconds, not minutes)
+        spec = {"preset": preset, "num_hidden_layers": layers, "dtype": "float16", "seed": 0,
+                "draw": "cuda-if-available"}
         marker = path / "bench_spec.json"
         if marker.is_file() and json.loads(marker.read_text()) == spec:
             self.doc["setup"][key] = {"status": "ok", "reused": str(path)}
@@ -228,10 +314,11 @@ class Bench:
             shutil.rmtree(path, ignore_errors=True)
             code = ("import json, sys, torch; from quantizer.demo.synthetic import write_checkpoint; "
                     f"write_checkpoint({str(path)!r}, preset={preset!r}, num_hidden_layers={layers}, "
-                    "dtype=torch.float16, seed=0); "
+                    "dtype=torch.float16, seed=0, "
+                    "device='cuda' if torch.cuda.is_available() else 'cpu'); "
                     f"open({str(marker)!r}, 'w').write(json.dumps({spec!r}))")
             res = self.step(key, [sys.executable, "-c", code],
-                            est=10 if self.a.tiny else BUILD_ESTIMATE[model])
+                            est=10 if self.a.tiny else 15 + BUILD_ESTIMATE[model] * layers)
             if res["status"] != "ok":
                 self.ready[key] = f"checkpoint build {res['status']}: {res.get('reason')}"
                 return self.ready[key]
@@ -279,8 +366,9 @@ class Bench:
                 return self.ready["peer"]
             if not (site / "llmcompressor").is_dir():
                 res = self.step("peer-install", [sys.executable, "-m", "pip", "install", "-q",
-                                                 "--no-index", "--no-deps", "--target", site,
-                                                 *wheels], est=30, timeout=300)
+                                                 "--no-index", "--no-deps", "--no-compile",
+                                                 "--no-cache-dir", "--target", site, *wheels],
+                                est=30, timeout=300)
                 if res["status"] != "ok":
                     self.ready["peer"] = f"peer install {res['status']}: {res.get('reason')}"
                     return self.ready["peer"]
@@ -300,7 +388,11 @@ class Bench:
             spec.result = {"status": "skipped", "reason": f"time budget: ~{spec.est_s:.0f} s "
                                                           f"needed, {self.left():.0f} s left"}
             return
-        needs = [self.checkpoint(spec.model), self.calib_text()]
+        if spec.who == "probe":
+            self.probe(spec)
+            return
+        needs = [self.checkpoint(spec.model, spec.layers), self.calib_text()]
+        self.join_background()  # nothing else runs beside a timed run
         if spec.who == "peer":
             needs.append(self.peer_env())
         missing = [n for n in needs if isinstance(n, str)]
@@ -318,7 +410,8 @@ class Bench:
         a = self.a
         if spec.who == "ours":
             cmd = [sys.executable, "-m", "quantizer.cli", ckpt, "-o", work / "model",
-                   "--method", spec.method, "--bits", "4", "--group-size", "128",
+                   "--method", spec.method, "--bits", "4",
+                   "--group-size", "auto" if a.tiny else "128",
                    "--calib-data", calib, "--calib-samples", a.calib_samples,
                    "--calib-seqlen", a.calib_seqlen, "--dtype", spec.dtype, "--device", a.device,
                    "--json", "--no-progress", "--overwrite"]
@@ -351,16 +444,42 @@ class Bench:
         print(f"[bench] {spec.id}: {spec.result['status']} in {res['wall_s']:.1f} s "
               f"{spec.result.get('reason', '')}", flush=True)
 
+    def probe(self, spec: RunSpec) -> None:
+        """The fixed cost's parts measured alone (benchmarks/startup_probe.py)."""
+        ckpt = self.checkpoint("7b", self.a.suite_layers[0] if self.a.suite else None)
+        self.join_background()
+        if isinstance(ckpt, str):
+            spec.result = {"status": "skipped", "reason": ckpt}
+            return
+        print(f"[bench] {spec.id}: start ({self.left():.0f} s left)", flush=True)
+        res = run_process([sys.executable, REPO / "benchmarks" / "startup_probe.py", ckpt,
+                           "--device", self.a.device], min(120, self.left()),
+                          self.scratch / "logs" / f"{spec.id}.log", env=self.env)
+        spec.result = {"wall_s": res["wall_s"], "rc": res["rc"],
+                       "stderr_tail": res["stderr_tail"]}
+        try:
+            if res["rc"] != 0 or res["timed_out"]:
+                raise RuntimeError(failure_reason(res))
+            spec.result["summary"] = parse_report(res["stdout"])
+            spec.result["status"] = "ok"
+        except Exception as e:  # recorded, never fatal
+            spec.result.update(status="failed", reason=str(e)[:500])
+        print(f"[bench] {spec.id}: {spec.result['status']} in {res['wall_s']:.1f} s", flush=True)
+
     def run(self, runs: list[RunSpec]) -> None:
         vram_flag = any(r.budget for r in runs) and supports_vram_budget(self.env)
         self.doc["setup"]["vram_budget_flag"] = vram_flag
+        self.start_background(runs)
         for spec in runs:
             try:
                 self.execute(spec, vram_flag)
             except Exception as e:  # a harness bug costs one run, not the rest
                 spec.result = {"status": "failed", "reason": f"harness: {type(e).__name__}: {e}"}
+            if spec.result.get("status") == "skipped":
+                print(f"[bench] {spec.id}: skipped: {spec.result.get('reason')}", flush=True)
             self.doc["runs"] = [record(r) for r in runs if r.result]
             self.save()
+        self.join_background()
         self.doc["tables"] = format_tables(self.doc["runs"])
         self.doc["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.save()
@@ -375,6 +494,14 @@ def record(spec: RunSpec) -> dict:
 def _parse_size(text: str) -> int:
     from quantizer.plan.sizes import parse_size  # the CLI's own parser: "8G" = 8 GiB
     return parse_size(text)
+
+
+def _gpu_name() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _git_head() -> str | None:
@@ -409,13 +536,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="for our runs (default auto)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny-llama, 4x32 "
                    "calibration, float32, no peer")
+    p.add_argument("--suite", choices=("issue21",), default=None,
+                   help="issue 21's table: ours and llm-compressor per row of --rows")
+    p.add_argument("--rows", default=",".join(SUITE_ROWS),
+                   help=f"suite rows in order (default all: {','.join(SUITE_ROWS)})")
+    p.add_argument("--suite-layers", default=None, help="7B-width layer counts of the suite "
+                   "(default 8,32; --tiny 2,3)")
+    p.add_argument("--moe-layers", type=int, default=None, help="MoE-width layers (default 2)")
     a = p.parse_args(argv)
     tiny = a.tiny
     a.layers = a.layers or (1 if tiny else 4)
     a.layers_70b = a.layers_70b or (1 if tiny else 2)
-    a.model_layers = {"7b": a.layers, "70b": a.layers_70b}
-    a.dtypes = [d.strip() for d in (a.dtypes or ("float32" if tiny else "float16,bfloat16"))
-                .split(",") if d.strip()]
+    a.moe_layers = a.moe_layers or (1 if tiny else 2)
+    a.model_layers = {"7b": a.layers, "70b": a.layers_70b, "qwen3moe": a.moe_layers,
+                      "mixtral": a.moe_layers}
+    a.suite_layers = [int(x) for x in (a.suite_layers or ("2,3" if tiny else "8,32")).split(",")]
+    if len(a.suite_layers) != 2:
+        raise SystemExit("--suite-layers takes two counts, e.g. 8,32")
+    a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    bad = [r for r in a.rows if r not in SUITE_ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {bad}; use {', '.join(SUITE_ROWS)}")
+    default_dtypes = "float32" if tiny else ("bfloat16" if a.suite else "float16,bfloat16")
+    a.dtypes = [d.strip() for d in (a.dtypes or default_dtypes).split(",") if d.strip()]
     a.budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
     a.calib_samples = a.calib_samples or (4 if tiny else 128)
     a.calib_seqlen = a.calib_seqlen or (32 if tiny else 512)

@@ -100,7 +100,99 @@ def summarize_peer(res: dict) -> dict:
     return {"layers": res.get("layers"), "e2e_s_per_layer": res.get("per_layer_s"),
             "quantize_s": res.get("quantize_s"), "load_s": res.get("load_s"),
             "peak_allocated": gib(res.get("peak_alloc_gib")),
-            "peak_reserved": gib(res.get("peak_reserved_gib")), "device": res.get("device")}
+            "peak_reserved": gib(res.get("peak_reserved_gib")), "device": res.get("device"),
+            "quantized_modules": res.get("quantized_modules")}
+
+
+def fixed_cost(run: dict) -> dict | None:
+    """Our run's fixed cost (process wall - layers × median s/layer) and its parts: process
+    start-up and exit (imports, interpreter; wall - the run's own seconds), the phases the
+    report times (plan: config + transformers import + memory plan; calibration tokens; embed:
+    skeleton, embeddings, the export's layout; export: the last files and the rename), layer
+    0's extra time over the median (first-use kernel builds, library loads) and the rest (job
+    directory, fingerprints, the last layer's write)."""
+    s = run.get("summary") or {}
+    wall, total, median = run.get("wall_s"), s.get("total_s"), s.get("s_per_layer_median")
+    secs = s.get("layer_seconds") or []
+    if not all(_is_number(v) for v in (wall, total, median)) or not secs:
+        return None
+    phases = s.get("phases_s") or {}
+    parts = {"startup+exit": wall - total,
+             **{k: phases.get(k, 0.0) for k in ("plan", "calibration_tokens", "embed",
+                                                 "export")},
+             "layer0 extra": max(0.0, secs[0] - median)}
+    fixed = wall - len(secs) * median
+    parts["other"] = fixed - sum(parts.values())
+    return {"fixed": fixed, **parts}
+
+
+def _peer_of(run: dict, runs: list[dict]) -> dict | None:
+    for r in runs:
+        if (r["who"], r["table"], r["model"], r["layers"], r["method"], r["dtype"]) == \
+                ("peer", run["table"], run["model"], run["layers"], run["method"], run["dtype"]):
+            return r
+    return None
+
+
+_MODEL_NAMES = {"7b": "Llama-2-7B width", "70b": "Llama-2-70B width",
+                "qwen3moe": "Qwen3-30B-A3B width", "mixtral": "Mixtral-8x7B width"}
+
+
+def issue_tables(runs: list[dict]) -> list[str]:
+    """Issue 21's table: per model, layers and method, our median s/layer beside
+    llm-compressor's (its oneshot time / layers), the ratio, both processes' wall time; then
+    our fixed cost broken down, and the start-up probe."""
+    ours = [r for r in runs if r["table"] == "issue21" and r["who"] == "ours"]
+    if not ours:
+        return []
+    out = ["", "Issue 21 (same process sequence on one GPU; ours: median of per-layer times; "
+           "llm-compressor 0.14: oneshot time / layers, model load excluded; wall: the whole "
+           "process, imports and model load included)"]
+    rows = []
+    for r in ours:
+        s, p = r.get("summary") or {}, _peer_of(r, runs)
+        ps = (p or {}).get("summary") or {}
+        ok = r["status"] == "ok" and p is not None and p["status"] == "ok"
+        ratio = (ps["e2e_s_per_layer"] / s["s_per_layer_median"]
+                 if ok and _is_number(ps.get("e2e_s_per_layer")) else None)
+        wall_ratio = (p["wall_s"] / r["wall_s"] if ok and _is_number(r.get("wall_s"))
+                      else None)
+        rows.append((_MODEL_NAMES.get(r["model"], r["model"]), r["layers"], r["method"].upper(),
+                     _num(s.get("s_per_layer_median")), _num(ps.get("e2e_s_per_layer")),
+                     _num(ratio) + ("×" if ratio else ""),
+                     _num(r.get("wall_s"), ".1f") + (" s" if r.get("wall_s") else ""),
+                     _num((p or {}).get("wall_s"), ".1f") + (" s" if p and p.get("wall_s")
+                                                             else ""),
+                     _num(wall_ratio) + ("×" if wall_ratio else ""),
+                     r["status"] if p is None else f"{r['status']}/{p['status']}"))
+    out += _table(["model", "layers", "method", "ours s/layer (median)",
+                   "llm-compressor 0.14 s/layer", "ratio", "ours process wall",
+                   "llm-compressor process wall", "wall ratio", "status"], rows)
+    fixed = [(r, fixed_cost(r)) for r in ours if r["status"] == "ok"]
+    fixed = [(r, f) for r, f in fixed if f]
+    if fixed:
+        keys = ["startup+exit", "plan", "calibration_tokens", "embed", "layer0 extra",
+                "export", "other"]
+        out += ["", "Our fixed cost (process wall - layers × median s/layer), seconds"]
+        out += _table(["run", "fixed", *keys],
+                      [(r["id"], _num(f["fixed"], ".1f"), *(_num(f[k], ".1f") for k in keys))
+                       for r, f in fixed])
+    probe = next((r for r in runs if r["who"] == "probe" and r["status"] == "ok"), None)
+    if probe:
+        s = probe["summary"]
+        out += ["", "Start-up probe (fresh processes, wall seconds)"]
+        out += _table(["probe", "wall s", "inside"],
+                      [(k, _num(v.get("wall_s")), json_short(v.get("inner") or v.get("error")))
+                       for k, v in s.items() if isinstance(v, dict)])
+    return out
+
+
+def json_short(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_num(x) if _is_number(x) else x}" for k, x in v.items())
+    return str(v)[:80]
 
 
 # ---------------------------------------------------------------------------- tables
@@ -127,7 +219,7 @@ def _label(r: dict) -> str:
 
 def format_tables(runs: list[dict]) -> str:
     """Markdown tables: main comparison, our per-stage breakdown, the budget table, failures."""
-    out: list[str] = []
+    out: list[str] = issue_tables(runs)
     main = [r for r in runs if r["table"] == "main"]
     if main:
         out += ["", "Speed (s/layer: median of per-layer times; 'w/o L0' leaves out layer 0's "

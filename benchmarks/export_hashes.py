@@ -42,6 +42,22 @@ RUNS = [
     ("qwen3-moe-gptq", "tiny-qwen3-moe", "gptq", "gptq", {}),
     ("deepseek-awq", "tiny-deepseek", "awq", "awq", {}),
     ("deepseek-gptq", "tiny-deepseek", "gptq", "gptq", {}),
+    # the other method x format pairs, exports cut into several shards (issue 21: the shards
+    # are written in place layer by layer), a vision-language model (vision tower kept in
+    # the checkpoint's bfloat16, text tensors in float16)
+    ("stories-rtn-ct", "stories260K", "rtn", "compressed-tensors", {}),
+    ("stories-rtn-gptq", "stories260K", "rtn", "gptq", {}),
+    ("stories-awq-ct", "stories260K", "awq", "compressed-tensors", {}),
+    ("stories-gptq-ct", "stories260K", "gptq", "compressed-tensors", {}),
+    ("stories-awq-shards", "stories260K", "awq", "awq", {"max_shard_bytes": 200_000}),
+    ("llama-gptq-shards", "tiny-llama", "gptq", "gptq", {"max_shard_bytes": 60_000}),
+    ("llama-rtn-ct-shards", "tiny-llama", "rtn", "compressed-tensors",
+     {"max_shard_bytes": 60_000}),
+    ("llama-awq-shards", "tiny-llama", "awq", "awq", {"max_shard_bytes": 60_000}),
+    ("mixtral-gptq-ct-shards", "tiny-mixtral", "gptq", "compressed-tensors",
+     {"max_shard_bytes": 100_000}),
+    ("qwen2-vl-gptq-shards", "tiny-qwen2-vl", "gptq", "gptq",
+     {"max_shard_bytes": 2_000_000, "pad_for_tp": 2}),
 ]
 
 SYNTHETIC = {"tiny-llama": ("tiny-llama", {}), "tiny-llama-mha": ("tiny-llama",
@@ -58,6 +74,10 @@ def source(work: Path, name: str) -> Path:
     if name == "stories260K":
         shutil.copytree(STORIES, path)
         return path
+    if name == "tiny-qwen2-vl":  # tests/test_vlm.py's small Qwen2-VL, in bfloat16
+        sys.path.append(str(ROOT / "tests"))
+        from test_vlm import tiny_qwen2_vl
+        return tiny_qwen2_vl(path)
     import torch
 
     from quantizer.demo.synthetic import write_checkpoint

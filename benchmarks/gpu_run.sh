@@ -18,9 +18,10 @@ log="$dest/${bench}_$stamp.log"
 
 {
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+  # one interpreter for the versions and the import check (each start costs seconds)
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'cuda', torch.cuda.is_available())" || true
-  python3 -c "import quantizer.kernels, quantizer.calibration, quantizer.cli; print('layerquant importable')"
+transformers.__version__, 'cuda', torch.cuda.is_available()); \
+import quantizer.kernels, quantizer.calibration, quantizer.cli; print('layerquant importable')"
 } 2>&1 | tee "$log"
 
 wheels=()
@@ -31,6 +32,7 @@ scratch="${BENCH_SCRATCH:-/tmp/layerquant_bench}"  # checkpoints, reused while t
 python3 "benchmarks/bench_$bench.py" --out "$json" --time-budget "${BENCH_TIME_BUDGET:-510}" \
   --scratch "$scratch" ${wheels[@]+"${wheels[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-# the per-run stderr logs, for failures the JSON's tails do not explain
-cp -r "$scratch/logs" "$dest/logs_$stamp" 2>/dev/null || true
+# the per-run stderr logs, for failures the JSON's tails do not explain (one archive: the
+# device tool returns at most 8 files)
+tar czf "$dest/logs_$stamp.tgz" -C "$scratch" logs 2>/dev/null || true
 exit "$status"

@@ -105,6 +105,25 @@ def _write_all(fd: int, data) -> None:
         view = view[written:]
 
 
+def write_at(fd: int, data, offset: int) -> None:
+    """os.pwrite until `data` is at `offset` (files written in place: the export's shards),
+    honouring the injected failure budget like every other writer here."""
+    global _fail_budget
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = min(len(view), CHUNK)
+        if _fail_budget is not None and n > _fail_budget:
+            if _fail_budget > 0:
+                os.pwrite(fd, view[:_fail_budget], offset)
+            _fail_budget = 0
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        written = os.pwrite(fd, view[:n], offset)
+        if _fail_budget is not None:
+            _fail_budget -= written
+        view = view[written:]
+        offset += written
+
+
 @contextlib.contextmanager
 def _atomic_fd(path: str | os.PathLike) -> Iterator[int]:
     """Yield an fd of a temporary beside `path`; on clean exit fsync + rename + fsync dir, on any

@@ -22,6 +22,7 @@ from .run.jobdir import check_output
 from .run.outputs import check_paths, input_files, local_model_path
 from .run.quantize import run_quantize
 from .run.report import QuantResult
+from .run.warmup import configure_caches
 from .settings import OPTION_FIELDS, SETTING_KEYWORDS, OutputSettings, QuantSettings
 from .validate import evaluation as _evaluation, loader as _loader
 from .validate.evaluation import EvalResult
@@ -112,6 +113,7 @@ def quantize(model: str, output: str, settings: QuantSettings | None = None, *,
 def quantize_with(model: str, settings: QuantSettings, out: OutputSettings,
                   progress: bool = True) -> QuantResult:
     """`quantize` with its settings and outputs built (what the command line calls)."""
+    configure_caches()  # before anything imports triton
     devices = resolve_devices(settings.devices)
     if devices and len(devices) > 1 and not world().distributed:
         return _launch(model, replace(settings, devices=tuple(devices)), out, progress)

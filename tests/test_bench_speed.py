@@ -155,3 +155,112 @@ def test_parse_report_skips_leading_noise():
     assert bench_speed.parse_report(text) == payload
     with pytest.raises(ValueError):
         bench_speed.parse_report("no json here")
+
+
+def test_issue21_suite_plan():
+    runs = bench_speed.plan_runs(_args("--suite", "issue21"))
+    ids = [r.id for r in runs]
+    assert ids[:4] == ["8L-ours-gptq-7b-8L", "8L-peer-gptq-7b-8L", "8L-ours-awq-7b-8L",
+                       "8L-peer-awq-7b-8L"]
+    assert ids[4:6] == ["32L-gptq-ours-gptq-7b-32L", "32L-gptq-peer-gptq-7b-32L"]
+    assert {r.dtype for r in runs} == {"bfloat16"}
+    assert {(r.model, r.layers) for r in runs if r.who != "probe"} == {
+        ("7b", 8), ("7b", 32), ("qwen3moe", 2), ("mixtral", 2)}
+    assert [r.id for r in runs if r.who == "probe"] == ["startup-probe"]
+    picked = bench_speed.plan_runs(_args("--suite", "issue21", "--rows", "moe-awq,32L-awq",
+                                         "--moe-layers", "3"))
+    assert [r.id for r in picked] == ["moe-awq-ours-awq-qwen3moe-3L",
+                                      "moe-awq-peer-awq-qwen3moe-3L",
+                                      "32L-awq-ours-awq-7b-32L", "32L-awq-peer-awq-7b-32L"]
+    tiny = bench_speed.plan_runs(_args("--suite", "issue21", "--tiny", "--rows", "8L"))
+    assert {r.who for r in tiny} == {"ours"} and {r.layers for r in tiny} == {2}
+    with pytest.raises(SystemExit):
+        _args("--suite", "issue21", "--rows", "9L")
+
+
+def _suite_run(who, method, layers, wall, secs=None, peer_per_layer=None, phases=None):
+    run = {"id": f"8L-{who}-{method}", "table": "issue21", "who": who, "method": method,
+           "dtype": "bfloat16", "model": "7b", "layers": layers, "budget": None,
+           "status": "ok", "wall_s": wall}
+    if who == "ours":
+        total = wall - 3.0
+        run["summary"] = report.summarize_ours({"layers": [
+            _layer(i, t, GIB, {}) for i, t in enumerate(secs)], "seconds": total,
+            "extra": {"phases_s": phases}})
+    else:
+        run["summary"] = report.summarize_peer({"layers": layers, "per_layer_s": peer_per_layer})
+    return run
+
+
+def test_issue21_tables_on_made_up_runs():
+    secs = [2.0] + [0.5] * 7
+    phases = {"plan": 2.5, "calibration_tokens": 0.1, "embed": 0.6, "export": 0.2}
+    ours = _suite_run("ours", "gptq", 8, 12.0, secs, phases=phases)
+    peer = _suite_run("peer", "gptq", 8, 30.0, peer_per_layer=1.9)
+    text = report.format_tables([ours, peer])
+    row = next(l for l in text.splitlines() if l.startswith("| Llama-2-7B width | 8 | GPTQ"))
+    assert "| 0.50 | 1.90 | 3.80× | 12.0 s | 30.0 s | 2.50× | ok/ok |" in row
+    f = report.fixed_cost(ours)
+    assert f["fixed"] == pytest.approx(12.0 - 8 * 0.5)
+    assert f["startup+exit"] == pytest.approx(3.0) and f["layer0 extra"] == pytest.approx(1.5)
+    assert f["fixed"] == pytest.approx(sum(v for k, v in f.items() if k != "fixed"))
+    assert "Our fixed cost" in text and "8L-ours-gptq" in text
+    # a failed peer leaves the ratio empty, never a made-up number
+    peer["status"] = "failed"
+    row = next(l for l in report.format_tables([ours, peer]).splitlines()
+               if l.startswith("| Llama-2-7B width"))
+    assert "| - | 12.0 s |" in row and "ok/failed" in row
+
+
+@pytest.mark.slow
+def test_tiny_issue21_suite_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_speed.py"), "--suite", "issue21",
+                           "--tiny", "--rows", "8L,moe-gptq", "--out", str(out),
+                           "--scratch", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok", "ok"], doc["runs"]
+    assert "Qwen3-30B-A3B width" in doc["tables"] and "Our fixed cost" in doc["tables"]
+
+
+def test_peer_setup_runs_beside_set_up_never_beside_a_timed_run(tmp_path, monkeypatch):
+    """The peer's wheel install and import check start in a thread with the first checkpoint
+    build; every timed run (ours, the peer's, the probe) waits for them to finish."""
+    import threading
+    spans, lock = [], threading.Lock()
+
+    def fake_run_process(cmd, timeout, log_path, env=None, cwd=None):
+        text = " ".join(map(str, cmd))
+        kind = ("install" if "pip" in text else "import" if "import datasets" in text
+                else "build" if "write_checkpoint" in text else "timed")
+        t0 = time.monotonic()
+        time.sleep({"install": 0.3, "import": 0.3, "build": 0.4}.get(kind, 0.05))
+        with lock:
+            spans.append((kind, t0, time.monotonic(), threading.current_thread().name, text))
+        return {"rc": 0, "timed_out": False, "wall_s": 0.1, "stdout": "", "stderr_tail": ""}
+
+    monkeypatch.setattr(bench_speed, "run_process", fake_run_process)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "llmcompressor-0.14.0.1-py3-none-any.whl").write_bytes(b"")
+    a = _args("--suite", "issue21", "--tiny", "--only", "peer", "--rows", "8L,startup",
+              "--peer-wheels", str(wheels), "--scratch", str(tmp_path / "s"),
+              "--out", str(tmp_path / "r.json"))
+    runs = bench_speed.plan_runs(a)
+    assert [r.who for r in runs] == ["ours", "peer", "ours", "peer", "probe"]
+    bench = bench_speed.Bench(a)
+    bench.run(runs)
+    background = [s for s in spans if s[3] == "peer-setup"]
+    assert [s[0] for s in background] == ["install", "import"]
+    build = next(s for s in spans if s[0] == "build")
+    assert background[0][1] < build[2]  # the install started while the checkpoint was built
+    for kind, start, *_ in spans:
+        if kind == "timed":
+            assert all(b[2] <= start for b in background)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["setup"]["peer-install"]["background"] is True
+    assert doc["setup"]["peer-import"]["status"] == "ok"
+    assert "--no-index" in background[0][4] and str(wheels) in background[0][4]
+    assert len([s for s in spans if s[0] == "timed"]) == 5

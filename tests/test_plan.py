@@ -141,12 +141,13 @@ def test_down_proj_solve_and_calibration_terms_match_hand_formulas():
     assert terms[f"mlp.down_proj stacked ({rows}×{i} rows slice): working dtype + 2 fp32 "
                  "copies"] == rows * i * (d + 8)
     # the calibration phase: residual + normed copy + this chunk's input/output and the next
-    # input copied ahead, gate, up, act·up, and one sample's input in fp32 for XᵀX
+    # input copied ahead, gate, up, act·up, and the XᵀX update's scratch (one sample in fp32
+    # here: two gathered bf16 samples take as much)
     calib = {t.label: t.bytes for t in phases["calibrate mlp.down_proj"]}
     tok = dp.decisions.chunk * 512
     act = next(v for k, v in calib.items() if k.startswith("forward activations"))
     assert act == 5 * tok * h * d + 3 * tok * i * d
-    assert calib[f"one sample's input in fp32 for X^T·X (512×{i})"] == 512 * i * 4
+    assert calib[f"X^T·X update scratch (512×{i} per sample)"] == 512 * i * 4
     # parked, the running total waits in host RAM: one matrix on the GPU while accumulating
     parked = plan_for(LLAMA2_70B, "gptq", "8G").devices[0]
     assert parked.decisions.hessian == "park"

@@ -17,6 +17,7 @@ import threading
 from .. import logs
 from ..errors import InputError, OutOfMemory, QuantizerError, Terminated
 from ..run.outputs import local_model_path
+from ..run.warmup import configure_caches
 from .args import PARSERS, SUBCOMMANDS
 
 RESUMABLE = ("quantize", "measure")
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "quantize"
     debug = bool(os.environ.get("LAYERQUANT_DEBUG"))
+    configure_caches()  # before anything imports triton
     previous = _stop_on_sigterm()
     logs.configure()
     try:

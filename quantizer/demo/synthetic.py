@@ -74,11 +74,13 @@ def make_config(model_type: str, **overrides):
 
 def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.float16,
                      seed: int = 0, std: float = 0.02, max_shard_bytes: int = 1 << 30,
-                     outlier_channels: int = 0, **overrides) -> Path:
+                     outlier_channels: int = 0, device: str = "cpu", **overrides) -> Path:
     """Write a random checkpoint of `config` (or a preset with overrides) to `out`.
 
     Weights ~ N(0, std); norms = 1. `outlier_channels` > 0 gives that many hidden channels a
-    large norm weight, so activations carry outliers as real LLMs' do (AWQ tests use it)."""
+    large norm weight, so activations carry outliers as real LLMs' do (AWQ tests use it).
+    device="cuda" draws the weights there (other values than on the CPU for the same seed;
+    a 7B-width 32-layer benchmark checkpoint in seconds instead of a minute)."""
     from transformers import AutoModelForCausalLM
 
     if config is None:
@@ -100,6 +102,7 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
         prepare_layer(layer, names)
         apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
     gen = torch.Generator().manual_seed(seed)
+    draw = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     outliers = torch.randperm(config.hidden_size, generator=gen)[:outlier_channels]
@@ -112,8 +115,8 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
             if outlier_channels and t.shape[0] == config.hidden_size and "layernorm" in name:
                 t[outliers] = 20.0
         else:  # weights and biases
-            t = torch.randn(p.shape, generator=gen) * std
-        writer.add({names.to_disk(name): t.to(dtype)})
+            t = torch.randn(p.shape, generator=draw, device=device) * std
+        writer.add({names.to_disk(name): t.to(dtype).cpu()})
     writer.finish()
     cfg = config.to_dict()
     key = _NUM_EXPERTS_KEY.get(config.model_type)

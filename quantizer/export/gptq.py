@@ -58,7 +58,8 @@ def gptq_tensors(prefix: str, q: QuantizedWeight, checkpoint_format: str = "gptq
     if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
         raise InputError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got "
                          f"{checkpoint_format!r}")
-    if checkpoint_format == "gptq" and q.zeros.numel() and int(q.zeros.min()) < 1:
+    if checkpoint_format == "gptq" and q.zeros.numel() and not q.zeros.is_meta \
+            and int(q.zeros.min()) < 1:
         q = lift_zero_points(q, prefix)
     if q.in_features * q.bits % 32 or q.out_features * q.bits % 32:
         raise InputError(f"{prefix}: GPTQ packing needs in and out features whose bit counts "

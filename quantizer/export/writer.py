@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .layout import INDEX_NAME, SHARD_METADATA, index_text, shard_file_names, starts_new_shard
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json", "vocab.json",
@@ -33,7 +34,7 @@ class ShardWriter:
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
-            if self.buffer and self.buffer_bytes + nbytes > self.max:
+            if starts_new_shard(self.buffer_bytes, bool(self.buffer), nbytes, self.max):
                 self._flush()
             self.buffer[name] = t.contiguous()
             self.buffer_bytes += nbytes
@@ -44,7 +45,7 @@ class ShardWriter:
             return
         index = len(self.shards)
         save_file(self.buffer, str(self.dir / f"shard-{index:05d}.tmp"),
-                  metadata={"format": "pt"})
+                  metadata=dict(SHARD_METADATA))
         self.shards.append(list(self.buffer))
         for name in self.buffer:
             self.weight_map[name] = index
@@ -55,14 +56,12 @@ class ShardWriter:
         """Name the shards model-0000i-of-0000n.safetensors and write the index."""
         self._flush()
         n = len(self.shards)
-        names = ([f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1
-                 else ["model.safetensors"])
+        names = shard_file_names(n)
         for i, final in enumerate(names):
             os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / final)
         weight_map = {t: names[i] for t, i in sorted(self.weight_map.items())}
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.dir / INDEX_NAME).write_text(index_text(self.total_bytes, weight_map))
         return weight_map
 
 

@@ -19,46 +19,150 @@ from ..stream.hidden_store import to_device_ahead
 log = logging.getLogger(__name__)
 
 
+# A GPU accumulator gathers whole samples for one XᵀX product (fewer read-modify-writes of the
+# n×n fp32 H than one product per sample), within this much scratch: the gathered inputs in
+# the working dtype, plus their fp32 copy where the GEMM needs one (mode 'tf32').
+GRAM_SCRATCH_BYTES = 64 << 20
+GRAM_GROUP_ROWS = 4096  # ...and no more rows: past it the n×n update is amortised
+
+
+def gram_group_samples(n_features: int, seqlen: int, item_bytes: int, mode: str) -> int:
+    """Samples per XᵀX product on a GPU: a fixed function of the widths and the GEMM the
+    device uses, never of how the samples were chunked, so H is the same bits for any chunk
+    size."""
+    per_row = n_features * (item_bytes + (4 if mode == "tf32" else 0))
+    rows = min(GRAM_GROUP_ROWS, GRAM_SCRATCH_BYTES // max(1, per_row))
+    return max(1, rows // max(1, seqlen))
+
+
+def hessian_update_bytes(n_features: int, seqlen: int, item_bytes: int, cuda: bool) -> int:
+    """Memory one XᵀX update needs beside H (the memory planner's term): one sample in fp32,
+    or on a GPU with half inputs the gathered group (whichever GEMM the device turns out to
+    use; one sample is multiplied as it is)."""
+    one = seqlen * n_features * 4
+    if not (cuda and item_bytes == 2):
+        return one
+    sizes = [g * seqlen * n_features * (item_bytes + extra)
+             for mode, extra in (("addmm", 0), ("tf32", 4))
+             for g in (gram_group_samples(n_features, seqlen, item_bytes, mode),) if g > 1]
+    return max([one, *sizes])
+
+
 class HessianAccumulator:
     """Running mean of 2 x xᵀ over calibration tokens, in float32 whatever the input dtype.
 
     The running-mean scaling keeps H's magnitude independent of the number of tokens (as
     the reference implementation does) so float32 never overflows on long calibration sets.
-    A batch of samples (batch, seq, n) is added one sample at a time, so H is the same bits
-    however the samples were chunked for the forward (OOM recovery halves chunks mid-run, and
-    the chunk size is a placement setting that must not change the output)."""
+    A batch of samples (batch, seq, n) is added a fixed group of samples at a time, so H is
+    the same bits however the samples were chunked for the forward (OOM recovery halves chunks
+    mid-run, and the chunk size is a placement setting that must not change the output):
+    on the CPU one sample per product, in float32; on a GPU with fp16/bf16 inputs
+    `gram_group_samples` samples gathered into one buffer, multiplied on tensor cores with
+    float32 accumulation (products of half values are exact in fp32 either way), straight
+    into float32 where torch's GEMM can (`out_dtype`), else through an fp32 copy in TF32
+    (which holds half values exactly). A flat (tokens, n) input (MoE experts' routed tokens)
+    is one product, as before."""
 
     def __init__(self, n_features: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros((n_features, n_features), dtype=torch.float32, device=device)
-        self.n_tokens = 0
+        self._H = torch.zeros((n_features, n_features), dtype=torch.float32, device=device)
+        self._n = 0  # tokens in H (n_tokens: those gathered too)
+        self._group: torch.Tensor | None = None  # samples gathered for the next product
+        self._filled = 0  # samples in _group
+        self._group_samples = 0
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        self.flush()
+        return self._H
+
+    @property
+    def n_tokens(self) -> int:
+        self.flush()
+        return self._n
+
+    @n_tokens.setter
+    def n_tokens(self, value: int) -> None:
+        self._n = value
+
+    @H.setter
+    def H(self, value) -> None:
+        self._group, self._filled = None, 0
+        self._H = value
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add the tokens of x (..., n); `weights` (x's leading shape) weighs each token's
-        x xᵀ (token weights, methods/token_weights.py); the mean still counts tokens."""
-        if x.dim() >= 3:
-            ws = (None if weights is None else
-                  weights.reshape(-1, x.shape[-2]))
+        x xᵀ (token weights, methods/token_weights.py); the mean still counts tokens.
+        Weighted tokens are added a sample at a time in float32 (never gathered)."""
+        if x.dim() < 3:
+            self.flush()
+            self._add_rows(x, weights)
+        elif weights is None and self._gathers(x):
+            self._gather(x.reshape(-1, *x.shape[-2:]))
+        else:
+            self.flush()
+            ws = None if weights is None else weights.reshape(-1, x.shape[-2])
             for k, sample in enumerate(x.reshape(-1, *x.shape[-2:])):
                 self._add_rows(sample, None if ws is None else ws[k])
-        else:
-            self._add_rows(x, weights)
+
+    def _gathers(self, x: torch.Tensor) -> bool:
+        return self._H.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() > 0
+
+    def _gather(self, samples: torch.Tensor) -> None:
+        """Copy whole samples into the group buffer; one product per full group."""
+        count, seq, n = samples.shape
+        if self._group is None:
+            self._group_samples = gram_group_samples(n, seq, samples.element_size(),
+                                                     _gram_mode(self._H.device))
+        if self._group_samples == 1:  # nothing to gather: each sample as it is
+            for sample in samples:
+                self._add_rows(sample)
+            return
+        done = 0
+        while done < count:
+            if self._group is None:
+                self._group = torch.empty((self._group_samples * seq, n), dtype=samples.dtype,
+                                          device=self._H.device)
+                self._filled = 0
+            take = min(count - done, self._group_samples - self._filled)
+            rows = self._group[self._filled * seq:(self._filled + take) * seq]
+            rows.copy_(samples[done:done + take].reshape(-1, n))
+            self._filled += take
+            done += take
+            if self._filled == self._group_samples:
+                self.flush()
+
+    def flush(self) -> None:
+        """Multiply in the samples gathered so far (a partial group at a shard's end)."""
+        if self._group is None:
+            return
+        group, filled = self._group, self._filled
+        self._group, self._filled = None, 0
+        if filled:
+            seq = group.shape[0] // self._group_samples
+            self._add_rows(group[:filled * seq])
 
     def _add_rows(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device).to(torch.float32)
+        x = x.reshape(-1, x.shape[-1])
         m = x.shape[0]
         if m == 0:
             return
+        total = self._n + m
+        half = x.dtype in (torch.float16, torch.bfloat16)
         if weights is not None:
+            x = x.to(self._H.device).to(torch.float32)
             x = x * weights.reshape(-1, 1).to(x.device, torch.float32).sqrt()
             half = False  # the products are no longer of half-precision values
-        total = self.n_tokens + m
         # H <- H * n/(n+m) + (2/(n+m)) * xᵀx, in one fused addmm (scaling after the product,
         # so the factors stay the exact input values).
-        with _lossless_tf32(half and x.is_cuda):
-            self.H.addmm_(x.t(), x, beta=self.n_tokens / total, alpha=2.0 / total)
-        self.n_tokens = total
+        beta, alpha = self._n / total, 2.0 / total
+        if half and x.is_cuda and self._H.is_cuda and x.device == self._H.device:
+            gram_update(self._H, x, beta, alpha)
+        else:
+            x = x.to(self._H.device).to(torch.float32)
+            with _lossless_tf32(half and x.is_cuda):
+                self._H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+        self._n = total
 
     @torch.no_grad()
     def merge(self, other: "HessianAccumulator") -> None:
@@ -66,33 +170,122 @@ class HessianAccumulator:
         how calibration shards combine, in shard order (quantizer.parallel.distributed). A total kept in
         host RAM (to_host) is merged a block of rows at a time on the other's device: the same
         elementwise arithmetic, so the same bits, with one n×n matrix on the GPU."""
+        mine, theirs = self.H, other.H  # both flushed
         total = self.n_tokens + other.n_tokens
         if total == 0:
             return
         a, b = self.n_tokens / total, other.n_tokens / total
-        if self.H.device == other.H.device:
-            self.H.mul_(a).add_(other.H, alpha=b)
+        if mine.device == theirs.device:
+            mine.mul_(a).add_(theirs, alpha=b)
         else:
-            merge_rows(self.H, other.H, a, b)
+            merge_rows(mine, theirs, a, b)
         self.n_tokens = total
 
     def to_host(self) -> None:
         """Keep H in (pinned, where allowed) host memory from now on: the GPU then holds only
         the shard partial being accumulated (the plan's Hessian placement 'park')."""
-        if not self.H.is_cuda:
+        H = self.H
+        if not H.is_cuda:
             return
         try:
-            host = torch.empty(self.H.shape, dtype=self.H.dtype, pin_memory=True)
+            host = torch.empty(H.shape, dtype=H.dtype, pin_memory=True)
         except RuntimeError:
-            host = torch.empty(self.H.shape, dtype=self.H.dtype)
-        host.copy_(self.H)
+            host = torch.empty(H.shape, dtype=H.dtype)
+        host.copy_(H)
         self.H = host
 
     def state(self) -> list[torch.Tensor]:
-        return [self.H, torch.tensor([self.n_tokens], dtype=torch.int64, device=self.H.device)]
+        H = self.H
+        return [H, torch.tensor([self.n_tokens], dtype=torch.int64, device=H.device)]
 
     def load_state(self, tensors: list[torch.Tensor]) -> None:
         self.H, self.n_tokens = tensors[0], int(tensors[1].item())
+
+
+# How a GPU adds xᵀx of half inputs into a float32 H, per device kind: found once per process
+# by `_gram_mode` (torch versions differ in which GEMM writes fp32 from fp16/bf16 in place).
+_GRAM_MODE: dict = {}
+
+
+def gram_update(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """H <- beta·H + alpha·xᵀx for half x (m, n) and float32 H (n, n) on one GPU, products
+    on tensor cores accumulated in float32."""
+    mode = _gram_mode(H.device)
+    if mode != "tf32":
+        try:
+            _gemm(mode, H, x, beta, alpha)
+            return
+        except RuntimeError as e:
+            # refused for a shape the probe did not cover (argument checks run before the
+            # GEMM, so H is untouched): TF32 from now on
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            _GRAM_MODE[_device_key(H.device)] = "tf32"
+    _gemm("tf32", H, x, beta, alpha)
+
+
+def _gemm(mode: str, H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    xt = x.t()
+    if mode == "addmm":
+        torch.addmm(H, xt, x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=H)
+    elif mode == "baddbmm":
+        H3 = H.unsqueeze(0)
+        torch.baddbmm(H3, xt.unsqueeze(0), x.unsqueeze(0), beta=beta, alpha=alpha,
+                      out_dtype=torch.float32, out=H3)
+    else:
+        x32 = x.to(torch.float32)
+        with _lossless_tf32(True):
+            H.addmm_(x32.t(), x32, beta=beta, alpha=alpha)
+
+
+def _gram_mode(device: torch.device) -> str:
+    """'addmm' or 'baddbmm' (a half GEMM writing float32 into H in place), else 'tf32'.
+    A candidate must give the float64 reference's values on a probe and leave no n×n
+    temporary behind (measured with the allocator's peak); LAYERQUANT_GRAM=tf32 forces the
+    fallback."""
+    key = _device_key(device)
+    if key in _GRAM_MODE:
+        return _GRAM_MODE[key]
+    import os
+    mode = "tf32"
+    if os.environ.get("LAYERQUANT_GRAM", "auto") != "tf32":
+        for candidate in ("addmm", "baddbmm"):
+            if _probe(candidate, device):
+                mode = candidate
+                break
+    _GRAM_MODE[key] = mode
+    return mode
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _probe(mode: str, device: torch.device) -> bool:
+    n, m = 1024, 256
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        x = torch.randn((m, n), device=device, generator=gen).to(torch.bfloat16)
+        H = torch.randn((n, n), device=device, generator=gen)
+        H = H @ H.t() / n
+        want = H.double() * 0.25 + 0.5 * (x.double().t() @ x.double())
+        _gemm(mode, H, x, 0.25, 0.5)  # the first call may set up cuBLAS workspaces
+        torch.cuda.synchronize(device)
+        H = want.float()
+        ptr = H.data_ptr()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _gemm(mode, H, x, 0.25, 0.5)
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - before
+        want = want * 0.25 + 0.5 * (x.double().t() @ x.double())
+        err = float((H.double() - want).abs().max() / want.abs().max())
+        return H.data_ptr() == ptr and extra < n * n * 4 and err < 1e-5
+    except Exception:  # noqa: BLE001 - this torch has no such GEMM: the next candidate
+        return False
 
 
 @torch.no_grad()
@@ -115,7 +308,7 @@ def _lossless_tf32(enable: bool):
     """TF32 tensor cores for an fp32 matmul whose inputs came from fp16/bf16: TF32 keeps 10
     mantissa bits, so those values enter exactly and products accumulate in fp32 -- the
     full-fp32 result at tensor-core speed (the 11008² down_proj Hessian is most of a 7B
-    layer's FLOPs)."""
+    layer's FLOPs). (report_errors also uses it for fp32 inputs, where it is not lossless.)"""
     if not enable:
         yield
         return
@@ -147,17 +340,21 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 def report_errors(w: torch.Tensor, q: QuantizedWeight, H: torch.Tensor,
                    row_slices: int) -> tuple[float, float]:
     """(output_error, relative weight error) of quantized q against w, by row slices, at
-    most two float32 copies of a slice alive at a time (the planner counts two)."""
+    most two float32 copies of a slice alive at a time (the planner counts two). A report,
+    not an input to anything written: on a GPU its two products run in TF32 (a ~1e-3 relative
+    difference in the error figure, ~8x less time than full fp32)."""
     num = den = wnum = wden = 0.0
     step = -(-w.shape[0] // max(1, row_slices))
     for r0 in range(0, w.shape[0], step):
         ws = w[r0:r0 + step].to(H.device, torch.float32)
         wden += float(torch.linalg.vector_norm(ws)) ** 2
-        den += float(torch.mm(ws, H).mul_(ws).sum())
+        with _lossless_tf32(H.is_cuda):
+            den += float(torch.mm(ws, H).mul_(ws).sum())
         d = q.rows(r0, r0 + ws.shape[0]).dequantize(torch.float32).to(H.device).sub_(ws)
         del ws
         wnum += float(torch.linalg.vector_norm(d)) ** 2
-        num += float(torch.mm(d, H).mul_(d).sum())
+        with _lossless_tf32(H.is_cuda):
+            num += float(torch.mm(d, H).mul_(d).sum())
         del d
     rel = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
     return rel, math.sqrt(wnum) / max(math.sqrt(wden), 1e-12)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..arch.moe import EXPERT_BATCH_HESSIAN_BYTES
 from ..plan.shapes import InputGroup
 from ..plan.terms import Decisions, LayerTerms, Phase, PlanJob, Term, alive_copies, swap_in
+from .gptq_hessian import hessian_update_bytes
 
 
 def codes_on_device(dec: Decisions) -> bool:
@@ -45,9 +46,10 @@ def parks(g: InputGroup, groups: tuple[InputGroup, ...], dec: Decisions) -> bool
 
 def calibrate_phase(t: LayerTerms, g: InputGroup) -> Phase:
     job, dec, n = t.job, t.dec, g.in_features
-    # XᵀX is added one sample at a time (the same bits whatever the chunking)
-    update = Term("hessian_update", f"one sample's input in fp32 for X^T·X ({job.seqlen}×{n})",
-                  job.seqlen * n * 4)
+    # XᵀX is added a fixed group of samples at a time (the same bits whatever the chunking):
+    # one sample in fp32, or on a GPU a gathered group
+    update = Term("hessian_update", f"X^T·X update scratch ({job.seqlen}×{n} per sample)",
+                  hessian_update_bytes(n, job.seqlen, job.d, not job.on_host))
     alive = [hessian(g, dec)] if _local(t) else []
     if (dec.hessian == "gpu" or dec.hessian == "park" and not parks(g, t.groups, dec)) \
             and job.samples > 1 and not job.on_host:

@@ -1,5 +1,5 @@
-"""Assemble the export: shards of the non-layer tensors (from the source) and the layers (from
-their job files), config.json with its quantization_config, the tokenizer, layerquant.json
+"""Assemble the export: the shards (export/store.py: non-layer tensors from the source, the
+layers written in place or from their job files), config.json with its quantization_config, the tokenizer, layerquant.json
 and the marker, staged inside the job directory until it is published."""
 from __future__ import annotations
 
@@ -7,34 +7,19 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 
-from ..export.writer import ShardWriter, copy_tokenizer, write_config
+from ..export.writer import copy_tokenizer, write_config
 from .outputs import EXPORT, write_marker
 from .serving_checks import export_quantization_config
 
 
 def assemble(job, jobdir, staged: Path, max_shard_bytes: int,
              module_settings: dict | None = None) -> None:
-    """Final checkpoint (job: run.job.Job): non-layer tensors from the source, layers from
-    their job files."""
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir(parents=True)
+    """Final checkpoint (job: run.job.Job): the shards (written in place layer by layer, or
+    assembled from layer files: export/store.py), config.json, tokenizer, layerquant.json."""
+    from ..export.store import write_shards
     source = job.source
-    out_dtype = getattr(torch, job.settings.out_dtype)
-    writer = ShardWriter(staged, max_shard_bytes)
-    # Tensors the text model uses in the output dtype; a vision tower's and a projector's as
-    # they are in the checkpoint (never cast, never quantized)
-    text, kept = job.arch.split_non_layer(source.non_layer_names())
-    head = source.load(text, dtype=out_dtype)
-    head.update(source.load(kept))
-    writer.add(dict(sorted(head.items())))
-    del head
-    for i in range(source.num_layers):
-        tensors, _ = jobdir.load_layer("quantize", i)
-        writer.add(dict(sorted(tensors.items())))
-    writer.finish()
+    write_shards(job, jobdir, staged, max_shard_bytes)
     qcfg = export_quantization_config(job, module_settings)
     if module_settings is not None and (jobdir.path / "measurement.json").is_file():
         shutil.copy2(jobdir.path / "measurement.json", staged / "measurement.json")

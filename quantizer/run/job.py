@@ -25,6 +25,7 @@ from ..stream.originals import describe
 from ..stream.skeleton import build_skeleton, check_layer_shapes
 from ..stream.source import CheckpointSource
 from .serving_checks import check_planned
+from . import warmup
 from .widths import plan_widths
 
 
@@ -93,6 +94,7 @@ def plan_job(model_path, settings: QuantSettings, max_shard_bytes: int = 1 << 30
     w = w or world()
     settings = settings.validated()
     device = run_device(settings, w)
+    warmup.start(device)  # CUDA, cuBLAS, cuSOLVER, Triton: on a thread beside the imports
     check_placement(settings, device, w)
     source = CheckpointSource(model_path, originals=True)  # refuses what it cannot read
     check_calibration_length(source.raw_config, settings.calib.seqlen, settings.calib.samples)
@@ -111,6 +113,8 @@ def plan_job(model_path, settings: QuantSettings, max_shard_bytes: int = 1 << 30
               device, dtype, fmt, notes, max_shard_bytes=max_shard_bytes)
     if not settings.is_adaptive:  # adaptive: checked once the bit allocation is known
         check_planned(job)
+    if device.type == "cuda":
+        warmup.wait()  # the plan reads free memory: after the warm-up let go of its own
     job.plan, plan_notes = plan_for_run(job)
     job.notes += plan_notes
     if job.plan is not None and settings.budgets.vram and device.type == "cuda":

@@ -8,6 +8,7 @@ files, and a resumed run produces byte-identical output."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from quantizer.kernels.packing import QuantizedWeight
 
 from ..errors import OutOfMemory
+from ..export.store import float_tensors
 from ..parallel.distributed import world
 from ..parallel.shards import CalibLayout, agree_min, fold_values
 from ..plan.planner import shrink
@@ -40,6 +42,10 @@ class LayerLoop:
     def __init__(self, job, method, exporter, jobdir, tokens, progress: bool):
         self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
         s = job.settings
+        self.world = world()
+        self._prefetch = None  # (index, future) of the next layer's tensors being read
+        if exporter is not None:  # the first layer is read while the loop is set up
+            self._start_read(jobdir.next_layer(STAGE))
         self.model = job.take_skeleton() or build_skeleton(job.source, "cpu", job.dtype,
                                                            job.padded_intermediate)
         # Without a plan (CPU runs) the settings say where hidden states wait; OOM recovery
@@ -54,7 +60,6 @@ class LayerLoop:
         self.progress = progress
         self.inputs, self.kwargs = Chunks(), []
         self.inject = injection_plan()
-        self.world = world()
         self.layout = None
         if tokens is not None:
             dec = self.decisions(0)
@@ -78,8 +83,80 @@ class LayerLoop:
             and not (self.plan is not None and self.decisions(0).hidden == "disk"))
         if self.world.distributed:  # each rank holds only its shards: resume replays instead
             self.save_hidden = False
-        self._prefetch = None  # (index, future) of the next layer's tensors being read
         self._pending: list[Chunks] = []  # hidden states the current attempt is writing
+        self._writer = None  # one thread: the store's set-up, then each layer's write + commit
+        self._write = None  # the future of the last task given to it
+        self._async_write = False
+        # the quantize pass's (the measurement pass, a subclass, exports nothing)
+        self.layer_store = (self._open_store(getattr(job, "max_shard_bytes", 1 << 30))
+                            if exporter is not None else None)
+
+    # ---- where finished layers go ----------------------------------------------------------
+    def _open_store(self, max_shard_bytes: int):
+        """The export's shard files written in place (export/store.py), or layer files for a
+        job that has them. GPU runs write on a thread: layer i's bytes go to disk and are
+        committed while layer i+1 is quantized (not when hidden states are saved too: those
+        must be durable before the commit, so that whole step stays in line)."""
+        from ..export.store import (DirectJobStore, DirectStore, LayerFileStore, plan_layout,
+                                   use_direct_shards)
+
+        if not use_direct_shards(self.jobdir):
+            self._async_write = False
+            return LayerFileStore(self.jobdir)
+        layout = plan_layout(self.job, self.model, self.exporter, self.method, max_shard_bytes)
+        store = DirectJobStore(self.jobdir, layout)
+        self._async_write = self.world.main and not self.save_hidden and (
+            self.job.device.type == "cuda" or os.environ.get("LAYERQUANT_ASYNC_WRITE") == "1")
+        if not self.world.main:
+            return store  # ranks > 0 only read (resume replays), once rank 0 created it
+        fresh = not DirectStore.present(self.jobdir.path)
+        if not fresh:
+            store.attach()  # a resumed job's files are checked before any work
+        self._submit(lambda: self._prepare_store(store, fresh))
+        return store
+
+    def _prepare_store(self, store, fresh: bool) -> None:
+        """New shard files, then the non-layer tensors (on the writer thread on GPUs: beside
+        the first layer's work)."""
+        if fresh:
+            store.create()
+        if not store.head_written():
+            store.write_head(self.job.source)
+
+    def _submit(self, fn) -> None:
+        """Run fn after every earlier task: on the writer thread for GPU runs, else now."""
+        if not self._async_write:
+            fn()
+            return
+        self.wait_writes()
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-write")
+        self._write = self._writer.submit(fn)
+
+    def wait_writes(self) -> None:
+        """Block until every task given to the writer is done (its error raised here)."""
+        if self._write is not None:
+            future, self._write = self._write, None
+            future.result()
+
+    def _save_layer(self, i: int, tensors: dict, meta: dict) -> None:
+        """Layer i durable, then committed in state.json (hidden states saved in between)."""
+        if not self.world.main:
+            return
+        store = self.layer_store
+        if self._async_write:  # the bytes leave the GPU here, the thread writes them
+            tensors = {k: v.to("cpu") for k, v in tensors.items()}
+        hidden = (list(self.inputs) if self.save_hidden and self.inputs
+                  and i + 1 < self.job.source.num_layers else None)
+
+        def save():
+            store.save_layer(i, tensors, meta)
+            if hidden is not None:
+                self.jobdir.save_hidden(i + 1, hidden)
+            store.commit(i)
+
+        self._submit(save)
 
     def layer_kwargs(self, i: int) -> dict:
         """What transformers' forward passes decoder layer i besides its hidden states."""
@@ -91,8 +168,8 @@ class LayerLoop:
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
         """The per-layer records of a finished pass, from the job directory."""
-        return [LayerRecord(**jobdir.layer_meta(STAGE, i)["record"])
-                for i in range(jobdir.next_layer(STAGE))]
+        from ..export.store import layer_records
+        return [LayerRecord(**meta["record"]) for meta in layer_records(jobdir)]
 
     # ---- the pass --------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,10 +181,20 @@ class LayerLoop:
             self._restore_inputs(start)
         bar = tqdm(total=n, initial=start, desc="layers", unit="layer",
                    disable=not (self.progress and self.world.main))
-        for i in range(start, n):
-            records.append(self._layer(i))
-            bar.set_postfix_str(f"err {records[-1].error_str()}")
-            bar.update(1)
+        try:
+            for i in range(start, n):
+                records.append(self._layer(i))
+                bar.set_postfix_str(f"err {records[-1].error_str()}")
+                bar.update(1)
+        except BaseException:
+            # The layer being written when this broke is still committed (or fails cleanly)
+            # before the job directory is unlocked; this error is the one that counts.
+            try:
+                self.wait_writes()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        self.wait_writes()
         bar.close()
         self.hidden.release(self.inputs)
         return records
@@ -211,13 +298,10 @@ class LayerLoop:
                              peak_bytes=peak, stats=_numbers(ctx.stats),
                              predicted_peak=predicted, decisions=dec.describe(),
                              oom_retries=list(retries))
-        record.seconds = time.perf_counter() - t0  # so far: the file's record has a time too
-        self.jobdir.save_layer(STAGE, i, tensors, meta={"record": asdict(record)})
-        if self.save_hidden and self.inputs and i + 1 < job.source.num_layers:
-            self.jobdir.save_hidden(i + 1, list(self.inputs))
+        record.seconds = time.perf_counter() - t0  # so far: the saved record has a time too
+        self._save_layer(i, tensors, {"record": asdict(record)})
         record.write_s = time.perf_counter() - t2
         record.seconds = time.perf_counter() - t0
-        self.jobdir.commit_layer(STAGE, i)
         if job.device.type == "cuda":
             torch.cuda.empty_cache()  # the next layer's sizes start from a clean cache
         return record
@@ -301,8 +385,9 @@ class LayerLoop:
             log.info("resumed at layer %d from saved hidden states", start)
             return
         job = self.job
+        self.wait_writes()  # the store is checked before anything is read from it
         for i in range(start):
-            tensors, _ = self.jobdir.load_layer(STAGE, i)
+            tensors = self.layer_store.load_layer(i)
             layer = load_layer(self.model, job.source, i, job.device, job.dtype,
                                job.padded_intermediate)
             materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
@@ -322,10 +407,7 @@ def export_tensors(layer, prefix: str, quantized: dict, exporter, out_dtype) -> 
     out = {}
     for name, q in quantized.items():
         out.update(exporter.linear_tensors(f"{prefix}.{name}", q))
-    for pname, p in layer.state_dict().items():
-        if pname.rsplit(".", 1)[0] in quantized and pname.endswith(".weight"):
-            continue
-        out[f"{prefix}.{pname}"] = p.detach().to("cpu", out_dtype).contiguous()
+    out.update(float_tensors(layer, prefix, quantized, out_dtype))
     return out
 
 
