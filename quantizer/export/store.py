@@ -380,10 +380,9 @@ def plan_layout(job, model, exporter, method, max_shard_bytes: int) -> ExportLay
 
     s = job.settings
     out_dtype = getattr(torch, s.out_dtype)
-    opts = s.method_options
     module_settings = getattr(method, "module_settings", None) or {}
-    act_order = bool(getattr(method, "act_order", opts.get("act_order", False)))
-    static = bool(getattr(method, "static_groups", opts.get("static_groups", False)))
+    act_order = bool(getattr(method, "act_order", s.gptq.act_order))
+    static = bool(getattr(method, "static_groups", s.gptq.static_groups))
     linear_specs: dict[tuple, list[tuple[str, str, tuple]]] = {}  # stand-in key -> specs
     layers = decoder_layers(model)
     per_layer = []
