@@ -4,7 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Triton's CPU interpreter is chosen when triton is imported: set it before any test module's
+# imports can pull triton in (quantizer.methods imports the GPTQ Triton kernel module), not
+# only in the kernel tests' own modules, which pytest collects after others. (As before, it
+# holds for the whole run: collection finishes before any test runs.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LAYERQUANT_SHARED", ROOT.parent / "shared"))
