@@ -72,6 +72,27 @@ def make_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **base)
 
 
+def meta_model(config):
+    """The model of `config` on the meta device with its layers' linears under their on-disk
+    names (MoE: per-expert linears instead of transformers' fused parameters; arch/model.py),
+    and the NameMap between memory and disk names."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch.meta import decoder_layers
+    from ..arch.model import apply_renames, layer_renames, prepare_layer
+    from ..arch.names import NameMap
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    names = NameMap(model)
+    path, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        prepare_layer(layer, names)
+        apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
+    return model, names
+
+
 def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.float16,
                      seed: int = 0, std: float = 0.02, max_shard_bytes: int = 1 << 30,
                      outlier_channels: int = 0, device: str = "cpu", **overrides) -> Path:
@@ -81,26 +102,13 @@ def write_checkpoint(out, config=None, preset: str | None = None, dtype=torch.fl
     large norm weight, so activations carry outliers as real LLMs' do (AWQ tests use it).
     device="cuda" draws the weights there (other values than on the CPU for the same seed;
     a 7B-width 32-layer benchmark checkpoint in seconds instead of a minute)."""
-    from transformers import AutoModelForCausalLM
-
     if config is None:
         params = dict(PRESETS[preset]) if preset else {}
         params.update(overrides)
         config = make_config(params.pop("model_type"), **params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config)
-    # MoE: per-expert linears named as on disk, instead of transformers' fused parameters
-    from ..arch.meta import decoder_layers
-    from ..arch.model import apply_renames, layer_renames, prepare_layer
-    from ..arch.names import NameMap
-    names = NameMap(model)
-    path, layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        prepare_layer(layer, names)
-        apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
+    model, names = meta_model(config)
     gen = torch.Generator().manual_seed(seed)
     draw = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)

@@ -179,26 +179,11 @@ def write_generated(out, config, fmt: str = "fp8-block", device="cpu", std: floa
     """Random weights of `config` (a transformers config) written straight in `fmt`: each
     tensor is drawn on `device`, quantized there and only its stored form reaches the host.
     Norms are 1, everything else N(0, std); the plain tensors are in `dtype`."""
-    import warnings
-
-    from transformers import AutoModelForCausalLM
-
-    from ..arch.meta import decoder_layers
-    from ..arch.model import apply_renames, layer_renames, prepare_layer
-    from ..arch.names import NameMap
-    from .synthetic import _NUM_EXPERTS_KEY
+    from .synthetic import _NUM_EXPERTS_KEY, meta_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config)
-    # per-expert linears under their on-disk names (quantizer/arch/model.py)
-    names = NameMap(model)
-    path, layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        prepare_layer(layer, names)
-        apply_renames(layer, layer_renames(layer, f"{path}.{i}", names))
+    model, _ = meta_model(config)  # per-expert linears under their on-disk names
     cfg = config.to_dict()
     key = _NUM_EXPERTS_KEY.get(config.model_type)
     if key is not None:
