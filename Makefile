@@ -31,7 +31,7 @@ upgrade:
 	$(MAKE) install
 
 # The family zoo's long tail (every transformers family, minutes each on 2 cores, some need
-# GBs for their tiny configs) is `make test-zoo`; `make test` runs its representatives.
+# GBs for their tiny configs) is `make test-zoo`; `make test` runs the named families.
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider -m "not zoo" $(PYTEST_ARGS) tests
 
