@@ -38,7 +38,7 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             out = {"allocated": torch.cuda.max_memory_allocated(self.device),
                    "reserved": torch.cuda.max_memory_reserved(self.device)}
-            from ..plan.sizes import gpu_memory, process_gpu_bytes
+            from ..plan.machine import gpu_memory, process_gpu_bytes
             index = self.device.index if self.device.index is not None else \
                 torch.cuda.current_device()
             for i, _, total, free in gpu_memory([index]):
