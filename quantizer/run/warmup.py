@@ -104,6 +104,7 @@ def _warm_gptq_kernel(device) -> None:
     blocks), so the first layer finds it built."""
     import torch
 
+    from ..methods.gptq_columns import gptq_group_params
     from ..methods.gptq_triton import available, solve_columns_triton
 
     if not available():
@@ -116,4 +117,7 @@ def _warm_gptq_kernel(device) -> None:
     scales = torch.ones((n // gs, out_f), device=device)
     zeros = torch.zeros((n // gs, out_f), device=device)
     gid = (torch.arange(n, device=device) // gs).to(torch.int32)
-    solve_columns_triton(WT, U, QT, scales, zeros, gid, True, gs, block, bits, False)
+    def params(w, col):  # min-max group parameters, as a run's default grid computes them
+        return gptq_group_params(w, bits, False)
+
+    solve_columns_triton(WT, U, QT, scales, zeros, gid, True, gs, block, bits, params)
