@@ -8,8 +8,9 @@ their exports are byte-identical.
     python tools/export_hashes_cli.py --repo . --out after.json
     diff before.json after.json
 
-Every run is `python -m quantizer.cli` with the tree on PYTHONPATH, on the CPU, 8 x 64
-builtin calibration tokens, so it works on any tree whose command line has these flags."""
+Every run is `python -m quantizer.cli` with the tree on PYTHONPATH, on the CPU (or
+`--device cuda`), 8 x 64 builtin calibration tokens, so it works on any tree whose command
+line has these flags."""
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ WRITE_TINY = ("import sys\n"
               "write_checkpoint(sys.argv[1], preset='tiny-llama')\n")
 
 
-def _env(repo: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+def _env(repo: Path, device: str = "cpu") -> dict:
+    hide = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    return {**os.environ, "PYTHONPATH": str(repo), **hide}
 
 
 def _hashes(directory: Path, tmp: str | None = None) -> dict:
@@ -67,11 +69,11 @@ def _masked(value):
 
 
 def _run(repo: Path, model: Path, out: Path, method: str, fmt: str,
-         flags: tuple[str, ...] = ()) -> dict:
+         flags: tuple[str, ...] = (), device: str = "cpu") -> dict:
     cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), "--method", method,
-           "--format", fmt, "--bits", "4", "--device", "cpu", "--calib-samples", "8",
+           "--format", fmt, "--bits", "4", "--device", device, "--calib-samples", "8",
            "--calib-seqlen", "64", "--no-progress", *flags]
-    done = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
+    done = subprocess.run(cmd, cwd=repo, env=_env(repo, device), capture_output=True, text=True,
                           timeout=900)
     if done.returncode:
         lines = [x for x in done.stderr.splitlines() if x.strip()]
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated METHOD/FORMAT cases")
     p.add_argument("--stories", default=str(STORIES), help="stories260K (hf) directory; "
                    "skipped when absent")
+    p.add_argument("--device", default="cpu", help="where the runs quantize (default cpu; "
+                   "cuda compares two trees on one GPU)")
     a = p.parse_args(argv)
     repo = Path(a.repo).resolve()
     only = set(a.only.split(",")) if a.only else None
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
                 if only and case not in only:
                     continue
                 out = Path(tmp) / f"{name}-{case.replace('/', '-')}"
-                results[f"{name}/{case}"] = _run(repo, model, out, method, fmt, flags)
+                results[f"{name}/{case}"] = _run(repo, model, out, method, fmt, flags, a.device)
                 print(name, case, results[f"{name}/{case}"].get("exit"), flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0
