@@ -14,6 +14,11 @@ class InputError(QuantizerError, ValueError):
     exit_code = 2
 
 
+class Unsupported(InputError):
+    """The model has something this quantizer cannot handle (a layer structure discovery
+    cannot read, experts of an unknown layout); the message says what."""
+
+
 class OutOfMemory(QuantizerError):
     exit_code = 3
 

@@ -185,7 +185,7 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
                                                          monkeypatch):
     """Experts' groups captured together (their inputs do not depend on each other) give
     byte-identical exports to the true-sequential one-group-per-forward order."""
-    import quantizer.arch.moe as arch_moe
+    import quantizer.arch.base as arch_base
 
     src = tiny_checkpoint("tiny-qwen3-moe", dtype=torch.float32)
     spec = get_arch(json.loads((src / "config.json").read_text())).for_layer(None, 1)
@@ -194,7 +194,7 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
     assert len(spec.capture_batches(lambda n: 128, max_bytes=4 * 128 ** 2 * 2)) == 2 + 2 + 2
     exports = []
     for cap in (1, 1 << 30):
-        monkeypatch.setattr(arch_moe, "EXPERT_BATCH_HESSIAN_BYTES", cap)
+        monkeypatch.setattr(arch_base, "EXPERT_BATCH_HESSIAN_BYTES", cap)
         out = tmp_path / f"cap{cap}"
         quantize(src, out, bits=4, group_size=32, method="gptq", export_format="gptq",
                  calib_data=str(prose_file), calib_samples=4, calib_seqlen=32, progress=False,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from quantizer import quantize
 from quantizer.export import get_exporter
 from quantizer.methods.rtn import rtn_quantize
-from quantizer.stream.experts import ExpertMLP, UnfusedExperts
+from quantizer.arch.experts import ExpertMLP, UnfusedExperts
 
 CHANNEL = 7
 # Router logits = x[CHANNEL] * slope: tokens with x > 0 go to experts {0, 1}, x < 0 to {4, 3};

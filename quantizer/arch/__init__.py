@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from .base import ArchSpec, MoESpec, ScaleGroup
 from .family import FAMILIES, Family, family_for
+from .meta import config_from_dict
 from .model import LayerKind, ModelArch, model_arch
 
 
 def get_arch(config) -> ModelArch:
     """ModelArch of a config.json dict, or of transformers' default config of a model type."""
     if isinstance(config, str):
-        from .meta import config_from_dict
         config = config_from_dict({"model_type": config}).to_dict()
     return model_arch(config)
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+# GPTQ captures the inputs of several experts in one forward (their Hessians alive at once)
+# up to this many bytes of float32 Hessians: all of a Mixtral-8x7B layer's gate/up groups
+# (8 x 64 MiB), two of its down groups (784 MiB each), 32 of Qwen3-30B-A3B's gate/up groups.
+EXPERT_BATCH_HESSIAN_BYTES = 2 << 30
+
 
 @dataclass(frozen=True)
 class ScaleGroup:
@@ -109,7 +114,7 @@ class ArchSpec:
         groups of the same kind (gate/up, or down) read inputs no other expert changes, so
         they share a forward, up to `max_bytes` of float32 Hessians at once."""
         if max_bytes is None:
-            from .moe import EXPERT_BATCH_HESSIAN_BYTES as max_bytes
+            max_bytes = EXPERT_BATCH_HESSIAN_BYTES
         batches: list[list[tuple[str, ...]]] = []
         kind = None
         size = 0

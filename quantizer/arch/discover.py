@@ -23,13 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import Unsupported
+from .experts import UnfusedExperts
 
 log = logging.getLogger(__name__)
-
-
-class Unsupported(InputError):
-    """The layer has something this quantizer cannot handle; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -164,8 +161,6 @@ def trace_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
                 keep: tuple[str, ...] = ()) -> LayerFound:
     """Run `layer` once (meta tensors) and read its structure off the trace. Linears named in
     `keep` stay in high precision (they take their input's AWQ fold)."""
-    from ..stream.experts import UnfusedExperts
-
     leaves = {n for n, m in layer.named_modules() if not list(m.children())}
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
@@ -274,8 +269,6 @@ def _is_row(name: str, trace: _Trace, outputs: dict) -> bool:
 @contextlib.contextmanager
 def _route_all(layer):
     """Every expert sees every token while discovering (no routing on meta tensors)."""
-    from ..stream.experts import UnfusedExperts
-
     mods = [m for m in layer.modules() if isinstance(m, UnfusedExperts)]
     for m in mods:
         m.route_all = True

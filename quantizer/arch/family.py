@@ -3,13 +3,16 @@
 Everything else about a family -- its linears, their order, shared inputs, AWQ groups, experts,
 which layers are sparse, the widths -- is read off transformers' own modules
 (quantizer/arch/discover.py). A family listed with `refused` is turned away before any work
-with that reason; a family not listed at all is tried by discovery alone."""
+with that reason; a family not listed at all is tried by discovery alone. Model types that
+transformers builds from another family's config (Kimi-K2) are meta.py's ALIASES, resolved
+where config.json is read."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import InputError
+from .meta import text_config
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,6 @@ def _per_layer_inputs(config) -> str | None:
     # input (per-layer token embeddings) and let later layers reuse earlier layers' KV cache:
     # a layer is then no function of its hidden states alone, which layer-by-layer
     # quantization streams. Sizes without either are quantized like any other family.
-    from .meta import text_config
     text = text_config(config)
     if getattr(text, "hidden_size_per_layer_input", 0):
         return ("its decoder layers read per-layer token embeddings besides the hidden states "
@@ -105,12 +107,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         "the interleaved dense / MoE layers and the shared expert would be quantized as "
         "discovered")) for t in ("llama4", "llama4_text")),
 )}
-
-
-# Families transformers does not know under their own model_type but builds from another's
-# config: Kimi-K2 publishes DeepSeek-V3's architecture (DeepseekV3ForCausalLM, the same
-# tensor names) as model_type "kimi_k2" with remote code.
-ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 def family_for(model_type: str) -> Family:

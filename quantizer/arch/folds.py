@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from .meta import layer_output
+
 log = logging.getLogger(__name__)
 
 # Relative change of the layer output a probe still calls unchanged (power-of-two scales on a
@@ -130,8 +132,6 @@ def group_signature(group) -> tuple:
 def probe(layer: nn.Module, group, x: torch.Tensor, kwargs: dict) -> str | None:
     """None when folding scales across `group` leaves `layer`'s output on `x` unchanged, else
     why not. Runs the layer twice with hooks; no weight is changed."""
-    from ..stream.skeleton import layer_output
-
     prev = layer.get_submodule(group.prev)
     readers = list(group.linears) + list(group.also_scale)
     width = _out_width(prev)

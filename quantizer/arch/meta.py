@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions",
                  "cache_position", "output_router_logits")
 
+# Families transformers does not know under their own model_type but builds from another's
+# config: Kimi-K2 publishes DeepSeek-V3's architecture (DeepseekV3ForCausalLM, the same
+# tensor names) as model_type "kimi_k2" with remote code.
+ALIASES = {"kimi_k2": "deepseek_v3"}
+
 
 def config_from_dict(raw: dict):
     """config.json as transformers reads it (aliases such as num_local_experts resolved)."""
@@ -26,8 +31,6 @@ def config_from_dict(raw: dict):
 
     params = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config",
                                                       "transformers_version")}
-    from .family import ALIASES
-
     model_type = raw.get("model_type")
     if not model_type:
         raise InputError("config.json has no model_type")
@@ -140,6 +143,11 @@ def text_module_paths(model: nn.Module, layers_path: str) -> tuple[str, ...]:
     if head is not None:
         out += [p for p, m in model.named_modules() if m is head]
     return tuple(out)
+
+
+def layer_output(out):
+    """Decoder layers return a tensor (transformers 5) or a tuple (4.x)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def materialise_buffers(model: nn.Module, device="cpu", skip: str | None = None) -> None:

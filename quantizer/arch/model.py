@@ -15,12 +15,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, Unsupported
 from . import family as families
 from .base import ArchSpec, MoESpec, ScaleGroup
-from .discover import LayerFound, Unsupported, trace_layer
+from .discover import LayerFound, trace_layer
+from .experts import UnfusedExperts, unfused
+from .folds import norm_fold_kind
 from .meta import (build_meta, capture_layer_calls, config_from_dict, decoder_layers,
                    materialise_buffers, text_config, text_module_paths)
+from .moe import moe_layer_spec
 from .names import NameMap
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,6 @@ class ModelArch:
         kind = self.kind(index)
         if kind.moe is None:
             return kind.spec
-        from .moe import moe_layer_spec
         return moe_layer_spec(kind.spec, kind.norm_before_experts, tuple(rtn_experts))
 
     # the dense MLP (padding): from the first dense kind that has one
@@ -346,8 +348,6 @@ def _to_meta(obj):
 def prepare_layer(layer: nn.Module, names: NameMap) -> list[str]:
     """Swap the layer's fused experts for per-expert linears under their on-disk names (in
     place, on whatever device the layer is). Returns the experts modules' paths."""
-    from ..stream.experts import UnfusedExperts, unfused
-
     done = []
     for path, mod in list(layer.named_modules()):
         if isinstance(mod, (UnfusedExperts, nn.modules.conv._ConvNd)):
@@ -474,7 +474,6 @@ def kept_modules(model: nn.Module, text_paths: tuple[str, ...]) -> tuple[str, ..
 
 def _kind(index, indices, found: LayerFound, layer, family, cfg, names, mem_layers
           ) -> LayerKind:
-    from .folds import norm_fold_kind
     sparse = found.sparse
     moe = None
     norm = None

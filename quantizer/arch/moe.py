@@ -1,17 +1,12 @@
 """A MoE decoder layer's quantization plan, from the MoESpec discovery found: which linears
 exist (every routed expert's gate/up/down, the shared expert's), in which input groups they
 run, and the AWQ scaling groups. Names are on-disk tensor names, one source of truth with the
-unfused expert modules in quantizer/moe.py (which are built from the same rules)."""
+unfused expert modules in experts.py (which are built from the same rules)."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 from .base import ArchSpec, MoESpec, ScaleGroup
-
-# GPTQ captures the inputs of several experts in one forward (their Hessians alive at once)
-# up to this many bytes of float32 Hessians: all of a Mixtral-8x7B layer's gate/up groups
-# (8 x 64 MiB), two of its down groups (784 MiB each), 32 of Qwen3-30B-A3B's gate/up groups.
-EXPERT_BATCH_HESSIAN_BYTES = 2 << 30
 
 # Attention linears AWQ never clips (as for dense layers: the q/k dot product amplifies it).
 _NO_CLIP_LEAVES = ("q_proj", "k_proj")

@@ -7,13 +7,17 @@ The family zoo (tests/test_family_zoo.py, benchmarks/family_zoo.py) runs every f
 transformers' causal-LM and image-text-to-text mappings through this."""
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from .meta import config_from_dict, model_class
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +150,6 @@ def _shrink_vision(d: dict, text_hidden: int) -> dict:
 
 def _uses_mrope(model_type: str) -> bool:
     """Whether the family's model code splits its rotary table into multimodal sections."""
-    import inspect
-    import sys
-
-    from .meta import config_from_dict, model_class
     try:
         cls = model_class(config_from_dict({"model_type": model_type}))
         return "mrope_section" in inspect.getsource(sys.modules[cls.__module__])
@@ -160,8 +160,6 @@ def _uses_mrope(model_type: str) -> bool:
 def tiny_config(model_type: str, **overrides):
     """transformers' default config of `model_type`, shrunk (then `overrides` set on its text
     config); InputError if it does not build."""
-    from .meta import config_from_dict
-
     default = config_from_dict({"model_type": model_type})
     base = default.to_dict()
     text_default = getattr(default, "text_config", None) or default
@@ -193,10 +191,6 @@ def write_tiny(model_type: str, out, seed: int = 0, overrides: dict | None = Non
     transformers' save_pretrained writes it); `overrides` change the tiny config before the
     model is built, `config_json` the written config.json after (a family that publishes
     another's architecture under its own model_type)."""
-    import json
-
-    from .meta import model_class
-
     cfg = tiny_config(model_type, **(overrides or {}))
     cls = model_class(cfg)
     torch.manual_seed(seed)

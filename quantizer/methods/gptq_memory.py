@@ -4,7 +4,7 @@ column solve by row slices, the error report, and the host memory a parked or ho
 Hessian takes. methods/gptq.py and gptq_hessian.py allocate what these count."""
 from __future__ import annotations
 
-from ..arch.moe import EXPERT_BATCH_HESSIAN_BYTES
+from ..arch.base import EXPERT_BATCH_HESSIAN_BYTES
 from ..plan.shapes import InputGroup
 from ..plan.terms import Decisions, LayerTerms, Phase, PlanJob, Term, alive_copies, swap_in
 from .gptq_hessian import hessian_update_bytes

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from ..arch import model_arch
 from ..errors import InputError
 
 # vLLM builds MLA's low-rank "a" projections replicated on every GPU (ReplicatedLinear).
@@ -44,8 +45,6 @@ class ModelShapes:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShapes":
-        from ..arch import model_arch
-
         text = cfg
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
             text = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}

@@ -1,5 +1,5 @@
 """Calibration coverage of a MoE layer's routed experts: tokens per expert over the float pass
-(counted by stream/experts.py's UnfusedExperts), summed over processes, and the stated
+(counted by arch/experts.py's UnfusedExperts), summed over processes, and the stated
 fallback for experts that saw too few."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..arch.base import ArchSpec
+from ..arch.experts import experts_module
 from ..methods.rtn import rtn_quantize
 from ..parallel.distributed import comm_device
-from ..stream.experts import experts_module
 
 log = logging.getLogger(__name__)
 

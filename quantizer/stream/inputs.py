@@ -7,11 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
+from ..plan.shapes import ModelShapes
+
 
 def check_config(raw_config: dict, cfg_file: Path) -> None:
     """config.json's numbers that every stage reads (layers, widths, heads) are positive
     integers: a missing or string num_hidden_layers is one line, not a KeyError later."""
-    from ..plan.shapes import ModelShapes
     try:
         ModelShapes.from_config(raw_config)
     except InputError as e:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch.meta import (build_meta, capture_layer_calls, config_from_dict,
+                         materialise_buffers, text_config)
+from ..arch.meta import decoder_layers as _decoder_layers
+from ..arch.meta import layer_output as layer_output  # re-exported beside load_layer
+from ..arch.model import apply_renames, prepare_layer
 from ..errors import InputError
+from .originals import StoredWeight
 from .source import CheckpointSource
 
 
 def model_config(source: CheckpointSource, intermediate_size: int | None = None):
-    from ..arch.meta import config_from_dict, text_config
-
     cfg = config_from_dict(source.raw_config)
     cfg.use_cache = False
     text_config(cfg).use_cache = False
@@ -29,9 +33,6 @@ def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
     """transformers' model on the meta device with the tensors outside the decoder layers
     loaded on `device` (text_only: those the text forward uses; a vision tower stays meta),
     and every decoder layer's fused experts unfused and its modules under on-disk names."""
-    from ..arch.meta import build_meta, materialise_buffers
-    from ..arch.model import apply_renames, prepare_layer
-
     arch = source.arch
     cfg = model_config(source, intermediate_size)
     model = build_meta(cfg, dtype)
@@ -73,8 +74,6 @@ def _under(name: str, paths) -> bool:
 
 def _tied_names(model: nn.Module, cfg) -> dict[str, str]:
     """{parameter: the parameter transformers ties it to} (lm_head to the embeddings)."""
-    from ..arch.meta import text_config
-
     keys = getattr(model, "all_tied_weights_keys", None)
     if isinstance(keys, dict):
         return dict(keys)
@@ -94,8 +93,7 @@ def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from ..arch.meta import decoder_layers as find
-    return find(model)[1]
+    return _decoder_layers(model)[1]
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -135,7 +133,6 @@ def load_layer(model: nn.Module, source: CheckpointSource, index: int, device, d
         tensors = source.load_stored(source.layer_names(index))
     # Quantized originals (quantizer/originals.py): dequantized here, on the device, one
     # tensor at a time, straight into the working dtype.
-    from .originals import StoredWeight
     tensors = {k: v.dequantize(device, dtype) if isinstance(v, StoredWeight) else v
                for k, v in tensors.items()}
     if intermediate_size is not None:
@@ -173,8 +170,6 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor):
     stood in for: (hidden states entering layer 0, [kwargs of layer i]). Sliding and full
     attention layers get different masks, some families different rotary tables; a kwargs
     object shared by several layers is one object here too."""
-    from ..arch.meta import capture_layer_calls
-
     return capture_layer_calls(model, decoder_layers(model), input_ids)
 
 
@@ -182,8 +177,6 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor):
 def embed_inputs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The hidden states entering decoder layer 0, as the model's own forward makes them
     (Gemma scales its embeddings in the model's forward, not in the embedding module)."""
-    from ..arch.meta import capture_layer_calls
-
     return capture_layer_calls(model, decoder_layers(model), input_ids, first_only=True)[0]
 
 
@@ -209,11 +202,6 @@ def kwargs_to_device(calls: list[dict], device, dtype) -> list[dict]:
         return obj
 
     return [move(c) for c in calls]
-
-
-def layer_output(out):
-    """Decoder layers return a tensor (transformers 5) or a tuple (4.x)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def to_device(obj, device, dtype):

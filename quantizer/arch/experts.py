@@ -2,7 +2,7 @@
 
 transformers 5 stores a sparse block's experts fused: one (E, 2I, H) gate_up and one (E, H, I)
 down parameter, while checkpoints on disk (and vLLM) keep one tensor per expert linear.
-`unfused` (called by quantizer/arch/model.py prepare_layer) stands in `UnfusedExperts` for each: a
+`unfused` (called by prepare_layer in model.py) stands in `UnfusedExperts` for each: a
 ModuleList of small SwiGLU MLPs whose linears' full names are the on-disk tensor names and
 whose forward takes what the fused module takes and computes the same thing. Loading, capture,
 methods, export and `quantizer.load` then see ordinary named linears, one expert at a time;
@@ -12,11 +12,11 @@ While counting is on, each expert adds up how many tokens the router sent to it;
 run/expert_coverage.py turns those counts into the fallback for experts that saw too few."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from ..arch.base import ArchSpec, MoESpec
+from ..errors import Unsupported
+from .base import MoESpec
 
 
 class ExpertMLP(nn.Module):
@@ -114,7 +114,6 @@ def unfused(fused: nn.Module, leaves: tuple[str, str, str]) -> UnfusedExperts:
     allocates nothing), its expert linears named `leaves` as on disk."""
     problem = fused_layout_problem(fused)
     if problem:
-        from ..arch.discover import Unsupported
         raise Unsupported(f"experts of this layout are not supported: {problem}")
     down = fused.down_proj
     num, hidden, width = int(down.shape[0]), int(down.shape[1]), int(down.shape[2])
