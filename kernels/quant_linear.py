@@ -5,8 +5,8 @@ module built with the right constructor arguments takes `load_state_dict(..., as
 straight from a shard. The first forward repacks them (once, cached) into the kernel layout
 of kernels/packing.py (`pack_kernel`, the "planes" order) plus dense per-group scales and
 zeros; the on-disk buffers stay untouched for state_dict(). On CPU, or without Triton, forward dequantizes + matmuls;
-on CUDA it runs the fused Triton kernels of kernels/triton_w4a16.py (imported lazily, so the
-CPU path never imports triton).
+on CUDA it runs the fused Triton kernels of kernels/triton_w4a16.py (where triton, the
+optional "gpu" extra, imports; without it every forward takes the CPU path).
 """
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from torch import nn
 
 from quantizer.kernels import packing
 from quantizer.kernels.packing import QuantizedWeight
+
+try:
+    import triton  # noqa: F401 -- optional (the "gpu" extra)
+except Exception:  # noqa: BLE001 -- absent, or an install that does not import
+    triton_dispatch = None
+else:
+    from quantizer.kernels import triton_dispatch
 
 LAYOUTS = ("awq", "gptq", "compressed-tensors")
 
@@ -195,7 +202,6 @@ class QuantLinear(nn.Module):
         if x.device != kw.device:
             raise ValueError(f"input is on {x.device} but the quantized weight is on {kw.device}")
         if x.is_cuda and _triton_ok() and x.dtype in (torch.float16, torch.bfloat16):
-            from quantizer.kernels import triton_dispatch
             if x.stride(-1) != 1:
                 x = x.contiguous()
             bias = self.bias
@@ -219,15 +225,10 @@ def _reference_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | No
     return y.to(x.dtype)
 
 
-_TRITON_STATE: list[bool] = []
+# [whether forwards may use the Triton kernels]: a list, so a benchmark can turn them off
+_TRITON_STATE: list[bool] = [triton_dispatch is not None]
 
 
 def _triton_ok() -> bool:
-    """True when triton can be imported (checked once; never at module import)."""
-    if not _TRITON_STATE:
-        try:
-            import triton  # noqa: F401
-            _TRITON_STATE.append(True)
-        except Exception:
-            _TRITON_STATE.append(False)
+    """True when triton imported (and the kernels are not turned off)."""
     return _TRITON_STATE[0]

@@ -19,6 +19,13 @@ import re
 import tempfile
 from pathlib import Path
 
+import torch
+
+try:
+    import triton
+except Exception:  # noqa: BLE001 -- the cache is also read without triton (nothing to tune)
+    triton = None
+
 logger = logging.getLogger(__name__)
 
 _FILES: dict[tuple, "TuningFile"] = {}
@@ -50,12 +57,7 @@ def code_version() -> str:
 
 
 def _versions() -> dict:
-    import torch
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:  # the cache is also read where triton is missing (nothing to tune)
-        tv = None
+    tv = getattr(triton, "__version__", None)
     return {"torch": torch.__version__, "triton": tv, "code": code_version()}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import InputError, QuantizerError
 
@@ -213,8 +214,6 @@ def read_json(path: str | os.PathLike, what: str = "file"):
 def load_tensors(path: str | os.PathLike, what: str = "file",
                  device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file fully (tensors and metadata); corrupt → InputError naming it."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} is missing")

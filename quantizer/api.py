@@ -18,11 +18,11 @@ from .adaptive.stage import run_measure
 from .errors import InputError
 from .parallel.distributed import launch, resolve_devices, world
 from .plan.machine import visible_gpu_memory
+from .run.caches import configure_caches
 from .run.jobdir import check_output
 from .run.outputs import check_paths, input_files, local_model_path
 from .run.quantize import run_quantize
 from .run.report import QuantResult
-from .run.warmup import configure_caches
 from .settings import OPTION_FIELDS, SETTING_KEYWORDS, OutputSettings, QuantSettings
 from .validate import evaluation as _evaluation, loader as _loader
 from .validate.evaluation import EvalResult

@@ -16,8 +16,8 @@ import threading
 
 from .. import logs
 from ..errors import InputError, OutOfMemory, QuantizerError, Terminated
+from ..run.caches import configure_caches
 from ..run.outputs import local_model_path
-from ..run.warmup import configure_caches
 from .args import PARSERS, SUBCOMMANDS
 
 RESUMABLE = ("quantize", "measure")

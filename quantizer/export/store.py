@@ -22,11 +22,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import InputError, QuantizerError
+from ..kernels.packing import QuantizedWeight
 from ..measurements.atomic import (atomic_write_json, fsync_dir, read_json, write_at)
 from ..measurements.fingerprint import fingerprint_digest
+from ..stream.skeleton import decoder_layers
 from .layout import TORCH_DTYPES, ExportLayout, TensorSpec, convention_holds
+from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,6 @@ class DirectStore:
                 os.close(fd)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         out: dict[str, torch.Tensor] = {}
         by_shard: dict[int, list[str]] = {}
         for name in names:
@@ -292,8 +294,6 @@ def layer_records(jobdir) -> list[dict]:
 def write_shards(job, jobdir, staged: Path, max_shard_bytes: int) -> None:
     """The export's tensors into `staged`: completed in place when the layers were written
     there directly, else assembled from the layer files (reading each back)."""
-    from .writer import ShardWriter
-
     if DirectStore.present(jobdir.path):
         DirectStore.open_existing(jobdir.path, job_digest(jobdir)).finish(job.source, staged)
         return
@@ -359,8 +359,6 @@ def _stand_in(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool
               g_idx: bool):
     """A quantized weight of the right shapes and no values (meta device): what exporters
     turn into the tensor layout of a real one."""
-    from ..kernels.packing import QuantizedWeight
-
     groups = 1 if group_size == -1 else in_f // group_size
     meta = torch.device("meta")
     return QuantizedWeight(
@@ -376,8 +374,6 @@ def plan_layout(job, model, exporter, method, max_shard_bytes: int) -> ExportLay
     float_tensors) and the exporter run on meta stand-ins of each quantized linear, with the
     bits and group size the method will use (per-module settings where given, else the
     job's); cut into shards."""
-    from ..stream.skeleton import decoder_layers
-
     s = job.settings
     out_dtype = getattr(torch, s.out_dtype)
     module_settings = getattr(method, "module_settings", None) or {}

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..run.outputs import remove_export
 from .layout import INDEX_NAME, SHARD_METADATA, index_text, shard_file_names, starts_new_shard
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -96,7 +97,6 @@ def publish(staged: Path, output: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(staged)
-    from ..run.outputs import remove_export
     remove_export(output)  # only our own export, never files layerquant did not write
     os.replace(staged, output)
     fsync_dir(output.parent)

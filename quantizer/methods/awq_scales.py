@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..arch.folds import fold_into, folded_weight
 from . import awq_memory
 from .awq_clip import fake_quantize_float
 from .rtn import check_group_size
@@ -85,8 +86,6 @@ def fold_scales(layer: nn.Module, prev_name: str, linear_names: Sequence[str],
     """Exact in real arithmetic: prev's output channels / s, linears' input columns · s.
     `prev` is a norm (1-D weight, optional bias; `kind` "offset" for Gemma's x·(1+w)) or a
     linear (rows of weight and bias)."""
-    from quantizer.arch.folds import fold_into
-
     prev = layer.get_submodule(prev_name)
     s = scales.float()
     fold_into(prev, kind, s)
@@ -103,8 +102,6 @@ def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor,
                    kind: str | None = "scale") -> bool:
     """True when prev / s would not fit float16 or prev's dtype (a tiny s on a norm): the
     candidate search never runs prev, so this is checked separately."""
-    from quantizer.arch.folds import folded_weight
-
     prev = layer.get_submodule(prev_name)
     for t, like in zip(folded_weight(prev, kind, scales),
                        [prev.weight] + [getattr(prev, "bias", None)]):

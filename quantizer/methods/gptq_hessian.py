@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -246,7 +247,6 @@ def _gram_mode(device: torch.device) -> str:
     key = _device_key(device)
     if key in _GRAM_MODE:
         return _GRAM_MODE[key]
-    import os
     mode = "tf32"
     if os.environ.get("LAYERQUANT_GRAM", "auto") != "tf32":
         for candidate in ("addmm", "baddbmm"):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..settings import SCALE_SEARCHES  # noqa: F401 (re-exported)
 
 # Rows per slice of the search: bounds its float32 temporaries (a few copies of a slice).
@@ -156,7 +157,6 @@ def _refit(w, s, z, err, imp, maxq: int, symmetric: bool, spec: GridSpec, bits: 
 
 def grid_spec(kind: str = "minmax", **kw) -> GridSpec:
     if kind not in SCALE_SEARCHES:
-        from quantizer.errors import InputError
         raise InputError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}, "
                          f"got {kind!r}")
     return GridSpec(kind, **kw)

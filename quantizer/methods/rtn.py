@@ -7,6 +7,8 @@ from ..errors import InputError
 from ..kernels.packing import SUPPORTED_BITS, QuantizedWeight
 from ..settings import rounding_with
 from .grid import GridSpec, grid_spec, range_params, search_params
+from .importance import second_moments
+from .token_weights import token_weights_for
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool = False):
@@ -108,7 +110,5 @@ class RTN:
         if not ctx.inputs:
             raise InputError("rtn with --scale-search imatrix needs calibration inputs "
                              "(--calib-samples > 0)")
-        from .importance import second_moments
-        from .token_weights import token_weights_for
         tw = token_weights_for(ctx, self.token_weights)
         return second_moments(ctx, [g[0] for g in ctx.arch.input_groups], tw)

@@ -22,12 +22,13 @@ its pieces with the same code a single process uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.distributed as dist
 
 from ..errors import InputError
-from .distributed import SINGLE, World, comm_device
+from .distributed import SINGLE, World, comm_device, world
 
 
 # ---- calibration shards -------------------------------------------------------------------
@@ -99,7 +100,6 @@ def assemble(buf: torch.Tensor, w: World) -> torch.Tensor:
     value arrives bit for bit, -0.0 and NaN payloads included."""
     if not w.distributed:
         return buf
-    import torch.distributed as dist
     buf = buf.contiguous()
     nbytes = buf.numel() * buf.element_size()
     view = buf.view(-1).view(torch.int32 if nbytes % 4 == 0 else torch.uint8)
@@ -136,7 +136,6 @@ def fold_tensors(layout: CalibLayout, partials: dict[int, torch.Tensor]) -> torc
 def _agree_meta(w: World, ref):
     meta = [None if ref is None else (tuple(ref.shape), ref.dtype)]
     if w.distributed:
-        import torch.distributed as dist
         gathered = [None] * w.size
         dist.all_gather_object(gathered, meta[0])
         meta = [next(m for m in gathered if m is not None)]
@@ -148,7 +147,6 @@ def any_true(layout: CalibLayout, flag: bool) -> bool:
     """True when `flag` holds on any rank (a decision every rank must share)."""
     if not layout.world.distributed:
         return bool(flag)
-    import torch.distributed as dist
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device(layout.world))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -159,7 +157,6 @@ def agree_min(w: World, value: int) -> int:
     each GPU's free memory): one choice for the whole run."""
     if not w.distributed:
         return int(value)
-    import torch.distributed as dist
     t = torch.tensor([int(value)], dtype=torch.int64, device=comm_device(w))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
@@ -215,8 +212,6 @@ class ShardFold:
 
     @staticmethod
     def _transfer(acc, op: str, peer: int):
-        import torch.distributed as dist
-        from .distributed import comm_device, world
 
         comm = comm_device(world())
         state = []
@@ -260,7 +255,6 @@ def share(obj, owner: int, w: World):
     """`obj` from rank `owner` on every rank: its structure as a small pickled message, its
     tensors by direct broadcasts on the rank's device (NVLink under NCCL, no pickling of
     weight-sized data). Tensors arrive on each rank's device."""
-    import torch.distributed as dist
     tensors: list[torch.Tensor] = []
     box = [_map(obj, lambda t: _slot(t, tensors)) if w.rank == owner else None]
     dist.broadcast_object_list(box, src=owner, device=comm_device(w))
@@ -292,7 +286,6 @@ def _map(obj, fn, slots: bool = False):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(v, fn, slots) for v in obj)
     if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, _Slot):
-        import dataclasses
-        return dataclasses.replace(obj, **{f.name: _map(getattr(obj, f.name), fn, slots)
-                                           for f in dataclasses.fields(obj)})
+        return replace(obj, **{f.name: _map(getattr(obj, f.name), fn, slots)
+                               for f in fields(obj)})
     return obj

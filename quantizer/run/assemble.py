@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-
+from ..export.store import write_shards
 from ..export.writer import copy_tokenizer, write_config
 from .outputs import EXPORT, write_marker
 from .serving_checks import export_quantization_config
@@ -17,7 +17,6 @@ def assemble(job, jobdir, staged: Path, max_shard_bytes: int,
              module_settings: dict | None = None) -> None:
     """Final checkpoint (job: run.job.Job): the shards (written in place layer by layer, or
     assembled from layer files: export/store.py), config.json, tokenizer, layerquant.json."""
-    from ..export.store import write_shards
     source = job.source
     write_shards(job, jobdir, staged, max_shard_bytes)
     qcfg = export_quantization_config(job, module_settings)

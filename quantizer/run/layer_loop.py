@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from quantizer.kernels.packing import QuantizedWeight
 
 from ..errors import OutOfMemory
-from ..export.store import float_tensors
+from ..export.store import (DirectJobStore, DirectStore, LayerFileStore, float_tensors,
+                            layer_records, plan_layout, use_direct_shards)
 from ..parallel.distributed import world
 from ..parallel.shards import CalibLayout, agree_min, fold_values
 from ..plan.planner import shrink
@@ -97,9 +98,6 @@ class LayerLoop:
         job that has them. GPU runs write on a thread: layer i's bytes go to disk and are
         committed while layer i+1 is quantized (not when hidden states are saved too: those
         must be durable before the commit, so that whole step stays in line)."""
-        from ..export.store import (DirectJobStore, DirectStore, LayerFileStore, plan_layout,
-                                   use_direct_shards)
-
         if not use_direct_shards(self.jobdir):
             self._async_write = False
             return LayerFileStore(self.jobdir)
@@ -130,7 +128,6 @@ class LayerLoop:
             return
         self.wait_writes()
         if self._writer is None:
-            from concurrent.futures import ThreadPoolExecutor
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-write")
         self._write = self._writer.submit(fn)
 
@@ -168,7 +165,6 @@ class LayerLoop:
     @staticmethod
     def records(jobdir) -> list[LayerRecord]:
         """The per-layer records of a finished pass, from the job directory."""
-        from ..export.store import layer_records
         return [LayerRecord(**meta["record"]) for meta in layer_records(jobdir)]
 
     # ---- the pass --------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from ..plan.machine import gpu_memory, process_gpu_bytes
+
 
 def rss_peak_bytes() -> int:
     """Peak resident set size of this process so far. On Linux the address space's own
@@ -38,7 +40,6 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             out = {"allocated": torch.cuda.max_memory_allocated(self.device),
                    "reserved": torch.cuda.max_memory_reserved(self.device)}
-            from ..plan.machine import gpu_memory, process_gpu_bytes
             index = self.device.index if self.device.index is not None else \
                 torch.cuda.current_device()
             for i, _, total, free in gpu_memory([index]):

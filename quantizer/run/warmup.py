@@ -1,9 +1,6 @@
-"""One-off costs of a run, paid once per machine or overlapped with the start.
+"""One-off costs of a run, paid once per machine or overlapped with the start (where Triton
+keeps the kernels it compiles: run/caches.py).
 
-- `configure_caches()`: Triton keeps compiled kernels in ~/.cache/layerquant/triton (under
-  $XDG_CACHE_HOME when set) unless TRITON_CACHE_DIR says otherwise, so a run reuses the GPTQ
-  solver and quantized-matmul kernels an earlier run compiled. Triton reads the variable when it
-  compiles, so this holds even where triton was imported first.
 - `start(device)`: on a GPU, a thread initialises CUDA and loads what the first layer would
   otherwise wait for (cuBLAS / cuBLASLt handles, cuSOLVER, triton and the GPTQ solver kernel,
   the probe of the GEMM that adds GPTQ's XᵀX)
@@ -17,27 +14,16 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
+
+import torch
+
+from ..methods.gptq_columns import gptq_group_params
+from ..methods.gptq_hessian import _gram_mode
+from ..methods.gptq_triton import available, solve_columns_triton
 
 log = logging.getLogger(__name__)
 
 _STATE: dict = {"thread": None, "seconds": None, "error": None}
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "layerquant"
-
-
-def configure_caches() -> None:
-    if os.environ.get("TRITON_CACHE_DIR"):
-        return
-    path = cache_root() / "triton"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: Triton's own default applies
-        return
-    os.environ["TRITON_CACHE_DIR"] = str(path)
 
 
 def start(target) -> None:
@@ -47,7 +33,6 @@ def start(target) -> None:
     if _STATE["thread"] is not None or os.environ.get("LAYERQUANT_WARMUP", "1") == "0":
         return
     try:
-        import torch
         device = target.torch_device() if hasattr(target, "torch_device") else target
         if (device.type != "cuda" or not torch.cuda.is_available()
                 or (device.index or 0) >= torch.cuda.device_count()):
@@ -79,8 +64,6 @@ def _run(device) -> None:
 
 
 def _warm(device) -> None:
-    import torch
-
     with torch.cuda.device(device), torch.no_grad():
         x = torch.ones((64, 64), device=device)
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -91,7 +74,6 @@ def _warm(device) -> None:
         factor, _ = torch.linalg.cholesky_ex(spd)
         torch.linalg.solve_triangular(factor, x, upper=False)
         _warm_gptq_kernel(device)
-        from ..methods.gptq_hessian import _gram_mode
         _gram_mode(device)  # which GEMM adds XᵀX here: probed now, not inside layer 0
         del x, spd, factor
         torch.cuda.synchronize(device)
@@ -102,11 +84,6 @@ def _warm_gptq_kernel(device) -> None:
     """Compile (or load from the cache) the GPTQ column kernel with the argument
     specialisations a real solve uses (widths and strides multiples of 16, 128-column
     blocks), so the first layer finds it built."""
-    import torch
-
-    from ..methods.gptq_columns import gptq_group_params
-    from ..methods.gptq_triton import available, solve_columns_triton
-
     if not available():
         return
     n, out_f, block, gs, bits = 256, 32, 128, 128, 4

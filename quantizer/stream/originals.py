@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from ..kernels.packing import ct_unpack_linear
 
 # Float32 elements per slice while dequantizing (64 MiB): the device never holds a float32
 # copy of a whole wide weight (DeepSeek-V3's dense MLP is 18432 x 7168).
@@ -452,8 +453,6 @@ def _cells(grid: torch.Tensor, r0: int, r1: int, br: int, bc: int, cols: int) ->
 
 
 def _dequantize_packed(lg: Logical, parts, device, dtype) -> torch.Tensor:
-    from quantizer.kernels.packing import ct_unpack_linear
-
     packed = parts["weight"]
     out_f, in_f = shape = [int(v) for v in parts["shape"].reshape(-1).tolist()]
     bits = packed_bits(lg, shape, list(packed.shape))

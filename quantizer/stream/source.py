@@ -17,6 +17,7 @@ import math
 import os
 import struct
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from ..arch import ModelArch, model_arch
 from ..arch.family import refuse_stated
 from ..errors import InputError
 from .inputs import check_config
+from .originals import StoredWeight, original_format, packed_bits
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -62,7 +64,6 @@ class CheckpointSource:
         self._logical: dict = {}
         self._stored_map = self.weight_map
         if originals:
-            from .originals import original_format
             self.original = original_format(self.raw_config, {
                 n: self._shapes[n] for n in self.weight_map})
         if self.original is not None:
@@ -126,9 +127,6 @@ class CheckpointSource:
         if lg is None:
             return self._shapes[name][0]
         if lg.shape is None:  # pack-quantized: the shape is a tensor's value
-            from dataclasses import replace
-
-            from .originals import packed_bits
             value = self._read_stored([lg.parts["shape"]])[lg.parts["shape"]]
             shape = [int(v) for v in value.reshape(-1).tolist()]
             packed_bits(lg, shape, self._shapes[lg.parts["weight"]][0])
@@ -173,7 +171,6 @@ class CheckpointSource:
         the checkpoint stands for)."""
         if not self._logical:
             return self._read(names, device, dtype, check_finite)
-        from .originals import StoredWeight
         out = self.load_stored(names, dtype=dtype, check_finite=check_finite)
         for name, value in out.items():
             if isinstance(value, StoredWeight):
@@ -189,7 +186,6 @@ class CheckpointSource:
         device that uses it (skeleton.load_layer)."""
         if not self._logical:
             return self._read(names, "cpu", dtype, check_finite)
-        from .originals import StoredWeight
         for n in names:
             if n not in self._logical:
                 raise InputError(f"tensor {n} not found in {self.path}")

@@ -1,6 +1,7 @@
 """Which tokenizer turns text into this checkpoint's token ids."""
 from __future__ import annotations
 
+from ..calibration import sampling
 from .source import CheckpointSource
 
 
@@ -29,12 +30,11 @@ def has_tokenizer(path) -> bool:
 def tokenizer_or_bytes(source: CheckpointSource):
     """(tokenizer, note): the checkpoint's own tokenizer, else the byte fallback with a note."""
     if has_tokenizer(source.path):
-        from quantizer.calibration.sampling import tokenizer_for
-        return tokenizer_for(source.path), None
+        return sampling.tokenizer_for(source.path), None
     vocab = int(source.arch.text.vocab_size)  # a VLM keeps it in text_config
     return ByteTokenizer(vocab), f"no tokenizer in {source.path}: using UTF-8 bytes mod {vocab}"
 
 
 def calibration_batch(tokenizer, source: str, samples: int, seqlen: int, seed: int):
-    from quantizer.calibration.sampling import calibration_batch as batch
-    return batch(tokenizer, source=source, samples=samples, seqlen=seqlen, seed=seed)
+    return sampling.calibration_batch(tokenizer, source=source, samples=samples, seqlen=seqlen,
+                                      seed=seed)
