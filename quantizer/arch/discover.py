@@ -138,7 +138,9 @@ class _Trace:
             h.remove()
 
 
-def _common_parent(names) -> str:
+def common_parent(names) -> str:
+    """The deepest module path containing every one of `names` (module names inside a layer):
+    "self_attn" for q/k/v_proj, "" when they share nothing."""
     parts = [n.split(".")[:-1] for n in names]
     common = []
     for level in zip(*parts):
@@ -153,84 +155,119 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _within(name: str, block: str) -> bool:
-    return block == "" or name == block or name.startswith(block + ".")
+@dataclass(frozen=True)
+class _Reads:
+    """Who read and who produced which tensor, from one trace of a layer."""
+
+    order: list[str]  # linears, in the order of their first input
+    first_in: dict[str, tuple]  # linear -> its first input tensor's key
+    call_index: dict[str, int]  # linear -> its first call in the trace
+    readers: dict[tuple, list[str]]  # tensor key -> the leaf modules that read it, in order
+    produced: list[tuple[int, str, tuple]]  # (call, leaf module, its output's key)
 
 
 def trace_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
                 keep: tuple[str, ...] = ()) -> LayerFound:
     """Run `layer` once (meta tensors) and read its structure off the trace. Linears named in
     `keep` stay in high precision (they take their input's AWQ fold)."""
-    leaves = {n for n, m in layer.named_modules() if not list(m.children())}
+    linears = _linears(layer)
+    trace = _run_traced(layer, hidden, kwargs)
+    reads = _reads(trace, layer, linears)
+    experts = {n: m for n, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
+    sparse = _sparse(layer, experts, linears, reads.readers, reads.first_in) if experts else None
+    kept = _kept(sparse, linears, keep)
+    outputs_of_blocks = _block_outputs(trace, layer)
+    found_linears = tuple(LinearFound(n, linears[n].in_features, linears[n].out_features,
+                                      linears[n].bias is not None,
+                                      row=_is_row(n, trace, outputs_of_blocks))
+                          for n in reads.order)
+    inputs = _inputs(layer, linears, reads, kept)
+    norms = tuple(g.producer for g in inputs if g.producer is not None
+                  and not g.producer_is_linear)
+    return LayerFound(found_linears, inputs, sparse, norms, tuple(sorted(kept)))
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The layer's nn.Linear modules by name; Unsupported when it has none."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
         others = sorted({type(m).__name__ for m in layer.modules() if isinstance(
             getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})
         raise Unsupported(f"{type(layer).__name__} has no nn.Linear to quantize (its "
                           f"projections are {', '.join(others) or 'not modules'})")
+    return linears
+
+
+def _run_traced(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> _Trace:
+    """One forward of `layer` with every submodule's inputs and output recorded."""
     trace = _Trace(layer)
     try:
         with torch.no_grad(), _route_all(layer):
             layer(hidden, **kwargs)
     finally:
         trace.close()
-    # first input of each linear, execution order
-    order: list[str] = []
-    first_in: dict[str, tuple] = {}
-    readers: dict[tuple, list[str]] = {}
-    produced: list[tuple[int, str, tuple]] = []
+    return trace
+
+
+def _reads(trace: _Trace, layer: nn.Module, linears: dict) -> _Reads:
+    """The trace as who read and produced what; Unsupported when a linear was never run."""
+    leaves = {n for n, m in layer.named_modules() if not list(m.children())}
+    reads = _Reads([], {}, {}, {}, [])
     for i, (name, kind, keys) in enumerate(trace.calls):
         if kind == "in":
-            if name in linears and name not in first_in and keys:
-                first_in[name] = keys[0]
-                order.append(name)
+            if name in linears:
+                reads.call_index.setdefault(name, i)
+                if name not in reads.first_in and keys:
+                    reads.first_in[name] = keys[0]
+                    reads.order.append(name)
             if name in leaves:
                 for k in keys:
-                    readers.setdefault(k, [])
-                    if name not in readers[k]:
-                        readers[k].append(name)
+                    readers = reads.readers.setdefault(k, [])
+                    if name not in readers:
+                        readers.append(name)
         elif name in leaves:
-            produced.append((i, name, keys[0]))
-    missing = [n for n in linears if n not in first_in]
+            reads.produced.append((i, name, keys[0]))
+    missing = [n for n in linears if n not in reads.first_in]
     if missing:
         raise Unsupported(f"the forward never reached linear(s) {missing[:3]} of "
                           f"{type(layer).__name__}")
-    experts = {n: m for n, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
-    sparse = _sparse(layer, experts, linears, readers, first_in) if experts else None
-    # norms are never quantized, nor a linear inside one (AXK2's low-rank norm adapters)
-    kept = set(_kept_linears(sparse, linears)) | {n for n in linears if n in keep or any(
+    return reads
+
+
+def _kept(sparse: SparseFound | None, linears: dict, keep: tuple[str, ...]) -> set[str]:
+    """Linears left in high precision: a MoE block's router and shared-expert gate, those in
+    `keep`, and any linear inside a norm (norms are never quantized, nor AXK2's low-rank norm
+    adapters)."""
+    return set(_kept_linears(sparse, linears)) | {n for n in linears if n in keep or any(
         "norm" in part for part in n.split(".")[:-1])}
-    call_index = {}
-    for i, (name, kind, _) in enumerate(trace.calls):
-        if kind == "in" and name in linears:
-            call_index.setdefault(name, i)
-    outputs_of_blocks = _block_outputs(trace, layer)
-    found_linears = tuple(LinearFound(n, linears[n].in_features, linears[n].out_features,
-                                      linears[n].bias is not None,
-                                      row=_is_row(n, trace, outputs_of_blocks))
-                          for n in order)
+
+
+def _inputs(layer: nn.Module, linears: dict, reads: _Reads, kept: set[str]
+            ) -> tuple[InputFound, ...]:
+    """The input groups (linears reading the very same tensor, kept ones left out) in the
+    order of their first reader, each with where its AWQ fold goes."""
     groups: dict[tuple, list[str]] = {}
-    for n in order:
+    for n in reads.order:
         if n not in kept:
-            groups.setdefault(first_in[n], []).append(n)
-    inputs = []
-    norms = []
-    for key, members in groups.items():
-        start = call_index[members[0]]
-        prod = [name for i, name, k in produced if k == key and i < start]
-        producer = prod[-1] if prod else None
-        others = [r for r in readers.get(key, []) if r not in members and r != producer]
-        fold_only = tuple(r for r in others if _takes_column_fold(layer.get_submodule(r),
-                                                                 linears[members[0]]))
-        blockers = tuple(r for r in others if r not in fold_only)
-        candidate = None
-        if producer is None:
-            candidate = _candidate(members[0], order, linears, call_index)
-        elif producer not in linears:
-            norms.append(producer)
-        inputs.append(InputFound(tuple(members), producer, producer in linears, candidate,
-                                 fold_only, blockers))
-    return LayerFound(found_linears, tuple(inputs), sparse, tuple(norms), tuple(sorted(kept)))
+            groups.setdefault(reads.first_in[n], []).append(n)
+    return tuple(_input(layer, linears, reads, key, members) for key, members in groups.items())
+
+
+def _input(layer: nn.Module, linears: dict, reads: _Reads, key: tuple, members: list[str]
+           ) -> InputFound:
+    """One input group: the leaf that produced its tensor before its first reader ran, or a
+    candidate linear to fold across when none did; other readers take the fold or block it."""
+    start = reads.call_index[members[0]]
+    prod = [name for i, name, k in reads.produced if k == key and i < start]
+    producer = prod[-1] if prod else None
+    others = [r for r in reads.readers.get(key, []) if r not in members and r != producer]
+    fold_only = tuple(r for r in others if _takes_column_fold(layer.get_submodule(r),
+                                                             linears[members[0]]))
+    blockers = tuple(r for r in others if r not in fold_only)
+    candidate = (_candidate(members[0], reads.order, linears, reads.call_index)
+                 if producer is None else None)
+    return InputFound(tuple(members), producer, producer in linears, candidate, fold_only,
+                      blockers)
 
 
 def _candidate(first: str, order, linears, call_index) -> str | None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import InputError, Unsupported
 from . import family as families
 from .base import ArchSpec, MoESpec, ScaleGroup
-from .discover import LayerFound, trace_layer
+from .discover import LayerFound, common_parent, trace_layer
 from .experts import UnfusedExperts, unfused
 from .folds import norm_fold_kind
 from .meta import (build_meta, capture_layer_calls, config_from_dict, decoder_layers,
@@ -497,7 +497,7 @@ def _kind(index, indices, found: LayerFound, layer, family, cfg, names, mem_laye
         prev = g.producer or g.candidate
         if prev is None or g.blockers:
             continue
-        judge = g.linears[0] if len(g.linears) == 1 else _common(g.linears)
+        judge = g.linears[0] if len(g.linears) == 1 else common_parent(g.linears)
         scales.append(ScaleGroup(prev, g.linears, judge=judge, also_scale=g.fold_only))
         if g.producer and not g.producer_is_linear:
             kinds[prev] = norm_fold_kind(layer.get_submodule(prev))
@@ -523,13 +523,3 @@ def _mem_attr(layer: nn.Module, disk_path: str) -> str:
             return (disk_path.rpartition(".")[0] + "." + k).lstrip(".")
     return disk_path
 
-
-def _common(names) -> str:
-    parts = [n.split(".") for n in names]
-    common = []
-    for level in zip(*parts):
-        if all(p == level[0] for p in level):
-            common.append(level[0])
-        else:
-            break
-    return ".".join(common[:min(len(p) for p in parts) - 1]) if common else ""
