@@ -12,6 +12,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+# every test seeded, the seed on a failing test's report (tests/seeding.py)
+from seeding import pytest_fixture_setup, pytest_runtest_makereport, rng_seed  # noqa: E402,F401
+
+pytest_plugins = ["pytester"]  # tests/test_seeding.py runs pytest on a failing test
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LAYERQUANT_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "data" / "stories260K" / "hf"

@@ -67,8 +67,8 @@ def _linear(rng, out_f, in_f, bits, group):
     return t, data, in_f * 32
 
 
-def test_bits_per_weight_counts_every_quantized_tensor(tmp_path):
-    rng = random.Random()
+def test_bits_per_weight_counts_every_quantized_tensor(tmp_path, rng_seed):
+    rng = random.Random(rng_seed)
     base, export, data_bits, index_bits, weights = {}, {}, 0, 0, 0
     for i in range(rng.randint(2, 5)):
         out_f, in_f = 32 * rng.randint(1, 6), 64 * rng.randint(1, 4)

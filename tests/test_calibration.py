@@ -37,8 +37,8 @@ def random_prose(rng: random.Random, documents: int, words: int) -> list[str]:
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    rng = random.Random()
+def text_file(tmp_path, rng_seed):
+    rng = random.Random(rng_seed)
     docs = random_prose(rng, 40, 60)
     path = tmp_path / "calib.txt"
     path.write_text("\n\n".join(docs), encoding="utf-8")
@@ -52,8 +52,8 @@ def test_txt_source_splits_on_blank_lines_and_normalises_crlf(tmp_path):
     assert load_texts(str(path)) == ["First doc, line one.\nLine two.", "Second doc.", "Third\ndoc."]
 
 
-def test_jsonl_source_reads_text_field(tmp_path):
-    rng = random.Random()
+def test_jsonl_source_reads_text_field(tmp_path, rng_seed):
+    rng = random.Random(rng_seed)
     docs = random_prose(rng, 5, 12)
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n\n")
@@ -228,9 +228,9 @@ def test_eval_windows_consecutive_non_overlapping(tokenizer, text_file):
     assert torch.equal(everything.flatten(), stream[: everything.numel()])
 
 
-def test_pieces_cover_text_exactly_and_cut_at_newlines(monkeypatch):
+def test_pieces_cover_text_exactly_and_cut_at_newlines(monkeypatch, rng_seed):
     monkeypatch.setattr(sampling, "PIECE_CHARS", 200)
-    rng = random.Random()
+    rng = random.Random(rng_seed)
     text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(300))
     bounds = sampling._piece_bounds(text)
     assert "".join(text[s:e] for s, e in bounds) == text
@@ -238,9 +238,9 @@ def test_pieces_cover_text_exactly_and_cut_at_newlines(monkeypatch):
     assert all(e - s <= 200 for s, e in bounds)
 
 
-def test_spread_sampling_reaches_the_whole_corpus(tokenizer, monkeypatch):
+def test_spread_sampling_reaches_the_whole_corpus(tokenizer, monkeypatch, rng_seed):
     monkeypatch.setattr(sampling, "PIECE_CHARS", 2_000)
-    rng = random.Random()
+    rng = random.Random(rng_seed)
     docs = random_prose(rng, 100, 40)
     docs[-1] = "Zebra zebra zebra zebra zebra zebra zebra zebra."
     ids = token_stream(tokenizer, docs, max_tokens=3_000, spread=True)

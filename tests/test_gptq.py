@@ -3,6 +3,7 @@ g_idx is a consistent permutation, static groups stay contiguous, Cholesky failu
 higher damping (logged), dead columns quantize to 0, and the method lowers a real Llama
 decoder layer's output error versus RTN."""
 import copy
+import random
 from dataclasses import replace
 
 import pytest
@@ -317,7 +318,7 @@ def test_triton_block_kernel_matches_python_path():
     import sys
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _TRITON_CHECK.replace("SEED", str(torch.seed() % 2**31))
+    code = _TRITON_CHECK.replace("SEED", str(random.randrange(2**31)))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
