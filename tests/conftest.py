@@ -1,4 +1,6 @@
-"""Shared fixtures: generated checkpoints and the real data beside the checkout."""
+"""Shared fixtures: generated checkpoints, the real data beside the checkout, the serving check
+of every export, and seeding (tests/seeding.py: every test seeded, a failing test's report
+names its seed). Plain helper functions the test files share are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
@@ -15,9 +17,10 @@ import pytest  # noqa: E402
 # every test seeded, the seed on a failing test's report (tests/seeding.py)
 from seeding import pytest_fixture_setup, pytest_runtest_makereport, rng_seed  # noqa: E402,F401
 
+from helpers import ROOT  # noqa: E402
+
 pytest_plugins = ["pytester"]  # tests/test_seeding.py runs pytest on a failing test
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LAYERQUANT_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "data" / "stories260K" / "hf"
 TINYSTORIES = SHARED / "data" / "tinystories-excerpt" / "TinyStories-valid.txt"
@@ -66,17 +69,6 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
-
-
-def plan_text(model, bits=4, method=None, vram_budget=None, ram_budget=None, devices=None,
-               calib_samples=128, calib_seqlen=512, **settings) -> str:
-    """`quantize plan MODEL ...` as text, through the path the command line takes."""
-    from quantizer.plan.apply import plan_command
-    from quantizer.settings import QuantSettings
-    s = QuantSettings().replaced(bits=bits, method=method, vram_budget=vram_budget,
-                                 ram_budget=ram_budget, calib_samples=calib_samples,
-                                 calib_seqlen=calib_seqlen, **settings).validated()
-    return plan_command(model, s, devices)
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = ROOT / "tests" / "data" / "calibration.txt"
+from helpers import CALIB_FILE as CALIB, load_tensors
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed",
                   ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
 FORMATS = {"rtn": "awq", "gptq": "gptq", "awq": "awq"}
@@ -56,19 +55,11 @@ class ZooResult:
     failure: str = ""  # set when a check failed (a bug, not a refusal)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def check_names(src: Path, out: Path) -> int:
     """Every tensor of the export is the source's (same name) or a quantized linear's part
     whose float weight the source has under that prefix; nothing of the source is dropped.
     Returns the number of quantized linears."""
-    source, export = set(_tensors(src)), set(_tensors(out))
+    source, export = set(load_tensors(src)), set(load_tensors(out))
     quantized = {n.rsplit(".", 1)[0] for n in export if n.endswith(QUANT_SUFFIXES)}
     for prefix in quantized:
         assert f"{prefix}.weight" in source, f"quantized {prefix} has no source weight"
@@ -87,7 +78,7 @@ def dequantized(out: Path, fmt: str, dest: Path) -> Path:
 
     from quantizer.export import get_exporter
 
-    tensors = _tensors(out)
+    tensors = load_tensors(out)
     exporter = get_exporter(fmt)
     head = ".qweight" if fmt in ("awq", "gptq") else ".weight_packed"
     prefixes = [k[:-len(head)] for k in tensors if k.endswith(head)]

@@ -19,6 +19,8 @@ from quantizer.methods.awq_scales import (candidate_scales, fold_overflows, fold
 from quantizer.methods.awq_clip import fake_quantize_float, search_clip, shrink_ratios
 from quantizer.methods.rtn import RTN, fake_quantize
 
+from helpers import assert_same_tensors
+
 transformers = pytest.importorskip("transformers")
 
 # family -> (transformers module, class-name prefix, extra config)
@@ -396,8 +398,7 @@ def test_two_runs_are_bit_identical():
     for name in q1:
         for f in ("codes", "scales", "zeros"):
             assert torch.equal(getattr(q1[name], f), getattr(q2[name], f)), (name, f)
-    for k in sd1:
-        assert torch.equal(sd1[k], sd2[k]), k
+    assert_same_tensors(sd1, sd2)
 
 
 def test_registered_and_reports_stats():

@@ -1,23 +1,22 @@
 """The export's shard files written in place (quantizer/export/store.py) hold the same bytes as
 the files safetensors' save_file and the layer-file writer produce, resume reads them back
 byte-identically, and the job directory never holds a second copy of the model."""
-import hashlib
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from quantizer.export.layout import (ExportLayout, TensorSpec, convention_holds,
                                      safetensors_header)
 from quantizer.export.store import DirectStore
 from quantizer.export.writer import ShardWriter
 
-CALIB = Path(__file__).with_name("data") / "calibration.txt"
+from helpers import assert_same_files, load_tensors, quantize_cli, quantize_cmd
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.uint8,
           torch.int8, torch.bool, torch.float64, torch.int16)
 
@@ -35,11 +34,6 @@ def random_tensors(rng: random.Random, n: int, max_elems: int = 64) -> dict[str,
         t = torch.randint(0, 2, shape) if dtype == torch.bool else torch.randn(shape) * 100
         out[name] = t.to(dtype)
     return out
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file()}
 
 
 def test_the_installed_safetensors_writes_the_planned_headers():
@@ -93,7 +87,7 @@ def test_layout_and_store_write_what_the_shard_writer_writes(seed, tmp_path):
     text = layout.index_text()
     if text is not None:
         (store.final / "model.safetensors.index.json").write_text(text)
-    assert digest(store.final) == digest(ref)
+    assert_same_files(store.final, ref, skip_content=())
     for i in order:
         back = store.load_layer(i)
         assert set(back) == set(layers[i])
@@ -111,15 +105,6 @@ def test_a_layer_that_differs_from_the_plan_is_refused(tmp_path):
 
 
 # ---- end to end -------------------------------------------------------------------------
-def quantize_cli(model, out, *args, env=None):
-    import os
-    cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *args,
-           "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
-           "--no-progress", "--overwrite"]
-    return subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
 CASES = {
     "llama-awq": ("tiny-llama", ["--method", "awq", "--awq-grid", "3", "--max-shard-size",
                                  "300K"]),
@@ -142,16 +127,13 @@ def test_export_equals_the_layer_file_writers(case, tiny_checkpoint, tmp_path):
     runs = {"layer-files": {"LAYERQUANT_DIRECT_SHARDS": "0"}, "direct": {}}
     if case in ("llama-gptq-act", "qwen3-moe-gptq"):
         runs["direct-async"] = {"LAYERQUANT_ASYNC_WRITE": "1"}
-    hashes = {}
     for name, env in runs.items():
         extra = ["--save-hidden", "never"] if name == "direct-async" else []
         res = quantize_cli(model, tmp_path / name, *args, *extra, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
-        hashes[name] = {k: v for k, v in digest(tmp_path / name).items()
-                        if k != "layerquant.json"}
-    assert len([k for k in hashes["direct"] if k.endswith(".safetensors")]) >= 1
-    assert hashes["direct"] == hashes["layer-files"]
-    assert hashes.get("direct-async", hashes["direct"]) == hashes["layer-files"]
+    for name in runs:
+        files = assert_same_files(tmp_path / name, tmp_path / "layer-files")
+        assert len([k for k in files if k.endswith(".safetensors")]) >= 1
 
 
 def _interrupted_job(model, out, args, stop_after: int, env=None):
@@ -159,9 +141,7 @@ def _interrupted_job(model, out, args, stop_after: int, env=None):
     import os
     import time
     job = out.parent / (out.name + ".job")
-    cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *args,
-           "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
-           "--no-progress"]
+    cmd = quantize_cmd(model, out, *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     while proc.poll() is None:
@@ -196,8 +176,7 @@ def test_resume_reads_finished_layers_from_the_shards(tiny_checkpoint, tmp_path)
     assert bad.returncode == 2 and "--max-shard-size" in bad.stderr, bad.stderr[-800:]
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert digest(out) == digest(tmp_path / "ref") | {
-        "layerquant.json": digest(out)["layerquant.json"]}
+    assert_same_files(out, tmp_path / "ref")
     assert not job.exists()
 
 
@@ -212,8 +191,7 @@ def test_a_job_started_with_layer_files_finishes_with_them(tiny_checkpoint, tmp_
     assert list((job / "layers").glob("quantize-*.safetensors"))
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)  # default env
     assert done.returncode == 0, done.stderr[-2000:]
-    assert {k: v for k, v in digest(out).items() if k != "layerquant.json"} == \
-        {k: v for k, v in digest(tmp_path / "ref").items() if k != "layerquant.json"}
+    assert_same_files(out, tmp_path / "ref")
 
 
 @pytest.mark.slow
@@ -242,9 +220,7 @@ def test_kills_while_the_writer_thread_writes_then_resume(tiny_checkpoint, tmp_p
     ref = quantize_cli(model, tmp_path / "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out, job = tmp_path / "out", tmp_path / "out.job"
-    cmd = [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *args,
-           "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
-           "--no-progress"]
+    cmd = quantize_cmd(model, out, *args)
     rng = random.Random(7)
     for attempt in range(5):
         proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), env=env,
@@ -266,8 +242,7 @@ def test_kills_while_the_writer_thread_writes_then_resume(tiny_checkpoint, tmp_p
     if not out.exists():
         done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-    drop = lambda d: {k: v for k, v in digest(d).items() if k != "layerquant.json"}  # noqa
-    assert drop(out) == drop(tmp_path / "ref")
+    assert_same_files(out, tmp_path / "ref")
 
 
 # ---- vision-language models -------------------------------------------------------------
@@ -295,21 +270,14 @@ def test_the_plan_keeps_a_vision_towers_dtype(tiny_vlm):
 def test_a_vlm_export_equals_the_layer_file_writer(tiny_vlm, tmp_path):
     """Qwen2-VL (bfloat16 source, float16 export, several shards): direct shards hold the
     layer-file writer's bytes, the vision tower bit for bit as stored."""
-    from safetensors.torch import load_file
-
     args = ["--method", "rtn", "--format", "gptq", "--max-shard-size", "2M"]
-    hashes = {}
     for name, env in {"layer-files": {"LAYERQUANT_DIRECT_SHARDS": "0"}, "direct": {}}.items():
         res = quantize_cli(tiny_vlm, tmp_path / name, *args, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
-        hashes[name] = {k: v for k, v in digest(tmp_path / name).items()
-                        if k != "layerquant.json"}
-    assert len([k for k in hashes["direct"] if k.endswith(".safetensors")]) >= 2
-    assert hashes["direct"] == hashes["layer-files"]
-    before = load_file(tiny_vlm / "model.safetensors")
-    after = {}
-    for f in (tmp_path / "direct").glob("*.safetensors"):
-        after.update(load_file(f))
+    files = assert_same_files(tmp_path / "direct", tmp_path / "layer-files")
+    assert len([k for k in files if k.endswith(".safetensors")]) >= 2
+    before = load_tensors(tiny_vlm)
+    after = load_tensors(tmp_path / "direct")
     visual = [n for n in before if n.startswith("visual.")]
     assert visual and all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], before[n])
                           for n in visual)

@@ -4,7 +4,6 @@ run writes files bit-identical to a 1-process run (GPTQ and AWQ). The CUDA tests
 run only where two GPUs are visible (the GPU box)."""
 from __future__ import annotations
 
-import filecmp
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from quantizer.errors import InputError
 from quantizer.methods.gptq_hessian import HessianAccumulator
 from quantizer.settings import OutputSettings, QuantSettings, parse_devices
 
-CALIB = Path(__file__).with_name("data") / "calibration.txt"
+from helpers import CALIB_FILE as CALIB, assert_same_files
+
 
 
 def chunks_of(layout):
@@ -96,13 +96,9 @@ def _jobs(model, root: Path, tag: str, devices=None, **extra):
 
 
 def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
     # layerquant.json holds the run's notes, which name its devices and memory plan on a GPU
-    names = [n for n in names if n != "layerquant.json"]
-    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    assert not mismatch and not errors, (mismatch, errors)
-    assert any(n.endswith(".safetensors") for n in match)
+    files = assert_same_files(a, b)
+    assert any(n.endswith(".safetensors") for n in files)
 
 
 def test_two_gloo_processes_write_the_single_process_files(tiny_checkpoint, tmp_path):

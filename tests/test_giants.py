@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from quantizer.plan.sizes import GIB
-from conftest import plan_text
+from helpers import plan_text
 from quantizer.plan.machine import DeviceSpec
 from quantizer.plan.memory import host_facts
 from quantizer.plan.planner import make_plan

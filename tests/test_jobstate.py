@@ -20,6 +20,8 @@ from quantizer.measurements.fingerprint import (fingerprint_calibration, fingerp
                                                 job_fingerprint)
 from quantizer.measurements.jobstate import JobDir
 
+from helpers import assert_same_tensors
+
 
 def settings(**over):
     s = {"bits": 4, "group_size": 128, "method": "gptq", "calib": {"samples": 16, "seed": 0}}
@@ -39,12 +41,6 @@ def rand_tensors(seed):
             "flag": torch.tensor(True)}
 
 
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
 def no_temporaries(d):
     return [p for p in d.rglob("*") if atomic.is_temporary(p)] == []
 
@@ -55,7 +51,7 @@ def test_safetensors_round_trip_and_readers_skip_temporaries(tmp_path):
     atomic_save_tensors(tmp_path / "a.safetensors", t, {"note": "x"})
     (tmp_path / ".b.safetensors.tmp-123").write_bytes(b"partial")
     got, meta = load_tensors(tmp_path / "a.safetensors")
-    assert_same(got, t)
+    assert_same_tensors(got, t)
     assert meta == {"note": "x"}
     assert [p.name for p in list_files(tmp_path, "*.safetensors")] == ["a.safetensors"]
 
@@ -82,7 +78,7 @@ def test_injected_disk_full_keeps_previous_file(tmp_path, kind):
     if kind == "json":
         assert json.loads(path.read_text()) == new
     else:
-        assert_same(load_tensors(path)[0], new)
+        assert_same_tensors(load_tensors(path)[0], new)
 
 
 # ---- job lifecycle -------------------------------------------------------------------------
@@ -109,7 +105,7 @@ def test_fresh_job_layers_hidden_and_resume(tmp_path):
     assert state["last_finished"]["quantize"] == 2 and job2.next_layer("quantize") == 3
     assert job2.load_hidden(3)[0].eq(3.0).all()
     tensors, meta = job2.load_layer("quantize", 1)
-    assert_same(tensors, rand_tensors(101))
+    assert_same_tensors(tensors, rand_tensors(101))
     assert meta == {"layer": 1, "bits": 4}
     job2.set_stage("export")
     assert not list((d / "hidden").iterdir())  # hidden states belong to one stage's pass
@@ -282,7 +278,7 @@ def test_disk_full_mid_job_leaves_a_resumable_job(tmp_path):
         assert job2.load_hidden(nxt)[0].eq(float(nxt)).all()
         run_layers(job2, "quantize", nxt, 4)
         for i in range(4):
-            assert_same(job2.load_layer("quantize", i)[0], rand_tensors(100 + i))
+            assert_same_tensors(job2.load_layer("quantize", i)[0], rand_tensors(100 + i))
 
 
 # ---- fingerprints --------------------------------------------------------------------------

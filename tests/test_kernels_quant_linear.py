@@ -1,5 +1,7 @@
 """QuantLinear on CPU: every layout equals the canonical dequantize reference and round-trips
 through state_dict. No triton needed."""
+import random
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from quantizer.kernels.quant_linear import QuantLinear
 
 
 def random_quantized(out_f, in_f, bits, group_size, act_order=False, symmetric=False, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**31))
     maxq = (1 << bits) - 1
     gs = in_f if group_size == -1 else group_size
     ng = in_f // gs

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from quantizer.errors import InputError
 from quantizer import load, quantize
@@ -18,6 +18,8 @@ from quantizer.arch import get_arch
 from quantizer.export import get_exporter
 from quantizer.methods.awq_scales import fold_scales
 from quantizer.methods.rtn import fake_quantize
+
+from helpers import assert_same_tensors, load_tensors
 
 PRESETS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek"]
 QUANT_SUFFIX = {"awq": ".qweight", "gptq": ".qweight", "compressed-tensors": ".weight_packed"}
@@ -43,9 +45,7 @@ def rel(a, b):
 def dequantized_checkpoint(qdir, fmt, dest):
     """The export with every quantized linear replaced by its dequantized float weight and no
     quantization_config: a plain checkpoint transformers loads (and fuses) itself."""
-    tensors = {}
-    for f in sorted(qdir.glob("*.safetensors")):
-        tensors.update(load_file(f))
+    tensors = load_tensors(qdir)
     exporter = get_exporter(fmt)
     prefixes = [k[:-len(QUANT_SUFFIX[fmt])] for k in tensors if k.endswith(QUANT_SUFFIX[fmt])]
     assert prefixes, "no quantized linears in the export"
@@ -199,9 +199,8 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
         quantize(src, out, bits=4, group_size=32, method="gptq", export_format="gptq",
                  calib_data=str(prose_file), calib_samples=4, calib_seqlen=32, progress=False,
                  min_expert_tokens=1)
-        exports.append(load_file(out / "model.safetensors"))
-    assert exports[0].keys() == exports[1].keys()
-    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+        exports.append(load_tensors(out))
+    assert_same_tensors(exports[0], exports[1])
 
 
 def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_path, prose_file,
@@ -228,9 +227,8 @@ def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pat
         out = tmp_path / mode
         quantize(src, out, bits=4, group_size=32, method="awq", calib_data=str(prose_file),
                  calib_samples=4, calib_seqlen=32, progress=False, min_expert_tokens=1)
-        exports.append(load_file(out / "model.safetensors"))
-    assert exports[0].keys() == exports[1].keys()
-    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+        exports.append(load_tensors(out))
+    assert_same_tensors(exports[0], exports[1])
     assert calls["batched"] < calls["single"]  # batches, not one capture per expert
 
 

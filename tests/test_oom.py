@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +17,18 @@ from quantizer.run.oom import INJECT_ENV, injection_plan, is_oom, maybe_inject
 from quantizer.run.quantize import run_quantize
 from quantizer.settings import OutputSettings
 
+from helpers import assert_same_files
+
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from quantizer.demo.synthetic import write_checkpoint
-    seed = random.randrange(1 << 16)  # fresh weights each run; printed on failure
     out = tmp_path_factory.mktemp("oom-model")
+    # random weights, seeded from this fixture's name (tests/seeding.py)
     return write_checkpoint(out, preset="tiny-llama", num_hidden_layers=LAYERS,
-                            outlier_channels=4, seed=seed), seed
+                            outlier_channels=4, seed=random.randrange(1 << 16))
 
 
 def settings(method, prose, chunk=8, hidden="auto", samples=8):
@@ -39,12 +40,6 @@ def settings(method, prose, chunk=8, hidden="auto", samples=8):
                          hidden_device=hidden, save_hidden="never")
 
 
-def files(out: Path) -> dict[str, bytes]:
-    """Every file of the export except the notes (which name the run's own settings)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.is_file() and p.name != "layerquant.json"}
-
-
 def run(model_dir, out, s, **kw):
     return run_quantize(model_dir, s, OutputSettings(out, overwrite=True, **kw), progress=False)
 
@@ -52,11 +47,11 @@ def run(model_dir, out, s, **kw):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_injected_oom_is_retried_with_identical_output(method, model, prose_file, tmp_path,
                                                       monkeypatch):
-    model_dir, seed = model
+    model_dir = model
     clean = run(model_dir, tmp_path / "clean", settings(method, prose_file))
     monkeypatch.setenv(INJECT_ENV, "1")
     hit = run(model_dir, tmp_path / "hit", settings(method, prose_file))
-    assert files(tmp_path / "hit") == files(tmp_path / "clean"), f"seed {seed}"
+    assert_same_files(tmp_path / "hit", tmp_path / "clean")
     assert [len(r.oom_retries) for r in hit.layers] == [0, 1, 0]
     assert "injected" in hit.layers[1].oom_retries[0] and "chunk" in hit.layers[1].oom_retries[0]
     # the smaller chunk stays for later layers; the clean run kept its chunk throughout
@@ -70,7 +65,7 @@ def test_injected_oom_is_retried_with_identical_output(method, model, prose_file
 
 def test_chunk_size_and_disk_hidden_states_do_not_change_output(model, prose_file, tmp_path,
                                                                 monkeypatch):
-    model_dir, seed = model
+    model_dir = model
     run(model_dir, tmp_path / "a", settings("gptq", prose_file, chunk=8))
     written = []
     append = HiddenStore.append
@@ -82,7 +77,7 @@ def test_chunk_size_and_disk_hidden_states_do_not_change_output(model, prose_fil
 
     monkeypatch.setattr(HiddenStore, "append", spy)
     res = run(model_dir, tmp_path / "b", settings("gptq", prose_file, chunk=3, hidden="disk"))
-    assert files(tmp_path / "b") == files(tmp_path / "a"), f"seed {seed}"
+    assert_same_files(tmp_path / "b", tmp_path / "a")
     assert {r.decisions["hidden"] for r in res.layers} == {"disk"}
     # embeddings + (reference + outputs) per layer, chunks of 3, 3 and 2 samples
     assert len(written) == 3 * (1 + 2 * LAYERS)
@@ -91,7 +86,7 @@ def test_chunk_size_and_disk_hidden_states_do_not_change_output(model, prose_fil
 
 def test_gives_up_when_nothing_is_left_then_resume_finishes(model, prose_file, tmp_path,
                                                            monkeypatch):
-    model_dir, seed = model
+    model_dir = model
     run(model_dir, tmp_path / "clean", settings("gptq", prose_file, chunk=2))
     # layer 1 fails on every attempt: chunk 2 -> 1, hidden cpu -> disk, then no move is left
     monkeypatch.setenv(INJECT_ENV, "1x9")
@@ -104,7 +99,7 @@ def test_gives_up_when_nothing_is_left_then_resume_finishes(model, prose_file, t
     monkeypatch.delenv(INJECT_ENV)
     res = run_quantize(model_dir, settings("gptq", prose_file, chunk=2),
                        OutputSettings(tmp_path / "out", resume=True), progress=False)
-    assert files(tmp_path / "out") == files(tmp_path / "clean"), f"seed {seed}"
+    assert_same_files(tmp_path / "out", tmp_path / "clean")
     assert [r.oom_retries for r in res.layers] == [[], [], []]
 
 
@@ -150,7 +145,7 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
     from quantizer.plan.shapes import ModelShapes
     from quantizer.plan.sizes import GIB
 
-    model_dir, seed = model
+    model_dir = model
     real = run_module.plan_job
 
     def with_host_plan(path, s, *args, **kwargs):
@@ -165,7 +160,7 @@ def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_pat
     assert all(r.predicted_peak and r.predicted_peak > 0 for r in clean.layers)
     monkeypatch.setenv(INJECT_ENV, "2x2")
     hit = run(model_dir, tmp_path / "hit", settings("gptq", prose_file, chunk=1))
-    assert files(tmp_path / "hit") == files(tmp_path / "clean"), f"seed {seed}"
+    assert_same_files(tmp_path / "hit", tmp_path / "clean")
     steps = hit.layers[2].oom_retries
     assert len(steps) == 2 and all("oom: chunk" in x for x in steps)
     assert hit.layers[2].decisions["chunk"] == 2

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quantizer.cli import main
 from quantizer.stream.source import CheckpointSource
 from quantizer.demo.synthetic_originals import FORMATS, convert_checkpoint, mxfp4_blocks
+
+from helpers import assert_refused, assert_same_tensors, load_tensors
 
 BLOCK = 32  # several cells per tiny weight, and edge cells (kv_a_proj has 48 rows)
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -163,11 +163,7 @@ def _quantize(model, out, method, fmt="gptq"):
 
 
 def _export(out):
-    tensors = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors, json.loads((out / "config.json").read_text())
+    return load_tensors(out), json.loads((out / "config.json").read_text())
 
 
 @pytest.mark.parametrize("fmt,method", [
@@ -181,10 +177,8 @@ def test_quantized_original_exports_like_its_dequantized_float(fmt, method, orig
     _quantize(ref, tmp_path / "from_ref", method, "awq" if method == "awq" else "gptq")
     got, got_cfg = _export(tmp_path / "from_q")
     want, want_cfg = _export(tmp_path / "from_ref")
-    assert sorted(got) == sorted(want)
+    assert_same_tensors(got, want)
     assert not any(k.endswith(("weight_scale_inv", "weight_packed_scale")) for k in got)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
     assert got_cfg == want_cfg
     assert any(n.startswith("original weights:") for n in r.notes)
 
@@ -250,11 +244,8 @@ def test_mxfp4_reads_like_the_reference_and_transformers(tmp_path):
 
 def test_mxfp4_model_family_is_refused_until_supported(tmp_path, capsys):
     path, _, _ = _gpt_oss_like(tmp_path / "m")
-    code = main([str(path), "-o", str(tmp_path / "out"), "--method", "rtn",
-                 "--calib-samples", "0", "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "gpt_oss" in err[-1], err
-    assert not (tmp_path / "out").exists()
+    assert_refused([path, "-o", tmp_path / "out", "--method", "rtn", "--calib-samples", "0",
+                    "--no-progress"], capsys, tmp_path, "gpt_oss")
 
 
 # --------------------------------------------------------------------------- refusals
@@ -277,14 +268,11 @@ def _edit(q, tmp_path, fn, config=None):
     return m
 
 
-def _refused(m, tmp_path, capsys, match, method="rtn"):
-    out = tmp_path / "out"
-    code = main([str(m), "-o", str(out), "--method", method, "--no-progress",
-                 "--calib-samples", "0" if method == "rtn" else "2", "--calib-seqlen", "16"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert err[-1].startswith("error: ") and match in err[-1], err
-    assert not out.exists() and not (tmp_path / "out.job").exists()
+def _refused(m, tmp_path, capsys, match, method="rtn", one_line=True):
+    """One line, exit 2, nothing new under tmp_path (no out, no out.job)."""
+    assert_refused([m, "-o", tmp_path / "out", "--method", method, "--no-progress",
+                    "--calib-samples", "0" if method == "rtn" else "2", "--calib-seqlen", "16"],
+                   capsys, tmp_path, match, one_line)
 
 
 SCALE = "model.layers.1.self_attn.q_b_proj.weight_scale_inv"
@@ -322,7 +310,9 @@ def _stray_scale(t):
     (_stray_scale, "a scale tensor without its quantized weight")])
 def test_bad_fp8_scales_are_refused(edit, match, originals, tmp_path, capsys):
     q, _ = originals("fp8-block")
-    _refused(_edit(q, tmp_path, edit), tmp_path, capsys, match)
+    # a NaN scale is found while the layer is read, after the run's notes are logged: not yet
+    # issue 25's one line (the notes go first), but the error is the last line
+    _refused(_edit(q, tmp_path, edit), tmp_path, capsys, match, one_line=edit is not _nan_scale)
 
 
 def test_bad_block_size_and_unread_methods_are_refused(originals, tmp_path, capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from quantizer.errors import InputError, OutOfMemory
-from conftest import plan_text
+from helpers import plan_text
 from quantizer.plan.machine import DeviceSpec
 from quantizer.plan.memory import CUDA_CONTEXT
 from quantizer.plan.planner import PlanError, make_plan, shrink

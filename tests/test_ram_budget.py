@@ -3,11 +3,6 @@ skeleton's head, the layer as stored, hidden states, the export and its serialis
 moves hidden states to disk when they do not fit, and a run's measured peak RSS stays under
 the budget."""
 import json
-import subprocess
-import sys
-import tempfile
-import textwrap
-from pathlib import Path
 
 import psutil
 import pytest
@@ -17,6 +12,8 @@ from quantizer.stream.hidden_store import HiddenStore, Singles, to_device_ahead
 from quantizer.plan.sizes import GIB, MIB
 from quantizer.plan.planner import ModelShapes, make_plan
 from quantizer.plan.memory import host_facts
+
+from helpers import peak_rss_cli, planned_host_peaks
 
 WIDTHS = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
               num_key_value_heads=8, vocab_size=1024)
@@ -62,33 +59,6 @@ def test_host_plan_moves_hidden_states_to_disk_when_they_do_not_fit():
     assert "disk beside the checkpoint" in text and "hidden states (inputs" in text
 
 
-PROBE = textwrap.dedent("""
-    import json, sys
-    from quantizer.settings import Budgets, CalibSettings, QuantSettings
-    from quantizer.run.job import plan_job
-    out = {}
-    for hidden in ("cpu", "disk"):
-        s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu",
-                          calib=CalibSettings(source=sys.argv[2], samples=64, seqlen=256),
-                          budgets=Budgets.parse(ram="1T"), hidden_device=hidden)
-        job = plan_job(sys.argv[1], s, max_shard_bytes=8 << 20)
-        out[hidden] = job.plan.predicted_peak[-1]
-    print(json.dumps(out))
-""")
-
-
-def _run(args):
-    # through a small launcher: a child forked from this (large) pytest process would report
-    # this process's resident size as its own peak (see tests/data/peak_rss.py)
-    launcher = Path(__file__).with_name("data") / "peak_rss.py"
-    with tempfile.NamedTemporaryFile("r") as rss:
-        proc = subprocess.run([sys.executable, str(launcher), rss.name, sys.executable, "-m",
-                               "quantizer.cli", *args], capture_output=True, text=True)
-        peak = int(rss.read())
-    status, out, err = proc.returncode, proc.stdout, proc.stderr
-    return status, peak, out, err
-
-
 def test_peak_rss_stays_under_the_ram_budget(tmp_path, prose_file):
     """A budget between what the run needs with hidden states on disk and in RAM: the plan
     sends them to disk and the measured peak RSS of the whole run (the kernel's high-water
@@ -98,17 +68,15 @@ def test_peak_rss_stays_under_the_ram_budget(tmp_path, prose_file):
 
     model = write_checkpoint(tmp_path / "m", preset="tiny-llama", num_hidden_layers=4,
                              max_shard_bytes=16 << 20, dtype=torch.float16, **WIDTHS)
-    probe = subprocess.run([sys.executable, "-c", PROBE, str(model), str(prose_file)],
-                           capture_output=True, text=True, check=True)
-    need = json.loads(probe.stdout.strip().splitlines()[-1])
+    need = planned_host_peaks(model, prose_file, 64, 256, 8 << 20, hidden=("cpu", "disk"))
     assert need["cpu"] - need["disk"] > 16 * MIB, need
     budget = (need["cpu"] + need["disk"]) // 2
-    code, peak, out, err = _run([str(model), "-o", str(tmp_path / "q"), "--method", "rtn",
-                                 "--calib-data", str(prose_file), *CALIB, "--no-progress",
-                                 "--json", "--ram-budget", str(budget), "--group-size", "128",
-                                 "--max-shard-size", "8M"])
-    assert code == 0, err[-2000:]
-    report = json.loads(out)
+    run = peak_rss_cli([model, "-o", tmp_path / "q", "--method", "rtn", "--calib-data",
+                        prose_file, *CALIB, "--no-progress", "--json", "--ram-budget", budget,
+                        "--group-size", "128", "--max-shard-size", "8M"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = run.peak_rss
+    report = json.loads(run.stdout)
     assert {r["decisions"]["hidden"] for r in report["layers"]} == {"disk"}
     layers = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     hidden = 64 * 256 * WIDTHS["hidden_size"] * 4

@@ -1,14 +1,14 @@
 """Crash safety end to end: SIGKILL `quantize` at random moments in every stage, resume, and
 get output files byte-identical to an uninterrupted run."""
-import filecmp
 import json
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import assert_same_files, quantize_cmd
 
 STAGES = ("measure", "quantize", "export", "done")
 # A coarse AWQ grid keeps the many runs short; resume does not depend on the grid's size.
@@ -16,14 +16,9 @@ METHODS = {"rtn": ["--method", "rtn"], "awq": ["--method", "awq", "--awq-grid", 
            "adaptive-gptq": ["--method", "gptq", "--bits", "4.5"]}
 
 
-CALIB = Path(__file__).with_name("data") / "calibration.txt"
-
-
 def cmd(model, out, method, *extra):
     # a small local calibration file keeps each of the many process starts short
-    return [sys.executable, "-m", "quantizer.cli", str(model), "-o", str(out), *METHODS[method],
-            "--calib-data", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "32",
-            "--no-progress", *extra]
+    return quantize_cmd(model, out, *METHODS[method], *extra)
 
 
 def progress(job: Path):
@@ -48,13 +43,6 @@ def run_until_killed(args, job: Path, target, delay: float) -> bool:
         time.sleep(0.01)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
     return False
-
-
-def same_tree(a: Path, b: Path) -> list[str]:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    return mismatch + errors
 
 
 @pytest.mark.slow
@@ -82,7 +70,7 @@ def test_kill_anywhere_and_resume_bit_identical(method, tiny_checkpoint, tmp_pat
     final = subprocess.run(cmd(model, out, method, "--resume"), capture_output=True)
     assert final.returncode == 0, final.stderr.decode()[-2000:]
     assert not job.exists(), "the job directory is removed once the output is complete"
-    assert same_tree(out, ref) == []
+    assert_same_files(out, ref, skip_content=())
 
 
 def test_existing_job_needs_resume_or_overwrite(tiny_checkpoint, tmp_path):
@@ -144,4 +132,4 @@ def test_ctrl_c_saves_state_and_resumes(tiny_checkpoint, tmp_path):
     assert progress(job)[1] >= 2  # finished layers stayed committed
     done = subprocess.run(cmd(model, out, "rtn", "--resume"), capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert same_tree(out, ref) == []
+    assert_same_files(out, ref, skip_content=())

@@ -6,7 +6,6 @@ The refusals run in-process (`quantizer.cli.main`) on tiny generated checkpoints
 well under a second. Whole runs (a measurement, AWQ, SIGTERM, processes) are marked slow."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,43 +24,15 @@ from safetensors.torch import load_file, save_file
 from quantizer.cli import main
 from quantizer.errors import InputError
 
+from helpers import assert_refused, cli
+
 ROOT = Path(__file__).resolve().parents[1]
-RC_OK = {0, 2, 3, 130}
 FAST = ["--method", "rtn", "--calib-samples", "0", "--no-progress"]
 CALIB = ["--calib-samples", "4", "--calib-seqlen", "16", "--no-progress"]
 CUDA = torch.cuda.is_available()
 
 
-# ---- the rule -----------------------------------------------------------------------------
-def tree(root: Path) -> dict[str, str]:
-    """Every path under `root` with a digest of its content (directories: 'dir')."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def run(argv, capsys) -> tuple[int, list[str], str]:
-    capsys.readouterr()  # only this command's output
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, [ln for ln in captured.err.splitlines() if ln.strip()], captured.out
-
-
-def assert_refused(argv, capsys, root: Path, match: str) -> str:
-    """rc 2, one stderr line naming `match`, and `root` exactly as it was (nothing new, the
-    user's files untouched)."""
-    before = tree(root)
-    code, err, _ = run(argv, capsys)
-    assert code in RC_OK
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert match in err[0], err
-    assert tree(root) == before, "a refused run changed the disk"
-    return err[0]
-
-
+# ---- the rule: helpers.assert_refused (rc 2, one line, the disk as it was) ----------------
 def copy_model(tiny_checkpoint, dest: Path, preset: str = "tiny-llama") -> Path:
     shutil.copytree(tiny_checkpoint(preset), dest)
     return dest
@@ -274,7 +245,7 @@ def test_fix_the_input_and_rerun_works(tmp_path, tiny_checkpoint, capsys):
     _bad_shape(tmp_path, m)
     assert_refused([m, "-o", tmp_path / "out", *FAST], capsys, tmp_path, "disagree")
     (m / "model.safetensors").write_bytes(good)
-    code, err, _ = run([m, "-o", tmp_path / "out", *FAST], capsys)
+    code, err, _ = cli([m, "-o", tmp_path / "out", *FAST], capsys)
     assert code == 0, err
     assert (tmp_path / "out" / ".layerquant").is_file() and not (tmp_path / "out.job").exists()
 
@@ -304,7 +275,7 @@ def test_lost_state_json_is_recognised_and_overwrite_clears_it(marker, tmp_path,
         line = assert_refused([m, "-o", tmp_path / "out", *FAST, *flags], capsys, tmp_path,
                               "state.json is lost")
         assert "--overwrite" in line
-    code, err, _ = run([m, "-o", tmp_path / "out", *FAST, "--overwrite"], capsys)
+    code, err, _ = cli([m, "-o", tmp_path / "out", *FAST, "--overwrite"], capsys)
     assert code == 0, err
     assert not work.exists() and (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -322,7 +293,7 @@ def test_overwrite_replaces_our_export_and_resume_of_an_overwrite_may_too(tmp_pa
                                                                         capsys):
     m = copy_model(tiny_checkpoint, tmp_path / "m")
     out = export(m, tmp_path / "out")
-    code, err, _ = run([m, "-o", out, *FAST, "--overwrite", "--bits", "8", "--format",
+    code, err, _ = cli([m, "-o", out, *FAST, "--overwrite", "--bits", "8", "--format",
                         "gptq"], capsys)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
@@ -355,7 +326,7 @@ def test_check_never_offers_padding_that_changes_nothing(tmp_path, capsys):
     """TP 1 with a hidden width no Marlin kernel takes: padding the MLP cannot help, so it
     is not offered (it used to say 'pads intermediate_size 512 → 512')."""
     path = _dense_config(tmp_path / "m")
-    code, err, out = run(["check", path, "--tp-size", "1"], capsys)
+    code, err, out = cli(["check", path, "--tp-size", "1"], capsys)
     assert code == 2 and len(err) == 1 and "padding cannot fix" in err[0], err
     assert "--pad-for-tp 1" not in out + err[0] and "512 → 512" not in out
 
@@ -366,7 +337,7 @@ def test_pad_for_tp_1000_is_not_advised_when_heads_cannot_split(tmp_path, tiny_c
     line = assert_refused([m, "-o", tmp_path / "out", *FAST, "--pad-for-tp", "1000"], capsys,
                           tmp_path, "attention heads")
     assert "padding cannot fix attention" in line and "→" not in line
-    code, err, out = run(["check", m, "--tp-size", "1000"], capsys)
+    code, err, out = cli(["check", m, "--tp-size", "1000"], capsys)
     assert code == 2 and len(err) == 1 and "quantizing with --pad-for-tp" not in out
 
 
@@ -385,7 +356,7 @@ def test_eval_says_when_the_recorded_original_is_gone(tmp_path, tiny_checkpoint,
     m = copy_model(tiny_checkpoint, tmp_path / "m")
     q = export(m, tmp_path / "q")
     shutil.rmtree(m)
-    code, err, out = run(["eval", q, "--data", "builtin", "--seqlen", "32", "--max-windows",
+    code, err, out = cli(["eval", q, "--data", "builtin", "--seqlen", "32", "--max-windows",
                           "2", "--no-progress"], capsys)
     assert code == 0, err
     assert "is gone" in out and "--base" in out
@@ -427,7 +398,7 @@ def test_missing_path_is_reported_before_torch_is_imported(tmp_path):
 
 @pytest.mark.skipif(CUDA, reason="the note is for machines without a GPU")
 def test_plan_without_a_gpu_says_what_it_planned_for(tmp_path, tiny_checkpoint, capsys):
-    code, err, out = run(["plan", tiny_checkpoint(), "--vram-budget", "16G"], capsys)
+    code, err, out = cli(["plan", tiny_checkpoint(), "--vram-budget", "16G"], capsys)
     assert code == 0, err
     assert out.startswith("no GPU is visible here")
 
@@ -464,7 +435,7 @@ def test_api_mistyped_keyword_is_one_value_error(call, match, tmp_path, tiny_che
 def test_api_raises_the_clis_line(tmp_path, tiny_checkpoint, capsys):
     import quantizer
     m = tiny_checkpoint()
-    code, err, _ = run([m, "-o", tmp_path / "o", *FAST, "--vram-budget", "1K"], capsys)
+    code, err, _ = cli([m, "-o", tmp_path / "o", *FAST, "--vram-budget", "1K"], capsys)
     with pytest.raises(ValueError) as info:
         quantizer.quantize(m, tmp_path / "o", method="rtn", calib_samples=0, vram_budget="1K")
     assert code == 2 and err == [f"error: {info.value}"]
@@ -537,7 +508,7 @@ def test_adaptive_targets_name_one_range(measured, tmp_path, capsys):
                     *other], capsys, tmp_path, "calibration set differs")
     # below the smallest servable target, above the least of every candidate: --engine none
     # runs it, and says no other minimum
-    code, err, _ = run([model, "-o", tmp_path / "q", "--bits", "3", "--measurement", local,
+    code, err, _ = cli([model, "-o", tmp_path / "q", "--bits", "3", "--measurement", local,
                         "--engine", "none", *calib], capsys)
     assert code == 0, err
     assert not any("choose" in ln or "smallest" in ln for ln in err), err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantizer.cli import main
-from quantizer.export.serving import ERROR, WARNING, check_export
+from quantizer.export.serving import ERROR, check_export
 
 H, I, L = 256, 512, 2  # hidden, dense MLP width, layers: Marlin-aligned at TP 1 and 2
 DENSE = dict(model_type="llama", hidden_size=H, intermediate_size=I, num_attention_heads=4,

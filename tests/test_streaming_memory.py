@@ -1,12 +1,11 @@
 """Proof that quantization streams: the peak RSS of a run on a 2 GB checkpoint is that of a
 run on a single layer of it (plus slack), far below the model's size, and under the host-RAM
 budget the planner predicts for it."""
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from helpers import peak_rss_cli, planned_host_peaks
 
 LAYERS = 12
 SHARD = 128 << 20
@@ -21,36 +20,10 @@ def make(path, layers):
                             max_shard_bytes=512 << 20, dtype=torch.float16, **WIDTHS)
 
 
-PLANNED = """
-import sys
-from quantizer.settings import Budgets, CalibSettings, QuantSettings
-from quantizer.run.job import plan_job
-s = QuantSettings(bits=4, group_size=128, method="rtn", device="cpu",
-                  budgets=Budgets.parse(ram="1T"),
-                  calib=CalibSettings(source=sys.argv[2], samples=2, seqlen=32))
-print(plan_job(sys.argv[1], s, max_shard_bytes=int(sys.argv[3])).plan.predicted_peak[-1])
-"""
-
-
-def planned_peak(model, calib) -> int:
-    """The host plan's predicted peak for the run below (a fresh process, as the run is)."""
-    out = subprocess.run([sys.executable, "-c", PLANNED, str(model), str(calib), str(SHARD)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1])
-
-
 def peak_rss_of(args) -> int:
-    """Peak resident set size (bytes) of a child process, from the kernel's rusage."""
-    # through a small launcher: a child forked from this (large) pytest process would report
-    # this process's resident size as its own peak (see tests/data/peak_rss.py)
-    launcher = Path(__file__).with_name("data") / "peak_rss.py"
-    with tempfile.NamedTemporaryFile("r") as rss:
-        proc = subprocess.run([sys.executable, str(launcher), rss.name, sys.executable, "-m",
-                               "quantizer.cli", *args], capture_output=True, text=True)
-        peak = int(rss.read())
-    status, out, err = proc.returncode, proc.stdout, proc.stderr
-    assert status == 0, err[-2000:]
-    return peak
+    run = peak_rss_cli(args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.peak_rss
 
 
 @pytest.mark.slow
@@ -69,7 +42,7 @@ def test_peak_rss_bounded_by_one_layer(tmp_path):
     # run measures its own process at plan time, which imports more than the probe (the
     # process term differed by ~6-10 MiB between the two: the CLI then refused a budget a few
     # MiB under its own prediction)
-    budget = planned_peak(big, calib) + (32 << 20)
+    budget = planned_host_peaks(big, calib, 2, 32, SHARD)["auto"] + (32 << 20)
     peak_big = peak_rss_of([str(big), "-o", str(tmp_path / "qbig"), *common,
                             "--ram-budget", str(budget)])
     report = (f"model {model_bytes / 2**30:.2f} GiB, one layer {layer_bytes / 2**20:.0f} MiB; "
