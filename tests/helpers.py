@@ -5,8 +5,9 @@ tests/ on sys.path, as for conftest.py and family_zoo.py).
 - tensors: `load_tensors` (every shard of a folder), `assert_same_tensors`
 - the command line: `cli` (in-process, output captured), `assert_refused` (issue 25's rule for
   a refusal), `quantize_cmd` / `quantize_cli` (a process with the small calibration file),
-  `peak_rss_cli` (a process's peak RSS), `planned_host_peaks` (the host plan of a fresh
-  process), `plan_text` (`quantize plan` as text).
+  `job_state` / `signal_when` (a run killed at a chosen point of its job), `peak_rss_cli` (a
+  process's peak RSS), `planned_host_peaks` (the host plan of a fresh process), `plan_text`
+  (`quantize plan` as text).
 - fixtures (tests/conftest.py) and seeding (tests/seeding.py) are pytest plugins, not here.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +106,37 @@ def quantize_cli(model, out, *args, env=None) -> subprocess.CompletedProcess:
     """quantize_cmd(...) --overwrite, run to its end (output captured as text)."""
     return subprocess.run([*quantize_cmd(model, out, *args), "--overwrite"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def job_state(job: Path) -> dict | None:
+    """A job directory's state.json (None while it is absent or half-written)."""
+    try:
+        return json.loads((Path(job) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def signal_when(args, job: Path, reached, delay: float = 0.0, sig=signal.SIGKILL,
+                env=None) -> subprocess.CompletedProcess:
+    """Run the command `args`; as soon as reached(state) holds for its job directory's
+    state.json, wait `delay` seconds and send it `sig` (a kill at a chosen point of the run).
+    Returns the ended process: returncode 0 if it finished first, stderr as text."""
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+    while proc.poll() is None:
+        state = job_state(job)
+        try:
+            hit = state is not None and reached(state)
+        except (KeyError, IndexError, TypeError, ValueError):  # a state of another shape
+            hit = False
+        if hit:
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+        time.sleep(0.005)
+    err = proc.communicate(timeout=600)[1]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, None, err)
 
 
 @dataclass

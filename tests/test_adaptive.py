@@ -68,6 +68,7 @@ def test_two_targets_one_measurement(tiny_checkpoint, tmp_path, prose_file):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_measurement_from_other_model_is_refused(tiny_checkpoint, tmp_path, prose_file, capsys):
     from quantizer.cli import main
     a = tiny_checkpoint("tiny-llama")
@@ -81,6 +82,7 @@ def test_measurement_from_other_model_is_refused(tiny_checkpoint, tmp_path, pros
     assert "model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_target_counts_weights_of_the_original_model(tiny_checkpoint, tmp_path, prose_file):
     """A padded MLP (172 -> 192 at g32) stores bits for its padding: the target is per weight
     of the original model, so the export's real cost stays within it."""
@@ -97,7 +99,9 @@ def test_target_counts_weights_of_the_original_model(tiny_checkpoint, tmp_path, 
     assert abs(bits / numel - alloc["achieved_bpw"]) < 1e-6, (bits / numel, alloc)
 
 
-@pytest.mark.parametrize("bits,fmt", [(4, "gptq"), (4, "compressed-tensors"), (4.5, "auto")])
+@pytest.mark.parametrize("bits,fmt", [
+    (4, "gptq"), pytest.param(4, "compressed-tensors", marks=pytest.mark.slow),
+    pytest.param(4.5, "auto", marks=pytest.mark.slow)])
 def test_static_groups_reach_the_export_config(tiny_checkpoint, tmp_path, prose_file, bits, fmt):
     """Act-order with static groups keeps groups contiguous: the config must say so (GPTQ:
     desc_act false; compressed-tensors: actorder "weight", no g_idx), or loaders expect a
@@ -164,6 +168,7 @@ def test_gptq_defaults_to_act_order_with_static_groups():
     assert record == {"act_order": True, "static_groups": True, "scale_search": "imatrix"}
 
 
+@pytest.mark.slow
 def test_measure_subcommand_then_two_targets(tiny_checkpoint, tmp_path, prose_file, capsys):
     """`quantize measure` writes measurement.json alone; quantize runs at two targets reuse it
     without measuring, and a measurement with other GPTQ options is refused."""

@@ -39,6 +39,7 @@ def test_bench_giant_tiny_end_to_end(tmp_path):
     assert "full DeepSeek-V3 ETA" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_runs_finished_layers_are_read_back(tiny_checkpoint, tmp_path, monkeypatch):
     """What bench_giant reports for a run it had to stop: the layers committed so far."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 import bench_quality  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not bench_quality.STORIES.is_dir(), reason="../shared (stories260K) absent")
 def test_quick_run_on_stories(tmp_path):
     out = tmp_path / "q.json"

@@ -2,6 +2,7 @@
 the files safetensors' save_file and the layer-file writer produce, resume reads them back
 byte-identically, and the job directory never holds a second copy of the model."""
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from quantizer.export.layout import (ExportLayout, TensorSpec, convention_holds,
 from quantizer.export.store import DirectStore
 from quantizer.export.writer import ShardWriter
 
-from helpers import assert_same_files, load_tensors, quantize_cli, quantize_cmd
+from helpers import assert_same_files, load_tensors, quantize_cli, quantize_cmd, signal_when
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.uint8,
           torch.int8, torch.bool, torch.float64, torch.int16)
@@ -138,22 +139,9 @@ def test_export_equals_the_layer_file_writers(case, tiny_checkpoint, tmp_path):
 
 def _interrupted_job(model, out, args, stop_after: int, env=None):
     """A job stopped after layer `stop_after` is committed, as a kill would leave it."""
-    import os
-    import time
     job = out.parent / (out.name + ".job")
     cmd = quantize_cmd(model, out, *args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-    while proc.poll() is None:
-        try:
-            st = json.loads((job / "state.json").read_text())
-            if st["last_finished"]["quantize"] >= stop_after:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait()
+    signal_when(cmd, job, lambda st: st["last_finished"]["quantize"] >= stop_after, env=env)
     if not job.exists() or out.exists():
         pytest.skip("the run finished before it could be interrupted")
     return job, cmd
@@ -212,35 +200,24 @@ def test_kills_while_the_writer_thread_writes_then_resume(tiny_checkpoint, tmp_p
     """GPU runs write and commit layer i on a thread while layer i+1 is quantized
     (LAYERQUANT_ASYNC_WRITE=1 does the same on the CPU): killed anywhere, resumed, the same
     bytes."""
-    import os
-    import time
     model = tiny_checkpoint("tiny-llama", num_hidden_layers=8)
     args = ["--method", "gptq", "--max-shard-size", "200K", "--save-hidden", "never"]
-    env = {**os.environ, "LAYERQUANT_ASYNC_WRITE": "1"}
+    env = {"LAYERQUANT_ASYNC_WRITE": "1"}
     ref = quantize_cli(model, tmp_path / "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out, job = tmp_path / "out", tmp_path / "out.job"
     cmd = quantize_cmd(model, out, *args)
     rng = random.Random(7)
     for attempt in range(5):
-        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = rng.randint(0, 6)
-        while proc.poll() is None:
-            try:
-                if json.loads((job / "state.json").read_text())["last_finished"][
-                        "quantize"] >= target:
-                    time.sleep(rng.uniform(0, 0.5))
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.005)
-        proc.kill()
-        proc.wait()
+        signal_when(cmd + (["--resume"] if attempt else []), job,
+                    lambda st: st["last_finished"]["quantize"] >= target, rng.uniform(0, 0.5),
+                    env=env)
         if out.exists():
             break
     if not out.exists():
-        done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd + ["--resume"], env={**os.environ, **env}, capture_output=True,
+                              text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     assert_same_files(out, tmp_path / "ref")
 

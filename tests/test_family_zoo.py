@@ -5,9 +5,10 @@ with the source checkpoint's tensor names and exact AWQ folds -- or is refused b
 work with one line saying what is missing. The table (family, supported, why) is printed at
 the end of the run.
 
-`make test` runs every family the issue names (pass or refusal: about 45 s on 2 idle cores);
-every other family is marked `zoo` (and slow) and runs under `make test-zoo` -- the whole zoo
-is hours on 2 cores and some tiny configs need GBs. The Qwen2-VL seed case (a 14784-like MLP width
+`make test` runs every family the issue names (pass or refusal: about 45 s on 2 idle cores;
+marked slow but for the FAST three, which `make test-fast` runs); every other family is marked
+`zoo` (and slow) and runs under `make test-zoo` -- the whole zoo is hours on 2 cores and some
+tiny configs need GBs. The Qwen2-VL seed case (a 14784-like MLP width
 that splits badly at TP 2 and 4, padded by --pad-for-tp) is tests/test_vlm.py."""
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ NAMED = {
     "hunyuan_v1_moe": "pass", "ernie4_5_moe": "pass", "glm4v": "pass", "glm4_moe_lite": "pass",
     "ministral3": "pass", "phimoe": "pass", "exaone": "a module (attn.attention)",
 }
-# Run on every `make test` besides NAMED: one of each kind of thing the zoo checks.
+# Run by `make test-fast` too: one of each kind of thing the zoo checks (the rest of NAMED is
+# slow, in `make test`).
 FAST = ("llama", "gemma2", "qwen2_vl")  # MoE end to end: tests/test_moe.py
 
 RESULTS: dict[str, zoo.ZooResult] = {}
@@ -49,7 +51,8 @@ def _families() -> list:
     from quantizer.arch.tiny import all_families
     out = []
     for fam in all_families() + list(zoo.VARIANTS):
-        marks = [] if fam in FAST or fam in NAMED else [pytest.mark.slow, pytest.mark.zoo]
+        marks = ([] if fam in FAST else [pytest.mark.slow] if fam in NAMED
+                 else [pytest.mark.slow, pytest.mark.zoo])
         out.append(pytest.param(fam, marks=marks, id=fam))
     return out
 

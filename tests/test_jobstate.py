@@ -339,6 +339,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
     layers = 8
     worker = tmp_path / "worker.py"

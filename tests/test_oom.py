@@ -44,6 +44,7 @@ def run(model_dir, out, s, **kw):
     return run_quantize(model_dir, s, OutputSettings(out, overwrite=True, **kw), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_injected_oom_is_retried_with_identical_output(method, model, prose_file, tmp_path,
                                                       monkeypatch):
@@ -63,6 +64,7 @@ def test_injected_oom_is_retried_with_identical_output(method, model, prose_file
         [r.output_error for r in clean.layers], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_chunk_size_and_disk_hidden_states_do_not_change_output(model, prose_file, tmp_path,
                                                                 monkeypatch):
     model_dir = model
@@ -84,6 +86,7 @@ def test_chunk_size_and_disk_hidden_states_do_not_change_output(model, prose_fil
     assert not any(p.exists() for p in written)  # every file deleted when replaced
 
 
+@pytest.mark.slow
 def test_gives_up_when_nothing_is_left_then_resume_finishes(model, prose_file, tmp_path,
                                                            monkeypatch):
     model_dir = model
@@ -136,6 +139,7 @@ def test_hidden_store_round_trip_rechunk_and_release(tmp_path):
     assert store.move(ram, "cpu") is ram
 
 
+@pytest.mark.slow
 def test_a_memory_plan_drives_the_loop_and_its_shrink(model, prose_file, tmp_path,
                                                       monkeypatch):
     """GPU runs take their decisions from the plan and recover through plan.shrink; on CPU the

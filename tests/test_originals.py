@@ -166,6 +166,7 @@ def _export(out):
     return load_tensors(out), json.loads((out / "config.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,method", [
     ("fp8-block", "gptq"), ("fp8-block", "awq"), ("ct-fp8-channel", "gptq"),
     ("ct-fp8-block", "rtn"), ("ct-fp8-tensor", "rtn"), ("ct-int4", "gptq"),

@@ -1,14 +1,13 @@
 """Crash safety end to end: SIGKILL `quantize` at random moments in every stage, resume, and
 get output files byte-identical to an uninterrupted run."""
-import json
 import random
+import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_files, quantize_cmd
+from helpers import assert_same_files, job_state, quantize_cmd, signal_when
 
 STAGES = ("measure", "quantize", "export", "done")
 # A coarse AWQ grid keeps the many runs short; resume does not depend on the grid's size.
@@ -21,28 +20,17 @@ def cmd(model, out, method, *extra):
     return quantize_cmd(model, out, *METHODS[method], *extra)
 
 
-def progress(job: Path):
-    try:
-        st = json.loads((job / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return STAGES.index(st["stage"]), st["last_finished"].get(st["stage"], -1)
+def progress(state: dict) -> tuple[int, int]:
+    """(stage index, last layer finished in that stage) of a job's state.json."""
+    return STAGES.index(state["stage"]), state["last_finished"].get(state["stage"], -1)
 
 
 def run_until_killed(args, job: Path, target, delay: float) -> bool:
     """Start `args`; SIGKILL it `delay` s after the job reaches `target` (stage index, layer).
     Returns False if the run finished first."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while proc.poll() is None:
-        p = progress(job)
-        if p is not None and p >= target:
-            time.sleep(delay)
-            proc.kill()
-            proc.wait()
-            return True
-        time.sleep(0.01)
-    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-    return False
+    res = signal_when(args, job, lambda st: progress(st) >= target, delay)
+    assert res.returncode in (0, -signal.SIGKILL), res.stderr[-2000:]
+    return res.returncode != 0
 
 
 @pytest.mark.slow
@@ -90,20 +78,17 @@ def test_existing_job_needs_resume_or_overwrite(tiny_checkpoint, tmp_path):
     assert code == 0 and (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_names_the_difference(tiny_checkpoint, tmp_path, capsys):
     from quantizer.cli import main
     model = tiny_checkpoint("tiny-llama", num_hidden_layers=3)
     out = tmp_path / "out"
     args = [str(model), "-o", str(out), "--method", "rtn", "--no-progress",
             "--calib-samples", "4", "--calib-seqlen", "16"]
-    # Leave a job behind as a crash would: stop after layer 0 via a failing write hook.
-    proc = subprocess.Popen(cmd(model, out, "rtn", "--calib-samples", "4"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Leave a job behind as a crash would: killed once layer 0 is committed.
     job = tmp_path / "out.job"
-    while proc.poll() is None and (progress(job) or (1, -1)) < (1, 0):
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    signal_when(cmd(model, out, "rtn", "--calib-samples", "4"), job,
+                lambda st: progress(st) >= (1, 0))
     if not job.exists():
         pytest.skip("the run finished before it could be interrupted")
     capsys.readouterr()
@@ -116,20 +101,16 @@ def test_resume_with_other_settings_names_the_difference(tiny_checkpoint, tmp_pa
 def test_ctrl_c_saves_state_and_resumes(tiny_checkpoint, tmp_path):
     """SIGINT (Ctrl-C) mid-run: exit 130 with a one-line hint, no prompt; --resume finishes
     with output identical to an uninterrupted run."""
-    import signal
     model = tiny_checkpoint("tiny-llama", num_hidden_layers=8)
     ref, out, job = tmp_path / "ref", tmp_path / "out", tmp_path / "out.job"
     subprocess.run(cmd(model, ref, "rtn"), check=True, capture_output=True)
-    proc = subprocess.Popen(cmd(model, out, "rtn"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    while proc.poll() is None and (progress(job) or (1, -1)) < (1, 2):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
-    if proc.returncode == 0:
+    res = signal_when(cmd(model, out, "rtn"), job, lambda st: progress(st) >= (1, 2),
+                      sig=signal.SIGINT)
+    err = res.stderr
+    if res.returncode == 0:
         pytest.skip("the run finished before the interrupt landed")
-    assert proc.returncode == 130 and "--resume" in err.strip().splitlines()[-1], err[-500:]
-    assert progress(job)[1] >= 2  # finished layers stayed committed
+    assert res.returncode == 130 and "--resume" in err.strip().splitlines()[-1], err[-500:]
+    assert progress(job_state(job))[1] >= 2  # finished layers stayed committed
     done = subprocess.run(cmd(model, out, "rtn", "--resume"), capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert_same_files(out, ref, skip_content=())

@@ -351,6 +351,7 @@ def test_eval_offline_hint_names_evals_own_flag(tmp_path, tiny_checkpoint, capsy
     assert "--calib-data" not in line
 
 
+@pytest.mark.slow
 def test_eval_says_when_the_recorded_original_is_gone(tmp_path, tiny_checkpoint, capsys,
                                                       caplog):
     m = copy_model(tiny_checkpoint, tmp_path / "m")
