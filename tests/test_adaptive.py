@@ -99,9 +99,8 @@ def test_target_counts_weights_of_the_original_model(tiny_checkpoint, tmp_path, 
     assert abs(bits / numel - alloc["achieved_bpw"]) < 1e-6, (bits / numel, alloc)
 
 
-@pytest.mark.parametrize("bits,fmt", [
-    (4, "gptq"), pytest.param(4, "compressed-tensors", marks=pytest.mark.slow),
-    pytest.param(4.5, "auto", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,fmt", [(4, "gptq"), (4, "compressed-tensors"), (4.5, "auto")])
 def test_static_groups_reach_the_export_config(tiny_checkpoint, tmp_path, prose_file, bits, fmt):
     """Act-order with static groups keeps groups contiguous: the config must say so (GPTQ:
     desc_act false; compressed-tensors: actorder "weight", no g_idx), or loaders expect a

@@ -31,6 +31,7 @@ def _run_tiny(tmp_path, only: str, layers: int) -> dict:
     return doc
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_rtn(tmp_path):
     doc = _run_tiny(tmp_path, "rtn", layers=2)
     assert doc["setup"]["checkpoint-7b"]["status"] == "ok"

@@ -26,6 +26,7 @@ def converted(tmp_path_factory):
     return root, path, time.perf_counter() - started
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_conversion_writes_expected_fp16_checkpoint(converted):
     root, path, _ = converted
@@ -42,6 +43,7 @@ def test_conversion_writes_expected_fp16_checkpoint(converted):
     assert (path / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_second_call_uses_the_cache(converted):
     root, path, _ = converted
@@ -52,6 +54,7 @@ def test_second_call_uses_the_cache(converted):
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == before
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_converted_model_runs_and_predicts_prose(converted):
     from transformers import AutoModelForCausalLM

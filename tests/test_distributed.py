@@ -101,6 +101,7 @@ def _same_files(a: Path, b: Path) -> None:
     assert any(n.endswith(".safetensors") for n in files)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_write_the_single_process_files(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("tiny-llama")
     single = D.run_sequence(_jobs(model, tmp_path, "one"))
@@ -113,6 +114,7 @@ def test_two_gloo_processes_write_the_single_process_files(tiny_checkpoint, tmp_
     assert not list(tmp_path.glob("*.job"))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_moe_matches_single_process(tiny_checkpoint, tmp_path):
     """Experts fall back to RTN by the whole run's token counts, not by one rank's share."""
     model = tiny_checkpoint("tiny-mixtral")

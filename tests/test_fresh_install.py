@@ -90,6 +90,7 @@ def test_notebook_kernel_in_root_sees_installed_packages(installed):
     assert "ok" in text, nb.cells[0].outputs
 
 
+@pytest.mark.slow
 def test_transformers_and_a_quantize_run_from_root(tiny_checkpoint, tmp_path):
     """The real thing, with whatever `kernels` transformers installed: model classes import and
     one end-to-end quantize runs, both started in the repository root."""
