@@ -71,7 +71,8 @@ def test_unfused_experts_match_transformers_fused(preset, tiny_checkpoint):
     torch.testing.assert_close(logits(ours), logits(hf_model(src)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("preset", ["tiny-mixtral",
+                                    pytest.param("tiny-qwen3-moe", marks=pytest.mark.slow)])
 def test_rtn_reload_matches_fake_quant(preset, tiny_checkpoint, tmp_path, prose_file):
     """RTN, every export layout: load() == transformers' fused model with every linear and
     every expert slice of the fused parameters fake-quantized (routers kept float). Each
@@ -97,11 +98,11 @@ def test_rtn_reload_matches_fake_quant(preset, tiny_checkpoint, tmp_path, prose_
         assert rel(logits(load(out)), logits(ref)) < 5e-3, fmt
 
 
-@pytest.mark.parametrize("preset,method,fmt", [
-    ("tiny-mixtral", "gptq", "gptq"), ("tiny-mixtral", "awq", "awq"),
-    ("tiny-qwen3-moe", "gptq", "compressed-tensors"), ("tiny-qwen3-moe", "awq", "awq"),
-    ("tiny-qwen2-moe", "awq", "gptq"), ("tiny-deepseek", "gptq", "compressed-tensors"),
-    ("tiny-deepseek", "awq", "awq")])
+@pytest.mark.parametrize("preset,method,fmt", [("tiny-mixtral", "gptq", "gptq")] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in (  # one case in make test-fast
+        ("tiny-mixtral", "awq", "awq"), ("tiny-qwen3-moe", "gptq", "compressed-tensors"),
+        ("tiny-qwen3-moe", "awq", "awq"), ("tiny-qwen2-moe", "awq", "gptq"),
+        ("tiny-deepseek", "gptq", "compressed-tensors"), ("tiny-deepseek", "awq", "awq"))])
 def test_calibrated_reload_matches_dequantized_reference(preset, method, fmt, tiny_checkpoint,
                                                          tmp_path, prose_file):
     src = tiny_checkpoint(preset, dtype=torch.float32)
@@ -125,6 +126,7 @@ def test_calibrated_reload_matches_dequantized_reference(preset, method, fmt, ti
     assert sum(v for k, v in moe_layer.items() if k.startswith("expert_tokens.")) == 4 * 32 * 2
 
 
+@pytest.mark.slow
 def test_gptq_beats_rtn_on_moe_layers(tiny_checkpoint, tmp_path, prose_file):
     src = tiny_checkpoint("tiny-mixtral", dtype=torch.float32)
     errs = {}
@@ -181,6 +183,7 @@ def test_layer_specs_name_dense_and_moe_layers():
     assert arch.representative_layers(cfg) == (0, 1)
 
 
+@pytest.mark.slow
 def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_path, prose_file,
                                                          monkeypatch):
     """Experts' groups captured together (their inputs do not depend on each other) give
@@ -203,6 +206,7 @@ def test_gptq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pa
     assert_same_tensors(exports[0], exports[1])
 
 
+@pytest.mark.slow
 def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_path, prose_file,
                                                         monkeypatch):
     """AWQ's expert up -> down groups captured together give byte-identical exports to one

@@ -119,6 +119,7 @@ def test_unfused_experts_count_routed_tokens_and_skip_masked_slots():
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)  # summation order differs
 
 
+@pytest.mark.slow
 def test_interrupted_moe_run_resumes_byte_identical(tiny_checkpoint, tmp_path, prose_file,
                                                     monkeypatch, caplog):
     """Stop after layer 0 of a GPTQ run on Qwen3-MoE; the resumed run replays layer 0 from its

@@ -59,6 +59,7 @@ def test_host_plan_moves_hidden_states_to_disk_when_they_do_not_fit():
     assert "disk beside the checkpoint" in text and "hidden states (inputs" in text
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_under_the_ram_budget(tmp_path, prose_file):
     """A budget between what the run needs with hidden states on disk and in RAM: the plan
     sends them to disk and the measured peak RSS of the whole run (the kernel's high-water
