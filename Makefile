@@ -38,8 +38,11 @@ test: $(STAMP)
 test-zoo: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider -m "zoo or not zoo" $(PYTEST_ARGS) tests/test_family_zoo.py
 
+# Everything but the end-to-end runs marked slow (each more than ~5 s on 2 cores; `make test`
+# runs them) and the zoo: under 3 minutes on 2 cores. --durations names the slowest, so a new
+# slow test shows.
 test-fast: $(STAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow and not zoo" tests
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow and not zoo" --durations=10 $(PYTEST_ARGS) tests
 
 # The CPU suite at the lower bounds of pyproject.toml (torch stays the CPU wheel 2.13.0: older
 # CPU wheels are not on this disk; torch 2.11 is tested on the GPU box).

@@ -121,6 +121,7 @@ def test_static_groups_reach_the_export_config(tiny_checkpoint, tmp_path, prose_
     assert 0 <= ev.kl < 1
 
 
+@pytest.mark.slow
 def test_cli_passes_act_order_and_static_groups(tiny_checkpoint, tmp_path, prose_file):
     from quantizer.cli import main
     model = tiny_checkpoint("tiny-llama")

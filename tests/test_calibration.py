@@ -136,6 +136,7 @@ CODE_LINE = re.compile(r"(>>>|def \w+\(|class \w+[(:]|import \w+\s*$|from \S+ im
 COMMON = {"the", "of", "and", "to", "a", "is", "in", "it", "that", "for", "be", "or", "this", "if", "an", "by", "with"}
 
 
+@pytest.mark.slow
 def test_builtin_text_is_large_real_prose():
     docs = builtin_documents("calibration")
     text = "\n\n".join(docs)

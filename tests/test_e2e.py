@@ -21,7 +21,8 @@ def fake_quant_reference(model_dir, bits, group_size):
     return ref
 
 
-@pytest.mark.parametrize("preset", ARCHS)
+@pytest.mark.parametrize("preset", ARCHS[:1] + [pytest.param(a, marks=pytest.mark.slow)
+                                                for a in ARCHS[1:]])  # llama in test-fast
 def test_quantize_reload_matches_fake_quant(preset, tiny_checkpoint, tmp_path, prose_file):
     src = tiny_checkpoint(preset)
     out = tmp_path / "q"

@@ -76,6 +76,7 @@ def test_python_m_pytest_in_root_sees_installed_packages(installed, tmp_path):
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-1500:]
 
 
+@pytest.mark.slow
 def test_notebook_kernel_in_root_sees_installed_packages(installed):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

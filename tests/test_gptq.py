@@ -310,6 +310,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_triton_block_kernel_matches_python_path():
     """The fused Triton solver (used on CUDA) gives the Python path's codes, checked on CPU
     by Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before import)."""

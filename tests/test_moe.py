@@ -236,6 +236,7 @@ def test_awq_expert_batches_equal_one_group_per_forward(tiny_checkpoint, tmp_pat
     assert calls["batched"] < calls["single"]  # batches, not one capture per expert
 
 
+@pytest.mark.slow
 @pytest.mark.serving_errors_expected  # the --engine none export, on purpose
 def test_adaptive_bits_on_moe_serve_or_go_per_expert(tiny_checkpoint, tmp_path, prose_file,
                                                      request):

@@ -55,6 +55,7 @@ def transformers_layer0_counts(path, settings):
     return counts.tolist()
 
 
+@pytest.mark.slow
 def test_token_counts_and_rtn_fallback_for_a_constructed_routing(routed_checkpoint, tmp_path,
                                                                   prose_file):
     from quantizer.settings import CalibSettings, QuantSettings

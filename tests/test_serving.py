@@ -410,6 +410,7 @@ def test_engine_none_skips_the_rules(tiny_checkpoint, tmp_path, request):
     assert json.loads((out / "layerquant.json").read_text())["serving"]["errors"] == []
 
 
+@pytest.mark.slow
 def test_adaptive_fused_groups_share_and_low_targets_are_refused(tiny_checkpoint, tmp_path,
                                                                  prose_file, capsys):
     src = tiny_checkpoint("tiny-llama")

@@ -2,6 +2,7 @@
 padded, quantized perplexity within a stated margin of the original; padding alone is exact."""
 import json
 
+import pytest
 import torch
 
 from quantizer import evaluate, quantize
@@ -14,6 +15,7 @@ from quantizer.stream.source import CheckpointSource
 PPL_MARGIN = 1.25
 
 
+@pytest.mark.slow
 def test_rtn_auto_group_padding_and_ppl(stories_dir, tinystories_text, tmp_path):
     out = tmp_path / "q"
     result = quantize(stories_dir, out, method="rtn", calib_data=str(tinystories_text),

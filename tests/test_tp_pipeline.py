@@ -167,6 +167,7 @@ def padded_skeleton_logits(src, padded, ids):
     return model.lm_head(model.model.norm(h))
 
 
+@pytest.mark.slow
 def test_pad_for_tp_end_to_end(tiny_checkpoint, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
