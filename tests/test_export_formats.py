@@ -1,6 +1,7 @@
 """GPTQ and compressed-tensors exports: tensor names, dtypes and shapes as vLLM/AutoGPTQ and
 compressed-tensors expect, bit positions checked against independent reference packers, round
 trips through the packing module's unpackers, and the config.json dicts."""
+import random
 import re
 
 import pytest
@@ -15,7 +16,7 @@ from quantizer.methods.gptq import HessianAccumulator, gptq_quantize
 
 
 def random_q(out_f, in_f, bits, gs, act_order=False, symmetric=False, min_zero=1):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     maxq = (1 << bits) - 1
     n_groups = in_f // (in_f if gs == -1 else gs)
     codes = torch.randint(0, maxq + 1, (out_f, in_f), generator=gen).to(torch.uint8)
@@ -77,7 +78,7 @@ def test_gptq_tensors_act_order_g_idx_round_trips():
 
 
 def test_gptq_export_of_a_real_gptq_result_dequantizes_the_same():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     x = torch.randn(512, 128, generator=gen) * torch.exp(torch.randn(128, generator=gen))
     acc = HessianAccumulator(128)
     acc.add(x)
@@ -161,7 +162,7 @@ def test_ct_quantization_config_mixed_bits_targets_exact_modules():
     names = [f"model.layers.{i}.{m}" for i in range(12)
              for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     choice = torch.randint(0, 3, (len(names),), generator=gen).tolist()
     options = [(4, 128, True, False), (8, 128, True, False), (4, 32, False, True)]
     module_bits = {n: options[c] for n, c in zip(names, choice)}

@@ -32,7 +32,7 @@ def hessian_of(x, chunks=4):
 
 
 def test_hessian_accumulator_is_running_mean_of_2xtx():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
     acc = hessian_of(x.half(), chunks=3)  # half inputs are accumulated in float32
     ref = 2 * x.half().double().t() @ x.half().double() / 300
@@ -62,7 +62,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
 
 @pytest.mark.parametrize("group_size,symmetric", [(32, False), (64, True), (-1, False)])
 def test_identity_hessian_reduces_to_rtn(group_size, symmetric):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     w = torch.randn(40, 128, generator=gen)
     q, _ = gptq_quantize(w, torch.eye(128), 4, group_size, symmetric=symmetric)
     ref = rtn_quantize(w, 4, group_size, symmetric=symmetric)
@@ -72,7 +72,7 @@ def test_identity_hessian_reduces_to_rtn(group_size, symmetric):
 
 
 def test_act_order_with_static_groups_keeps_g_idx_contiguous():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     x = correlated_inputs(512, 128, gen)
     H = hessian_of(x).H
     w = torch.randn(32, 128, generator=gen)
@@ -86,7 +86,7 @@ def test_act_order_with_static_groups_keeps_g_idx_contiguous():
 
 
 def test_act_order_g_idx_is_a_consistent_permutation():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     x = correlated_inputs(512, 128, gen)
     H = hessian_of(x).H
     w = torch.randn(32, 128, generator=gen)
@@ -103,7 +103,7 @@ def test_act_order_g_idx_is_a_consistent_permutation():
 
 
 def test_cholesky_failure_retries_with_more_damping_and_logs(caplog):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     n = 64
     basis, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     eig = torch.ones(n, dtype=torch.float64)
@@ -137,7 +137,7 @@ def test_cholesky_exception_is_retried(monkeypatch, caplog):
 
 
 def test_dead_column_quantizes_to_zero():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     x = correlated_inputs(256, 64, gen)
     x[:, 5] = 0
     x[:, 40] = 0
@@ -153,7 +153,7 @@ def test_dead_column_quantizes_to_zero():
 
 def test_asymmetric_zero_point_never_zero():
     """A group with no negative weights must not get zero point 0 (gptq v1 stores zero-1)."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     w = torch.randn(8, 64, generator=gen)
     w[:, :32] = w[:, :32].abs()
     q, _ = gptq_quantize(w, torch.eye(64), 4, 32)
@@ -254,7 +254,7 @@ def test_unknown_option_is_refused():
 def test_stacked_group_solve_matches_per_linear_solves():
     """Linears sharing H are solved as one stacked matrix: GPTQ is row-independent given H."""
     from quantizer.methods.gptq import prepare_hessian, split_rows
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     H = hessian_of(correlated_inputs(512, 128, gen)).H
     ws = [torch.randn(r, 128, generator=gen) for r in (48, 16, 16)]
     prep = prepare_hessian(H, act_order=True)
