@@ -133,10 +133,12 @@ def test_rtn_imatrix_without_inputs_is_a_clear_error():
 
 
 @pytest.mark.parametrize("method,options", [
-    ("gptq", {"token_weights": "residual", "scale_search": "imatrix"}),
-    ("awq", {"token_weights": "residual", "scale_search": "imatrix"}),
-    ("awq-gptq", {}),
-    ("awq-gptq", {"token_weights": "residual", "act_order": True, "static_groups": True}),
+    ("gptq", {"token_weights": "residual", "scale_search": "imatrix"}),  # in make test-fast
+    pytest.param("awq", {"token_weights": "residual", "scale_search": "imatrix"},
+                 marks=pytest.mark.slow),
+    pytest.param("awq-gptq", {}, marks=pytest.mark.slow),
+    pytest.param("awq-gptq", {"token_weights": "residual", "act_order": True,
+                              "static_groups": True}, marks=pytest.mark.slow),
 ])
 def test_methods_with_grids_and_token_weights_beat_rtn(method, options):
     ctx = tiny_llama_context(bits=3)
@@ -169,6 +171,7 @@ def test_outlier_weights_discount_only_massive_tokens():
     assert float(w[0, 0]) == pytest.approx(16.0 / 1000.0 ** 2)
 
 
+@pytest.mark.slow
 def test_awq_gptq_rounds_the_smoothed_weights():
     """awq-gptq is not plain GPTQ: AWQ's scales are folded before GPTQ rounds."""
     ctx = tiny_llama_context(bits=3)

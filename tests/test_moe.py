@@ -98,11 +98,12 @@ def test_rtn_reload_matches_fake_quant(preset, tiny_checkpoint, tmp_path, prose_
         assert rel(logits(load(out)), logits(ref)) < 5e-3, fmt
 
 
-@pytest.mark.parametrize("preset,method,fmt", [("tiny-mixtral", "gptq", "gptq")] + [
-    pytest.param(*case, marks=pytest.mark.slow) for case in (  # one case in make test-fast
-        ("tiny-mixtral", "awq", "awq"), ("tiny-qwen3-moe", "gptq", "compressed-tensors"),
-        ("tiny-qwen3-moe", "awq", "awq"), ("tiny-qwen2-moe", "awq", "gptq"),
-        ("tiny-deepseek", "gptq", "compressed-tensors"), ("tiny-deepseek", "awq", "awq"))])
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,method,fmt", [
+    ("tiny-mixtral", "gptq", "gptq"), ("tiny-mixtral", "awq", "awq"),
+    ("tiny-qwen3-moe", "gptq", "compressed-tensors"), ("tiny-qwen3-moe", "awq", "awq"),
+    ("tiny-qwen2-moe", "awq", "gptq"), ("tiny-deepseek", "gptq", "compressed-tensors"),
+    ("tiny-deepseek", "awq", "awq")])
 def test_calibrated_reload_matches_dequantized_reference(preset, method, fmt, tiny_checkpoint,
                                                          tmp_path, prose_file):
     src = tiny_checkpoint(preset, dtype=torch.float32)

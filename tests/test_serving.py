@@ -329,6 +329,7 @@ def test_check_cli_exit_codes_and_json(tmp_path, capsys):
 ARGS = ["--calib-samples", "4", "--calib-seqlen", "16", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_gptq_default_is_symmetric_act_order_static_groups(tiny_checkpoint, tmp_path,
                                                            prose_file, request):
     src = tiny_checkpoint("tiny-mixtral")
