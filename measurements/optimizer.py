@@ -362,29 +362,59 @@ def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None
     counted per weight of the original: pass the original count so the target holds there.
     `ties`: sets of group indices that must take one candidate label (see tie_groups)."""
     if ties:
-        merged, members_of = tie_groups(groups, ties)
-        total = float(sum(g.numel for g in groups)) if per_weights is None else per_weights
-        choice = choose(merged, target_bpw, total)
-        indices = [0] * len(groups)
-        for g, members, k in zip(merged, members_of, choice.indices):
-            if len(members) == 1 and g is groups[members[0]]:  # not tied: as chosen
-                indices[members[0]] = k
-                continue
-            label = _as_candidate(g.candidates[k]).label
-            for i in members:
-                indices[i] = next(j for j, c in enumerate(groups[i].candidates)
-                                  if _as_candidate(c).label == label)
-        choice.indices = indices
-        choice.notes.append(f"{len(ties)} tie(s): {len(groups)} groups solved as "
-                            f"{len(merged)}")
-        return choice
+        return _choose_tied(groups, target_bpw, per_weights, ties)
     t0 = time.perf_counter()
+    cost, werr = _cost_and_error(groups)
+    total = _weights_total(groups, per_weights)
+    budget = _budget(cost, target_bpw, total)
+    lp_idx, lam = _lp_greedy(cost, werr, budget)  # 1. LP relaxation
+    priced, lower = _lagrangian(cost, werr, lam, budget)
+    found, incumbent = _incumbents(groups, lp_idx, cost, werr, budget)  # 2. incumbent
+    upper = _score(incumbent, cost, werr)[0]
+    keep = _survivors(priced, lower, upper, incumbent)  # 3. reduced-cost fixing
+    notes = [f"{int(keep.sum())} of {int(np.isfinite(cost).sum())} candidates survive "
+             f"reduced-cost fixing"]
+    dp_idx, exact, note = _reduced_dp(cost, werr, budget, keep, total, lam, upper)  # 4. DP
+    if note:
+        notes.append(note)
+    if dp_idx is not None:
+        found["exact-dp" if exact else "dp"] = dp_idx if exact else _improve(dp_idx, cost,
+                                                                             werr, budget)
+    method, exact, lower = _best_found(found, cost, werr, budget, exact, lower)
+    obj, bits = _score(found[method], cost, werr)
+    return Choice(indices=[int(i) for i in found[method]], bpw=bits / total, target=target_bpw,
+                  objective=obj, lower_bound=min(lower, obj), method=method, exact=exact,
+                  seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _choose_tied(groups, target_bpw, per_weights, ties) -> Choice:
+    """choose() over the groups with each tie merged, the answer spread back to the members."""
+    merged, members_of = tie_groups(groups, ties)
+    total = float(sum(g.numel for g in groups)) if per_weights is None else per_weights
+    choice = choose(merged, target_bpw, total)
+    indices = [0] * len(groups)
+    for g, members, k in zip(merged, members_of, choice.indices):
+        if len(members) == 1 and g is groups[members[0]]:  # not tied: as chosen
+            indices[members[0]] = k
+            continue
+        label = _as_candidate(g.candidates[k]).label
+        for i in members:
+            indices[i] = next(j for j, c in enumerate(groups[i].candidates)
+                              if _as_candidate(c).label == label)
+    choice.indices = indices
+    choice.notes.append(f"{len(ties)} tie(s): {len(groups)} groups solved as "
+                        f"{len(merged)}")
+    return choice
+
+
+def _cost_and_error(groups):
+    """The checked (groups × candidates) matrices of storage bits and weighted error; inf
+    where a group has fewer candidates than the widest."""
     if not groups:
         raise InputError("no module groups to choose bit widths for")
-    G = len(groups)
     C = max(len(g.candidates) for g in groups)
-    cost = np.full((G, C), np.inf)
-    werr = np.full((G, C), np.inf)
+    cost = np.full((len(groups), C), np.inf)
+    werr = np.full((len(groups), C), np.inf)
     for i, g in enumerate(groups):
         if not g.candidates:
             raise InputError(f"group {g.name or i} has no measured candidates")
@@ -396,60 +426,80 @@ def choose(groups: Sequence[Group], target_bpw: float, per_weights: float | None
                                  f"positive and err non-negative and finite ({c})")
             cost[i, j] = g.numel * c.bpw
             werr[i, j] = g.weight * c.err
+    return cost, werr
+
+
+def _weights_total(groups, per_weights) -> float:
+    """The number of weights the average bpw is over."""
     total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
     if not total > 0:
         raise InputError(f"per_weights must be positive, got {per_weights}")
+    return total
+
+
+def _budget(cost, target_bpw, total) -> float:
+    """The bits a choice may store; refuses a target below the cheapest choice."""
     mins = cost.min(axis=1)
     min_bpw = math.fsum(mins) / total
     if target_bpw < min_bpw * (1 - 1e-12):
         raise InputError(f"target {target_bpw} bits per weight is below the smallest possible "
                          f"{min_bpw:.4f} bpw of the measured candidates; choose a target of at "
                          f"least {math.ceil(min_bpw * 1000) / 1000:.3f}")
-    budget = max(target_bpw * total, math.fsum(mins))  # target == minimum must stay feasible
-    rows = np.arange(G)
+    return max(target_bpw * total, math.fsum(mins))  # target == minimum must stay feasible
 
-    def score(ix):
-        return (math.fsum(werr[rows, ix]), math.fsum(cost[rows, ix]))
 
-    lp_idx, lam = _lp_greedy(cost, werr, budget)
-    # Lagrangian dual at λ: a lower bound on any choice within the budget
+def _score(ix, cost, werr) -> tuple[float, float]:
+    """(Σ weight·err, Σ bits) of the choice `ix`."""
+    rows = np.arange(cost.shape[0])
+    return (math.fsum(werr[rows, ix]), math.fsum(cost[rows, ix]))
+
+
+def _lagrangian(cost, werr, lam, budget):
+    """Each candidate priced at λ (weighted error + λ·bits), and the Lagrangian dual at λ: a
+    lower bound on any choice within the budget."""
     finite = np.isfinite(cost)
     priced = np.where(finite, werr + lam * np.where(finite, cost, 0.0), np.inf)
-    lower = math.fsum(priced.min(axis=1)) - lam * budget
-    found = {"lagrangian+fill": _fill(lp_idx, cost, werr, budget)}
-    # the best uniform setting that fits (same label in every group), if labels allow one
+    return priced, math.fsum(priced.min(axis=1)) - lam * budget
+
+
+def _uniform_fits(groups, cost, werr, budget):
+    """Every uniform setting (same label in every group) that fits the budget."""
     labels = [{_as_candidate(c).label: j for j, c in enumerate(g.candidates)} for g in groups]
     uniform = [np.array([m[label] for m in labels])
                for label in sorted(set.intersection(*(set(m) for m in labels)) - {""})]
-    uniform = [ix for ix in uniform if score(ix)[1] <= budget]
+    return [ix for ix in uniform if _score(ix, cost, werr)[1] <= budget]
+
+
+def _incumbents(groups, lp_idx, cost, werr, budget):
+    """The answers found so far by stage name, and the incumbent: the LP's integral part (and
+    the best uniform setting that fits) with the leftover filled, the better one searched."""
+    found = {"lagrangian+fill": _fill(lp_idx, cost, werr, budget)}
+    uniform = _uniform_fits(groups, cost, werr, budget)
     if uniform:
-        found["uniform+fill"] = _fill(min(uniform, key=score), cost, werr, budget)
-    start = min(found, key=lambda k: score(found[k]))
+        best = min(uniform, key=lambda ix: _score(ix, cost, werr))
+        found["uniform+fill"] = _fill(best, cost, werr, budget)
+    start = min(found, key=lambda k: _score(found[k], cost, werr))
     found[start.replace("+fill", "+search")] = incumbent = _improve(found[start], cost, werr,
                                                                    budget)
-    # Reduced-cost fixing: obj(x) = lower + Σ_g r_g(x_g) + λ·(budget − bits(x)) with every term
-    # ≥ 0, so a choice beating the incumbent uses no candidate with r > incumbent − lower.
+    return found, incumbent
+
+
+def _survivors(priced, lower, upper, incumbent):
+    """Reduced-cost fixing: obj(x) = lower + Σ_g r_g(x_g) + λ·(budget − bits(x)) with every
+    term ≥ 0, so a choice beating the incumbent (objective `upper`) uses no candidate with
+    r > upper − lower. Returns the mask of candidates that may."""
     reduced = priced - priced.min(axis=1, keepdims=True)
-    slack = score(incumbent)[0] - lower
+    slack = upper - lower
     keep = reduced <= slack + 1e-9 * max(1.0, abs(slack), abs(lower))
-    keep[rows, incumbent] = True
-    notes = [f"{int(keep.sum())} of {int(np.isfinite(cost).sum())} candidates survive "
-             f"reduced-cost fixing"]
-    dp_idx, exact, note = _reduced_dp(cost, werr, budget, keep, total, lam,
-                                      score(incumbent)[0])
-    if note:
-        notes.append(note)
-    if dp_idx is not None:
-        found["exact-dp" if exact else "dp"] = dp_idx if exact else _improve(dp_idx, cost,
-                                                                             werr, budget)
-    feasible = {k: v for k, v in found.items() if score(v)[1] <= budget}
-    method = min(feasible, key=lambda k: score(feasible[k]))
-    idx = feasible[method]
-    obj, bits = score(idx)
-    if exact and score(found["exact-dp"])[1] <= budget:  # its value is the optimum itself
-        lower = score(found["exact-dp"])[0]
-    else:
-        exact = False
-    return Choice(indices=[int(i) for i in idx], bpw=bits / total, target=target_bpw,
-                  objective=obj, lower_bound=min(lower, obj), method=method, exact=exact,
-                  seconds=time.perf_counter() - t0, notes=notes)
+    keep[np.arange(priced.shape[0]), incumbent] = True
+    return keep
+
+
+def _best_found(found, cost, werr, budget, exact, lower):
+    """(stage name of the best answer within budget, whether it is proven optimal, the lower
+    bound: the exact DP's own value when that DP found a feasible answer)."""
+    feasible = {k: v for k, v in found.items() if _score(v, cost, werr)[1] <= budget}
+    method = min(feasible, key=lambda k: _score(feasible[k], cost, werr))
+    if exact and _score(found["exact-dp"], cost, werr)[1] <= budget:  # the optimum itself
+        return method, True, _score(found["exact-dp"], cost, werr)[0]
+    return method, False, lower
