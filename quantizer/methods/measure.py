@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -154,6 +155,22 @@ def group_label(group: tuple[str, ...]) -> str:
     return "+".join(group)
 
 
+@dataclass
+class _Clock:
+    """Seconds and GPTQ solves of one measure_layer call (added to ctx.stats)."""
+
+    hessian_s: float = 0.0
+    solve_s: float = 0.0
+    block_s: float = 0.0
+    solves: int = 0
+
+    def add_to(self, stats: dict) -> None:
+        stats["measure_hessian_s"] = stats.get("measure_hessian_s", 0.0) + self.hessian_s
+        stats["measure_solve_s"] = stats.get("measure_solve_s", 0.0) + self.solve_s
+        stats["measure_solves"] = stats.get("measure_solves", 0) + self.solves
+        stats["measure_block_s"] = stats.get("measure_block_s", 0.0) + self.block_s
+
+
 @torch.no_grad()
 def measure_layer(ctx, candidates: list[CandidateSpec] | None = None,
                   options: GPTQOptions | None = None, rounding: RoundingOptions | None = None
@@ -166,91 +183,139 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None,
     options = (options or ctx.settings.gptq).resolved()
     rounding = rounding or ctx.settings.rounding
     candidates = default_candidates() if candidates is None else list(candidates)
-    symmetric = bool(ctx.settings.symmetric)
     groups = list(ctx.arch.input_groups)
-    grid = grid_spec(rounding.search)
+    clock = _Clock()
     t0 = time.perf_counter()
     tw = token_weights_for(ctx, rounding.weights)
     hessians = group_hessians(ctx, groups, token_weights=tw)
-    t_hess = time.perf_counter() - t0
+    clock.hessian_s = time.perf_counter() - t0
+    solver = _Solver(ctx, options, grid_spec(rounding.search))
     results: dict[str, list[CandidateResult]] = {}
-    solves, t_solve, t_judge = 0, 0.0, 0.0
     judges: dict = {}  # block name -> BlockJudge, while its groups are measured
     for group in groups:
-        t2 = time.perf_counter()
-        judge = judge_for(ctx, group, judges, tw)
-        if judge is None:
-            judges.clear()  # past the block's last judged group: free its cached tokens
-        t_judge += time.perf_counter() - t2
-        acc = hessians.pop(group)
-        H = acc.H
-        in_features = ctx.module(group[0]).in_features
-        plans = plans_for(candidates, group, in_features)
-        # settings a mixture still needs after their own turn (uniform candidates are judged
-        # as soon as their setting is quantized, so only these wait, as codes)
-        mixed = {s for c, ss in plans if not c.uniform for s in ss.values()}
-        kept: dict = {}
-        block_err: dict[str, float] = {}
-        t1, judged_s = time.perf_counter(), 0.0
-        prepared = prepare_hessian(H, options.act_order, options.damp)
-        weights = {n: ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
-        # ‖W X‖² per linear (the denominator), and per (linear, setting): ‖(W-Ŵ)X‖², bits.
-        signal = {n: float(((w @ H) * w).sum()) for n, w in weights.items()}
-        per_setting: dict[Setting, dict[str, tuple[float, int]]] = {}
-        for setting in dict.fromkeys(s for _, ss in plans for s in ss.values()):
-            members = tuple(n for n in group if any(ss.get(n) == setting for _, ss in plans))
-            qs, _ = quantize_group(ctx, members, None, {n: (setting.bits, setting.group_size)
-                                                        for n in members},
-                                   symmetric, options, prepared, grid=grid)
-            solves += 1
-            per_setting[setting] = {}
-            for n in members:
-                d = weights[n] - qs[n].dequantize(torch.float32).to(H.device)
-                per_setting[setting][n] = (float(((d @ H) * d).sum()), qs[n].storage_bits())
-            if judge is not None:
-                t2 = time.perf_counter()
-                for cand, ss in plans:
-                    if set(ss.values()) == {setting}:
-                        block_err[cand.label] = judge.error({n: qs[n] for n in ss})
-                if setting in mixed:
-                    kept[setting] = qs  # the codes, a byte per weight
-                judged_s += time.perf_counter() - t2
-            del qs
-        t_solve += time.perf_counter() - t1 - judged_s
-        t_judge += judged_s
-        if judge is not None:
-            t2 = time.perf_counter()
-            for cand, ss in plans:
-                if cand.label not in block_err:
-                    block_err[cand.label] = judge.error({n: kept[s][n] for n, s in ss.items()})
-            kept.clear()
-            t_judge += time.perf_counter() - t2
-        den = sum(signal.values())
-        numel = sum(w.numel() for w in weights.values())
-        out = []
-        for cand, settings in plans:
-            num = sum(per_setting[s][n][0] for n, s in settings.items())
-            bits_on_disk = sum(per_setting[s][n][1] for n, s in settings.items())
-            sizes = {n: weights[n].numel() for n in group}
-            gsz = {s.group_size for s in settings.values()}
-            share: dict[Setting, int] = {}
-            for n, s in settings.items():
-                share[s] = share.get(s, 0) + sizes[n]
-            out.append(CandidateResult(
-                label=cand.label, err=(max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0,
-                bpw=bits_on_disk / numel,
-                bits=sum(s.bits * sizes[n] for n, s in settings.items()) / numel,
-                group_size=gsz.pop() if len(gsz) == 1 else None, numel=numel,
-                modules=dict(settings), uniform=len(share) == 1, storage_bits=bits_on_disk,
-                parts=[{"bits": s.bits, "group_size": s.group_size, "fraction": k / numel}
-                       for s, k in share.items()], block_err=block_err.get(cand.label)))
-        results[group_label(group)] = out
-        del acc, H, prepared
-    ctx.stats["measure_hessian_s"] = ctx.stats.get("measure_hessian_s", 0.0) + t_hess
-    ctx.stats["measure_solve_s"] = ctx.stats.get("measure_solve_s", 0.0) + t_solve
-    ctx.stats["measure_solves"] = ctx.stats.get("measure_solves", 0) + solves
-    ctx.stats["measure_block_s"] = ctx.stats.get("measure_block_s", 0.0) + t_judge
+        judge = _judge_of(ctx, group, judges, tw, clock)
+        results[group_label(group)] = _measure_group(
+            solver, group, hessians.pop(group).H, plans_for(
+                candidates, group, ctx.module(group[0]).in_features), judge, clock)
+    clock.add_to(ctx.stats)
     return results
+
+
+def _judge_of(ctx, group, judges: dict, tw, clock: _Clock):
+    """The block judge of `group` (None where its output is the block's own); past a block's
+    last judged group its cached tokens are freed."""
+    t = time.perf_counter()
+    judge = judge_for(ctx, group, judges, tw)
+    if judge is None:
+        judges.clear()
+    clock.block_s += time.perf_counter() - t
+    return judge
+
+
+@dataclass
+class _Solver:
+    """GPTQ of some of a group's linears at one setting, as measure_layer runs it."""
+
+    ctx: Any  # LayerContext
+    options: GPTQOptions
+    grid: Any  # grid_spec(...)
+
+    def quantize(self, members: tuple[str, ...], setting: Setting, prepared) -> dict:
+        qs, _ = quantize_group(self.ctx, members, None,
+                               {n: (setting.bits, setting.group_size) for n in members},
+                               bool(self.ctx.settings.symmetric), self.options, prepared,
+                               grid=self.grid)
+        return qs
+
+
+def _measure_group(solver: _Solver, group, H, plans, judge, clock: _Clock
+                   ) -> list[CandidateResult]:
+    """One group's results: every setting its candidates name is quantized once, giving
+    ‖(W-Ŵ)X‖² = tr((W-Ŵ) H (W-Ŵ)ᵀ) and storage bits per linear; a candidate's error sums the
+    settings it names, relative to ‖W X‖²."""
+    t1 = time.perf_counter()
+    prepared = prepare_hessian(H, solver.options.act_order, solver.options.damp)
+    weights = {n: solver.ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
+    signal = {n: float(((w @ H) * w).sum()) for n, w in weights.items()}  # ‖W X‖² per linear
+    block = _BlockErrors(judge, plans)
+    per_setting: dict[Setting, dict[str, tuple[float, int]]] = {}
+    for setting in dict.fromkeys(s for _, ss in plans for s in ss.values()):
+        members = tuple(n for n in group if any(ss.get(n) == setting for _, ss in plans))
+        qs = solver.quantize(members, setting, prepared)
+        clock.solves += 1
+        per_setting[setting] = {n: _error_and_bits(weights[n], qs[n], H) for n in members}
+        block.on_quantized(setting, qs)
+        del qs
+    clock.solve_s += time.perf_counter() - t1 - block.seconds
+    block_err = block.finish()
+    clock.block_s += block.seconds
+    den = sum(signal.values())
+    sizes = {n: weights[n].numel() for n in group}
+    return [_candidate_result(cand, settings, per_setting, sizes, den,
+                              block_err.get(cand.label)) for cand, settings in plans]
+
+
+def _error_and_bits(w, q, H) -> tuple[float, int]:
+    """(‖(W-Ŵ)X‖² up to the Hessian's scale, storage bits) of one quantized linear."""
+    d = w - q.dequantize(torch.float32).to(H.device)
+    return float(((d @ H) * d).sum()), q.storage_bits()
+
+
+class _BlockErrors:
+    """Block-output errors of a group's candidates (none without a judge): a uniform candidate
+    is judged as soon as its setting is quantized; the settings a mixture names are kept (the
+    codes, a byte per weight) and the mixture judged at the end."""
+
+    def __init__(self, judge, plans):
+        self.judge, self.plans = judge, plans
+        self.mixed = {s for c, ss in plans if not c.uniform for s in ss.values()}
+        self.kept: dict = {}
+        self.errors: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def on_quantized(self, setting: Setting, qs: dict) -> None:
+        if self.judge is None:
+            return
+        t = time.perf_counter()
+        for cand, ss in self.plans:
+            if set(ss.values()) == {setting}:
+                self.errors[cand.label] = self.judge.error({n: qs[n] for n in ss})
+        if setting in self.mixed:
+            self.kept[setting] = qs
+        self.seconds += time.perf_counter() - t
+
+    def finish(self) -> dict[str, float]:
+        if self.judge is None:
+            return self.errors
+        t = time.perf_counter()
+        for cand, ss in self.plans:
+            if cand.label not in self.errors:
+                self.errors[cand.label] = self.judge.error(
+                    {n: self.kept[s][n] for n, s in ss.items()})
+        self.kept.clear()
+        self.seconds += time.perf_counter() - t
+        return self.errors
+
+
+def _candidate_result(cand: CandidateSpec, settings: dict[str, Setting], per_setting,
+                      sizes: dict[str, int], den: float, block_err: float | None
+                      ) -> CandidateResult:
+    """A candidate's result from its per-linear settings' errors and storage bits."""
+    numel = sum(sizes.values())
+    num = sum(per_setting[s][n][0] for n, s in settings.items())
+    bits_on_disk = sum(per_setting[s][n][1] for n, s in settings.items())
+    gsz = {s.group_size for s in settings.values()}
+    share: dict[Setting, int] = {}
+    for n, s in settings.items():
+        share[s] = share.get(s, 0) + sizes[n]
+    return CandidateResult(
+        label=cand.label, err=(max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0,
+        bpw=bits_on_disk / numel,
+        bits=sum(s.bits * sizes[n] for n, s in settings.items()) / numel,
+        group_size=gsz.pop() if len(gsz) == 1 else None, numel=numel,
+        modules=dict(settings), uniform=len(share) == 1, storage_bits=bits_on_disk,
+        parts=[{"bits": s.bits, "group_size": s.group_size, "fraction": k / numel}
+               for s, k in share.items()], block_err=block_err)
 
 
 def store_groups(ctx, results: dict[str, list[CandidateResult]]) -> dict[str, dict]:
