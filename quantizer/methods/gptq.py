@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -218,6 +219,22 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     return out, info
 
 
+@dataclass
+class _LayerRecord:
+    """What quantize_weighted gathers over a layer's groups."""
+
+    per_module: dict  # ctx.stats["modules"]: linear -> its record
+    out: dict[str, QuantizedWeight] = field(default_factory=dict)
+    totals: dict = field(default_factory=lambda: {"hessian_s": 0.0, "solve_s": 0.0,
+                                                  "damp_retries": 0})
+
+
+def _hessian_placement(dec) -> tuple[str, int]:
+    """(where the plan puts the layer's Hessians: gpu/park/cpu, row slices of the solve)."""
+    layer_where = dec.hessian if dec is not None and dec.hessian != "none" else "gpu"
+    return layer_where, dec.row_slices if dec is not None else 1
+
+
 class GPTQ:
     """Method: true-sequential GPTQ over the layer's input groups.
 
@@ -261,12 +278,8 @@ class GPTQ:
         plan (ctx.decisions.hessian): 'gpu'; 'park', on the GPU but moved to host RAM while
         its factor is prepared and the columns solved; 'cpu', accumulated and solved on the
         host. 'row_slices' splits the solve by output rows."""
-        out: dict[str, QuantizedWeight] = {}
-        per_module = ctx.stats.setdefault("modules", {})
-        totals = {"hessian_s": 0.0, "solve_s": 0.0, "damp_retries": 0}
-        dec = ctx.decisions
-        layer_where = dec.hessian if dec is not None and dec.hessian != "none" else "gpu"
-        slices = dec.row_slices if dec is not None else 1
+        record = _LayerRecord(per_module=ctx.stats.setdefault("modules", {}))
+        layer_where, slices = _hessian_placement(ctx.decisions)
         acc_dev = torch.device("cpu") if layer_where == "cpu" else ctx.device
         # Groups of one batch share a capture forward (MoE experts); otherwise one each.
         batches = list(ctx.arch.capture_batches(lambda n: ctx.module(n).in_features))
@@ -276,45 +289,55 @@ class GPTQ:
             # what the plan counts for the widest (parking costs PCIe round trips).
             narrow = len(batch) == 1 and ctx.module(batch[0][0]).in_features < widest
             where = "gpu" if layer_where == "park" and narrow else layer_where
-            t0 = time.perf_counter()
-            # park: the shard fold's running total waits in host RAM, where the solve
-            # wants H anyway, so the GPU holds one n×n matrix while accumulating
-            accs = group_hessians(ctx, batch, acc_dev,
-                                  host_total=where == "park" and ctx.device.type == "cuda",
-                                  token_weights=tw)
-            _sync(ctx.device)
-            ctx.mark(f"calibrate {batch[0][0]}" + (f" +{len(batch) - 1}" if len(batch) > 1
-                                                   else ""))
-            t_capture = (time.perf_counter() - t0) / len(batch)
-            layout = layout_of(ctx)
-            if len(batch) > 1 and layout.world.distributed:
-                # MoE experts: independent groups, each a unit solved on one rank while the
-                # others solve theirs (every rank holds every folded H for the report)
-                hs = {g: accs[g].H for g in batch}  # 'park' drops acc.H on the solving rank
-                solved = run_units(layout, list(batch), lambda g: self._solve_group(
-                    ctx, g, accs[g], where, slices, parallel=False)[:3])
-                for group, (qs, info, seconds) in zip(batch, solved):
-                    acc = accs.pop(group)
-                    errors = self._report(ctx, group, qs, hs.pop(group), where, slices)
-                    acc.H = None
-                    self._finish_group(ctx, group, acc.n_tokens, qs, info, errors,
-                                       t_capture, seconds, out, per_module, totals)
+            accs, t_capture = self._capture(ctx, batch, acc_dev, where, tw)
+            if len(batch) > 1 and layout_of(ctx).world.distributed:
+                self._solve_across_ranks(ctx, batch, accs, where, slices, t_capture, record)
                 continue
             for group in batch:
-                acc = accs.pop(group)
-                qs, info, seconds, H = self._solve_group(ctx, group, acc, where, slices)
-                ctx.mark(f"solve {group[0]}")
-                errors = self._report(ctx, group, qs, H, where, slices)
-                ctx.mark(f"report {group[0]}")
-                # H goes before the quantized weights come in (the plan counts one or the
-                # other beside the layer, not both)
-                del H
-                acc.H = None
-                self._finish_group(ctx, group, acc.n_tokens, qs, info, errors, t_capture,
-                                   seconds, out, per_module, totals)
-        for k, v in totals.items():
+                self._solve_here(ctx, group, accs.pop(group), where, slices, t_capture, record)
+        for k, v in record.totals.items():
             ctx.stats[k] = ctx.stats.get(k, 0) + v
-        return out
+        return record.out
+
+    def _capture(self, ctx, batch, acc_dev, where: str, tw):
+        """The batch's Hessian accumulators (one capture forward), and the capture seconds
+        per group."""
+        t0 = time.perf_counter()
+        # park: the shard fold's running total waits in host RAM, where the solve
+        # wants H anyway, so the GPU holds one n×n matrix while accumulating
+        accs = group_hessians(ctx, batch, acc_dev,
+                              host_total=where == "park" and ctx.device.type == "cuda",
+                              token_weights=tw)
+        _sync(ctx.device)
+        ctx.mark(f"calibrate {batch[0][0]}" + (f" +{len(batch) - 1}" if len(batch) > 1
+                                               else ""))
+        return accs, (time.perf_counter() - t0) / len(batch)
+
+    def _solve_here(self, ctx, group, acc, where, slices, t_capture, record) -> None:
+        """Solve, report and swap in one group on this rank."""
+        qs, info, seconds, H = self._solve_group(ctx, group, acc, where, slices)
+        ctx.mark(f"solve {group[0]}")
+        errors = self._report(ctx, group, qs, H, where, slices)
+        ctx.mark(f"report {group[0]}")
+        # H goes before the quantized weights come in (the plan counts one or the
+        # other beside the layer, not both)
+        del H
+        acc.H = None
+        self._finish_group(ctx, group, acc.n_tokens, qs, info, errors, t_capture, seconds,
+                           record)
+
+    def _solve_across_ranks(self, ctx, batch, accs, where, slices, t_capture, record) -> None:
+        """MoE experts: independent groups, each a unit solved on one rank while the others
+        solve theirs (every rank holds every folded H for the report)."""
+        hs = {g: accs[g].H for g in batch}  # 'park' drops acc.H on the solving rank
+        solved = run_units(layout_of(ctx), list(batch), lambda g: self._solve_group(
+            ctx, g, accs[g], where, slices, parallel=False)[:3])
+        for group, (qs, info, seconds) in zip(batch, solved):
+            acc = accs.pop(group)
+            errors = self._report(ctx, group, qs, hs.pop(group), where, slices)
+            acc.H = None
+            self._finish_group(ctx, group, acc.n_tokens, qs, info, errors, t_capture,
+                               seconds, record)
 
     def _solve_group(self, ctx, group, acc, where: str = "gpu", slices: int = 1,
                      parallel: bool = True):
@@ -353,9 +376,10 @@ class GPTQ:
         return {name: report_errors(ctx.module(name).weight.data, qs[name], H, slices)
                 for name in group}
 
-    def _finish_group(self, ctx, group, tokens, qs, info, errors, t_capture, seconds, out,
-                      per_module, totals) -> None:
+    def _finish_group(self, ctx, group, tokens, qs, info, errors, t_capture, seconds,
+                      record: _LayerRecord) -> None:
         """Record the group, then swap in its quantized weights."""
+        per_module, totals = record.per_module, record.totals
         for name in group:
             bits, gs = self._settings(ctx, name)
             rec = {"hessian_s": t_capture, "solve_s": seconds, "bits": bits,
@@ -373,5 +397,5 @@ class GPTQ:
         # Later groups must see this group's quantized outputs (true-sequential).
         for name in group:
             ctx.set_quantized(name, qs[name])
-        out.update(qs)
+        record.out.update(qs)
 
