@@ -118,6 +118,76 @@ def quantize_by_rows(w: torch.Tensor, st, clip_ratio: torch.Tensor | None,
                            group_size=first.group_size, symmetric=first.symmetric)
 
 
+def _why_no_fold(ctx, group) -> str | None:
+    """Why the group's scales cannot be folded into `prev` in this layer, or None."""
+    if not ctx.arch.condition(group.when, ctx.model_config):
+        return f"condition {group.when!r} does not hold"
+    problem = fold_shape_problem(ctx.layer, group.prev, group.linears + group.also_scale)
+    if problem is None and ctx.arch.fold_kind(group.prev) is None:
+        problem = (f"{group.prev} ({type(ctx.module(group.prev)).__name__}) cannot take a "
+                   f"fold: its output is not weight·x per channel")
+    if problem is None:
+        problem = fold_problem(ctx, group)
+    return problem
+
+
+def _record_group(ctx, group, result: dict, eval_dtype: torch.dtype, label: str) -> None:
+    """The group's search in ctx.stats["groups"]; a warning where no alpha had a finite
+    loss (s = 1 kept)."""
+    kept_identity = result.get("kept_identity", False)
+    fallback = result["alpha"] is None and not kept_identity
+    ctx.stats["groups"][group.prev] = {
+        "prev": group.prev, "linears": list(group.linears), "judge": group.judge,
+        "alpha": result["alpha"], "loss": result["loss"],
+        "loss_rtn": result.get("loss_rtn"), "losses": result["history"],
+        "eval_dtype": str(eval_dtype).replace("torch.", ""),
+        "overflow": eval_dtype != ctx.dtype,
+        "kept_identity": kept_identity, "fallback": fallback}
+    if fallback:
+        log.warning("layer %d AWQ %s: no finite loss on the grid; keeping s = 1 (plain "
+                    "RTN) for this group", ctx.index, label)
+
+
+class _ClipRows:
+    """One linear's clip-search sample while it is gathered: the rows of the random picks and
+    of every sequence's massive-token slots, each filled by the process holding its token."""
+
+    def __init__(self, x: torch.Tensor, n_picks: int, n_slots: int):
+        self.picked = x.new_zeros((n_picks, x.shape[-1]))
+        self.massive = x.new_zeros((n_slots, x.shape[-1]))
+        self.m_valid = torch.zeros(n_slots, device=x.device)  # 1 where a slot holds a token
+        # 1 where a random pick is itself massive (counted by its slot instead)
+        self.r_massive = torch.zeros(n_picks, device=x.device)
+
+    def pick(self, x: torch.Tensor, pos: torch.Tensor, local: torch.Tensor) -> None:
+        """The random picks `pos` (rows `local` of this process's chunk `x`)."""
+        self.picked[pos.to(x.device)] = x[local]
+
+    def add_massive(self, x: torch.Tensor, pos: torch.Tensor, local: torch.Tensor,
+                    per_sample: int, keep: int, slots: torch.Tensor) -> None:
+        """The chunk's massive tokens into `slots`; the picks among them marked."""
+        rows, valid = massive_tokens(x, per_sample, keep)
+        self.massive[slots] = x[rows.flatten()] * valid.flatten().unsqueeze(-1)
+        self.m_valid[slots] = valid.flatten().float()
+        is_massive = torch.zeros(x.shape[0], device=x.device)
+        is_massive[rows.flatten()] = valid.flatten().float()
+        self.r_massive[pos.to(x.device)] = is_massive[local]
+
+    def gathered(self, world, total: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sample rows, their weights: None without massive tokens) over all processes;
+        `total`: the calibration tokens the weighted mean stands for."""
+        sample = assemble(self.picked, world)
+        valid = assemble(self.m_valid, world) > 0
+        n_massive = int(valid.sum())
+        if n_massive == 0:
+            return sample, None
+        rest = assemble(self.r_massive, world) == 0
+        w_rest = (total - n_massive) / max(int(rest.sum()), 1)
+        rows = torch.cat([sample[rest], assemble(self.massive, world)[valid]])
+        return rows, torch.cat([torch.full((int(rest.sum()),), w_rest, device=sample.device),
+                                torch.ones(n_massive, device=sample.device)])
+
+
 class AWQ:
     """Method: activation-aware scale search + clipping, then round-to-nearest."""
 
@@ -199,17 +269,10 @@ class AWQ:
 
     # ------------------------------------------------------------------ scale search
     def _scale_group(self, ctx, group, data: GroupCapture | None = None) -> None:
+        """Search the group's scales on its captured inputs and fold them into `prev` (or
+        skip the group, saying why)."""
         label = f"{group.prev} -> {','.join(group.linears)}"
-        if not ctx.arch.condition(group.when, ctx.model_config):
-            self._skip(ctx, group, label, f"condition {group.when!r} does not hold")
-            return
-        problem = fold_shape_problem(ctx.layer, group.prev, group.linears + group.also_scale)
-        kind = ctx.arch.fold_kind(group.prev)
-        if problem is None and kind is None:
-            problem = (f"{group.prev} ({type(ctx.module(group.prev)).__name__}) cannot take a "
-                       f"fold: its output is not weight·x per channel")
-        if problem is None:
-            problem = fold_problem(ctx, group)
+        problem = _why_no_fold(ctx, group)
         if problem:
             self._skip(ctx, group, label, problem)
             return
@@ -238,21 +301,10 @@ class AWQ:
                 result = self._search(ctx, group.prev, judge, linears, data, refs, w_mean,
                                       eval_dtype, group.linears[0])
         del refs, data
-        kept_identity = result.get("kept_identity", False)
-        fallback = result["alpha"] is None and not kept_identity
-        ctx.stats["groups"][group.prev] = {
-            "prev": group.prev, "linears": list(group.linears), "judge": group.judge,
-            "alpha": result["alpha"], "loss": result["loss"],
-            "loss_rtn": result.get("loss_rtn"), "losses": result["history"],
-            "eval_dtype": str(eval_dtype).replace("torch.", ""),
-            "overflow": eval_dtype != ctx.dtype,
-            "kept_identity": kept_identity, "fallback": fallback}
-        if fallback:
-            log.warning("layer %d AWQ %s: no finite loss on the grid; keeping s = 1 (plain "
-                        "RTN) for this group", ctx.index, label)
+        _record_group(ctx, group, result, eval_dtype, label)
         if result["alpha"] is not None:
             fold_scales(ctx.layer, group.prev, group.linears + group.also_scale,
-                        result["scales"], kind)
+                        result["scales"], ctx.arch.fold_kind(group.prev))
         ctx.stats["time_s"]["search"] += self._now(ctx) - t1
 
     def _skip(self, ctx, group, label: str, reason: str) -> None:
@@ -434,12 +486,7 @@ class AWQ:
         # indices into every process's tokens, in sample order (the same draw everywhere)
         idx = sample_token_indices(layout.n_samples * per_sample, self.options.clip_tokens, seed)
         keep = min(MASSIVE_PER_SAMPLE, per_sample)
-        picked: dict[str, torch.Tensor] = {}
-        massive: dict[str, torch.Tensor] = {}
-        # per row: 1 where the row holds a token (massive slots) / where a random pick is
-        # itself massive (counted by its slot instead)
-        m_valid: dict[str, torch.Tensor] = {}
-        r_massive: dict[str, torch.Tensor] = {}
+        rows: dict[str, _ClipRows] = {}
         # Iterate the capture generator to its end (not zip): its cleanup removes the hooks.
         for chunk, seen in enumerate(ctx.capture(names)):
             s0, s1 = layout.sample_start[chunk], layout.sample_end[chunk]
@@ -447,36 +494,16 @@ class AWQ:
             pos = ((idx >= lo) & (idx < hi)).nonzero().squeeze(1)
             for n in names:
                 x = seen[n].reshape(-1, seen[n].shape[-1])
-                if n not in picked:
-                    picked[n] = x.new_zeros((len(idx), x.shape[-1]))
-                    massive[n] = x.new_zeros((layout.n_samples * keep, x.shape[-1]))
-                    m_valid[n] = torch.zeros(layout.n_samples * keep, device=x.device)
-                    r_massive[n] = torch.zeros(len(idx), device=x.device)
+                if n not in rows:
+                    rows[n] = _ClipRows(x, len(idx), layout.n_samples * keep)
                 local = (idx[pos] - lo).to(x.device)
-                picked[n][pos.to(x.device)] = x[local]
+                rows[n].pick(x, pos, local)
                 if x.shape[0] != (s1 - s0) * per_sample:
                     continue  # not one row per token (a routed expert's input): random only
-                rows, valid = massive_tokens(x, per_sample, keep)
-                slots = torch.arange(s0 * keep, s1 * keep, device=x.device)
-                massive[n][slots] = x[rows.flatten()] * valid.flatten().unsqueeze(-1)
-                m_valid[n][slots] = valid.flatten().float()
-                is_massive = torch.zeros(x.shape[0], device=x.device)
-                is_massive[rows.flatten()] = valid.flatten().float()
-                r_massive[n][pos.to(x.device)] = is_massive[local]
+                rows[n].add_massive(x, pos, local, per_sample, keep,
+                                    torch.arange(s0 * keep, s1 * keep, device=x.device))
         # each row was filled by the one process holding its token
-        out, weights = {}, {}
-        total = layout.n_samples * per_sample
-        for n in picked:
-            sample = assemble(picked[n], layout.world)
-            valid = assemble(m_valid[n], layout.world) > 0
-            n_massive = int(valid.sum())
-            if n_massive == 0:
-                out[n], weights[n] = sample, None
-                continue
-            rest = assemble(r_massive[n], layout.world) == 0
-            w_rest = (total - n_massive) / max(int(rest.sum()), 1)
-            out[n] = torch.cat([sample[rest], assemble(massive[n], layout.world)[valid]])
-            weights[n] = torch.cat([torch.full((int(rest.sum()),), w_rest, device=sample.device),
-                                    torch.ones(n_massive, device=sample.device)])
-        return out, weights
-
+        gathered = {n: r.gathered(layout.world, layout.n_samples * per_sample)
+                    for n, r in rows.items()}
+        return ({n: sample for n, (sample, _) in gathered.items()},
+                {n: weights for n, (_, weights) in gathered.items()})
