@@ -244,6 +244,7 @@ class LayerLoop:
         return f"{moved[1]} ({moved[0].describe()})"
 
     def _attempt(self, i: int, dec: Decisions, retries: list[str]) -> LayerRecord:
+        """One try at layer i: load, float pass, quantize, export, propagate, save."""
         job = self.job
         meter = MemoryMeter(job.device)
         meter.reset()
@@ -254,36 +255,12 @@ class LayerLoop:
         t_load = time.perf_counter() - t0
         ctx = job.layer_context(i, layer, self.model.config, self.inputs, self.layer_kwargs(i),
                                 layout=self.layout, decisions=dec)
-        # MoE: the float pass also counts tokens per expert; the method then gets this
-        # layer's own linears, less the experts that saw too few tokens (rounded after).
-        coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
-                                  job.settings.min_expert_tokens, bool(self.inputs))
-        with coverage:
-            fp_out = self._forward_all(ctx, dec) if self.inputs else None
-        ctx.mark("float forward")
-        coverage.sum_over_ranks(self.world)
-        ctx.arch = coverage.layer_arch()
-        ctx.expert_tokens = coverage.counts
-        t1 = time.perf_counter()
-        quantized = self.method.quantize_layer(ctx)
-        coverage.quantize_fallbacks(ctx, quantized,
-                                    getattr(self.method, "module_settings", None))
-        t_quant = time.perf_counter() - t1
-        maybe_inject(self.inject, i, len(retries))
-        w_err = self._weight_errors(i, quantized, ctx)
-        tensors = export_tensors(layer, job.arch.layer_prefix(i), quantized, self.exporter,
-                                 self.out_dtype)
-        del quantized  # the codes (a byte per weight) are in `tensors`, in host RAM
+        fp_out, coverage = self._float_pass(ctx, layer, i, dec)
+        tensors, w_err, t_quant = self._quantize_and_export(ctx, coverage, layer, i,
+                                                            len(retries))
         out_err = None
         if self.inputs:
-            materialise(layer, job.arch.layer_prefix(i), tensors, self.exporter)
-            ctx.mark("export")
-            new, out_err = self._propagate(ctx, fp_out, dec)
-            ctx.mark("propagate")
-            self.hidden.release(fp_out)
-            self.hidden.release(self.inputs)
-            self.inputs = new
-            self._pending.clear()
+            out_err = self._propagate_written(ctx, layer, i, tensors, fp_out, dec)
         release_layer(self.model, i)
         peak = meter.peak()
         t2 = time.perf_counter()
@@ -301,6 +278,49 @@ class LayerLoop:
         if job.device.type == "cuda":
             torch.cuda.empty_cache()  # the next layer's sizes start from a clean cache
         return record
+
+    def _float_pass(self, ctx, layer, i: int, dec: Decisions
+                    ) -> tuple[Chunks | None, ExpertCoverage]:
+        """The float layer's outputs (None without inputs). MoE: the pass also counts tokens
+        per expert; the method then gets this layer's own linears, less the experts that saw
+        too few tokens (rounded after, by the coverage returned)."""
+        job = self.job
+        coverage = ExpertCoverage(layer, job.arch, self.model.config, i,
+                                  job.settings.min_expert_tokens, bool(self.inputs))
+        with coverage:
+            fp_out = self._forward_all(ctx, dec) if self.inputs else None
+        ctx.mark("float forward")
+        coverage.sum_over_ranks(self.world)
+        ctx.arch = coverage.layer_arch()
+        ctx.expert_tokens = coverage.counts
+        return fp_out, coverage
+
+    def _quantize_and_export(self, ctx, coverage: ExpertCoverage, layer, i: int, attempt: int):
+        """(the layer's export tensors, weight error per linear, seconds quantizing)."""
+        t1 = time.perf_counter()
+        quantized = self.method.quantize_layer(ctx)
+        coverage.quantize_fallbacks(ctx, quantized,
+                                    getattr(self.method, "module_settings", None))
+        t_quant = time.perf_counter() - t1
+        maybe_inject(self.inject, i, attempt)
+        w_err = self._weight_errors(i, quantized, ctx)
+        # the codes (a byte per weight) go into `tensors`, in host RAM
+        tensors = export_tensors(layer, self.job.arch.layer_prefix(i), quantized, self.exporter,
+                                 self.out_dtype)
+        return tensors, w_err, t_quant
+
+    def _propagate_written(self, ctx, layer, i: int, tensors, fp_out, dec: Decisions) -> float:
+        """The layer rebuilt from the tensors just written runs every chunk: its outputs are
+        the next layer's inputs; returns their error against the float outputs."""
+        materialise(layer, self.job.arch.layer_prefix(i), tensors, self.exporter)
+        ctx.mark("export")
+        new, out_err = self._propagate(ctx, fp_out, dec)
+        ctx.mark("propagate")
+        self.hidden.release(fp_out)
+        self.hidden.release(self.inputs)
+        self.inputs = new
+        self._pending.clear()
+        return out_err
 
     def _forward_all(self, ctx, dec: Decisions) -> Chunks:
         """The float layer's output for every chunk (the reference for the output error)."""
