@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from quantizer.errors import InputError
-from quantizer.export.tp import check_tp, padded_config, padded_intermediate, require_tp
+from quantizer.export.tp import check_tp, padded_intermediate
+from quantizer.run.widths import check_tp_targets
 
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
 EXPERTS = {"experts.gate", "experts.up", "experts.down"}
@@ -74,10 +76,7 @@ def test_dense_flags_exactly_the_misaligned(intermediate, tp):
 def test_padded_sizes_are_minimal_and_pass(intermediate, tp):
     width = padded_intermediate(intermediate, tp, 128)
     assert width == EXPECTED_PADDED[intermediate, tp]
-    new, changes = padded_config(dense(intermediate), tp, 128)
-    assert check_tp(new, None, tp, 128) == []
-    assert changes == ({} if width == intermediate else
-                       {"intermediate_size": (intermediate, width)})
+    assert check_tp(dense(width), None, tp, 128) == []
 
 
 @pytest.mark.parametrize("tp,group", sorted(EXPECTED_MOE))
@@ -86,9 +85,8 @@ def test_moe_expert_width_768(tp, group):
     assert {p.module for p in problems} == EXPECTED_MOE[tp, group]
     if problems:
         assert all("moe_intermediate_size 768 →" in p.message for p in problems)
-    new, changes = padded_config(QWEN3_MOE, tp, group)
-    assert check_tp(new, None, tp, group) == []
-    assert set(changes) <= {"moe_intermediate_size"}  # no dense layers to pad
+    padded = dict(QWEN3_MOE, moe_intermediate_size=padded_intermediate(768, tp, group))
+    assert check_tp(padded, None, tp, group) == []
 
 
 def test_moe_padded_widths():
@@ -129,9 +127,13 @@ def test_heads_that_do_not_split_are_not_fixable():
     kv = check_tp(dense(28672, num_attention_heads=48, hidden_size=6144,
                         num_key_value_heads=6), None, 4, 128)
     assert [p.module for p in kv] == ["attention"] and "6 KV heads" in kv[0].message
+    # the gate a run passes before any work (run/widths.py)
     with pytest.raises(InputError, match="TP 3"):
-        require_tp(dense(28672, num_attention_heads=40, hidden_size=5120), None, 3, 128)
-    require_tp(dense(28672), None, 8, 128)  # aligned: no error
+        check_tp_targets(dense(28672, num_attention_heads=40, hidden_size=5120), None,
+                         SimpleNamespace(tp_size=3, pad_for_tp=None), None, 128)
+    assert check_tp_targets(dense(28672), None, SimpleNamespace(tp_size=8, pad_for_tp=None),
+                            None, 128) == ["TP-8: ok (every quantized module's per-GPU shape "
+                                           "aligned at g128)"]
 
 
 def _misaligned_by_rule(intermediate: int, tp: int, group: int) -> set[str]:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import family_zoo as zoo
 from quantizer import load, quantize
 from quantizer.errors import InputError
-from quantizer.export.tp import check_checkpoint, check_tp
+from quantizer.export.tp import check_checkpoint, check_tp, padded_intermediate
+from quantizer.plan.shapes import ModelShapes
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -65,9 +66,11 @@ def test_published_72b_config_reports_the_14784_problem():
         assert problems and all(p.fixable_by_padding for p in problems)
         assert any(str(per_gpu) in p.message for p in problems)
         assert all("intermediate_size 29568 → 29696" in p.message for p in problems)
-    from quantizer.export.tp import padded_config
-    padded, changes = padded_config(config, 4, 128)
-    assert changes == {"intermediate_size": (29568, 29696)}
+    arch = ModelShapes.from_config(config).arch
+    assert arch.intermediate_key == "intermediate_size"
+    padded = {**config, **arch.config_update(config, arch.intermediate_key,
+                                             padded_intermediate(29568, 4, 128))}
+    assert padded["intermediate_size"] == 29696
     assert check_tp(padded, None, 2, 128) == [] and check_tp(padded, None, 4, 128) == []
     problems, _ = check_checkpoint(CONFIGS / "Qwen2-VL-72B-Instruct", 2, 128)
     assert {p.module for p in problems} == {"mlp.down_proj"}  # gate/up: 14784 % 64 == 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch, width_keys
+from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
 
 MARLIN_MIN_THREAD_K = 128
 MARLIN_MIN_THREAD_N = 64
@@ -52,24 +52,6 @@ def padded_intermediate(intermediate: int, tp_size: int, group_size: int) -> int
                          f"TP {tp_size}")
     unit = tp_multiple(tp_size, group_size)
     return -(-intermediate // unit) * unit
-
-
-def intermediate_keys(config: dict) -> dict[str, int]:
-    """The config keys that hold MLP widths TP splits (and --pad-for-tp may change), as the
-    model's discovered layers name them (quantizer/shapes.py width_keys)."""
-    return width_keys(ModelShapes.from_config(config))
-
-
-def padded_config(config: dict, tp_size: int, group_size: int
-                  ) -> tuple[dict, dict[str, tuple[int, int]]]:
-    """A copy of `config` with every TP-split MLP width padded; {key: (old, new)} changed."""
-    new, changes = dict(config), {}
-    for key, old in intermediate_keys(config).items():
-        width = padded_intermediate(old, tp_size, group_size)
-        if width != old:
-            new = _with_width(new, key, width)
-            changes[key] = (old, width)
-    return new, changes
 
 
 def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Problem]:
@@ -106,17 +88,6 @@ def check_tp(config: dict, arch_spec, tp_size: int, group_size: int) -> list[Pro
     return problems
 
 
-def _with_width(config: dict, key: str, width: int) -> dict:
-    """A copy of `config` with the text model's `key` set to `width` (a VLM keeps its text
-    widths in text_config)."""
-    new = dict(config)
-    if key in new or not isinstance(new.get("text_config"), dict):
-        new[key] = width
-    else:
-        new["text_config"] = {**new["text_config"], key: width}
-    return new
-
-
 def _padding_fix(lin: Linear, config: dict, shapes: ModelShapes, n: int, g: int,
                  expert: bool) -> str:
     """'KEY OLD → NEW' when --pad-for-tp n fixes this MLP linear's problem, else '': padding
@@ -129,7 +100,8 @@ def _padding_fix(lin: Linear, config: dict, shapes: ModelShapes, n: int, g: int,
     new = padded_intermediate(width, n, g)
     if width <= 0 or new == width:
         return ""
-    padded_shapes = ModelShapes.from_config(_with_width(config, key, new))
+    padded_shapes = ModelShapes.from_config(
+        {**config, **shapes.arch.config_update(config, key, new)})
     scale = new / width
     padded = Linear(lin.name, int(round(lin.in_features * scale)) if lin.parallel == "row"
                     else lin.in_features,
@@ -243,14 +215,6 @@ def problem_summary(problems: list[Problem], tp_size: int, group_size: int | str
         fix = f"padding cannot fix {', '.join(stuck)}: choose another TP size or group size"
     return (f"this model will not load at TP {tp_size} with group size {group_size}: {first}"
             f"{more}; {fix}")
-
-
-def require_tp(config: dict, arch_spec, tp_size: int, group_size: int,
-               padded: bool = False) -> None:
-    """Raise InputError listing every problem: the 'before any work, not after hours' gate."""
-    problems = check_tp(config, arch_spec, tp_size, group_size)
-    if problems:
-        raise InputError(problem_summary(problems, tp_size, group_size, padded))
 
 
 def checkpoint_group_sizes(config: dict, default: int) -> list[int]:

@@ -202,17 +202,6 @@ def layer_kinds(shapes: ModelShapes) -> tuple:
     return tuple(shapes.arch.kinds)
 
 
-def width_keys(shapes: ModelShapes) -> dict[str, int]:
-    """{config key: width} of every MLP width TP splits (and --pad-for-tp may change)."""
-    out = {}
-    for kind in layer_kinds(shapes):
-        for g in layer_groups(shapes, kind):
-            for lin in g.linears:
-                if lin.width_key:
-                    out[lin.width_key] = int(getattr(shapes.arch.text, lin.width_key))
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _attribute_map(model_type: str) -> dict[str, str]:
     """The config class's standard-name -> its own key map (GPT-2's num_attention_heads is
