@@ -27,8 +27,6 @@ import torch
 
 # Nibble k of an AWQ word holds output column AWQ_ORDER[k] of its group of 8.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-# Output column c of a group of 8 lives in nibble AWQ_REVERSE_ORDER[c].
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 # Weights per slice when dequantizing into another tensor (QuantizedWeight.dequantize_to):

@@ -232,11 +232,6 @@ class JobDir:
             else:
                 p.unlink()
 
-    def has_work(self) -> bool:
-        """Whether any layer of any stage is committed (worth keeping for --resume)."""
-        return self.state is not None and any(i >= 0 for i in
-                                              self.state["last_finished"].values())
-
     def peek(self) -> dict | None:
         """The state of a job here without locking or changing anything; None when there is
         no readable state.json (begin() then says why, if it matters)."""

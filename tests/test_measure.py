@@ -11,7 +11,8 @@ from quantizer.methods.registry import get_method
 from quantizer.methods.gptq import HessianAccumulator, quantize_group
 from quantizer.methods.measure import (CandidateSpec, Setting, default_candidates, group_label,
                                        measure_layer, module_settings_from_selection,
-                                       store_groups, vllm_can_load)
+                                       store_groups)
+from quantizer.export.serving import candidate_servable
 from test_gptq import tiny_llama_context
 from quantizer.settings import GPTQOptions
 
@@ -149,7 +150,8 @@ def test_store_round_trip_and_selection_drives_gptq(tmp_path):
     quantized = get_method("gptq", module_settings=settings).quantize_layer(ctx)
     assert quantized["mlp.gate_proj"].bits == 3 and quantized["mlp.up_proj"].bits == 8
     assert quantized["self_attn.k_proj"].bits == 8
-    assert not vllm_can_load(picks["mlp.gate_proj+up_proj"], symmetric=True)
-    assert vllm_can_load(picks["mlp.down_proj"], symmetric=False)
-    assert not vllm_can_load({"label": "3b g64", "bits": 3, "uniform": True,
-                              "modules": {"a": {"bits": 3, "group_size": 64}}}, symmetric=False)
+    assert not candidate_servable(picks["mlp.gate_proj+up_proj"], symmetric=True, expert=False)
+    assert candidate_servable(picks["mlp.down_proj"], symmetric=False, expert=False)
+    assert not candidate_servable({"label": "3b g64", "bits": 3, "uniform": True,
+                                   "modules": {"a": {"bits": 3, "group_size": 64}}},
+                                  symmetric=False, expert=False)

@@ -22,7 +22,6 @@ from quantizer.kernels.packing import (SUPPORTED_BITS, QuantizedWeight, ct_pack_
 
 
 FORMAT = "compressed-tensors"
-VLLM_ASYMMETRIC_BITS = (4, 8)  # WNA16_ZP_SUPPORTED_TYPES_MAP in vLLM
 
 
 def check_supported(bits, symmetric: bool = False, act_order: bool = False) -> None:
@@ -198,15 +197,6 @@ def ct_quantization_config(module_bits: dict[str, tuple], ignore: list[str] | No
         "sparsity_config": {},
         "global_compression_ratio": None,
     }
-
-
-def vllm_loadable(module_bits: dict[str, tuple]) -> list[str]:
-    """Reasons vLLM would refuse these settings (empty when it loads them)."""
-    problems = []
-    for name, (bits, _gs, symmetric, _ao) in sorted(module_bits.items()):
-        if not symmetric and bits not in VLLM_ASYMMETRIC_BITS:
-            problems.append(f"{name}: asymmetric {bits}-bit (vLLM: asymmetric 4/8 only)")
-    return problems
 
 
 # ---- the exporter-module interface quantizer.export.get_exporter hands to the writer ----

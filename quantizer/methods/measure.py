@@ -16,7 +16,7 @@ row splits) is not used because no vLLM-loadable format stores two widths in one
 per-linear widths are what compressed-tensors config_groups express. vLLM does fuse q/k/v
 and gate/up and wants one scheme per fused linear, so mixture results carry
 "uniform": false and an exporter aiming at vLLM drops them before optimising
-(`vllm_can_load`). A mixture costs no extra quantization: each linear's result per
+(export/serving.py `candidate_servable`). A mixture costs no extra quantization: each linear's result per
 setting is computed once and reused by every candidate that names it."""
 from __future__ import annotations
 
@@ -327,15 +327,6 @@ def store_groups(ctx, results: dict[str, list[CandidateResult]]) -> dict[str, di
             for label, res in results.items()}
 
 
-def vllm_can_load(candidate: dict, symmetric: bool) -> bool:
-    """Whether vLLM can load a measured candidate: one scheme per fused linear (uniform) and,
-    when asymmetric, 4 or 8 bits (vLLM's CompressedTensorsWNA16 zero-point kernels)."""
-    if not candidate.get("uniform", True):
-        return False
-    bits = {m["bits"] for m in candidate.get("modules", {}).values()} or {candidate["bits"]}
-    return symmetric or bits <= {4, 8}
-
-
 def module_settings_from_selection(selection: dict[int, dict[str, dict]], arch
                                    ) -> dict[str, tuple[int, int]]:
     """MeasurementStore.selection(choice) -> {full module name: (bits, group_size)}, what
@@ -350,4 +341,4 @@ def module_settings_from_selection(selection: dict[int, dict[str, dict]], arch
 
 
 __all__ = ["CandidateResult", "CandidateSpec", "Setting", "default_candidates", "group_label",
-           "measure_layer", "module_settings_from_selection", "store_groups", "vllm_can_load"]
+           "measure_layer", "module_settings_from_selection", "store_groups"]

@@ -108,10 +108,6 @@ class PlanJob:
     def uses_gptq(self) -> bool:  # Hessians and their solve (gptq, awq-gptq)
         return self.method in ("gptq", "awq-gptq")
 
-    @property
-    def uses_awq(self) -> bool:  # AWQ's scale search and its caches (awq, awq-gptq)
-        return self.method in ("awq", "awq-gptq")
-
 
 def alive_copies(g: InputGroup, dec: Decisions) -> int:
     if g.copies > 1 and dec.experts_per_pass:

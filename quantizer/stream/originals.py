@@ -42,7 +42,6 @@ SLICE_ELEMENTS = 1 << 24
 
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
-FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 # Tensors of activation (not weight) quantization: a weight-only export does not carry them.
 ACTIVATION_SUFFIXES = (".input_scale", ".input_zero_point", ".output_scale",
                        ".output_zero_point", ".k_scale", ".v_scale", ".q_scale",
