@@ -10,6 +10,7 @@ from ..errors import InputError
 from ..export.serving import check_export
 from ..export.tp import (check_checkpoint, checkpoint_group_sizes, describe_problems,
                          problem_summary)
+from ..stream.source import read_config
 
 TP_RULES = ("marlin-shape", "moe-marlin-shape", "tp-split")
 
@@ -32,8 +33,7 @@ def _check_export(path: Path, a) -> int:
     report = check_export(path, a.tp_size or 1, a.engine, strict_tp=a.tp_size is not None)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.render())
     if a.tp_size and not any(f.rule in TP_RULES for f in report.findings) and not a.json:
-        sizes = checkpoint_group_sizes(json.loads((path / "config.json").read_text()),
-                                       a.group_size)
+        sizes = checkpoint_group_sizes(read_config(path), a.group_size)
         print(f"TP-{a.tp_size}: ok (group size {', '.join(map(str, sizes))})")
     if report.errors:  # the report above; one line on stderr, as every refusal
         raise InputError(f"{path}: {len(report.errors)} serving error(s) listed above: vLLM "
@@ -42,5 +42,5 @@ def _check_export(path: Path, a) -> int:
 
 
 def _has_quantized(path: Path) -> bool:
-    cfg = path / "config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("quantization_config"))
+    return (path / "config.json").is_file() and bool(
+        read_config(path).get("quantization_config"))

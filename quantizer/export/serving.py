@@ -16,7 +16,6 @@ fused_qkv_a_proj: one scheme for all shards) and fused-MoE layers (every routed 
 layer in one FusedMoE module: one scheme, looked up under expert 0's names)."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -29,6 +28,7 @@ from safetensors import safe_open
 
 from ..errors import InputError
 from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
+from ..stream.source import read_config
 from .tp import marlin_problems, partition
 
 log = logging.getLogger(__name__)
@@ -174,13 +174,7 @@ def _ranges(idx: tuple[int, ...]) -> str:
 def read_view(path) -> ExportView:
     """config.json and the tensors' headers (plus the small g_idx / weight_shape tensors)."""
     p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise InputError(f"no config.json at {p}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_config(p)
     files = sorted(p.glob("*.safetensors"))
     with ExitStack() as stack:  # one handle per shard: small tensors are read per linear
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in files}

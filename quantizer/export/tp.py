@@ -14,13 +14,12 @@ Only the MLP intermediate width can be fixed after the fact: zero rows of gate/u
 columns of down add nothing to the output, so padding it is exact (--pad-for-tp N)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import InputError
 from ..plan.shapes import Linear, ModelShapes, layer_groups, layer_kinds, resolve_arch
+from ..stream.source import read_config
 
 MARLIN_MIN_THREAD_K = 128
 MARLIN_MIN_THREAD_N = 64
@@ -238,14 +237,7 @@ def check_checkpoint(path, tp_size: int, group_size: int = 128
     """`quantize check`: the problems of a model directory (or config.json) at TP `tp_size`,
     reading config.json only; the group size comes from its quantization_config when it has
     one, else `group_size`. Returns (problems over every declared group size, group sizes)."""
-    p = Path(path)
-    cfg_file = p / "config.json" if p.is_dir() else p
-    if not cfg_file.is_file():
-        raise InputError(f"no config.json at {p}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_config(path)
     sizes = checkpoint_group_sizes(config, group_size)
     problems, seen = [], set()
     for g in sizes:

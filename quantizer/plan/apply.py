@@ -6,17 +6,15 @@ function) is planner.make_plan."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import psutil
 import torch
 
-from ..errors import InputError
+from ..stream.source import read_config
 from .machine import HOST, DeviceSpec, detect_devices, gpu_budgets, host_budget
 from .memory import CUDA_CONTEXT, IMPORT_MARGIN, host_facts
 from .planner import Plan, make_plan
@@ -106,23 +104,6 @@ def run_host_facts(job, shapes: ModelShapes, dtype_bytes: int, on_cpu: bool) -> 
 
 
 # ---- `quantize plan` ----------------------------------------------------------------------
-def read_config(model_dir_or_config) -> dict:
-    if isinstance(model_dir_or_config, dict):
-        return model_dir_or_config
-    path = os.fspath(model_dir_or_config)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return cfg
-
-
 def plan_gpus(budgets, devices: list[int] | None) -> list[int]:
     """The GPUs `quantize plan` plans for: those named, else the visible ones; with a budget
     but no GPU here, those the budget names (or cuda:0), as on the machine that will run it."""
@@ -151,7 +132,8 @@ def plan_command(model_dir_or_config, settings, devices: list[int] | None = None
     """`quantize plan MODEL --bits 4 --vram-budget 16G`: reads config.json only (no weights)
     and returns the formatted plan for validated `settings` (the run's defaults: method,
     dtype, calibration). `devices`: GPU indices (default: the visible ones)."""
-    config = read_config(model_dir_or_config)
+    config = (model_dir_or_config if isinstance(model_dir_or_config, dict)
+              else read_config(model_dir_or_config))
     shapes = ModelShapes.from_config(config)
     wanted = plan_gpus(settings.budgets, devices)
     specs, vram, capped = gpu_budgets(settings.budgets, wanted) if wanted else ([], {}, [])

@@ -33,6 +33,22 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """config.json of a model directory (or that file itself), reading nothing else; one
+    clear InputError when it is missing, not JSON or not a JSON object."""
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise InputError(f"no config.json at {p}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{cfg_file}: expected a JSON object")
+    return config
+
+
 class CheckpointSource:
     def __init__(self, path: str | os.PathLike, originals: bool = False):
         self.path = Path(path)
@@ -41,12 +57,7 @@ class CheckpointSource:
         if not self.path.is_dir():
             raise InputError(f"model path is not a directory: {self.path}")
         cfg_file = self.path / "config.json"
-        if not cfg_file.is_file():
-            raise InputError(f"no config.json in {self.path}")
-        try:
-            self.raw_config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        self.raw_config = read_config(self.path)
         model_type = self.raw_config.get("model_type")
         if not model_type:
             raise InputError(f"{cfg_file} has no model_type")
