@@ -111,6 +111,140 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, til
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call (or graph replay)
 
 
+@triton.jit
+def _row_ptrs(x_ptr, row0, stride_xm, M, offs_w):
+    """The 4 activation rows from row0 and whether each is live (rows past M load zeros; the
+    masks are tensors, shaped like offs_w, because the interpreter rejects a scalar-and-tensor
+    mask)."""
+    x0 = x_ptr + row0 * stride_xm
+    x1 = x0 + stride_xm
+    x2 = x1 + stride_xm
+    x3 = x2 + stride_xm
+    live0 = (offs_w * 0 + row0) < M
+    live1 = (offs_w * 0 + row0 + 1) < M
+    live2 = (offs_w * 0 + row0 + 2) < M
+    live3 = (offs_w * 0 + row0 + 3) < M
+    return x0, x1, x2, x3, live0, live1, live2, live3
+
+
+@triton.jit
+def _run_params(s_ptr, z_ptr, g, offs_n, mask_n, N):
+    """Group g's float32 zero (BLOCK_N,) and scale (BLOCK_N, 1) per row (two small layout
+    conversions per run: loading them as (BLOCK_N, 1) tiles instead drags the whole run into
+    their layout)."""
+    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    return z, s
+
+
+@triton.jit
+def _gemv_run(words, words_hi, z, w0, offs_w, x0, x1, x2, x3, live0, live1, live2, live3,
+              vmask, CB: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Σ over the value slots of one run in one group: x · (code - zero) per row, unscaled."""
+    PW: tl.constexpr = 32 // CB
+    p0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    p1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    p2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    p3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    for j in tl.static_range(PW):
+        ks = _slot_inputs(w0, j, BW, PW) + offs_w  # consecutive inputs
+        d = _plane(words, words_hi, vmask, j, CB, z)  # code - zero, exact
+        p0 += tl.load(x0 + ks, mask=live0, other=0.0).to(tl.float32)[None, :] * d
+        if BLOCK_M > 1:
+            p1 += tl.load(x1 + ks, mask=live1, other=0.0).to(tl.float32)[None, :] * d
+        if BLOCK_M > 2:
+            p2 += tl.load(x2 + ks, mask=live2, other=0.0).to(tl.float32)[None, :] * d
+            p3 += tl.load(x3 + ks, mask=live3, other=0.0).to(tl.float32)[None, :] * d
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _gemv_whole_runs(w_ptr, s_ptr, z_ptr, x0, x1, x2, x3, live0, live1, live2, live3,
+                     offs_n, mask_n, offs_w, N, KP, w_start, w_end, vmask,
+                     CB: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr):
+    """GROUP_MODE 0: whole runs, no input tail, one group per run: the scale applied once
+    per run. Returns the 4 rows' element-wise accumulators."""
+    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    w_ptrs = w_ptr + offs_n[:, None] * KP + offs_w[None, :]
+    words = tl.load(w_ptrs + w_start, mask=mask_n[:, None], other=0)
+    for w0 in range(w_start, w_end, BLOCK_KW):
+        if PREFETCH:  # next run's words in flight while this run computes
+            more = (offs_w * 0 + w0 + BLOCK_KW) < w_end
+            nxt = tl.load(w_ptrs + (w0 + BLOCK_KW), mask=mask_n[:, None] & more[None, :],
+                          other=0)
+        else:
+            words = tl.load(w_ptrs + w0, mask=mask_n[:, None], other=0)
+        g = w0 // BW
+        words_hi = words >> 16
+        z, s = _run_params(s_ptr, z_ptr, g, offs_n, mask_n, N)
+        p0, p1, p2, p3 = _gemv_run(words, words_hi, z, w0, offs_w, x0, x1, x2, x3, live0,
+                                   live1, live2, live3, vmask, CB, BW, BLOCK_M, BLOCK_N,
+                                   BLOCK_KW)
+        acc0 += s * p0
+        if BLOCK_M > 1:
+            acc1 += s * p1
+        if BLOCK_M > 2:
+            acc2 += s * p2
+            acc3 += s * p3
+        if PREFETCH:
+            words = nxt
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_any_runs(w_ptr, s_ptr, z_ptr, gidx_ptr, x0, x1, x2, x3, live0, live1, live2, live3,
+                   offs_n, mask_n, offs_w, N, K, KP, G, w_start, w_end, vmask,
+                   CB: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_MODE: tl.constexpr):
+    """GROUP_MODE 1/2: a group per value, inputs past K masked. Returns the 4 rows'
+    element-wise accumulators."""
+    PW: tl.constexpr = 32 // CB
+    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    for w0 in range(w_start, w_end, BLOCK_KW):
+        ws = w0 + offs_w
+        words = tl.load(w_ptr + offs_n[:, None] * KP + ws[None, :],
+                        mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
+        words_hi = words >> 16
+        for j in tl.static_range(PW):
+            ks = _slot_inputs(ws, j, BW, PW)
+            kin = ks < K
+            z, s = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
+                                 GROUP_MODE)
+            d = _plane(words, words_hi, vmask, j, CB, z) * s
+            xr = tl.load(x0 + ks, mask=kin & live0, other=0.0).to(tl.float32)
+            acc0 += xr[None, :] * d
+            if BLOCK_M > 1:
+                xr = tl.load(x1 + ks, mask=kin & live1, other=0.0).to(tl.float32)
+                acc1 += xr[None, :] * d
+            if BLOCK_M > 2:
+                xr = tl.load(x2 + ks, mask=kin & live2, other=0.0).to(tl.float32)
+                acc2 += xr[None, :] * d
+                xr = tl.load(x3 + ks, mask=kin & live3, other=0.0).to(tl.float32)
+                acc3 += xr[None, :] * d
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _rows_of(acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) result: row r of the block is the sum over words of acc_r."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    out = tl.where(rows == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(rows == 1, tl.sum(acc1, axis=1)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(rows == 2, tl.sum(acc2, axis=1)[None, :], out)
+        out = tl.where(rows == 3, tl.sum(acc3, axis=1)[None, :], out)
+    return out
+
+
 @triton.jit(do_not_specialize=["M", "n_splits"])  # one compile for every M and split count
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KP, stride_xm, G, W_PER_SPLIT, vmask, n_splits,
@@ -120,99 +254,57 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr
     """Up to 4 activation rows (one accumulator each) share every unpacked weight; all
     tiles are (BLOCK_N, BLOCK_KW) in the layout of the word load (no layout conversions);
     the accumulators stay element-wise and are summed over the words once, at the end."""
-    PW: tl.constexpr = 32 // CB
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, BLOCK_KW)
-    # activation rows of this program (rows past M load zeros; the masks are tensors because
-    # the interpreter rejects a scalar-and-tensor mask)
-    x0 = x_ptr + row0 * stride_xm
-    x1 = x0 + stride_xm
-    x2 = x1 + stride_xm
-    x3 = x2 + stride_xm
-    live0 = (offs_w * 0 + row0) < M
-    live1 = (offs_w * 0 + row0 + 1) < M
-    live2 = (offs_w * 0 + row0 + 2) < M
-    live3 = (offs_w * 0 + row0 + 3) < M
-    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    x0, x1, x2, x3, live0, live1, live2, live3 = _row_ptrs(x_ptr, row0, stride_xm, M, offs_w)
     w_start = pid_k * W_PER_SPLIT
     w_end = tl.minimum(w_start + W_PER_SPLIT, KP)
-    if GROUP_MODE == 0:  # whole runs: no input tail, one group per run
-        w_ptrs = w_ptr + offs_n[:, None] * KP + offs_w[None, :]
-        words = tl.load(w_ptrs + w_start, mask=mask_n[:, None], other=0)
-        for w0 in range(w_start, w_end, BLOCK_KW):
-            if PREFETCH:  # next run's words in flight while this run computes
-                more = (offs_w * 0 + w0 + BLOCK_KW) < w_end
-                nxt = tl.load(w_ptrs + (w0 + BLOCK_KW), mask=mask_n[:, None] & more[None, :],
-                              other=0)
-            else:
-                words = tl.load(w_ptrs + w0, mask=mask_n[:, None], other=0)
-            g = w0 // BW
-            words_hi = words >> 16
-            # one zero and scale per row (two small layout conversions per run: loading them
-            # as (BLOCK_N, 1) tiles instead drags the whole run into their layout)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            p0 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-            p1 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-            p2 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-            p3 = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-            for j in tl.static_range(PW):
-                ks = _slot_inputs(w0, j, BW, PW) + offs_w  # consecutive inputs
-                d = _plane(words, words_hi, vmask, j, CB, z)  # code - zero, exact
-                p0 += tl.load(x0 + ks, mask=live0, other=0.0).to(tl.float32)[None, :] * d
-                if BLOCK_M > 1:
-                    p1 += tl.load(x1 + ks, mask=live1, other=0.0).to(tl.float32)[None, :] * d
-                if BLOCK_M > 2:
-                    p2 += tl.load(x2 + ks, mask=live2, other=0.0).to(tl.float32)[None, :] * d
-                    p3 += tl.load(x3 + ks, mask=live3, other=0.0).to(tl.float32)[None, :] * d
-            acc0 += s * p0
-            if BLOCK_M > 1:
-                acc1 += s * p1
-            if BLOCK_M > 2:
-                acc2 += s * p2
-                acc3 += s * p3
-            if PREFETCH:
-                words = nxt
+    if GROUP_MODE == 0:
+        acc0, acc1, acc2, acc3 = _gemv_whole_runs(
+            w_ptr, s_ptr, z_ptr, x0, x1, x2, x3, live0, live1, live2, live3, offs_n, mask_n,
+            offs_w, N, KP, w_start, w_end, vmask, CB, BW, BLOCK_M, BLOCK_N, BLOCK_KW, PREFETCH)
     else:
-        for w0 in range(w_start, w_end, BLOCK_KW):
-            ws = w0 + offs_w
-            words = tl.load(w_ptr + offs_n[:, None] * KP + ws[None, :],
-                            mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
-            words_hi = words >> 16
-            for j in tl.static_range(PW):
-                ks = _slot_inputs(ws, j, BW, PW)
-                kin = ks < K
-                z, s = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
-                                     GROUP_MODE)
-                d = _plane(words, words_hi, vmask, j, CB, z) * s
-                xr = tl.load(x0 + ks, mask=kin & live0, other=0.0).to(tl.float32)
-                acc0 += xr[None, :] * d
-                if BLOCK_M > 1:
-                    xr = tl.load(x1 + ks, mask=kin & live1, other=0.0).to(tl.float32)
-                    acc1 += xr[None, :] * d
-                if BLOCK_M > 2:
-                    xr = tl.load(x2 + ks, mask=kin & live2, other=0.0).to(tl.float32)
-                    acc2 += xr[None, :] * d
-                    xr = tl.load(x3 + ks, mask=kin & live3, other=0.0).to(tl.float32)
-                    acc3 += xr[None, :] * d
-    # (BLOCK_M, BLOCK_N) result: row r of the block is sum over words of acc_r
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    out = tl.where(rows == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
-    if BLOCK_M > 1:
-        out = tl.where(rows == 1, tl.sum(acc1, axis=1)[None, :], out)
-    if BLOCK_M > 2:
-        out = tl.where(rows == 2, tl.sum(acc2, axis=1)[None, :], out)
-        out = tl.where(rows == 3, tl.sum(acc3, axis=1)[None, :], out)
-    _epilogue(out, row0 + tl.arange(0, BLOCK_M), offs_n, M, N, bias_ptr, out_ptr, ws_ptr,
-              cnt_ptr, tl.program_id(2) * tl.num_programs(0) + pid_n, pid_k, n_splits, SPLIT,
-              HAS_BIAS)
+        acc0, acc1, acc2, acc3 = _gemv_any_runs(
+            w_ptr, s_ptr, z_ptr, gidx_ptr, x0, x1, x2, x3, live0, live1, live2, live3, offs_n,
+            mask_n, offs_w, N, K, KP, G, w_start, w_end, vmask, CB, BW, BLOCK_M, BLOCK_N,
+            BLOCK_KW, GROUP_MODE)
+    _epilogue(_rows_of(acc0, acc1, acc2, acc3, BLOCK_M), row0 + tl.arange(0, BLOCK_M), offs_n,
+              M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+              tl.program_id(2) * tl.num_programs(0) + pid_n, pid_k, n_splits, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """(row block, column block) of program `pid` in grouped launch order: GROUP_M
+    row-blocks share each weight column-block in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot_slot(acc, b, x_ptr, offs_m, mask_m, ks, kin, stride_xm, SWAP: tl.constexpr):
+    """acc plus the activations at inputs ks times the dequantized weight tile b:
+    x @ b^T, or (b @ x^T) into the transposed accumulator (SWAP)."""
+    if SWAP:
+        a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None],
+                      mask=mask_m[None, :] & kin[:, None], other=0.0)
+        acc = tl.dot(b, a_t, acc)
+    else:
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
+                    mask=mask_m[:, None] & kin[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "n_splits"])
@@ -229,14 +321,7 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
     dt = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped launch order: GROUP_M row-blocks share each weight column-block in L2
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -254,9 +339,7 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
                         mask=mask_n[:, None] & (ws < KP)[None, :], other=0)
         words_hi = words >> 16
         if GROUP_MODE == 0:
-            g = w0 // BW
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            z, s = _run_params(s_ptr, z_ptr, w0 // BW, offs_n, mask_n, N)
         for j in tl.static_range(PW):
             ks = _slot_inputs(ws, j, BW, PW)
             kin = ks < K
@@ -266,14 +349,7 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, ws_ptr,
                 zj, sj = _group_params(s_ptr, z_ptr, gidx_ptr, ks, kin, offs_n, mask_n, N, G,
                                        GROUP_MODE)
                 b = (_plane(words, words_hi, vmask, j, CB, zj) * sj).to(dt)
-            if SWAP:
-                a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None],
-                              mask=mask_m[None, :] & kin[:, None], other=0.0)
-                acc = tl.dot(b, a_t, acc)
-            else:
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
-                            mask=mask_m[:, None] & kin[None, :], other=0.0)
-                acc = tl.dot(a, tl.trans(b), acc)
+            acc = _dot_slot(acc, b, x_ptr, offs_m, mask_m, ks, kin, stride_xm, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, ws_ptr, cnt_ptr, pid, pid_k,
