@@ -21,7 +21,7 @@ import logging
 import torch
 
 from ..settings import TOKEN_WEIGHTS  # noqa: F401 (re-exported)
-from .residual_share import RESIDUAL_TOLERANCE, block_module, block_of
+from .residual_share import block_of, layer_blocks, residual_stream
 
 log = logging.getLogger(__name__)
 
@@ -56,42 +56,16 @@ def outlier_weights(inv_ms: torch.Tensor, factor: float | None = None) -> torch.
 def residual_token_weights(ctx, before: bool = False) -> dict[str, list[torch.Tensor]] | None:
     """{block: [per-chunk (batch, seq) float32 weights]} for the layer's blocks, or None.
     before: weigh by the stream entering the block instead of leaving it."""
-    blocks = list(dict.fromkeys(block_of(n) for g in ctx.arch.input_groups for n in g))
-    out: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
-    state: dict = {"worst": 0.0}
+    out: dict[str, list[torch.Tensor]] = {b: [] for b in layer_blocks(ctx.arch)}
 
-    def layer_in(mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        state["r"] = x.to(torch.float32)
+    def add(block, _y, h_before, h_after):
+        ms = (h_before if before else h_after).square().mean(dim=-1)
+        out[block].append(1.0 / ms.clamp_min(torch.finfo(torch.float32).tiny))
 
-    def block_out(block):
-        def hook(mod, args, kwargs, res):
-            y = (res[0] if isinstance(res, tuple) else res).to(torch.float32)
-            ms_in = state["r"].square().mean(dim=-1)
-            state["r"] = state["r"] + y.reshape(state["r"].shape)
-            ms = ms_in if before else state["r"].square().mean(dim=-1)
-            out[block].append(1.0 / ms.clamp_min(torch.finfo(torch.float32).tiny))
-        return hook
-
-    def layer_out(mod, args, kwargs, res):
-        y = (res[0] if isinstance(res, tuple) else res).to(torch.float32)
-        r = state.pop("r")
-        dev = float(torch.linalg.vector_norm(r - y)
-                    / torch.linalg.vector_norm(y).clamp_min(1e-30))
-        state["worst"] = max(state["worst"], dev)
-
-    handles = [ctx.layer.register_forward_pre_hook(layer_in, with_kwargs=True),
-               ctx.layer.register_forward_hook(layer_out, with_kwargs=True)]
-    handles += [block_module(ctx.layer, ctx.arch, b).register_forward_hook(
-        block_out(b), with_kwargs=True) for b in blocks]
-    try:
+    with residual_stream(ctx, add) as check:
         for x in ctx.chunks():
             ctx.forward(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if state["worst"] > RESIDUAL_TOLERANCE or any(len(v) != len(ctx.inputs)
-                                                  for v in out.values()):
+    if not check.residual or any(len(v) != len(ctx.inputs) for v in out.values()):
         log.info("layer %d: not in pre-norm residual form; tokens weigh alike", ctx.index)
         return None
     return out
