@@ -139,8 +139,16 @@ def _job(p: Parser, resume_help: str) -> None:
                    "job directory that layerquant wrote (never other files)")
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--work-dir", default=None, help="job directory (default: OUTPUT.job)")
+    _report_form(p)
+
+
+def _report_form(p: Parser) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _group_size(p: Parser) -> None:
+    p.add_argument("--group-size", help="128, 64, 32, -1 (per channel) or auto (default)")
 
 
 # ---- the parsers --------------------------------------------------------------------------
@@ -154,7 +162,7 @@ def quantize_parser() -> Parser:
     p.add_argument("--bits", type=_bits, help="bits per weight, 2-8 (default 4); a fractional "
                    "target such as 4.25 (or --adaptive) allocates bits per module group with "
                    "adaptive GPTQ")
-    p.add_argument("--group-size", help="128, 64, 32, -1 (per channel) or auto (default)")
+    _group_size(p)
     p.add_argument("--method", help="rtn, awq, gptq or awq-gptq (AWQ's scales, then GPTQ "
                    "rounding); default: awq for 4 bits, else gptq; adaptive gptq for "
                    "fractional --bits")
@@ -213,7 +221,7 @@ def measure_parser() -> Parser:
         "T --measurement FILE` for any target T"))
     _model_and_output(p, "the measurement file to write (e.g. measurement.json), not a "
                          "directory")
-    p.add_argument("--group-size", help="128, 64, 32, -1 (per channel) or auto (default)")
+    _group_size(p)
     _symmetry(p)
     _calibration(p)
     _device(p)
@@ -238,8 +246,7 @@ def eval_parser() -> Parser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--devices", default=None, help="spread the layers over these GPUs "
                    "(e.g. 0,1: contiguous runs of layers per GPU)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    _report_form(p)
     return p
 
 
