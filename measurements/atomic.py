@@ -91,38 +91,34 @@ def fsync_dir(directory: Path) -> None:
 
 def _write_all(fd: int, data) -> None:
     """os.write until done, honouring the injected failure budget."""
-    global _fail_budget
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = min(len(view), CHUNK)
-        if _fail_budget is not None and n > _fail_budget:
-            if _fail_budget > 0:
-                os.write(fd, view[:_fail_budget])
-            _fail_budget = 0
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        written = os.write(fd, view[:n])
-        if _fail_budget is not None:
-            _fail_budget -= written
-        view = view[written:]
+    _write_chunks(lambda chunk, done: os.write(fd, chunk), data)
 
 
 def write_at(fd: int, data, offset: int) -> None:
     """os.pwrite until `data` is at `offset` (files written in place: the export's shards),
     honouring the injected failure budget like every other writer here."""
+    _write_chunks(lambda chunk, done: os.pwrite(fd, chunk, offset + done), data)
+
+
+def _write_chunks(write, data) -> None:
+    """write(chunk, bytes done so far) -> bytes written, in chunks of at most CHUNK until all
+    of `data` is written; an injected failure writes what its budget allows, then raises
+    ENOSPC."""
     global _fail_budget
     view = memoryview(data).cast("B")
+    done = 0
     while len(view):
         n = min(len(view), CHUNK)
         if _fail_budget is not None and n > _fail_budget:
             if _fail_budget > 0:
-                os.pwrite(fd, view[:_fail_budget], offset)
+                write(view[:_fail_budget], done)
             _fail_budget = 0
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        written = os.pwrite(fd, view[:n], offset)
+        written = write(view[:n], done)
         if _fail_budget is not None:
             _fail_budget -= written
         view = view[written:]
-        offset += written
+        done += written
 
 
 @contextlib.contextmanager
