@@ -339,18 +339,20 @@ def tie_groups(groups: Sequence[Group], ties: Sequence[Sequence[int]]
 def min_bpw(groups: Sequence[Group], per_weights: float | None = None,
             ties: Sequence[Sequence[int]] = ()) -> float:
     """The smallest average bpw any choice can reach (each group, or tie, at its cheapest)."""
-    merged = tie_groups(groups, ties)[0] if ties else list(groups)
-    total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
-    return math.fsum(g.numel * min(_as_candidate(c).bpw for c in g.candidates)
-                     for g in merged) / total
+    return _extreme_bpw(groups, per_weights, ties, min)
 
 
 def max_bpw(groups: Sequence[Group], per_weights: float | None = None,
             ties: Sequence[Sequence[int]] = ()) -> float:
     """The largest average bpw a choice can use (each group, or tie, at its widest)."""
+    return _extreme_bpw(groups, per_weights, ties, max)
+
+
+def _extreme_bpw(groups, per_weights, ties, pick) -> float:
+    """The average bpw with every group (or tie) at its `pick` (min / max) candidate."""
     merged = tie_groups(groups, ties)[0] if ties else list(groups)
     total = float(sum(g.numel for g in groups)) if per_weights is None else float(per_weights)
-    return math.fsum(g.numel * max(_as_candidate(c).bpw for c in g.candidates)
+    return math.fsum(g.numel * pick(_as_candidate(c).bpw for c in g.candidates)
                      for g in merged) / total
 
 
