@@ -194,9 +194,10 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None,
     judges: dict = {}  # block name -> BlockJudge, while its groups are measured
     for group in groups:
         judge = _judge_of(ctx, group, judges, tw, clock)
-        results[group_label(group)] = _measure_group(
-            solver, group, hessians.pop(group).H, plans_for(
-                candidates, group, ctx.module(group[0]).in_features), judge, clock)
+        plans = plans_for(candidates, group, ctx.module(group[0]).in_features)
+        H = hessians.pop(group).H
+        results[group_label(group)] = _measure_group(solver, group, H, plans, judge, clock)
+        del H  # before the next group's solves
     clock.add_to(ctx.stats)
     return results
 
