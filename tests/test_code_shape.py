@@ -10,9 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("quantizer", "kernels", "measurements", "calibration")
 MAX_LINES = 60
-# Known: split on another branch (issue 18's import-cycle work owns quantizer/arch/). Remove an
-# entry when its function is short; the test then holds the package to MAX_LINES.
-KNOWN_LONG = {"quantizer/arch/discover.py:trace_layer"}
 
 
 def _files() -> list[Path]:
@@ -50,10 +47,7 @@ def test_the_package_is_read():
 
 
 def test_no_function_is_over_the_limit():
-    long = _long_functions()
-    offenders = {k: v for k, v in long.items() if k not in KNOWN_LONG}
+    offenders = _long_functions()
     assert not offenders, "functions over %d lines (split them into named steps): %s" % (
         MAX_LINES, ", ".join(f"{k} ({v})" for k, v in sorted(offenders.items(),
                                                             key=lambda kv: -kv[1])))
-    stale = KNOWN_LONG - set(long)
-    assert not stale, f"no longer over {MAX_LINES} lines: remove from KNOWN_LONG: {stale}"
