@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from quantizer.errors import InputError
 
@@ -31,7 +32,7 @@ WIKITEXT_TAIL = "wikitext2-tail"
 # name -> (load_dataset args, load_dataset kwargs, text field). The splits are the ones the
 # AWQ/GPTQ literature uses: pile validation for calibration, WikiText-2 test for perplexity,
 # the first C4 validation shard.
-HF_DATASETS = {
+HF_DATASETS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "pileval": (("mit-han-lab/pile-val-backup",), {"split": "validation"}, "text"),
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"split": "test"}, "text"),
     "c4": (

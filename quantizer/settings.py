@@ -459,7 +459,8 @@ class QuantSettings:
     def options(self) -> GPTQOptions | AWQOptions | None:
         """The method's own options (None for RTN; awq-gptq takes AWQ's and GPTQ's:
         `option_sets`)."""
-        return {"gptq": self.gptq, "awq": self.awq}.get(self.method or "")
+        options: dict[str, GPTQOptions | AWQOptions] = {"gptq": self.gptq, "awq": self.awq}
+        return options.get(self.method or "")
 
     def option_sets(self) -> tuple:
         """Every options object the method reads: its own (awq-gptq: AWQ's, then GPTQ's) and

@@ -33,6 +33,8 @@ def moe_layer_spec(spec: ArchSpec, norm: str | None, rtn_experts: tuple[int, ...
     `rtn_experts` (too few calibration tokens) are left out of the groups -- the caller rounds
     them -- but still take the norm's AWQ fold, so their inputs stay what they were."""
     moe = spec.moe
+    if moe is None:
+        raise ValueError("moe_layer_spec needs a spec with an MoE block")
     attn_groups = spec.input_groups
     attn_scales = spec.scale_groups
     skip = set(rtn_experts)

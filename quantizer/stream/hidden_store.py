@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, overload
 
 import torch
 
@@ -39,7 +39,7 @@ def host_copy(x: torch.Tensor, pinned: bool, non_blocking: bool = False) -> torc
 _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
-class Singles(Sequence):
+class Singles(Sequence[tuple[torch.Tensor]]):
     """(chunk,) for each chunk of `chunks`, fetched only when asked: to_device_ahead over a
     DiskChunks then maps one chunk (two with the copy ahead) at a time."""
 
@@ -49,7 +49,15 @@ class Singles(Sequence):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor]:
+    @overload
+    def __getitem__(self, k: int) -> tuple[torch.Tensor]: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[tuple[torch.Tensor]]: ...
+
+    def __getitem__(self, k: int | slice) -> tuple[torch.Tensor] | list[tuple[torch.Tensor]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
         if not 0 <= k < len(self.chunks):
             raise IndexError(k)
         return (self.chunks[k],)
@@ -100,6 +108,7 @@ def to_device_ahead(items: Sequence[Sequence[torch.Tensor]], device: torch.devic
     nxt = issue(items[0]) if len(items) else None
     try:
         for k in range(len(items)):
+            assert nxt is not None  # issued for every k < len(items)
             out, done = nxt
             compute.wait_event(done)
             nxt = None
@@ -222,7 +231,7 @@ class HiddenStore:
             entries = chunks.entries()
             if all(e.r1 - e.r0 <= size for e in entries):
                 return chunks
-            out = DiskChunks([_OnDisk(e.path, e.shape, e.dtype, a, min(a + size, e.r1))
+            out: Chunks = DiskChunks([_OnDisk(e.path, e.shape, e.dtype, a, min(a + size, e.r1))
                               for e in entries for a in range(e.r0, e.r1, size)],
                              chunks.files)
             chunks.files = []
