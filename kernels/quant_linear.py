@@ -83,6 +83,18 @@ class KernelWeight:
 
 
 class QuantLinear(nn.Module):
+    # Buffers (register_buffer in __init__), by layout. awq / gptq: qweight, qzeros, scales
+    # (gptq: g_idx); compressed-tensors: weight_packed, weight_scale, weight_shape (optional:
+    # weight_zero_point, weight_g_idx).
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    weight_packed: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_shape: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bits: int = 4,
                  group_size: int = 128, layout: str = "awq", bias: bool = False,
                  dtype: torch.dtype = torch.float16, device=None,

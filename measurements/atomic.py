@@ -157,7 +157,7 @@ def atomic_write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> N
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

@@ -207,8 +207,9 @@ class JobDir:
     def is_ours(self) -> bool:
         """A job directory layerquant wrote: its marker, or (from before markers) nothing but
         our own entries with at least one layer or hidden-state file stamped by a job."""
-        if read_marker(self.path) is not None:
-            return read_marker(self.path).get("kind") == JOB
+        marker = read_marker(self.path)
+        if marker is not None:
+            return marker.get("kind") == JOB
         names = {p.name for p in self.path.iterdir()}
         if not names <= OWN_ENTRIES:
             return False
@@ -278,12 +279,12 @@ class JobDir:
 
     def _write_state(self) -> None:
         self._require_lock()
-        self.state["updated"] = _now()
+        self._st()["updated"] = _now()
         atomic_write_json(self.path / STATE_NAME, self.state)
 
     def verify(self) -> None:
         """Check every file the state says is finished: present, complete, from this job."""
-        st = self.state
+        st = self._st()
         for stage in WORK_STAGES:
             if st["layer_files"][stage]:
                 for i in range(st["last_finished"][stage] + 1):
@@ -328,9 +329,10 @@ class JobDir:
             raise QuantizerError(f"internal: job {self.path} is at stage {self.stage}, cannot "
                                  f"go back to {stage}")
         if stage != self.stage:
-            self.state["stage"] = stage
-            if self.state["hidden"] and self.state["hidden"]["stage"] != stage:
-                self.state["hidden"] = None
+            st = self._st()
+            st["stage"] = stage
+            if st["hidden"] and st["hidden"]["stage"] != stage:
+                st["hidden"] = None
             self._write_state()
             self._prune_hidden(keep=None)  # hidden states belong to one stage's pass
 
@@ -361,6 +363,8 @@ class JobDir:
                              f"--overwrite to start over")
         raw = read_safetensors_metadata(p, kind).get(_META_KEY)
         try:
+            if raw is None:
+                raise ValueError("no job stamp")
             info = json.loads(raw)
             ok = (info["job"] == fingerprint_digest(self._st()["fingerprint"])
                   and info["stage"] == stage and info["index"] == index)
@@ -397,16 +401,17 @@ class JobDir:
         if index != last + 1:
             raise QuantizerError(f"internal: committing layer {index} of {stage} after layer "
                                  f"{last}; layers must finish in order")
+        st = self._st()
         if has_file:
             self._check_layer_file(stage, index)
-        elif self.state["layer_files"][stage]:
+        elif st["layer_files"][stage]:
             raise QuantizerError(f"internal: stage {stage} stores layer files, layer {index} "
                                  f"has none")
         if index == 0:
-            self.state["layer_files"][stage] = has_file
-        self.state["last_finished"][stage] = index
+            st["layer_files"][stage] = has_file
+        st["last_finished"][stage] = index
         nxt = self.layer_path(stage, index + 1, hidden=True)
-        self.state["hidden"] = {"stage": stage, "index": index + 1} if nxt.is_file() else None
+        st["hidden"] = {"stage": stage, "index": index + 1} if nxt.is_file() else None
         self._write_state()
         self._prune_hidden(keep=nxt if nxt.is_file() else None)
 
@@ -433,7 +438,7 @@ class JobDir:
         return [tensors[f"chunk.{i:05d}"] for i in range(n)]
 
     def _prune_hidden(self, keep: Path | None) -> None:
-        needed = self.state.get("hidden")
+        needed = self._st().get("hidden")
         needed_path = (self.layer_path(needed["stage"], needed["index"], hidden=True)
                        if needed else None)
         for p in list_files(self.path / HIDDEN_DIR, "*.safetensors"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,14 @@ PROBE_TOLERANCE = 1e-3
 
 def _pow2_scales(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.pow(2.0, torch.randint(-2, 3, (n,), generator=gen).float())
+
+
+def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
+    """mod's parameter or buffer `name`."""
+    t = getattr(mod, name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(mod).__name__}.{name} is not a tensor")
+    return t
 
 
 def _call(mod: nn.Module, x: torch.Tensor, extra: list[torch.Tensor]):
@@ -74,9 +83,9 @@ def norm_fold_kind(norm: nn.Module) -> str | None:
     s = _pow2_scales(n, gen)
 
     def run(w, b):
-        mod.weight.data.copy_(w)
+        _tensor(mod, "weight").data.copy_(w)
         if b is not None:
-            mod.bias.data.copy_(b)
+            _tensor(mod, "bias").data.copy_(b)
         return _call(mod, x, extra).float()
 
     try:
@@ -93,29 +102,31 @@ def norm_fold_kind(norm: nn.Module) -> str | None:
 
 def fold_into(prev: nn.Module, kind: str | None, s: torch.Tensor) -> None:
     """Divide `prev`'s output channels by `s` (float32 arithmetic, stored in its dtype)."""
-    w = prev.weight.data
+    weight = _tensor(prev, "weight")
+    w = weight.data
     sf = s.float().to(w.device)
     if w.dim() == 1:
         if kind == "offset":
-            prev.weight.data = ((1 + w.float()) / sf - 1).to(w.dtype)
+            weight.data = ((1 + w.float()) / sf - 1).to(w.dtype)
         else:
-            prev.weight.data = (w.float() / sf).to(w.dtype)
+            weight.data = (w.float() / sf).to(w.dtype)
     else:
-        prev.weight.data = (w.float() / sf.unsqueeze(1)).to(w.dtype)
+        weight.data = (w.float() / sf.unsqueeze(1)).to(w.dtype)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.data.float() / sf).to(prev.bias.dtype)
+        bias = _tensor(prev, "bias")
+        bias.data = (bias.data.float() / sf).to(bias.dtype)
 
 
 def folded_weight(prev: nn.Module, kind: str | None, s: torch.Tensor) -> list[torch.Tensor]:
     """What fold_into would store (float32 values), without storing it: for overflow checks."""
-    w = prev.weight.data.float()
+    w = _tensor(prev, "weight").data.float()
     sf = s.float().to(w.device)
     if w.dim() == 1:
         out = [(1 + w) / sf - 1 if kind == "offset" else w / sf]
     else:
         out = [w / sf.unsqueeze(1)]
     if getattr(prev, "bias", None) is not None:
-        out.append(prev.bias.data.float() / sf)
+        out.append(_tensor(prev, "bias").data.float() / sf)
     return out
 
 
@@ -140,7 +151,7 @@ def probe(layer: nn.Module, group, x: torch.Tensor, kwargs: dict) -> str | None:
     gen = torch.Generator().manual_seed(0)
     s = _pow2_scales(width, gen).to(x.device)
     ref = layer_output(layer(x, **kwargs)).float()
-    hit = {"prev": 0, "readers": set()}
+    hit: dict[str, Any] = {"prev": 0, "readers": set()}
 
     def divide(mod, args, out):
         hit["prev"] += 1

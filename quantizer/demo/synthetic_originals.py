@@ -140,7 +140,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, block: int = 128,
 def quantized_linears(config: dict) -> set[str]:
     """Full weight names of every decoder-layer linear the family's spec names."""
     arch = model_arch(config)
-    names = set()
+    names: set[str] = set()
     for i in range(arch.num_layers):
         spec = arch.for_layer(None, i)
         names.update(f"{arch.layer_prefix(i)}.{lin}.weight" for lin in spec.linears)

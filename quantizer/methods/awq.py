@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -295,6 +296,7 @@ class AWQ:
         with module_in_dtype(judge, eval_dtype):
             if refs is None:
                 refs = self._references(ctx, judge, data, eval_dtype)
+            result: dict[str, Any]
             if refs is None:  # non-finite even in float32: the inputs themselves are bad
                 result = {"alpha": None, "loss": math.nan, "history": []}
             else:
@@ -391,7 +393,7 @@ class AWQ:
         return None if any_true(layout_of(ctx), not finite) else refs
 
     def _search(self, ctx, prev_name: str, judge, linears, data: GroupCapture, refs,
-                w_mean, eval_dtype, first: str = "") -> dict:
+                w_mean, eval_dtype, first: str = "") -> dict[str, Any]:
         st = ctx.settings
         originals = [lin.weight.data.clone() for lin in linears]
         layout = layout_of(ctx)

@@ -88,15 +88,15 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
         wb = weight[r0:r0 + rows_per_batch].float().reshape(-1, n_groups, gs)  # (b, G, gs)
         ref = torch.bmm(xg, wb.permute(1, 2, 0))  # (G, T, b): exact partial dot products
         amax = wb.abs().amax(dim=-1, keepdim=True)  # (b, G, 1)
-        best_err = None
-        best = None
+        best_err: torch.Tensor | None = None
+        best: torch.Tensor | None = None
         for i in range(len(ratios)):
             limit = amax * ratio_t[i]
             q = fake_quantize_groups(torch.maximum(torch.minimum(wb, limit), -limit),
                                      bits, symmetric)
             d2 = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2)  # (G, T, b)
             err = (d2.mean(dim=1) if tw is None else (d2 * tw).sum(dim=1)).t()  # (b, G)
-            if best_err is None:
+            if best_err is None or best is None:  # the first ratio
                 best_err = err
                 best = torch.full_like(err, ratios[0])
                 err_unclipped += err.sum(dtype=torch.float64)
@@ -104,6 +104,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
                 better = err < best_err  # strict: ties keep the larger ratio, deterministic
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, ratio_t[i], best)
+        assert best_err is not None and best is not None  # `ratios` is not empty
         best_ratio[r0:r0 + wb.shape[0]] = best
         err_best += best_err.sum(dtype=torch.float64)
     unclipped = float(err_unclipped)

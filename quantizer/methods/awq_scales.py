@@ -4,7 +4,7 @@ scales into the previous op (exactly, in float32, then rounded to the stored dty
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch
     """Duo scaling's weight statistic: per input channel, the mean over all output rows of
     the linears of |W| normalised by its quantization group's max |W| (float32). Summed
     by row slices so no float32 copy of a whole (stacked) weight is ever made."""
-    total = None
+    total: torch.Tensor | None = None
     n_rows = 0
     for w in weights:
         out_f, in_f = w.shape
@@ -49,6 +49,8 @@ def weight_group_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch
             part = wg.reshape(-1, in_f).sum(dim=0)
             total = part if total is None else total + part
         n_rows += out_f
+    if total is None:
+        raise ValueError("weight_group_mean needs at least one weight")
     return total / n_rows
 
 
@@ -64,11 +66,11 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
 
 
 def grid_search(losses_of: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
-                w_mean: torch.Tensor | None, grid: int) -> dict:
+                w_mean: torch.Tensor | None, grid: int) -> dict[str, Any]:
     """Try α = i/grid for i < grid; keep the first smallest finite loss. Non-finite losses
     are skipped; if none is finite the result has alpha None and scales of ones."""
     history = []
-    best = {"alpha": None, "loss": math.inf, "scales": torch.ones_like(x_mean)}
+    best: dict[str, Any] = {"alpha": None, "loss": math.inf, "scales": torch.ones_like(x_mean)}
     for i in range(grid):
         alpha = i / grid
         s = candidate_scales(x_mean, w_mean, alpha)
@@ -90,8 +92,9 @@ def fold_scales(layer: nn.Module, prev_name: str, linear_names: Sequence[str],
     s = scales.float()
     fold_into(prev, kind, s)
     for name in linear_names:
-        lin = layer.get_submodule(name)
-        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+        weight = layer.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
+        weight.data = (weight.data.float() * s).to(weight.dtype)
 
 
 # Folded values must stay storable in float16: exports keep norms and biases in fp16.
@@ -103,8 +106,10 @@ def fold_overflows(layer: nn.Module, prev_name: str, scales: torch.Tensor,
     """True when prev / s would not fit float16 or prev's dtype (a tiny s on a norm): the
     candidate search never runs prev, so this is checked separately."""
     prev = layer.get_submodule(prev_name)
+    # folded_weight: the weight's values, then the bias's when prev has one
     for t, like in zip(folded_weight(prev, kind, scales),
-                       [prev.weight] + [getattr(prev, "bias", None)]):
+                       [prev.weight, getattr(prev, "bias", None)]):
+        assert isinstance(like, torch.Tensor)
         folded = t.to(like.dtype)
         if not bool(torch.isfinite(folded).all()) or float(folded.abs().max()) > _FOLD_LIMIT:
             return True
@@ -115,10 +120,14 @@ def fold_shape_problem(layer: nn.Module, prev_name: str, linear_names: Sequence[
     """Why scales cannot be folded across this group, or None when they can."""
     prev = layer.get_submodule(prev_name)
     weight = getattr(prev, "weight", None)
-    if weight is None:
+    if not isinstance(weight, torch.Tensor):
         return f"{prev_name} has no weight to fold scales into"
     width = weight.shape[0]
-    ins = {layer.get_submodule(n).weight.shape[1] for n in linear_names}
+    ins = set()
+    for n in linear_names:
+        w = layer.get_submodule(n).weight
+        assert isinstance(w, torch.Tensor)
+        ins.add(w.shape[1])
     if len(ins) != 1:
         return f"linears {list(linear_names)} have different input widths {sorted(ins)}"
     if width != ins.pop():

@@ -49,13 +49,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}, got {bits}")
     if prepared is None:
+        if H is None:
+            raise ValueError("gptq_quantize needs H or a prepared Hessian")
         prepared = prepare_hessian(H, act_order, damp)
     elif (prepared.perm is not None) != bool(act_order):
         raise ValueError("prepared Hessian was made with a different act_order")
     gs = check_group_size(W.shape[1], group_size, name)
     dynamic = not (group_size == -1 or static_groups)
     searching = grid is not None and grid.searches
-    imp = prepared.diag if searching and grid.needs_importance else None
+    imp = prepared.diag if searching and grid is not None and grid.needs_importance else None
     WT, scales, zeros = _columns(W, prepared, bits, gs, symmetric, dynamic, grid, imp)
     QT = torch.empty_like(WT)
     n, perm = WT.shape[0], prepared.perm
@@ -188,7 +190,7 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     `row_slices` slices of rows (the planner's choice: each slice's fp32 copies are that much
     smaller). `options`: resolved GPTQOptions. Returns ({name: QuantizedWeight}, info)."""
     if prepared is None:
-        prepared = prepare_hessian(H, options.act_order, options.damp)
+        prepared = prepare_hessian(H, bool(options.act_order), options.damp)
     buckets: dict[tuple[int, int], list[str]] = {}
     for name in group:
         buckets.setdefault(settings[name], []).append(name)
@@ -201,7 +203,8 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
         parts = []
         for r0 in range(0, total, step):
             q, info = gptq_quantize(_rows(weights, r0, min(r0 + step, total)), None, bits, gs,
-                                    symmetric, options.act_order, options.static_groups,
+                                    symmetric, bool(options.act_order),
+                                    bool(options.static_groups),
                                     options.damp, options.block,
                                     name=ctx.full_name(names[0]), prepared=prepared,
                                     grid=grid)
@@ -211,7 +214,8 @@ def quantize_group(ctx, group, H, settings: dict[str, tuple[int, int]], symmetri
     # Each stacked solve is one unit of work; with several processes they run on different
     # ranks at once and every rank receives every result (parallel/shards.py run_units).
     units = list(buckets.items())
-    out, info = {}, {}
+    out: dict[str, QuantizedWeight] = {}
+    info: dict = {}
     solved = (run_units(layout_of(ctx), units, solve) if parallel
               else [solve(u) for u in units])  # already inside another rank's unit
     for ((_, names), (qs, info)) in zip(units, solved):

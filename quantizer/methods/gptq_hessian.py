@@ -65,7 +65,8 @@ class HessianAccumulator:
     is one product, as before."""
 
     def __init__(self, n_features: int, device: torch.device | str = "cpu"):
-        self._H = torch.zeros((n_features, n_features), dtype=torch.float32, device=device)
+        self._H: torch.Tensor | None = torch.zeros((n_features, n_features), dtype=torch.float32,
+                                                   device=device)
         self._n = 0  # tokens in H (n_tokens: those gathered too)
         self._group: torch.Tensor | None = None  # samples gathered for the next product
         self._filled = 0  # samples in _group
@@ -73,7 +74,23 @@ class HessianAccumulator:
 
     @property
     def H(self) -> torch.Tensor | None:
+        """The sum so far (flushed); None once the owner released it (set to None)."""
         self.flush()
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._group, self._filled = None, 0
+        self._H = value
+
+    def live_H(self) -> torch.Tensor:
+        self.flush()
+        return self._sum()
+
+    def _sum(self) -> torch.Tensor:
+        """The float32 sum as it is (not flushed); an error once released."""
+        if self._H is None:
+            raise RuntimeError("internal: Hessian used after it was released")
         return self._H
 
     @property
@@ -84,11 +101,6 @@ class HessianAccumulator:
     @n_tokens.setter
     def n_tokens(self, value: int) -> None:
         self._n = value
-
-    @H.setter
-    def H(self, value) -> None:
-        self._group, self._filled = None, 0
-        self._H = value
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -107,14 +119,14 @@ class HessianAccumulator:
                 self._add_rows(sample, None if ws is None else ws[k])
 
     def _gathers(self, x: torch.Tensor) -> bool:
-        return self._H.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() > 0
+        return self._sum().is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() > 0
 
     def _gather(self, samples: torch.Tensor) -> None:
         """Copy whole samples into the group buffer; one product per full group."""
         count, seq, n = samples.shape
         if self._group is None:
             self._group_samples = gram_group_samples(n, seq, samples.element_size(),
-                                                     _gram_mode(self._H.device))
+                                                     _gram_mode(self._sum().device))
         if self._group_samples == 1:  # nothing to gather: each sample as it is
             for sample in samples:
                 self._add_rows(sample)
@@ -123,7 +135,7 @@ class HessianAccumulator:
         while done < count:
             if self._group is None:
                 self._group = torch.empty((self._group_samples * seq, n), dtype=samples.dtype,
-                                          device=self._H.device)
+                                          device=self._sum().device)
                 self._filled = 0
             take = min(count - done, self._group_samples - self._filled)
             rows = self._group[self._filled * seq:(self._filled + take) * seq]
@@ -149,20 +161,21 @@ class HessianAccumulator:
         if m == 0:
             return
         total = self._n + m
+        H = self._sum()
         half = x.dtype in (torch.float16, torch.bfloat16)
         if weights is not None:
-            x = x.to(self._H.device).to(torch.float32)
+            x = x.to(H.device).to(torch.float32)
             x = x * weights.reshape(-1, 1).to(x.device, torch.float32).sqrt()
             half = False  # the products are no longer of half-precision values
         # H <- H * n/(n+m) + (2/(n+m)) * xᵀx, in one fused addmm (scaling after the product,
         # so the factors stay the exact input values).
         beta, alpha = self._n / total, 2.0 / total
-        if half and x.is_cuda and self._H.is_cuda and x.device == self._H.device:
-            gram_update(self._H, x, beta, alpha)
+        if half and x.is_cuda and H.is_cuda and x.device == H.device:
+            gram_update(H, x, beta, alpha)
         else:
-            x = x.to(self._H.device).to(torch.float32)
+            x = x.to(H.device).to(torch.float32)
             with _lossless_tf32(half and x.is_cuda):
-                self._H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+                H.addmm_(x.t(), x, beta=beta, alpha=alpha)
         self._n = total
 
     @torch.no_grad()
@@ -171,7 +184,7 @@ class HessianAccumulator:
         how calibration shards combine, in shard order (quantizer.parallel.distributed). A total kept in
         host RAM (to_host) is merged a block of rows at a time on the other's device: the same
         elementwise arithmetic, so the same bits, with one n×n matrix on the GPU."""
-        mine, theirs = self.H, other.H  # both flushed
+        mine, theirs = self.live_H(), other.live_H()  # both flushed
         total = self.n_tokens + other.n_tokens
         if total == 0:
             return
@@ -185,7 +198,7 @@ class HessianAccumulator:
     def to_host(self) -> None:
         """Keep H in (pinned, where allowed) host memory from now on: the GPU then holds only
         the shard partial being accumulated (the plan's Hessian placement 'park')."""
-        H = self.H
+        H = self.live_H()
         if not H.is_cuda:
             return
         try:
@@ -196,7 +209,7 @@ class HessianAccumulator:
         self.H = host
 
     def state(self) -> list[torch.Tensor]:
-        H = self.H
+        H = self.live_H()
         return [H, torch.tensor([self.n_tokens], dtype=torch.int64, device=H.device)]
 
     def load_state(self, tensors: list[torch.Tensor]) -> None:
@@ -481,7 +494,7 @@ def _upper_factor_of_inverse(make, damp: float, mean_diag: float, max_retries: i
     lam = damp
     for attempt in range(max_retries + 1):
         S, reason = _factor(make, lam * mean_diag)
-        if reason:  # not positive definite at this damping
+        if S is None:  # not positive definite at this damping (`reason` says why)
             if attempt < max_retries:
                 log.info("gptq: Cholesky failed at damp=%g (%s); retrying at damp=%g", lam,
                          reason, lam * 10)

@@ -86,7 +86,7 @@ def _solve(WT, U, QT, scales, zeros, gid, dynamic, gs, block, bits, params):
     assert U.stride(1) == 1
     COUNT = triton.next_power_of_2(block)
     grid = (triton.cdiv(out_f, BLOCK_O),)
-    gids = gid.tolist() if dynamic else None
+    gids: list[int] = gid.tolist() if dynamic else []
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         count = i2 - i1

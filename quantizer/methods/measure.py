@@ -61,15 +61,17 @@ class CandidateSpec:
 
     @property
     def label(self) -> str:
-        return self.first.label if self.uniform else f"{self.first.label} + {self.rest.label}"
+        if self.uniform or self.rest is None:
+            return self.first.label
+        return f"{self.first.label} + {self.rest.label}"
 
     def settings_for(self, group: tuple[str, ...], in_features: int) -> dict[str, Setting] | None:
         """Per-linear settings, or None when the candidate does not apply to this group (a
         mixture on a one-linear group, a group size that does not divide the width)."""
         if not self.uniform and len(group) < 2:
             return None
-        settings = {name: (self.first if i == 0 or self.uniform else self.rest)
-                    for i, name in enumerate(group)}
+        rest = self.first if self.uniform or self.rest is None else self.rest
+        settings = {name: (self.first if i == 0 else rest) for i, name in enumerate(group)}
         if not all(s.fits(in_features) for s in settings.values()):
             return None
         return settings
@@ -98,8 +100,8 @@ def plans_for(candidates: list[CandidateSpec], group: tuple[str, ...], in_featur
     whose group size does not divide the width are skipped; a bit width left with no uniform
     candidate at all (e.g. every g128 setting on a 576-wide input) gets one at the largest
     of 128/64/32/per-channel that fits, so the optimiser never loses a whole width."""
-    plans = [(c, c.settings_for(group, in_features)) for c in candidates]
-    plans = [(c, s) for c, s in plans if s is not None]
+    found = [(c, c.settings_for(group, in_features)) for c in candidates]
+    plans = [(c, s) for c, s in found if s is not None]
     covered = {c.first.bits for c, _ in plans if c.uniform}
     wanted = dict.fromkeys(c.first.bits for c in candidates if c.uniform)
     for bits in wanted:

@@ -504,6 +504,7 @@ def _dequantize_mxfp4(lg: Logical, parts, device, dtype) -> torch.Tensor:
     blocks, scales = parts["weight"], parts["scale"]
     e, rows, groups, _ = blocks.shape
     lut = torch.tensor(E2M1, dtype=torch.float32, device=device)
+    assert lg.shape is not None  # MXFP4 logicals know their shape from the header
     out = torch.empty(lg.shape, dtype=dtype, device=device)
     for x in range(e):
         for r0, r1 in _row_steps(rows, groups * 32):
