@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -206,7 +207,7 @@ class _Plan:
         self.vmask = (1 << cb) - 1
         if cfg.kind == "dequant":
             self.kernel = K._dequant_kernel
-            self.grid = (triton.cdiv(self.kp, bkw), triton.cdiv(N, cfg.block_n))
+            self.grid: tuple[int, ...] = (triton.cdiv(self.kp, bkw), triton.cdiv(N, cfg.block_n))
             self.meta = dict(CB=cb, BW=bw, BLOCK_N=cfg.block_n, BLOCK_KW=bkw,
                              GROUP_MODE=group_mode(kw), num_warps=cfg.num_warps)
             return
@@ -347,7 +348,7 @@ def time_graph(fns: list[Callable[[], object]], replays: int = 15) -> float:
 
 
 def _time_plan(plan: _Plan, x2, weights, bias) -> float:
-    return time_graph([lambda w=w: plan.run(x2, w, bias) for w in weights])
+    return time_graph([functools.partial(plan.run, x2, w, bias) for w in weights])
 
 
 @dataclass

@@ -192,7 +192,7 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
         others = sorted({type(m).__name__ for m in layer.modules() if isinstance(
-            getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})
+            w := getattr(m, "weight", None), torch.Tensor) and w.dim() == 2})
         raise Unsupported(f"{type(layer).__name__} has no nn.Linear to quantize (its "
                           f"projections are {', '.join(others) or 'not modules'})")
     return linears

@@ -7,11 +7,15 @@ import contextlib
 import inspect
 import logging
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def model_class(cfg):
                      f"or image-text-to-text class for it")
 
 
-def build_meta(cfg, dtype: torch.dtype | None = None) -> nn.Module:
+def build_meta(cfg, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """transformers' model for `cfg` on the meta device (nothing allocated)."""
     cls = model_class(cfg)
     if getattr(cfg, "is_encoder_decoder", False):
@@ -111,7 +115,7 @@ def build_meta(cfg, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     """(path, ModuleList) of the text decoder's layers: the `layers` list of the module
     get_decoder() returns, or the longest ModuleList of decoder layers in the text model."""
     cfg = text_config(model.config)
@@ -131,10 +135,12 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                          f"{n} decoder layers in {type(model).__name__}")
     # transformers' own name first ("layers"; GPT-J and Falcon say "h")
     path = min(found, key=lambda p: (p.rsplit(".", 1)[-1] not in ("layers", "h"), len(p)))
-    return path, model.get_submodule(path)
+    layers = model.get_submodule(path)
+    assert isinstance(layers, nn.ModuleList)  # `found` holds ModuleLists only
+    return path, layers
 
 
-def text_module_paths(model: nn.Module, layers_path: str) -> tuple[str, ...]:
+def text_module_paths(model: PreTrainedModel, layers_path: str) -> tuple[str, ...]:
     """Paths of the modules the text forward uses: the decoder holding the layers and the
     output embeddings. Everything else (a vision tower, a projector) is kept as it is."""
     decoder = layers_path.rpartition(".")[0]
@@ -185,6 +191,7 @@ def _init_buffers(owner, mod: nn.Module) -> None:
             mod._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"),
                                               requires_grad=False)
     try:
+        guard: contextlib.AbstractContextManager[Any]
         try:
             from transformers import initialization as init
             guard = init.guard_torch_init_functions()
@@ -217,7 +224,9 @@ class _LayerCatcher(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         index, record, last, as_tuple = self._lq
         if args:  # positional arguments after the hidden states: name them
-            sig = inspect.signature(self._modules["inner"].forward)
+            inner = self._modules["inner"]
+            assert inner is not None
+            sig = inspect.signature(inner.forward)
             bound = sig.bind_partial(hidden_states, *args)
             kwargs = {**{k: v for k, v in bound.arguments.items()
                          if k != next(iter(sig.parameters))}, **kwargs}
@@ -240,7 +249,7 @@ class _ZeroEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+def capture_layer_calls(model: PreTrainedModel, layers: nn.ModuleList, input_ids: torch.Tensor,
                         zero_embeddings: bool = False, first_only: bool = False):
     """Run the model's own forward on `input_ids` with every decoder layer replaced by a
     recorder: (hidden states entering layer 0, [kwargs of layer i]). Nothing of the layers is

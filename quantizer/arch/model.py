@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,13 +19,16 @@ from torch import nn
 from ..errors import InputError, Unsupported
 from . import family as families
 from .base import ArchSpec, MoESpec, ScaleGroup
-from .discover import LayerFound, common_parent, trace_layer
+from .discover import InputFound, LayerFound, common_parent, trace_layer
 from .experts import UnfusedExperts, unfused
 from .folds import norm_fold_kind
 from .meta import (build_meta, capture_layer_calls, config_from_dict, decoder_layers,
                    materialise_buffers, text_config, text_module_paths)
 from .moe import moe_layer_spec
 from .names import NameMap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,8 @@ class ModelArch:
 
     name: str  # config model_type
     family: families.Family
-    config: object  # transformers' (top-level) config
-    text: object  # its text config
+    config: Any  # transformers' (top-level) config; its fields differ by family
+    text: Any  # its text config
     mem_layers: str  # decoder layers' path in transformers' model ("model.language_model.layers")
     layers_prefix: str  # decoder layers' tensor-name prefix on disk ("model.layers")
     kinds: tuple[LayerKind, ...]
@@ -64,7 +68,7 @@ class ModelArch:
     renames: dict  # kind index -> {module path in memory: module path on disk} in a layer
     text_modules: tuple[str, ...]  # memory paths of the modules the text forward uses
     kept_modules: tuple[str, ...]  # on-disk module names kept as they are (vision tower, ...)
-    names: NameMap = field(repr=False, default=None)
+    names: NameMap = field(repr=False)
     layer_classes: tuple = field(repr=False, default=())  # per kind: the decoder layer class
     fold_checks: dict = field(default_factory=dict, repr=False)
 
@@ -134,7 +138,8 @@ class ModelArch:
 
     def split_non_layer(self, disk_names) -> tuple[list[str], list[str]]:
         """(tensors the text model uses, tensors of kept modules) among `disk_names`."""
-        text, kept = [], []
+        text: list[str] = []
+        kept: list[str] = []
         for name in disk_names:
             mem = self.names.disk_to_memory.get(name, name)
             (text if any(p == "" or mem.startswith(p + ".") for p in self.text_modules)
@@ -237,6 +242,7 @@ def _rewidth_cached(base_id: int, key: str) -> ModelArch:
         if sparse is not None:
             experts = mods[f"{sparse.block}.{sparse.experts}"]
             sparse = replace(sparse, width=experts[0].width, num_experts=len(experts))
+            assert spec.moe is not None  # a kind with a sparse block has an MoE spec
             spec = replace(spec, moe=replace(spec.moe, width=sparse.width,
                                              num_experts=sparse.num_experts))
         found = replace(kind.found, linears=linears, sparse=sparse)
@@ -316,7 +322,7 @@ def _discover_model(raw: dict, disk_names) -> ModelArch:
     return arch
 
 
-def _materialise_small(model: nn.Module, mem_layers: str, limit: int = 1 << 24) -> None:
+def _materialise_small(model: PreTrainedModel, mem_layers: str, limit: int = 1 << 24) -> None:
     """Zeros on the CPU for the small parameters of the text model outside its layers (an
     embedding norm, learned positions) so that its forward reaches the layers; the token
     embedding is stood in for, the head never reached."""
@@ -400,8 +406,9 @@ def layer_renames(layer: nn.Module, mem_prefix: str, names: NameMap) -> dict[str
                 1 for k in pairs if k.startswith(path + ".")):
             continue  # a move takes the whole module
         heads = {v[:-len(k) - 1] if v.endswith("." + k) else None for k, v in under.items()}
-        if len(heads) == 1 and None not in heads:
-            moves[path] = heads.pop()
+        head = heads.pop() if len(heads) == 1 else None
+        if head is not None:
+            moves[path] = head
             for k in list(deeper):
                 if k.startswith(path + "."):
                     del deeper[k]
@@ -460,7 +467,7 @@ def kept_modules(model: nn.Module, text_paths: tuple[str, ...]) -> tuple[str, ..
     """Top-level modules the text forward does not use (vision tower, projector), by the
     attribute name vLLM's AWQ substring match and compressed-tensors' patterns recognise in
     both on-disk layouts ("visual" matches visual.* and model.visual.*)."""
-    out = []
+    out: list[str] = []
     for path, mod in model.named_modules():
         if not path or any(t == path or t.startswith(path + ".") or path.startswith(t + ".")
                            for t in text_paths):
@@ -477,7 +484,7 @@ def _kind(index, indices, found: LayerFound, layer, family, cfg, names, mem_laye
     sparse = found.sparse
     moe = None
     norm = None
-    block_groups = ()
+    block_groups: tuple[InputFound, ...] = ()
     if sparse is not None:
         block_disk = sparse.block
         moe = MoESpec(block=_mem_attr(layer, sparse.block), disk_block=block_disk,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -35,10 +36,12 @@ def conversion_rules(model: nn.Module) -> tuple[list, list]:
         from transformers.core_model_loading import WeightConverter
     except ImportError:
         return [], []
+    # its signature differs between transformers releases: called untyped, tried newest first
+    mapping: Callable[..., list] = get_model_conversion_mapping
     try:
-        transforms = get_model_conversion_mapping(model, add_legacy=False)
+        transforms = mapping(model, add_legacy=False)
     except TypeError:  # older signature
-        transforms = get_model_conversion_mapping(model)
+        transforms = mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     return renamings, converters

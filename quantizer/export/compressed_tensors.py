@@ -33,8 +33,8 @@ def check_supported(bits, symmetric: bool = False, act_order: bool = False) -> N
 def ct_tensors(prefix: str, q: QuantizedWeight, scale_dtype: torch.dtype = torch.float16
                ) -> dict[str, torch.Tensor]:
     check_supported(q.bits)
-    ragged_in = q.in_features * q.bits % 32
-    ragged_out = not q.symmetric and q.out_features * q.bits % 32
+    ragged_in = bool(q.in_features * q.bits % 32)
+    ragged_out = not q.symmetric and bool(q.out_features * q.bits % 32)
     tensors = ct_pack_linear(_padded(q, ragged_in, ragged_out))
     if ragged_in or ragged_out:  # compressed-tensors packs densely: ceil(n*bits/32) words
         in_words = -(-q.in_features * q.bits // 32)

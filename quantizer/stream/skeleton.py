@@ -2,6 +2,7 @@
 tables, the final norm and the head are real; decoder layers are materialised one at a time."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from ..arch.model import apply_renames, prepare_layer
 from ..errors import InputError
 from .originals import StoredWeight
 from .source import CheckpointSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def model_config(source: CheckpointSource, intermediate_size: int | None = None):
@@ -29,7 +33,8 @@ def model_config(source: CheckpointSource, intermediate_size: int | None = None)
 
 
 def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
-                   intermediate_size: int | None = None, text_only: bool = True) -> nn.Module:
+                   intermediate_size: int | None = None, text_only: bool = True
+                   ) -> PreTrainedModel:
     """transformers' model on the meta device with the tensors outside the decoder layers
     loaded on `device` (text_only: those the text forward uses; a vision tower stays meta),
     and every decoder layer's fused experts unfused and its modules under on-disk names."""
@@ -37,6 +42,7 @@ def build_skeleton(source: CheckpointSource, device, dtype: torch.dtype,
     cfg = model_config(source, intermediate_size)
     model = build_meta(cfg, dtype)
     layers = model.get_submodule(arch.mem_layers)
+    assert isinstance(layers, nn.ModuleList)  # arch.mem_layers: decoder_layers' path
     for i, layer in enumerate(layers):
         prepare_layer(layer, arch.names)
         apply_renames(layer, arch.renames[arch.kind_of[i]])
@@ -72,7 +78,7 @@ def _under(name: str, paths) -> bool:
     return any(p == "" or name.startswith(p + ".") for p in paths)
 
 
-def _tied_names(model: nn.Module, cfg) -> dict[str, str]:
+def _tied_names(model: PreTrainedModel, cfg) -> dict[str, str]:
     """{parameter: the parameter transformers ties it to} (lm_head to the embeddings)."""
     keys = getattr(model, "all_tied_weights_keys", None)
     if isinstance(keys, dict):
@@ -92,7 +98,7 @@ def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return _decoder_layers(model)[1]
 
 
@@ -124,7 +130,7 @@ def pad_mlp(tensors: dict[str, torch.Tensor], arch, prefix: str, size: int) -> N
         tensors[key] = pad_cols(tensors[key], size)
 
 
-def load_layer(model: nn.Module, source: CheckpointSource, index: int, device, dtype,
+def load_layer(model: PreTrainedModel, source: CheckpointSource, index: int, device, dtype,
                intermediate_size: int | None = None,
                tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Materialise decoder layer `index` on `device` from the checkpoint (or given tensors)."""
@@ -158,14 +164,14 @@ def _assign(layer: nn.Module, state: dict[str, torch.Tensor]):
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def release_layer(model: nn.Module, index: int) -> None:
+def release_layer(model: PreTrainedModel, index: int) -> None:
     """Give layer `index`'s memory back (the module returns to the meta device)."""
     layers = decoder_layers(model)
     layers[index] = layers[index].to("meta")
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor):
+def capture_layer_inputs(model: PreTrainedModel, input_ids: torch.Tensor):
     """Run the model's own embedding/rotary/mask code on one batch with the decoder layers
     stood in for: (hidden states entering layer 0, [kwargs of layer i]). Sliding and full
     attention layers get different masks, some families different rotary tables; a kwargs
@@ -174,13 +180,13 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor):
 
 
 @torch.no_grad()
-def embed_inputs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def embed_inputs(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """The hidden states entering decoder layer 0, as the model's own forward makes them
     (Gemma scales its embeddings in the model's forward, not in the embedding module)."""
     return capture_layer_calls(model, decoder_layers(model), input_ids, first_only=True)[0]
 
 
-def capture_layer0_inputs(model: nn.Module, input_ids: torch.Tensor):
+def capture_layer0_inputs(model: PreTrainedModel, input_ids: torch.Tensor):
     """(hidden_states, kwargs) entering layer 0 (position embeddings, mask, position ids)."""
     hidden, calls = capture_layer_inputs(model, input_ids)
     return hidden, calls[0]
