@@ -128,8 +128,9 @@ def _launch(model: str, settings: QuantSettings, out: OutputSettings, progress: 
     model_path = resolve_model(str(model))  # fetched once, not once per process
     settings, out = settings.validated(), out.validated()
     settings.budgets.check_totals(visible_gpu_memory())
-    check_paths(model_path, out.output, out.work_dir, inputs=input_files(settings))
-    check_output(out.output, out.work_dir, out.overwrite, out.resume)
+    check_paths(model_path, out.output, out.work, inputs=input_files(settings))
+    check_output(out.output, out.work, out.overwrite, out.resume)
+    assert settings.devices is not None  # quantize_with launches for several devices only
     return launch(list(settings.devices), _quantize_worker, model_path, settings, out, progress,
                   logs.configured_level())
 

@@ -527,6 +527,13 @@ class OutputSettings:
                 else output.parent / (output.name + ".job"))
         return replace(self, output=output, work_dir=work)
 
+    @property
+    def work(self) -> Path:
+        """The job directory, once validated() has chosen it."""
+        if self.work_dir is None:
+            raise ValueError("internal: OutputSettings.work before validated()")
+        return self.work_dir
+
 
 # ---- rules shared by the settings and the command lines -----------------------------------
 def default_method(bits: float = 4, adaptive: bool = False) -> str:

@@ -12,6 +12,8 @@ While counting is on, each expert adds up how many tokens the router sent to it;
 run/expert_coverage.py turns those counts into the fallback for experts that saw too few."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -50,6 +52,11 @@ class UnfusedExperts(nn.ModuleList):
         self.num_experts = len(experts)
         self.route_all = False  # structure discovery: every expert sees every token
 
+    def __iter__(self) -> Iterator[ExpertMLP]:
+        for expert in super().__iter__():
+            assert isinstance(expert, ExpertMLP)
+            yield expert
+
     def start_counting(self) -> None:
         for expert in self:
             expert.tokens_seen = 0
@@ -70,6 +77,8 @@ class UnfusedExperts(nn.ModuleList):
         index = top_k_index if top_k_index is not None else aliases.get("selected_experts")
         weights = top_k_weights if top_k_weights is not None else aliases.get(
             "routing_weights")
+        if index is None or weights is None:
+            raise TypeError("UnfusedExperts needs the routing: top_k_index and top_k_weights")
         if index.is_floating_point() and not weights.is_floating_point():
             index, weights = weights, index  # tolerate the other argument order
         dev = hidden_states.device
@@ -116,6 +125,7 @@ def unfused(fused: nn.Module, leaves: tuple[str, str, str]) -> UnfusedExperts:
     if problem:
         raise Unsupported(f"experts of this layout are not supported: {problem}")
     down = fused.down_proj
+    assert isinstance(down, torch.Tensor)  # fused_layout_problem checked it
     num, hidden, width = int(down.shape[0]), int(down.shape[1]), int(down.shape[2])
     act = getattr(fused, "act_fn", None) or nn.SiLU()
     return UnfusedExperts([ExpertMLP(leaves, hidden, width, act, down.device, down.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,11 +16,11 @@ from ..arch.names import NameMap
 from ..export.writer import ShardWriter
 
 # Small shapes for tests: 2 layers, GQA 4/2, widths that every group size divides.
-_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+_TINY: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, num_hidden_layers=2)
 
 # Published shapes (config.json values) for benchmark checkpoints.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       num_hidden_layers=32),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from ..errors import InputError, QuantizerError
 from ..kernels.packing import QuantizedWeight
@@ -391,7 +392,9 @@ def plan_layout(job, model, exporter, method, max_shard_bytes: int) -> ExportLay
             if not float(bits).is_integer():
                 raise InputError(f"{full}: fractional --bits {bits} needs per-module settings "
                                  f"from a measurement (none given for this module)")
-            out_f, in_f = layers[i].get_submodule(name).weight.shape
+            linear = layers[i].get_submodule(name)
+            assert isinstance(linear, nn.Linear)  # discovery names nn.Linear modules only
+            out_f, in_f = linear.weight.shape
             key = (int(out_f), int(in_f), int(bits), int(gs), bool(s.symmetric),
                    act_order and not static and int(gs) != -1)
             if key not in linear_specs:

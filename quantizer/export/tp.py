@@ -95,7 +95,7 @@ def _padding_fix(lin: Linear, config: dict, shapes: ModelShapes, n: int, g: int,
     key = lin.width_key
     if key is None:
         return ""
-    width = int(getattr(shapes.arch.text, key))
+    width = int(getattr(shapes.need_arch().text, key))
     new = padded_intermediate(width, n, g)
     if width <= 0 or new == width:
         return ""

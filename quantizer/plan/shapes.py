@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..arch import model_arch
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..arch.model import ModelArch
 
 # vLLM builds MLA's low-rank "a" projections replicated on every GPU (ReplicatedLinear).
 REPLICATED_LEAVES = ("q_a_proj", "kv_a_proj_with_mqa")
@@ -37,7 +41,13 @@ class ModelShapes:
     mla: tuple[int, ...] = ()
     tied_embeddings: bool = False  # the head is the embedding table (held once)
     # quantizer.arch.ModelArch of this config: every layer kind's linears
-    arch: object = field(default=None, compare=False, repr=False)
+    arch: ModelArch | None = field(default=None, compare=False, repr=False)
+
+    def need_arch(self) -> ModelArch:
+        """`arch`, which shapes built from a config (from_config) always have."""
+        if self.arch is None:
+            raise ValueError("these ModelShapes have no ModelArch (build them with from_config)")
+        return self.arch
 
     @property
     def is_moe(self) -> bool:
@@ -63,7 +73,7 @@ class ModelShapes:
         kv = text.get("num_key_value_heads") or text.get(
             aliases.get("num_key_value_heads", "num_key_value_heads")) or heads
         head_dim = text.get("head_dim") or hidden // heads
-        mla = ()
+        mla: tuple[int, ...] = ()
         if text.get("kv_lora_rank"):
             mla = tuple(int(text.get(k) or 0) for k in (
                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -199,7 +209,7 @@ def layer_groups(shapes: ModelShapes, moe=False, arch=None) -> tuple[InputGroup,
 def layer_kinds(shapes: ModelShapes) -> tuple:
     """The model's layer kinds (quantizer.arch.LayerKind, true for MoE kinds): dense and MoE,
     or more (linear and full attention layers of a hybrid model)."""
-    return tuple(shapes.arch.kinds)
+    return tuple(shapes.need_arch().kinds)
 
 
 @functools.lru_cache(maxsize=None)

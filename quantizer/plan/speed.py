@@ -137,7 +137,7 @@ def measured_seconds(m: Measured, results: Path) -> float:
 def fit(results: Path | None = None) -> dict[str, tuple[float, float, float]]:
     """Non-negative least squares (every subset of the three terms, the best feasible one) on
     relative error, per method; with `results`, the seconds are read from the files."""
-    out = {}
+    out: dict[str, tuple[float, float, float]] = {}
     for method in ("gptq", "awq"):
         rows, times = [], []
         for m in (x for x in MEASURED if x.method == method):
@@ -147,7 +147,7 @@ def fit(results: Path | None = None) -> dict[str, tuple[float, float, float]]:
             times.append(measured_seconds(m, results) if results else m.seconds)
         a = np.array(rows) / np.array(times)[:, None]
         y = np.ones(len(times))
-        best = None
+        best: tuple[float, np.ndarray] | None = None
         for r in range(1, 4):
             for cols in itertools.combinations(range(3), r):
                 x, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
@@ -158,7 +158,9 @@ def fit(results: Path | None = None) -> dict[str, tuple[float, float, float]]:
                 err = float(np.sum((a @ full - y) ** 2))
                 if best is None or err < best[0]:
                     best = (err, full)
-        out[method] = tuple(float(v) for v in best[1])
+        assert best is not None  # the one-term fits are never all negative
+        c0, c1, c2 = (float(v) for v in best[1])
+        out[method] = (c0, c1, c2)
     return out
 
 

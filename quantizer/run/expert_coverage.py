@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from ..arch.base import ArchSpec
 from ..arch.experts import experts_module
 from ..methods.rtn import rtn_quantize
 from ..parallel.distributed import comm_device
+
+if TYPE_CHECKING:
+    from ..arch.model import ModelArch
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,14 @@ class ExpertCoverage:
     warning; its gate/up still take the post-attention norm's AWQ fold, so they read the same
     inputs as before. The counts and the fallbacks go into the layer's report."""
 
-    def __init__(self, layer: nn.Module, arch: ArchSpec, config, index: int, min_tokens: int,
+    def __init__(self, layer: nn.Module, arch: ModelArch, config, index: int, min_tokens: int,
                  calibrated: bool = True):
         self.arch, self.config, self.index = arch, config, index
         self.min_tokens = int(min_tokens)
         # without calibration data there is nothing to count and nothing to fall back from
         self.moe = calibrated and arch.is_moe_layer(config, index)
-        self.experts = experts_module(layer, arch.moe) if self.moe else None
+        moe = arch.moe
+        self.experts = experts_module(layer, moe) if self.moe and moe is not None else None
         self.counts: torch.Tensor | None = None
 
     def __enter__(self):
@@ -64,8 +69,10 @@ class ExpertCoverage:
         return self.arch.for_layer(self.config, self.index, self.fallback)
 
     def fallback_linears(self) -> list[str]:
-        moe = self.arch.moe
-        return [moe.expert(e, k) for e in self.fallback for k in range(3)]
+        fallback, moe = self.fallback, self.arch.moe
+        if not fallback or moe is None:  # experts fall back in MoE layers only
+            return []
+        return [moe.expert(e, k) for e in fallback for k in range(3)]
 
     def quantize_fallbacks(self, ctx, quantized: dict,
                            module_settings: dict | None = None) -> None:
@@ -75,6 +82,7 @@ class ExpertCoverage:
             return
         s = ctx.settings
         moe = self.arch.moe
+        assert moe is not None  # counts come from an MoE layer
         for name in self.fallback_linears():
             bits, gs = (module_settings or {}).get(ctx.full_name(name), (s.bits, s.group_size))
             quantized[name] = rtn_quantize(ctx.module(name).weight.data, int(bits), int(gs),

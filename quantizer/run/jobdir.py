@@ -18,17 +18,17 @@ def check_output(output: Path, work: Path, overwrite: bool, resume: bool) -> Non
     """May this run publish at `output`? (outputs.check_output_dir; a resumed job may replace
     our old export when it was started with --overwrite, or is complete.)"""
     prior = JobDir(work).peek() if resume else None
-    check_output_dir(output, overwrite, resume, may_replace=bool(prior) and (
-        prior["stage"] in ("export", "done") or bool(prior["notes"].get("replaces_output"))))
+    check_output_dir(output, overwrite, resume, may_replace=bool(prior and (
+        prior["stage"] in ("export", "done") or bool(prior["notes"].get("replaces_output")))))
 
 
-def begin_job(w: World, jobdir: JobDir, fingerprint, **kwargs):
+def begin_job(w: World, jobdir: JobDir, fingerprint, **kwargs) -> JobDir | FollowerJob:
     """Rank 0 begins (locks, creates or resumes) the job directory; once it has, the other
     ranks open a read-only view of it. A refusal on rank 0 is raised on every rank."""
     if not w.distributed:
         jobdir.begin(fingerprint, **kwargs)
         return jobdir
-    box = [None]
+    box: list[str | None] = [None]
     if w.main:
         try:
             jobdir.begin(fingerprint, **kwargs)
@@ -62,7 +62,9 @@ class FollowerJob:
         pass
 
     def set_stage(self, stage: str) -> None:
-        self._job.state["stage"] = stage  # keep the same view of the stage as rank 0
+        state = self._job.state
+        assert state is not None  # loaded in __init__
+        state["stage"] = stage  # keep the same view of the stage as rank 0
 
     def finish(self) -> None:
         pass

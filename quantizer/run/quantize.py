@@ -36,7 +36,7 @@ from ..settings import OutputSettings, QuantSettings
 from .assemble import assemble
 from .calibrate import calibration_tokens
 from .job import Job, plan_job, prepare_skeleton
-from .jobdir import begin_job, check_output, discard_refused_job
+from .jobdir import FollowerJob, begin_job, check_output, discard_refused_job
 from .layer_loop import LayerLoop
 from .outputs import check_paths, input_files
 from .report import QuantResult
@@ -52,7 +52,7 @@ class JobState:
 
     job: Job
     out: OutputSettings
-    jobdir: object  # measurements.jobstate.JobDir, or jobdir.FollowerJob on ranks > 0
+    jobdir: JobDir | FollowerJob  # FollowerJob: the read-only view of ranks > 0
     tokens: torch.Tensor | None
     world: World
     progress: bool
@@ -65,7 +65,7 @@ class JobState:
 
     @property
     def staged(self) -> Path:
-        return self.out.work_dir / STAGED
+        return self.out.work / STAGED
 
     @contextmanager
     def timed(self, phase: str):
@@ -90,7 +90,7 @@ def run_quantize(model_path, settings: QuantSettings, out: OutputSettings,
         st.world.barrier()  # every rank is done with the job directory before it goes
     st.jobdir.unlock()
     if st.world.main:
-        shutil.rmtree(st.out.work_dir, ignore_errors=True)
+        shutil.rmtree(st.out.work, ignore_errors=True)
     st.extra["phases_s"] = st.phases
     job = st.job
     return QuantResult(model=str(model_path), output=str(st.out.output),
@@ -107,7 +107,7 @@ def prepare(model_path, settings: QuantSettings, out: OutputSettings, progress: 
     w = world()
     t0 = time.perf_counter()
     settings, out = settings.validated(), out.validated()
-    check_paths(model_path, out.output, out.work_dir, inputs=input_files(settings))
+    check_paths(model_path, out.output, out.work, inputs=input_files(settings))
     job = plan_job(model_path, settings, out.max_shard_bytes, w)
     phases = {"plan": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -125,11 +125,11 @@ def prepare(model_path, settings: QuantSettings, out: OutputSettings, progress: 
                                              job.settings)
         if job.settings.measurement:
             check_measurement(job, measure_fp)
-    check_output(out.output, out.work_dir, out.overwrite, out.resume)
-    created = not out.work_dir.exists()
+    check_output(out.output, out.work, out.overwrite, out.resume)
+    created = not out.work.exists()
     first = "measure" if job.settings.is_adaptive and not job.settings.measurement else "quantize"
     # rank 0 alone owns (locks and writes) the job directory; other ranks read it
-    jobdir = begin_job(w, JobDir(out.work_dir), fingerprint, resume=out.resume,
+    jobdir = begin_job(w, JobDir(out.work), fingerprint, resume=out.resume,
                        overwrite=out.overwrite, first_stage=first)
     st = JobState(job, out, jobdir, tokens, w, progress, created, measure_fp, phases=phases,
                   extra=_report_extra(job, w))
@@ -165,7 +165,7 @@ def _job_kept_on_failure(st: JobState):
         # Every layer is done: keep the job directory, so a fixed exporter re-exports it
         # (--resume) without quantizing again.
         st.jobdir.unlock()
-        raise NotServable(f"{e}\njob directory kept: {st.out.work_dir} (rerun with --resume "
+        raise NotServable(f"{e}\njob directory kept: {st.out.work} (rerun with --resume "
                           f"once fixed)") from None
     except InputError as e:
         if st.world.main:

@@ -89,7 +89,8 @@ def final_hidden(loader: LayerLoader, windows: torch.Tensor, device, chunk: int,
 def _log_probs(loader: LayerLoader, h: torch.Tensor, device) -> torch.Tensor:
     model = loader.model
     inner = model.get_submodule(loader.source.arch.mem_layers.rpartition(".")[0])
-    norm, head = inner.norm.to(device), model.get_output_embeddings().to(device)
+    norm = inner.get_submodule("norm").to(device)
+    head = model.get_output_embeddings().to(device)
     logits = head(norm(h.to(device))).float()
     return F.log_softmax(logits, dim=-1)
 
@@ -135,7 +136,7 @@ def evaluate(quantized, base=None, data: str = "wikitext2", seqlen: int = 512,
         target = ids[:, 1:].reshape(-1)
         lq = _log_probs(q_loader, q_hidden[k], dev)[:, :-1].reshape(-1, _vocab(q_loader))
         nll_q += float(F.nll_loss(lq, target, reduction="sum"))
-        if b_loader is not None:
+        if b_loader is not None and b_hidden is not None:
             lb = _log_probs(b_loader, b_hidden[k], dev)[:, :-1].reshape(-1, _vocab(b_loader))
             nll_b += float(F.nll_loss(lb, target, reduction="sum"))
             kl += float((lb.exp() * (lb - lq)).sum())

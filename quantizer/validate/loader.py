@@ -93,6 +93,7 @@ def install_quant_linears(layer: nn.Module, prefix: str, linears, spec: QuantSpe
         if q is None:
             continue
         lin = layer.get_submodule(name)
+        assert isinstance(lin, nn.Linear)  # the skeleton's float linear, on the meta device
         new = QuantLinear(lin.in_features, lin.out_features, bits=q.bits,
                           group_size=q.group_size, layout=q.layout, bias=lin.bias is not None,
                           dtype=dtype, device="meta", checkpoint_format=q.checkpoint_format,
