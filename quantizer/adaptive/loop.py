@@ -14,6 +14,8 @@ from ..measurements.fingerprint import job_fingerprint
 from ..methods.measure import measure_layer, store_groups
 from ..methods.residual_share import residual_shares
 from ..run.layer_loop import LayerLoop
+from ..run.report import LayerRecord
+from ..stream.hidden_store import Chunks
 from ..stream.skeleton import load_layer, release_layer
 
 STAGE = "measure"
@@ -53,7 +55,8 @@ class MeasureLoop(LayerLoop):
         self.stats: list[dict] = []  # each measured layer's measure_* timings and counts
 
     @torch.no_grad()
-    def run(self) -> None:
+    def run(self) -> list[LayerRecord]:
+        """Measure every layer not measured yet; no layer is quantized (no records)."""
         n = self.job.source.num_layers
         start = self.jobdir.next_layer(STAGE)
         self.store.check_progress(start)
@@ -65,6 +68,7 @@ class MeasureLoop(LayerLoop):
             self._measure(i)
             bar.update(1)
         bar.close()
+        return []
 
     def _measure(self, i: int) -> None:
         job = self.job
@@ -91,7 +95,9 @@ class MeasureLoop(LayerLoop):
 
     def _restore_float_inputs(self, start: int) -> None:
         if self.jobdir.has_hidden(start, STAGE):
-            self.inputs = [t.to(self.hidden_dev) for t in self.jobdir.load_hidden(start, STAGE)]
+            self.inputs = Chunks([t.to(self.hidden_dev)
+                                  for t in self.jobdir.load_hidden(start, STAGE)],
+                                 where="gpu" if self.hidden_dev.type == "cuda" else "cpu")
             return
         job = self.job
         for i in range(start):  # the measurement propagates float layers: replay them

@@ -95,15 +95,16 @@ def run_measure(model_path, settings, out, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     settings = replace(settings, method="gptq", adaptive=True).validated()
     out = out.validated()
-    check_paths(model_path, out.output, out.work_dir, what="measurement file")
-    jobdir = JobDir(out.work_dir)
+    check_paths(model_path, out.output, out.work, what="measurement file")
+    jobdir = JobDir(out.work)
     check_measurement_output(out.output, out.overwrite, out.resume, jobdir.peek() is not None)
     job = plan_job(model_path, settings)
     prepare_skeleton(job)
     tokens = calibration_tokens(job)
+    assert tokens is not None  # a measurement runs GPTQ, which calibrates
     fingerprint = measurement_fingerprint(fingerprint_model(job.source.path),
                                           fingerprint_calibration(tokens), job.settings)
-    created = not out.work_dir.exists()
+    created = not out.work.exists()
     jobdir.begin(fingerprint, resume=out.resume, overwrite=out.overwrite, first_stage=STAGE)
     for n in job.notes:  # after the last refusal: a refused run says one line only
         log.info("%s", n)
@@ -114,7 +115,7 @@ def run_measure(model_path, settings, out, progress: bool = True) -> dict:
         raise
     finally:
         jobdir.unlock()
-    shutil.rmtree(out.work_dir, ignore_errors=True)
+    shutil.rmtree(out.work, ignore_errors=True)
     return {"model": str(model_path), "measurement": str(out.output),
             "layers": job.source.num_layers, "layers_measured": loop.measured,
             "measure_seconds": loop.seconds, "measure_stats": loop.stats,

@@ -565,6 +565,7 @@ def _scheme_matches(view, info: LinearInfo, d: Declared, c: _Collector, layer) -
     """The config must describe the tensors: else the loader allocates other shapes (load
     error) or reads the codes with the wrong zero point / order (wrong numbers)."""
     s, want = info.scheme, d.scheme
+    assert s is not None and want is not None  # callers compare quantized linears only
     bad = []
     if s.bits != want.bits:
         bad.append(f"{s.bits}-bit tensors, {want.bits}-bit in the config")
@@ -584,6 +585,7 @@ def _scheme_matches(view, info: LinearInfo, d: Declared, c: _Collector, layer) -
 
 def _ct_linear_rules(info: LinearInfo, d: Declared, c: _Collector, layer) -> None:
     s = d.scheme
+    assert s is not None  # _linear_rules returned for a linear declared unquantized
     if not s.symmetric and s.bits not in CT_ZERO_POINT_BITS:
         # CompressedTensorsWNA16.__init__: "Asymmetric quantization not supported for
         # num_bits" outside WNA16_ZP_SUPPORTED_TYPES_MAP (4, 8).
@@ -807,8 +809,8 @@ def kernel_paths(view: ExportView, us: list[Unit]) -> dict[str, str]:
             paths["moe"] = ("gptq_marlin (GPTQMarlinMoEMethod)" if marlin
                             else "gptq -> MoeWNA16 (assumes symmetric)")
     elif method == "compressed-tensors":
-        schemes = {view.linears[m].scheme for u in dense for m in u.members
-                   if view.linears[m].scheme}
+        schemes = {s for u in dense for m in u.members
+                   if (s := view.linears[m].scheme) is not None}
         if dense:
             marlin = all(s.bits in MARLIN_SYMMETRIC_BITS and s.symmetric or
                          s.bits in MARLIN_ZERO_POINT_BITS and not s.symmetric

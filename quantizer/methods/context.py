@@ -142,6 +142,7 @@ class LayerContext:
     def set_quantized(self, name: str, q: QuantizedWeight) -> None:
         """Replace a linear's float weight by its dequantized value (what the next modules and
         layers must see: errors propagate, as llm-compressor's propagate stage does)."""
-        lin = self.module(name)
-        lin.weight.data = q.dequantize_to(torch.empty_like(lin.weight.data))
+        weight = self.module(name).weight
+        assert isinstance(weight, torch.Tensor)
+        weight.data = q.dequantize_to(torch.empty_like(weight.data))
         self.replaced.add(name)

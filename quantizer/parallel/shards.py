@@ -134,12 +134,16 @@ def fold_tensors(layout: CalibLayout, partials: dict[int, torch.Tensor]) -> torc
 
 
 def _agree_meta(w: World, ref):
-    meta = [None if ref is None else (tuple(ref.shape), ref.dtype)]
+    meta: list[tuple[tuple[int, ...], torch.dtype] | None] = [
+        None if ref is None else (tuple(ref.shape), ref.dtype)]
     if w.distributed:
         gathered = [None] * w.size
         dist.all_gather_object(gathered, meta[0])
         meta = [next(m for m in gathered if m is not None)]
-    shape, dtype = meta[0]
+    agreed = meta[0]
+    if agreed is None:
+        raise ValueError("no process holds the tensor whose shape the ranks agree on")
+    shape, dtype = agreed
     return shape, dtype, (ref.device if ref is not None else comm_device(w))
 
 

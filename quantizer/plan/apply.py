@@ -51,6 +51,7 @@ def plan_for_run(job) -> tuple[Plan | None, list[str]]:
     if on_cpu and s.budgets.ram is None:
         return None, []
     capped: list[str] = []
+    vram: dict[int, int]
     if on_cpu:
         devices, vram = [HOST], {}
     else:

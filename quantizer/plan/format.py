@@ -2,6 +2,8 @@
 with the memory plan per layer kind, host RAM, disk and the time the speed model predicts."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from .memory import device_peak, disk_needs, export_sizes, layer_elements, ram_peak
 from .sizes import format_size
 from .speed import SOURCE, format_duration, model_seconds
@@ -13,7 +15,7 @@ def _layer_span(layers: tuple[int, ...]) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 

@@ -144,6 +144,7 @@ def device_peak(job: PlanJob, dec: Decisions, kinds=None, assemble: bool = True)
             total = raw + int(own * SLACK) + (0 if job.on_host else CUDA_CONTEXT)
             if best is None or total > best.total:
                 best = Peak(total, phase, (), tuple(terms))
+    assert best is not None  # _host_phases yields every phase of the run, at least one
     merged = _merged(best.terms)
     own = sum(t.bytes for t in best.terms if t.kind != "process")
     merged[f"allocator slack ({SLACK:.0%} of the tensors)"] = int(own * SLACK)

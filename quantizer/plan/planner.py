@@ -176,6 +176,7 @@ def make_plan(shapes: ModelShapes, method: str, calib_samples: int, calib_seqlen
     plans = tuple(DevicePlan(dev, budget, dec, peak.total, peak.breakdown, peak.phase, block,
                              steps) for (dev, budget, dec, peak, steps), block
                   in zip(fitting, blocks))
+    ram_items: tuple[tuple[str, int], ...]
     if on_host:
         ram_total, ram_phase, ram_items = plans[0].predicted_peak, plans[0].peak_phase, ()
     else:

@@ -189,6 +189,7 @@ def check_distributed(settings: QuantSettings, processes: int) -> None:
         raise InputError("adaptive bit allocation (--bits 4.5, --adaptive, --measurement) "
                          "runs on one device only; drop --devices")
     shards = min(settings.calib.shards, max(settings.calib.samples, 1))
+    assert settings.method is not None  # validated settings name their method
     if needs_calibration(settings.method) and processes > shards:
         raise InputError(f"{processes} processes but only {shards} calibration shards "
                          f"(--calib-shards {settings.calib.shards}, --calib-samples "

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -44,7 +44,8 @@ class LayerLoop:
         self.job, self.method, self.exporter, self.jobdir = job, method, exporter, jobdir
         s = job.settings
         self.world = world()
-        self._prefetch = None  # (index, future) of the next layer's tensors being read
+        # (index, future) of the next layer's tensors being read
+        self._prefetch: tuple[int, Future] | None = None
         if exporter is not None:  # the first layer is read while the loop is set up
             self._start_read(jobdir.next_layer(STAGE))
         self.model = job.take_skeleton() or build_skeleton(job.source, "cpu", job.dtype,
@@ -61,7 +62,7 @@ class LayerLoop:
         self.progress = progress
         self.inputs, self.kwargs = Chunks(), []
         self.inject = injection_plan()
-        self.layout = None
+        self.layout: CalibLayout | None = None
         if tokens is not None:
             dec = self.decisions(0)
             # This process's calibration chunks: its shards' samples (all of them when alone),
@@ -85,8 +86,9 @@ class LayerLoop:
         if self.world.distributed:  # each rank holds only its shards: resume replays instead
             self.save_hidden = False
         self._pending: list[Chunks] = []  # hidden states the current attempt is writing
-        self._writer = None  # one thread: the store's set-up, then each layer's write + commit
-        self._write = None  # the future of the last task given to it
+        # one thread: the store's set-up, then each layer's write + commit
+        self._writer: ThreadPoolExecutor | None = None
+        self._write: Future | None = None  # the future of the last task given to it
         self._async_write = False
         # the quantize pass's (the measurement pass, a subclass, exports nothing)
         self.layer_store = (self._open_store(getattr(job, "max_shard_bytes", 1 << 30))
@@ -142,6 +144,7 @@ class LayerLoop:
         if not self.world.main:
             return
         store = self.layer_store
+        assert store is not None  # the quantize pass writes its layers to a store
         if self._async_write:  # the bytes leave the GPU here, the thread writes them
             tensors = {k: v.to("cpu") for k, v in tensors.items()}
         hidden = (list(self.inputs) if self.save_hidden and self.inputs
@@ -206,9 +209,10 @@ class LayerLoop:
         while True:
             dec = self.decisions(i)
             if self.inputs:
-                if any(b - a > dec.chunk for a, b in zip(self.layout.sample_start,
-                                                          self.layout.sample_end)):
-                    self.layout = self.layout.split(dec.chunk)  # the chunks' shards follow
+                layout = self._calib_layout()
+                if any(b - a > dec.chunk for a, b in zip(layout.sample_start,
+                                                          layout.sample_end)):
+                    self.layout = layout.split(dec.chunk)  # the chunks' shards follow
                 self.inputs = self.hidden.move(self.hidden.rechunk(self.inputs, dec.chunk),
                                               dec.hidden)
             try:
@@ -338,17 +342,24 @@ class LayerLoop:
         self._pending.append(new)
         num: dict[int, float] = {}
         den: dict[int, float] = {}
+        layout = self._calib_layout()
         for k, x in enumerate(ctx.chunks()):
             y = ctx.forward(x)
             ref = reference[k].to(y.device, non_blocking=True).float()
-            s = self.layout.shard_of[k]
+            s = layout.shard_of[k]
             num[s] = num.get(s, 0.0) + float((y.float() - ref).pow(2).sum())
             den[s] = den.get(s, 0.0) + float(ref.pow(2).sum())
             del ref
             reference[k] = None
             self.hidden.append(new, y)
-        total_num, total_den = fold_values(self.layout, num), fold_values(self.layout, den)
+        total_num, total_den = fold_values(layout, num), fold_values(layout, den)
         return new, (total_num / max(total_den, 1e-30)) ** 0.5
+
+    def _calib_layout(self) -> CalibLayout:
+        """The calibration chunks' layout, which every run with calibration tokens has."""
+        if self.layout is None:
+            raise RuntimeError("internal: no calibration layout in a run without calibration")
+        return self.layout
 
     def _read(self, i: int) -> dict:
         """Layer i's tensors (host memory), from the read started while layer i-1 worked."""
@@ -402,6 +413,7 @@ class LayerLoop:
             return
         job = self.job
         self.wait_writes()  # the store is checked before anything is read from it
+        assert self.layer_store is not None  # the quantize pass has one
         for i in range(start):
             tensors = self.layer_store.load_layer(i)
             layer = load_layer(self.model, job.source, i, job.device, job.dtype,

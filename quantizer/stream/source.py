@@ -165,6 +165,7 @@ class CheckpointSource:
         total = 0
         for n in names:
             if n in self._logical and self._logical[n].decoder != "plain":
+                assert self.original is not None  # packed tensors: a quantized original
                 total += math.prod(self.shape(n)) * self.original.dtype.itemsize
                 continue
             shape, dtype = self._shapes[n]
@@ -185,6 +186,7 @@ class CheckpointSource:
         out = self.load_stored(names, dtype=dtype, check_finite=check_finite)
         for name, value in out.items():
             if isinstance(value, StoredWeight):
+                assert self.original is not None  # packed tensors: a quantized original
                 out[name] = value.dequantize(device, dtype or self.original.dtype)
             else:
                 out[name] = value.to(device)
@@ -202,10 +204,14 @@ class CheckpointSource:
                 raise InputError(f"tensor {n} not found in {self.path}")
         plain = [n for n in names if self._logical[n].decoder == "plain"]
         packed = [self._logical[n] for n in names if self._logical[n].decoder != "plain"]
-        out = self._read(plain, "cpu", dtype, check_finite)
+        out: dict[str, torch.Tensor | StoredWeight] = dict(
+            self._read(plain, "cpu", dtype, check_finite))
         raw = self._read_stored([p for lg in packed for p in lg.parts.values()])
+        original = self.original
+        assert original is not None or not packed  # packed tensors: a quantized original
         for lg in packed:
-            out[lg.name] = StoredWeight(lg, self.original,
+            assert original is not None
+            out[lg.name] = StoredWeight(lg, original,
                                         {role: raw[p] for role, p in lg.parts.items()})
         return {n: out[n] for n in names}
 
