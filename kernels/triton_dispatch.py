@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -455,7 +455,9 @@ def quant_matmul(x: torch.Tensor, kw, bias: torch.Tensor | None = None,
     # every launch (tuning's timed ones, the stream-capture check, tinygemm's packing) goes to
     # the weight's GPU even when another one is current
     switch = x2.is_cuda and x2.device.index != torch.cuda.current_device()
-    ctx = torch.cuda.device(x2.device) if switch else contextlib.nullcontext()
+    ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if switch:
+        ctx = torch.cuda.device(x2.device)
     with ctx:
         plan = _plan_for(kw, x2, bias, config)
         if plan.cfg.kind == "tinygemm" and not x2.is_contiguous():

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -251,7 +251,9 @@ class AWQ:
         tokens = layout_of(ctx).n_samples * math.prod(ctx.inputs[0].shape[1:-1])
         self._tw = token_weights_for(ctx, self.token_weights)
         for batch in ctx.arch.scale_batches(ctx.expert_tokens, tokens):
-            captured = self._capture_groups(ctx, batch) if len(batch) > 1 else [None]
+            captured: Sequence[GroupCapture | None] = [None]
+            if len(batch) > 1:
+                captured = self._capture_groups(ctx, batch)
             for group, data in zip(batch, captured):
                 self._scale_group(ctx, group, data)
             ctx.mark(f"search {batch[0].prev}" + (f" +{len(batch) - 1}" if len(batch) > 1

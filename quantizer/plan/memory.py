@@ -17,6 +17,7 @@ save_file makes of it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..methods import awq_memory, gptq_memory
 from ..stream.originals import original_format
@@ -37,8 +38,11 @@ SLACK = 0.12
 IMPORT_MARGIN = 160 * MIB
 # Each calibrated method's own terms (methods/<method>_memory.py); RTN has none.
 # awq-gptq: GPTQ's Hessians and solve, and AWQ's scale search without its final rounding.
-METHOD_TERMS = {"rtn": (), "awq": (awq_memory,), "gptq": (gptq_memory,),
-                "awq-gptq": (gptq_memory, awq_memory.SMOOTH)}
+# (Modules or objects with codes_on_device, calibrate_phase, work_phases, final_phases and
+# host_terms.)
+METHOD_TERMS: dict[str, tuple[Any, ...]] = {
+    "rtn": (), "awq": (awq_memory,), "gptq": (gptq_memory,),
+    "awq-gptq": (gptq_memory, awq_memory.SMOOTH)}
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def pad_mlp(tensors: dict[str, torch.Tensor], arch, prefix: str, size: int) -> N
 
 def load_layer(model: PreTrainedModel, source: CheckpointSource, index: int, device, dtype,
                intermediate_size: int | None = None,
-               tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+               tensors: dict | None = None) -> nn.Module:
     """Materialise decoder layer `index` on `device` from the checkpoint (or given tensors)."""
     prefix = source.arch.layer_prefix(index)
     if tensors is None:
