@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantizer.stream.hidden_store import host_copy, to_device_ahead
+from quantizer.stream.hidden_store import Singles, host_copy, to_device_ahead
 
 
 def _chunks(device="cpu", n=5):
@@ -43,3 +43,14 @@ def test_to_device_ahead_from_pinned_host_equals_plain_copies(index):
         assert torch.equal(xd.cpu(), x) and torch.equal(idev.cpu(), i)
     want = sum(x.double().sum() + i.sum() for x, i in _chunks("cpu", n=9))
     assert float(total) == float(want)
+
+
+def test_singles_index_and_slice():
+    chunks = [torch.full((2,), float(i)) for i in range(4)]
+    singles = Singles(chunks)
+    assert len(singles) == 4 and singles[1][0] is chunks[1]
+    part = singles[1:3]
+    assert len(part) == 2 and part[0][0] is chunks[1] and part[1][0] is chunks[2]
+    assert [id(t[0]) for t in singles] == [id(c) for c in chunks]  # stops at IndexError
+    with pytest.raises(IndexError):
+        singles[4]

@@ -16,8 +16,8 @@ from ..arch.names import NameMap
 from ..export.writer import ShardWriter
 
 # Small shapes for tests: 2 layers, GQA 4/2, widths that every group size divides.
-_TINY: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=512, num_hidden_layers=2)
+_TINY: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, num_hidden_layers=2)
 
 # Published shapes (config.json values) for benchmark checkpoints.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -84,6 +84,7 @@ class HessianAccumulator:
         self._H = value
 
     def live_H(self) -> torch.Tensor:
+        """H for a caller that needs it: an error once it was released."""
         self.flush()
         return self._sum()
 
@@ -119,7 +120,8 @@ class HessianAccumulator:
                 self._add_rows(sample, None if ws is None else ws[k])
 
     def _gathers(self, x: torch.Tensor) -> bool:
-        return self._sum().is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() > 0
+        return (self._sum().is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and x.numel() > 0)
 
     def _gather(self, samples: torch.Tensor) -> None:
         """Copy whole samples into the group buffer; one product per full group."""
