@@ -10,12 +10,15 @@ optional "gpu" extra, imports; without it every forward takes the CPU path).
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
 from quantizer.kernels import packing
 from quantizer.kernels.packing import QuantizedWeight
 
+triton_dispatch: ModuleType | None  # None without triton
 try:
     import triton  # noqa: F401 -- optional (the "gpu" extra)
 except Exception:  # noqa: BLE001 -- absent, or an install that does not import
@@ -219,6 +222,7 @@ class QuantLinear(nn.Module):
             bias = self.bias
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
+            assert triton_dispatch is not None  # _triton_ok(): triton imported
             return triton_dispatch.quant_matmul(x, kw, bias)
         return _reference_matmul(x, kw, self.bias)
 
