@@ -100,7 +100,7 @@ def _padding_fix(lin: Linear, config: dict, shapes: ModelShapes, n: int, g: int,
     if width <= 0 or new == width:
         return ""
     padded_shapes = ModelShapes.from_config(
-        {**config, **shapes.arch.config_update(config, key, new)})
+        {**config, **shapes.need_arch().config_update(config, key, new)})
     scale = new / width
     padded = Linear(lin.name, int(round(lin.in_features * scale)) if lin.parallel == "row"
                     else lin.in_features,

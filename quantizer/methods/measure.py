@@ -197,7 +197,7 @@ def measure_layer(ctx, candidates: list[CandidateSpec] | None = None,
     for group in groups:
         judge = _judge_of(ctx, group, judges, tw, clock)
         plans = plans_for(candidates, group, ctx.module(group[0]).in_features)
-        H = hessians.pop(group).H
+        H = hessians.pop(group).live_H()
         results[group_label(group)] = _measure_group(solver, group, H, plans, judge, clock)
         del H  # before the next group's solves
     clock.add_to(ctx.stats)
@@ -237,7 +237,7 @@ def _measure_group(solver: _Solver, group, H, plans, judge, clock: _Clock
     ‖(W-Ŵ)X‖² = tr((W-Ŵ) H (W-Ŵ)ᵀ) and storage bits per linear; a candidate's error sums the
     settings it names, relative to ‖W X‖²."""
     t1 = time.perf_counter()
-    prepared = prepare_hessian(H, solver.options.act_order, solver.options.damp)
+    prepared = prepare_hessian(H, bool(solver.options.act_order), solver.options.damp)
     weights = {n: solver.ctx.module(n).weight.data.to(H.device, torch.float32) for n in group}
     signal = {n: float(((w @ H) * w).sum()) for n, w in weights.items()}  # ‖W X‖² per linear
     block = _BlockErrors(judge, plans)
