@@ -65,7 +65,6 @@ class ArchSpec:
     """One decoder layer kind as methods see it (quantizer.arch.model.ModelArch.for_layer)."""
 
     name: str
-    model_types: tuple[str, ...]  # config.json "model_type" values this spec serves
     layers_prefix: str  # on-disk tensor-name prefix of decoder layers, e.g. "model.layers"
     # Linear modules in execution order, grouped by shared input: every tuple is one input
     # group (one Hessian / one activation statistic); groups run in this order (true-sequential).

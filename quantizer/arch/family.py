@@ -8,7 +8,7 @@ transformers builds from another family's config (Kimi-K2) are meta.py's ALIASES
 where config.json is read."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import InputError
@@ -124,6 +124,3 @@ def refuse_stated(model_type: str) -> None:
 def width_key(family: Family) -> str:
     return family.width_key
 
-
-def with_family(family: Family, **changes) -> Family:
-    return replace(family, **changes)

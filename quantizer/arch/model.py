@@ -74,10 +74,6 @@ class ModelArch:
 
     # ---- what the rest of the package asks -------------------------------------------------
     @property
-    def model_types(self) -> tuple[str, ...]:
-        return (self.name,)
-
-    @property
     def num_layers(self) -> int:
         return len(self.kind_of)
 
@@ -511,7 +507,7 @@ def _kind(index, indices, found: LayerFound, layer, family, cfg, names, mem_laye
     if norm is not None:
         kinds[norm] = norm_fold_kind(layer.get_submodule(norm))
     scales = [s for s in scales if kinds.get(s.prev, "scale") is not None] + []
-    spec = ArchSpec(name=cfg.model_type, model_types=(cfg.model_type,), layers_prefix="",
+    spec = ArchSpec(name=cfg.model_type, layers_prefix="",
                     input_groups=groups, scale_groups=tuple(scales), mlp_gate_up=(),
                     mlp_down="", intermediate_key="", not_quantized=("lm_head",), moe=moe,
                     fold_kinds=tuple(sorted(kinds.items())),

@@ -16,10 +16,6 @@ def num_experts(moe: MoESpec, config=None) -> int:
     return int(moe.num_experts)
 
 
-def expert_linear_names(moe: MoESpec, config=None) -> list[str]:
-    return [moe.expert(e, k) for e in range(moe.num_experts) for k in range(3)]
-
-
 def shared_names(moe: MoESpec) -> tuple[str, ...] | None:
     if not moe.shared:
         return None
