@@ -221,26 +221,38 @@ def load_tensors(path: str | os.PathLike, what: str = "file",
         raise InputError(f"{what} {path} is corrupt: {e}") from None
 
 
+HEADER_LIMIT = 100 * 2**20  # safetensors' own cap on a header's length
+
+
+def safetensors_header(path: Path) -> tuple[bytes, dict]:
+    """A safetensors file's header without its tensor data: (the bytes, length prefix
+    included; the parsed JSON). ValueError says what is wrong: shorter than the length prefix,
+    a length that does not fit the file, a header that is not JSON, or tensor data declared
+    past the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or n > min(size - 8, HEADER_LIMIT):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        text = f.read(n)
+    header = json.loads(text)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + n + end > size:
+        raise ValueError("tensor data runs past the end of the file (truncated?)")
+    return raw + text, header
+
+
 def read_safetensors_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, str]:
     """Parse only the header of a safetensors file (cheap: no tensor data is read) and check the
     file is long enough for the data it declares; returns the `__metadata__` dict."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} is missing")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-        if 8 + n + end > size:
-            raise ValueError("tensor data runs past the end of the file (truncated?)")
-        return dict(header.get("__metadata__") or {})
+        return dict(safetensors_header(path)[1].get("__metadata__") or {})
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} {path} is corrupt: {e}") from None

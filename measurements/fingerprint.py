@@ -7,13 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from ..errors import InputError
+from .atomic import safetensors_header
 
 SAMPLE_BYTES = 64 * 2**10  # bytes read at each sample point of a shard's data
 SAMPLE_POINTS = 8  # evenly spaced points per shard, first and last included
@@ -21,16 +21,10 @@ _MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
 def _safetensors_header(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise InputError(f"corrupt safetensors file {path}: shorter than 8 bytes")
-        (n,) = struct.unpack("<Q", raw)
-        size = path.stat().st_size
-        if n > size - 8:
-            raise InputError(f"corrupt safetensors file {path}: header of {n} bytes does not "
-                             f"fit a file of {size} bytes")
-        return raw + f.read(n)
+    try:
+        return safetensors_header(path)[0]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"corrupt safetensors file {path}: {e}") from None
 
 
 def fingerprint_model(model_dir: str | os.PathLike) -> str:

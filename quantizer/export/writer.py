@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..measurements.atomic import fsync_dir
 from ..run.outputs import remove_export
 from .layout import INDEX_NAME, SHARD_METADATA, index_text, shard_file_names, starts_new_shard
 
@@ -80,14 +81,6 @@ def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
             shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
             copied.append(name)
     return copied
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish(staged: Path, output: Path) -> None:

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import struct
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from ..arch import ModelArch, model_arch
 from ..arch.family import refuse_stated
 from ..errors import InputError
+from ..measurements.atomic import safetensors_header
 from .inputs import check_config
 from .originals import StoredWeight, original_format, packed_bits
 
@@ -252,24 +252,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
     """Parse a safetensors header without mapping the data; a clear error if it is corrupt."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > min(size - 8, 100 * 2**20):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-        out = {}
-        end = 0
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            out[name] = (list(meta["shape"]), meta["dtype"])
-            end = max(end, meta["data_offsets"][1])
-        if 8 + n + end > size:
-            raise ValueError("tensor data runs past the end of the file (truncated?)")
-        return out
+        header = safetensors_header(path)[1]
+        return {name: (list(meta["shape"]), meta["dtype"]) for name, meta in header.items()
+                if name != "__metadata__"}
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt safetensors file {path}: {e}") from None
