@@ -60,6 +60,8 @@ def _hashes(directory: Path, tmp: str | None = None) -> dict:
 
 
 def _masked(value):
+    if isinstance(value, str) and value.startswith("memory plan:"):
+        return "<memory plan: the machine's free memory>"
     if isinstance(value, dict):
         return {k: ("<varies>" if any(w in k for w in ("second", "time", "date", "peak", "rss"))
                     else _masked(v)) for k, v in value.items()}

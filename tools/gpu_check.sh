@@ -31,6 +31,6 @@ print(f"GPU exports: {len(same)} of {len(a)} runs identical to the base tree;",
       "differ:", [k for k in a if b.get(k) != a[k]])
 PY
 BENCH_TIME_BUDGET="${BENCH_TIME_BUDGET:-150}" BENCH_SCRATCH=/tmp/gpu_check_bench OUT="$out" \
-  bash benchmarks/gpu_run.sh --suite issue21 --rows 8L,startup --suite-layers 8 2>&1 | tail -32 \
+  bash benchmarks/gpu_run.sh --suite issue21 --rows 8L,startup --suite-layers 8,32 2>&1 | tail -32 \
   > "$out/speed_tail.txt"
 cat "$out/speed_tail.txt"
