@@ -128,7 +128,7 @@ class HessianAccumulator:
         count, seq, n = samples.shape
         if self._group is None:
             self._group_samples = gram_group_samples(n, seq, samples.element_size(),
-                                                     _gram_mode(self._sum().device))
+                                                     gram_mode(self._sum().device))
         if self._group_samples == 1:  # nothing to gather: each sample as it is
             for sample in samples:
                 self._add_rows(sample)
@@ -219,14 +219,14 @@ class HessianAccumulator:
 
 
 # How a GPU adds xᵀx of half inputs into a float32 H, per device kind: found once per process
-# by `_gram_mode` (torch versions differ in which GEMM writes fp32 from fp16/bf16 in place).
+# by `gram_mode` (torch versions differ in which GEMM writes fp32 from fp16/bf16 in place).
 _GRAM_MODE: dict = {}
 
 
 def gram_update(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
     """H <- beta·H + alpha·xᵀx for half x (m, n) and float32 H (n, n) on one GPU, products
     on tensor cores accumulated in float32."""
-    mode = _gram_mode(H.device)
+    mode = gram_mode(H.device)
     if mode != "tf32":
         try:
             _gemm(mode, H, x, beta, alpha)
@@ -254,7 +254,7 @@ def _gemm(mode: str, H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float
             H.addmm_(x32.t(), x32, beta=beta, alpha=alpha)
 
 
-def _gram_mode(device: torch.device) -> str:
+def gram_mode(device: torch.device) -> str:
     """'addmm' or 'baddbmm' (a half GEMM writing float32 into H in place), else 'tf32'.
     A candidate must give the float64 reference's values on a probe and leave no n×n
     temporary behind (measured with the allocator's peak); LAYERQUANT_GRAM=tf32 forces the

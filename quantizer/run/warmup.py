@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..methods.gptq_columns import gptq_group_params
-from ..methods.gptq_hessian import _gram_mode
+from ..methods.gptq_hessian import gram_mode
 from ..methods.gptq_triton import available, solve_columns_triton
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _warm(device) -> None:
         factor, _ = torch.linalg.cholesky_ex(spd)
         torch.linalg.solve_triangular(factor, x, upper=False)
         _warm_gptq_kernel(device)
-        _gram_mode(device)  # which GEMM adds XᵀX here: probed now, not inside layer 0
+        gram_mode(device)  # which GEMM adds XᵀX here: probed now, not inside layer 0
         del x, spd, factor
         torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # the plan reads free memory after this
@@ -94,7 +94,8 @@ def _warm_gptq_kernel(device) -> None:
     scales = torch.ones((n // gs, out_f), device=device)
     zeros = torch.zeros((n // gs, out_f), device=device)
     gid = (torch.arange(n, device=device) // gs).to(torch.int32)
-    def params(w, col):  # min-max group parameters, as a run's default grid computes them
+
+    def params(w, col):  # min-max group parameters: the compiled kernel is the same for any
         return gptq_group_params(w, bits, False)
 
     solve_columns_triton(WT, U, QT, scales, zeros, gid, True, gs, block, bits, params)
